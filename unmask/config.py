@@ -1,0 +1,287 @@
+"""Configuration: frozen, keyword-only dataclasses, one per concern, nested in `Config`.
+
+Configs hold names (strings) that builders resolve through registry dicts, so a config always
+serialises to TOML/JSON and back. Files are TOML; command-line overrides are
+`--section.field=value` (parsed by `tyro`). Unknown keys, wrong types and inconsistent values
+are errors that name the offending flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message names the flag."""
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    corpus: str = "stdlib"
+    """Corpus: `stdlib` (embedded), a .txt/.jsonl file or a directory of them, or `hf:NAME[/CONFIG]`."""
+    seq_len: int = 256
+    """Tokens per training row (L)."""
+    packing: Literal["wrap", "pad"] = "wrap"
+    """`wrap`: join documents with BOS/EOS and cut exact rows; `pad`: one document per row."""
+    txt_documents: Literal["file", "blank_lines"] = "file"
+    """How a .txt file splits into documents: the whole file, or paragraphs split on blank lines."""
+    valid_fraction: float = 0.01
+    """Fraction of documents (by stable hash) held out for validation."""
+    test_fraction: float = 0.01
+    """Fraction of documents (by stable hash) held out for test."""
+    tokenizer: str = "bpe"
+    """`bpe` trains a byte-level BPE on the training split; otherwise a local HF tokenizer directory."""
+    vocab_size: int = 4096
+    """Vocabulary size of the trained BPE (special tokens included)."""
+    cache_dir: str = ".cache/unmask"
+    """Where tokenizers and tokenized corpora are cached."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.vocab_size >= 260, "data.vocab_size", f"must be >= 260, got {self.vocab_size}")
+        for name in ("valid_fraction", "test_fraction"):
+            v = getattr(self, name)
+            _check(0.0 < v < 0.5, f"data.{name}", f"must be in (0, 0.5), got {v}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    attention: Literal["bidirectional", "block_causal", "causal"] = "block_causal"
+    """bidirectional = MDLM, block_causal = BD3-LM with blocks of `block_size`, causal = AR."""
+    block_size: int = 16
+    """Block size L' for block-causal attention (ignored by the other kinds)."""
+    dim: int = 256
+    """Hidden width D."""
+    n_layers: int = 4
+    """Number of transformer layers."""
+    n_heads: int = 4
+    """Attention heads H (dim must be divisible by it)."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """Feed-forward kind."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of dim (SwiGLU uses 2/3 of it per branch)."""
+    dropout: float = 0.0
+    """Dropout on attention output and MLP output."""
+    rope_base: float = 10000.0
+    """Rotary embedding base."""
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0 and self.dim % self.n_heads == 0, "model.dim",
+               f"must be positive and divisible by n_heads={self.n_heads}, got {self.dim}")
+        _check((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "head dim must be even (rotary)")
+        _check(self.n_layers >= 1, "model.n_layers", f"must be >= 1, got {self.n_layers}")
+        _check(self.block_size >= 1, "model.block_size", f"must be >= 1, got {self.block_size}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def objective(self) -> str:
+        """The loss a model of this attention kind trains with: mdlm, bd3lm or ar."""
+        return {"bidirectional": "mdlm", "block_causal": "bd3lm", "causal": "ar"}[self.attention]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseConfig:
+    schedule: Literal["loglinear", "linear", "cosine"] = "loglinear"
+    """Noise schedule alpha(t)."""
+    eps: float = 1e-3
+    """Times are drawn in [eps, 1]."""
+    clip: tuple[float, float] = (0.0, 1.0)
+    """Training range [beta, omega] of t (= mask rate for loglinear); evaluation always uses [eps, 1]."""
+    clip_search: bool = False
+    """Re-choose `clip` at every validation round by minimising per-block loss variance."""
+    clip_widths: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+    """Interval widths of the search grid."""
+    clip_grid_step: float = 0.05
+    """Spacing of interval starts in the search grid."""
+    clip_search_batches: int = 4
+    """Validation batches per candidate interval (the paper uses up to 100)."""
+    resample: bool = False
+    """Redraw a block's mask until its masked fraction lies inside `clip`."""
+    resample_tries: int = 16
+    """Retry cap for `resample`; blocks still outside after it keep their last draw."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.eps < 0.5, "noise.eps", f"must be in (0, 0.5), got {self.eps}")
+        lo, hi = self.clip
+        _check(0.0 <= lo < hi <= 1.0, "noise.clip", f"needs 0 <= beta < omega <= 1, got {self.clip}")
+        _check(self.clip_search_batches >= 1, "noise.clip_search_batches", "must be >= 1")
+        _check(self.resample_tries >= 1, "noise.resample_tries", "must be >= 1")
+        _check(all(0.0 < w <= 1.0 for w in self.clip_widths), "noise.clip_widths",
+               f"widths must be in (0, 1], got {self.clip_widths}")
+        _check(0.0 < self.clip_grid_step <= 0.5, "noise.clip_grid_step", "must be in (0, 0.5]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    warmup: int = 50
+    """Linear warm-up steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 10% of lr at `steps`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    ema: float = 0.0
+    """EMA decay of the weights (0 disables; the reference uses 0.9999 at GPU scale)."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """Autocast precision of forward passes (bf16 works on CPU too)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    seed: int = 0
+    """Seeds data order, noise and dropout; a run is a function of (config, seed)."""
+    eval_every: int = 100
+    """Validation (and clip search) every N steps; 0 only at the end."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    save_every: int = 100
+    """Checkpoint every N steps (and always at the end)."""
+    out: str = "runs/unnamed"
+    """Run directory: checkpoints, config and metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup >= 0, "train.warmup", "must be >= 0")
+        _check(0.0 <= self.ema < 1.0, "train.ema", f"must be in [0, 1), got {self.ema}")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.eval_every >= 0 and self.save_every >= 1, "train.eval_every",
+               "eval_every must be >= 0 and save_every >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    mc_samples: int = 4
+    """Monte Carlo time samples per row for the NELBO bound (AR is exact and ignores it)."""
+    batch_size: int = 16
+    """Rows per evaluation batch."""
+    max_rows: int = 0
+    """Evaluate at most this many rows of the split (0 = all)."""
+    split: Literal["validation", "test"] = "test"
+    """Which held-out split `unmask eval ppl` reads."""
+    seed: int = 1234
+    """Seed of the evaluation noise, so numbers are repeatable."""
+
+    def __post_init__(self) -> None:
+        _check(self.mc_samples >= 1, "eval.mc_samples", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_rows >= 0, "eval.max_rows", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.attention == "block_causal":
+            _check(self.data.seq_len % self.model.block_size == 0, "model.block_size",
+                   f"data.seq_len={self.data.seq_len} is not divisible by block_size="
+                   f"{self.model.block_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / TOML / JSON round trip with strict checking
+
+
+def _coerce(value: Any, tp: Any, flag: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), flag, f"must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        _check(isinstance(value, list | tuple), flag, f"expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], flag) for v in value)
+        _check(len(value) == len(args), flag, f"expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, flag) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        _check(isinstance(value, bool), flag, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), flag,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, int | float) and not isinstance(value, bool), flag,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), flag, f"expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type | types.UnionType):  # pragma: no cover - not used by our configs
+        return value
+    raise TypeError(f"unsupported config type {tp} for {flag}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a config dataclass from a nested dict; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
+                          f"(in {where}; known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(value, dict), prefix + name, "expected a table/section")
+            kwargs[name] = from_dict(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-dict form (tuples as lists), for JSON/TOML."""
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config file strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from e
+    return from_dict(Config, raw)
+
+
+def config_from_json(text: str) -> Config:
+    return from_dict(Config, json.loads(text))
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` re-exported so callers need one import for configs."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,46 @@
+"""KVCache: preallocated keys/values per layer, with a committed prefix and scratch space.
+
+Writes go to positions `[length, length + T)` and do not move `length`: a block can be denoised
+many times against the same committed prefix, each call overwriting the same scratch slots.
+`commit(n)` makes the first `n` scratch positions part of the prefix.
+
+For block-causal (BD3-LM) and causal models the cache is *exact*: a committed block's keys and
+values never depend on later tokens, so cached logits equal uncached logits. For bidirectional
+models it is the Fast-dLLM approximation: committed K/V are stale once later tokens change, and
+are only as good as the last refresh.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer K/V buffers `[B, H, max_len, Dh]`; `length` positions are committed."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new `k, v` `[B, H, T, Dh]` at `[length, length+T)`; return prefix + new K/V."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: {end} positions needed, max_len={self.max_len}")
+        if self.k[layer].dtype != k.dtype:  # e.g. first write under autocast: follow the model
+            self.k[layer] = self.k[layer].to(k.dtype)
+            self.v[layer] = self.v[layer].to(v.dtype)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, n: int) -> None:
+        """Make the next `n` written positions part of the committed prefix."""
+        if n < 0 or self.length + n > self.max_len:
+            raise ValueError(f"cannot commit {n} positions at length {self.length} "
+                             f"(max_len={self.max_len})")
+        self.length += n
