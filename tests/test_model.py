@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import MASK, VOCAB, tiny_model
+
 from unmask.config import ConfigError, ModelConfig
 from unmask.kv_cache import KVCache
 

@@ -2,10 +2,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import MASK, VOCAB, tiny_model
-from unmask.objectives import (Batch, ar_loss, bd3_two_pass_logits, corrupt, diffusion_loss,
-                               masked_nll, subs_log_probs)
+
+from unmask.objectives import (
+    Batch,
+    ar_loss,
+    bd3_two_pass_logits,
+    corrupt,
+    diffusion_loss,
+    masked_nll,
+    subs_log_probs,
+)
 from unmask.schedules import LogLinear
 
 

@@ -266,11 +266,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
 def load_config(path: str | Path) -> Config:
-    """Read a TOML config file strictly."""
+    """Read a TOML config file strictly; a bare name (`tiny-bd3lm`) means a shipped config."""
     path = Path(path)
+    if not path.is_file() and (BUILTIN_CONFIGS / f"{path.name.removesuffix('.toml')}.toml").is_file():
+        path = BUILTIN_CONFIGS / f"{path.name.removesuffix('.toml')}.toml"
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {path}")
+        shipped = ", ".join(sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.toml")))
+        raise ConfigError(f"--config: no such file {path} (shipped configs: {shipped})")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -34,8 +34,15 @@ class KVCache:
         if self.k[layer].dtype != k.dtype:  # e.g. first write under autocast: follow the model
             self.k[layer] = self.k[layer].to(k.dtype)
             self.v[layer] = self.v[layer].to(v.dtype)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        if torch.is_grad_enabled():
+            # Out of place, so K/V that earlier calls saved for backward stay valid (two-pass
+            # training differentiates through the cache).
+            index = torch.arange(self.length, end, device=k.device)
+            self.k[layer] = self.k[layer].index_copy(2, index, k)
+            self.v[layer] = self.v[layer].index_copy(2, index, v)
+        else:
+            self.k[layer][:, :, self.length:end] = k
+            self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def commit(self, n: int) -> None:

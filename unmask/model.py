@@ -115,8 +115,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+                residual = name.endswith(("out.weight", "down.weight"))  # scaled as in GPT-2
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
 
     @property
     def predicate(self) -> masks.MaskPredicate:

@@ -54,6 +54,11 @@ def block_times(B: int, n_blocks: int, t_range: tuple[float, float],
     return stratified_times(B * n_blocks, *t_range, generator).view(B, n_blocks)
 
 
+def _rand_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # Noise is drawn on the CPU generator and moved: seeded runs match across devices.
+    return torch.rand(x.shape, generator=generator).to(x.device)
+
+
 def corrupt(x0: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
             mask_id: int, generator: torch.Generator, *,
             resample: tuple[float, float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +70,7 @@ def corrupt(x0: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, schedule: No
     B, L = x0.shape
     block = L // t.shape[1]
     rate = (1 - schedule.alpha(t)).repeat_interleave(block, dim=1)  # [B, L]
-    masked = (torch.rand(x0.shape, generator=generator) < rate) & valid
+    masked = (_rand_like(x0, generator) < rate) & valid
     if resample is not None:
         beta, omega, tries = resample
         for _ in range(tries):
@@ -73,7 +78,7 @@ def corrupt(x0: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, schedule: No
             bad = ((frac < beta) | (frac > omega)).repeat_interleave(block, dim=1)
             if not bad.any():
                 break
-            redraw = (torch.rand(x0.shape, generator=generator) < rate) & valid
+            redraw = (_rand_like(x0, generator) < rate) & valid
             masked = torch.where(bad, redraw, masked)
     return torch.where(masked, mask_id, x0), masked
 
@@ -102,7 +107,7 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
     x0, valid = batch
     B, L = x0.shape
     block = model.cfg.block_size if model.cfg.attention == "block_causal" else L
-    t = block_times(B, L // block, t_range, generator)  # [B, Nb]
+    t = block_times(B, L // block, t_range, generator).to(x0.device)  # [B, Nb]
     xt, masked = corrupt(x0, valid, t, schedule, model.mask_id, generator, resample=resample)
     if model.cfg.attention == "block_causal":
         logits = bd3_two_pass_logits(model, xt, x0) if two_pass else model.forward_bd3_train(xt, x0).logits
