@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,14 +274,25 @@ def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None,
-                 splits: tuple[str, ...] = SPLITS) -> PreparedData:
+                 splits: tuple[str, ...] = SPLITS, *, verbose: bool = False) -> PreparedData:
     """Corpus -> tokenizer (given, loaded or trained) -> cached token streams -> packed rows."""
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
+    t0 = time.perf_counter()
     docs = load_corpus(cfg.corpus, txt_documents=cfg.txt_documents,
                        valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction)
-    tokenizer = tokenizer or build_tokenizer(cfg, docs["train"])
+    say(f"corpus {cfg.corpus}: " + ", ".join(f"{len(docs[s])} {s} documents" for s in SPLITS)
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    if tokenizer is None:
+        t0 = time.perf_counter()
+        tokenizer = build_tokenizer(cfg, docs["train"])
+        say(f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
+            f" cached under {cfg.cache_dir})")
     rows = {}
     for split in splits:
+        t0 = time.perf_counter()
         tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir),
                                 f"{corpus_key(cfg)}|{split}")
         rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer)
+        say(f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
+            f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
     return PreparedData(tokenizer, rows)

@@ -124,7 +124,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or "
                               "choose another --train.out")
 
-    data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"))
+    data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
     tokenizer = data.tokenizer
     model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id).to(device)
     if init is not None and not resume:
