@@ -191,12 +191,69 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How to decode. A preset (see `unmask.decoding.PRESETS`) fills these; flags override it."""
+
+    preset: str = "mdlm"
+    """Named preset whose values are the defaults of every field below."""
+    proposal: Literal["greedy", "sample"] = "sample"
+    """How a candidate token is drawn: argmax, or a categorical draw (float64)."""
+    temperature: float = 1.0
+    """Softmax temperature of the proposal (sample only)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus: keep the smallest set of tokens with this much probability (1 = all)."""
+    score: Literal["prob", "max-prob", "margin", "neg-entropy"] = "prob"
+    """Confidence: the proposed token's probability, the max probability, the top-2 margin, or -H."""
+    kernel: int = 0
+    """Conv decoding: odd width of the locality window (0 = off)."""
+    select: Literal["ancestral", "first-hitting", "top-n", "threshold"] = "ancestral"
+    """Which masked positions to commit per step."""
+    normalize: bool = False
+    """Ancestral only: global normalization of the unmask rate (top-k + Glob, Conv)."""
+    threshold: float = 0.9
+    """`threshold` selector: commit every position whose confidence exceeds this."""
+    steps: int = 128
+    """Denoising steps for `max_new_tokens` tokens; each block gets its share."""
+    block_len: int = 0
+    """Semi-AR block length for bidirectional models (0 = the whole canvas); block-causal models
+    always use their own block size."""
+    cache: Literal["auto", "none", "prefix", "dual"] = "auto"
+    """KV cache. auto: exact for block-causal/causal models, none for bidirectional ones; prefix /
+    dual: Fast-dLLM caches for bidirectional models (approximate; for block-causal models prefix
+    is the exact cache); none: recompute the whole sequence every call."""
+    max_new_tokens: int = 128
+    """Tokens to generate (the canvas for bidirectional models, the cap for block/AR models)."""
+    eos_fill: bool = True
+    """Full-canvas decoding: once [EOS] is decoded, every position right of it becomes [EOS]."""
+    stop_entropy: float = 0.0
+    """Block decoding: stop a row when the unigram entropy (nats) of its last 256 tokens falls
+    below this (0 = never)."""
+    inputs: Literal["binary"] = "binary"
+    """What still-masked positions feed the model: the [MASK] embedding."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "decode.steps", f"must be >= 1, got {self.steps}")
+        _check(self.max_new_tokens >= 1, "decode.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature > 0, "decode.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.top_k >= 0, "decode.top_k", f"must be >= 0, got {self.top_k}")
+        _check(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.kernel == 0 or (self.kernel > 0 and self.kernel % 2 == 1), "decode.kernel",
+               f"must be 0 (off) or a positive odd width, got {self.kernel}")
+        _check(0 <= self.threshold <= 1, "decode.threshold", f"must be in [0, 1], got {self.threshold}")
+        _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
+        _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
         if self.model.attention == "block_causal":

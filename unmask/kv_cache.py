@@ -2,7 +2,9 @@
 
 Writes go to positions `[length, length + T)` and do not move `length`: a block can be denoised
 many times against the same committed prefix, each call overwriting the same scratch slots.
-`commit(n)` makes the first `n` scratch positions part of the prefix.
+`commit(n)` makes the first `n` scratch positions part of the prefix. `seek(pos)` redirects writes
+to `[pos, pos + T)` inside the committed region (the Fast-dLLM dual cache refreshes the active
+block in place while the suffix stays cached); a call then attends to all committed positions.
 
 For block-causal (BD3-LM) and causal models the cache is *exact*: a committed block's keys and
 values never depend on later tokens, so cached logits equal uncached logits. For bidirectional
@@ -25,10 +27,24 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.cursor: int | None = None
+
+    @property
+    def write_start(self) -> int:
+        """Position of the next write: `length` (append mode) or the `seek` position."""
+        return self.length if self.cursor is None else self.cursor
+
+    def seek(self, pos: int | None) -> None:
+        """Write the next calls at `pos` (inside the committed prefix); None returns to appending."""
+        if pos is not None and not 0 <= pos <= self.length:
+            raise ValueError(f"cannot seek to {pos}: only {self.length} positions are committed")
+        self.cursor = pos
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new `k, v` `[B, H, T, Dh]` at `[length, length+T)`; return prefix + new K/V."""
-        end = self.length + k.shape[2]
+        """Store new `k, v` `[B, H, T, Dh]` at `[start, start+T)`; return all visible K/V
+        `[B, H, max(length, start+T), Dh]`."""
+        start = self.write_start
+        end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache overflow: {end} positions needed, max_len={self.max_len}")
         if self.k[layer].dtype != k.dtype:  # e.g. first write under autocast: follow the model
@@ -37,13 +53,14 @@ class KVCache:
         if torch.is_grad_enabled():
             # Out of place, so K/V that earlier calls saved for backward stay valid (two-pass
             # training differentiates through the cache).
-            index = torch.arange(self.length, end, device=k.device)
+            index = torch.arange(start, end, device=k.device)
             self.k[layer] = self.k[layer].index_copy(2, index, k)
             self.v[layer] = self.v[layer].index_copy(2, index, v)
         else:
-            self.k[layer][:, :, self.length:end] = k
-            self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+        visible = max(end, self.length)
+        return self.k[layer][:, :, :visible], self.v[layer][:, :, :visible]
 
     def commit(self, n: int) -> None:
         """Make the next `n` written positions part of the committed prefix."""

@@ -142,12 +142,13 @@ class Transformer(nn.Module):
                 embeds: torch.Tensor | None = None) -> DenoiserOutput:
         """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix."""
         h = self.embed(tokens) if embeds is None else embeds
-        start = cache.length if cache is not None else 0
+        start = cache.write_start if cache is not None else 0
         T = h.shape[1]
         positions = torch.arange(start, start + T, device=h.device)
         mask = None
         if self.cfg.attention != "bidirectional":
-            keys = torch.arange(start + T, device=h.device)
+            visible = max(start + T, cache.length) if cache is not None else T
+            keys = torch.arange(visible, device=h.device)
             mask = masks.dense_mask(self.predicate, positions, keys)  # [T, start + T]
         hidden = self.run(h, positions, mask, cache)
         return DenoiserOutput(self.head(hidden), hidden)

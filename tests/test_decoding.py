@@ -1,0 +1,100 @@
+"""Policies in isolation: proposals, scores, the Conv gate, selectors."""
+
+import math
+
+import pytest
+import torch
+
+from unmask.decoding.proposals import Greedy, Sample, categorical, truncate
+from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
+from unmask.decoding.selectors import Ancestral, FirstHitting, SelectContext, Threshold, TopN, step_count
+from unmask.schedules import LogLinear
+
+
+def ctx(masked, confidence=None, gate=None, mass=None, step=0, steps=4, seed=0):
+    B, W = masked.shape
+    g = torch.Generator().manual_seed(seed)
+    conf = confidence if confidence is not None else torch.rand(B, W, generator=g, dtype=torch.float64)
+    return SelectContext(conf.masked_fill(~masked, -math.inf), gate if gate is not None else torch.ones(B, W),
+                         mass if mass is not None else torch.ones(B, W, dtype=torch.float64), masked,
+                         step, steps, torch.rand(B, W, generator=g, dtype=torch.float64))
+
+
+def test_truncation_top_k_and_top_p():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    assert torch.equal(truncate(p, 2, 1.0), torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(truncate(p, 0, 0.8), torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(truncate(p, 0, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0.0]], dtype=torch.float64))
+    prop = Greedy(top_k=2)(p, torch.zeros(1, dtype=torch.float64))
+    assert prop.tokens.item() == 0 and prop.kept_mass.item() == pytest.approx(0.8)
+
+
+def test_categorical_draws_follow_the_distribution():
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64).expand(20000, 4)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    freq = torch.bincount(categorical(p, u), minlength=4).double() / 20000
+    assert freq[1] == 0 and torch.allclose(freq, p[0], atol=0.015)
+    hot = Sample(temperature=0.01)(p[:5], u[:5])  # near-greedy at low temperature
+    assert (hot.tokens == 2).all()
+
+
+def test_scores():
+    p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    prop = Greedy()(p, torch.zeros(1, dtype=torch.float64))._replace(tokens=torch.tensor([1]))
+    assert TokenProb()(prop).item() == pytest.approx(0.3)
+    assert MaxProb()(prop).item() == pytest.approx(0.5)
+    assert Margin()(prop).item() == pytest.approx(0.2)
+    assert NegEntropy()(prop).item() == pytest.approx(sum(x * math.log(x) for x in (0.5, 0.3, 0.2)))
+
+
+def test_conv_gate_is_zero_beyond_half_kernel_and_grows_from_both_sides():
+    K = 5
+    decoded = torch.zeros(1, 20, dtype=torch.bool)
+    decoded[0, :3] = True  # left context
+    decoded[0, 17:] = True  # right context
+    s = Conv(TokenProb(), K).gate(decoded)[0]
+    dist = torch.tensor([min(abs(i - j) for j in [0, 1, 2, 17, 18, 19]) for i in range(20)])
+    assert (s[dist > (K - 1) // 2] == 0).all()
+    assert (s[dist <= (K - 1) // 2] >= math.tanh(1) - 1e-6).all()
+    with pytest.raises(ValueError, match="positive odd width"):
+        Conv(TokenProb(), 4)
+
+
+def test_global_normalization_preserves_the_unmask_mass_of_mdlm():
+    masked = torch.rand(3, 32, generator=torch.Generator().manual_seed(1)) < 0.7
+    gate = torch.rand(3, 32, generator=torch.Generator().manual_seed(2))
+    mass = torch.rand(3, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sched = LogLinear()
+    plain_A, stay = Ancestral(sched).weights(ctx(masked, step=1))
+    norm_A, stay2 = Ancestral(sched, normalize=True).weights(ctx(masked, gate=gate, mass=mass, step=1))
+    assert stay == stay2
+    assert torch.allclose(norm_A.sum(-1), plain_A.sum(-1))  # sum_i A_i = #masked * (a_s - a_t)
+    # With equal gates and masses the per-position unmask probability equals MDLM's exactly.
+    flat_A, _ = Ancestral(sched, normalize=True).weights(
+        ctx(masked, gate=torch.full((3, 32), 0.3), mass=torch.full((3, 32), 0.6, dtype=torch.float64), step=1))
+    assert torch.allclose(flat_A, plain_A)
+    t, s = 1 - 1 / 4, 1 - 2 / 4
+    a_t, a_s = 1 - (1 - 1e-3) * t, 1 - (1 - 1e-3) * s
+    p = plain_A / (plain_A + stay)
+    assert torch.allclose(p[masked], torch.full_like(p[masked], (a_s - a_t) / (1 - a_t)))
+
+
+def test_ancestral_expected_count_matches_schedule():
+    masked = torch.ones(1, 4000, dtype=torch.bool)
+    chosen = Ancestral(LogLinear(0.0))(ctx(masked, step=0, steps=4))
+    assert chosen.float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert Ancestral(LogLinear())(ctx(masked, step=3, steps=4)).all()  # last step: everything
+
+
+def test_counted_selectors():
+    masked = torch.tensor([[True, True, False, True, True, True], [True] * 6])
+    assert step_count(masked, 0, 3).tolist() == [2, 2]
+    assert step_count(masked, 2, 3).tolist() == [5, 6]
+    conf = torch.tensor([[0.9, 0.1, 0.99, 0.5, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], dtype=torch.float64)
+    top = TopN()(ctx(masked, conf, step=0, steps=3))
+    assert top[0].tolist() == [True, False, False, False, True, False]
+    assert top[1].tolist() == [False, False, False, False, True, True]
+    thr = Threshold(0.45)(ctx(masked, conf, step=0, steps=3))
+    assert thr[0].tolist() == [True, False, False, True, True, False]
+    fh = FirstHitting()(ctx(masked, step=0, steps=6))
+    assert fh.sum(-1).tolist() == [1, 1] and not (fh & ~masked).any()

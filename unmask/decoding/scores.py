@@ -1,0 +1,76 @@
+"""Scores: how sure the model is about each proposal, and the Conv locality gate.
+
+Confidences work on the flattened masked positions (`Proposal`, [N]). `Conv` (Seo et al. 2025,
+convolutional decoding) wraps any confidence with the gate `s_i = tanh(u_i)`, where `u_i` counts
+the decoded positions (prompt included) in a centred window of odd width K around i: almost a 0/1
+"is a decoded token within (K-1)/2 of i?", so the eligible band grows outward from the context,
+on both sides when there is context on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from unmask.decoding.proposals import Proposal
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    """Probability of the proposed token (LLaDA low-confidence remasking)."""
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        return p.probs.gather(-1, p.tokens[:, None]).squeeze(-1)
+
+    def gate(self, decoded: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+@dataclass(frozen=True)
+class MaxProb(TokenProb):
+    """Largest probability at the position (Dream `maskgit_plus`)."""
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        return p.probs.max(-1).values
+
+
+@dataclass(frozen=True)
+class Margin(TokenProb):
+    """Top-1 minus top-2 probability (Dream `topk_margin`)."""
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        top = p.probs.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+
+
+@dataclass(frozen=True)
+class NegEntropy(TokenProb):
+    """-H(p) of the position's distribution (Dream `entropy`)."""
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        return (p.probs * p.probs.clamp_min(1e-300).log()).sum(-1)
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Conv decoding: `inner` confidence, plus the locality gate tanh(u_i) over a window `kernel`."""
+
+    inner: TokenProb
+    kernel: int
+
+    def __post_init__(self) -> None:
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"Conv kernel must be a positive odd width, got {self.kernel}")
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        return self.inner(p)
+
+    def gate(self, decoded: torch.Tensor) -> torch.Tensor:
+        """decoded [B, T] bool -> s [B, T] = tanh(#decoded within the centred window). A row with
+        no decoded token at all (no context) is not gated."""
+        ones = torch.ones(1, 1, self.kernel, dtype=torch.float32, device=decoded.device)
+        u = F.conv1d(decoded.float()[:, None], ones, padding=self.kernel // 2)[:, 0]  # [B, T]
+        s = torch.tanh(u)
+        return torch.where(decoded.any(-1, keepdim=True), s, torch.ones_like(s))

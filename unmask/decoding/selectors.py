@@ -1,0 +1,98 @@
+"""Selectors: which masked positions of the active window become tokens at this step.
+
+Counted selectors commit `n = ceil(R / (S - k))` positions at step k of S with R still masked, so
+a block always finishes within its budget (remainder to early steps, as LLaDA). The ancestral
+selector draws the count from the noise schedule (MDLM); with `normalize` it applies the global
+normalization of top-k + Glob / Conv (Seo et al. 2025): candidate weights `g_i * m_i` (gate times
+kept top-k mass) rescaled by `s_norm = #masked / sum_i g_i m_i`, so the total unmask mass of the
+step equals MDLM's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from unmask.schedules import NoiseSchedule
+
+
+class SelectContext(NamedTuple):
+    confidence: torch.Tensor  # [B, W] gated confidence, -inf where not masked
+    gate: torch.Tensor  # [B, W] Conv gate (ones without Conv)
+    kept_mass: torch.Tensor  # [B, W] proposal's kept probability mass
+    masked: torch.Tensor  # [B, W] bool, eligible positions
+    step: int  # k, steps already taken in this block
+    steps: int  # S, the block's budget
+    u: torch.Tensor  # [B, W] float64 uniforms (per-row streams)
+
+
+def step_count(masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """[B] positions to commit: ceil(R / (S - k))."""
+    remaining = masked.sum(-1)
+    return torch.div(remaining + (steps - step) - 1, steps - step, rounding_mode="floor")
+
+
+def top_n(values: torch.Tensor, n: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """[B, W] bool: the n[b] largest `values` of each row among `eligible` positions."""
+    values = values.masked_fill(~eligible, -math.inf)
+    order = values.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(values.shape[-1], device=values.device)
+                                             .expand_as(order))
+    return (ranks < n[:, None]) & eligible
+
+
+@dataclass(frozen=True)
+class Ancestral:
+    """MDLM reverse step t -> s: each masked position unmasks with prob (a_s - a_t) / (1 - a_t)."""
+
+    schedule: NoiseSchedule
+    normalize: bool = False
+
+    def weights(self, c: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmask weight A_i [B, W] (0 off the masked set) and the stay-masked weight 1 - a_s.
+        A position unmasks with prob A_i / (A_i + 1 - a_s), one categorical draw over
+        {candidates, stay} as in the reference. Without gate/normalization A_i = a_s - a_t."""
+        t = torch.tensor(1 - c.step / c.steps, dtype=torch.float64)
+        s = torch.tensor(1 - (c.step + 1) / c.steps, dtype=torch.float64)
+        a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        weight = c.gate.double()
+        if self.normalize:
+            weight = weight * c.kept_mass.double()
+            total = (weight * c.masked).sum(-1, keepdim=True)
+            weight = weight * c.masked.sum(-1, keepdim=True) / total.clamp_min(1e-300)
+        return weight * (a_s - a_t) * c.masked, 1 - a_s
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        if c.step == c.steps - 1:  # s = 0: everything left is decoded
+            return c.masked
+        unmask, stay = self.weights(c)
+        return (c.u < unmask / (unmask + stay)) & c.masked
+
+
+@dataclass(frozen=True)
+class FirstHitting:
+    """Uniformly random masked positions, n per step (one per call when S equals the block)."""
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        return top_n(c.u, step_count(c.masked, c.step, c.steps), c.masked)
+
+
+@dataclass(frozen=True)
+class TopN:
+    """The n most confident positions (LLaDA low-confidence remasking; Conv ranked)."""
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        return top_n(c.confidence, step_count(c.masked, c.step, c.steps), c.masked)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Fast-dLLM: every position with confidence > tau, and at least the counted minimum."""
+
+    tau: float
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        return ((c.confidence > self.tau) & c.masked) | TopN()(c)

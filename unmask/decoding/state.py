@@ -1,0 +1,31 @@
+"""DecodeState: everything the decode loop knows after a step, as a printable frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    tokens: torch.Tensor  # [B, T] the canvas so far: given tokens, decoded tokens, mask_id elsewhere
+    fixed: torch.Tensor  # [B, T] bool: given tokens (prompt / template), never edited
+    mask_id: int
+    prompt_len: int  # P: positions [0, P) are the left prompt (0 for a pure template)
+    window: tuple[int, int]  # [lo, hi): the positions the active block may decode
+    block: int  # index of the active block
+    step: int  # steps taken in the active block
+    steps: int  # step budget of the active block
+    nfe: int  # denoiser calls (function evaluations) so far
+    commit_passes: int  # clean passes that only append a finished block to the KV cache
+    finished: torch.Tensor  # [B] bool: rows that stopped (EOS, entropy collapse, length)
+
+    def advance(self, **changes) -> DecodeState:
+        return replace(self, **changes)
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """[B, hi - lo] bool: still-masked positions of the active window in unfinished rows."""
+        lo, hi = self.window
+        return (self.tokens[:, lo:hi] == self.mask_id) & ~self.finished[:, None]
