@@ -71,7 +71,8 @@ def test_global_normalization_preserves_the_unmask_mass_of_mdlm():
     assert torch.allclose(norm_A.sum(-1), plain_A.sum(-1))  # sum_i A_i = #masked * (a_s - a_t)
     # With equal gates and masses the per-position unmask probability equals MDLM's exactly.
     flat_A, _ = Ancestral(sched, normalize=True).weights(
-        ctx(masked, gate=torch.full((3, 32), 0.3), mass=torch.full((3, 32), 0.6, dtype=torch.float64), step=1))
+        ctx(masked, gate=torch.full((3, 32), 0.3), mass=torch.full((3, 32), 0.6, dtype=torch.float64),
+            step=1))
     assert torch.allclose(flat_A, plain_A)
     t, s = 1 - 1 / 4, 1 - 2 / 4
     a_t, a_s = 1 - (1 - 1e-3) * t, 1 - (1 - 1e-3) * s
@@ -90,7 +91,8 @@ def test_counted_selectors():
     masked = torch.tensor([[True, True, False, True, True, True], [True] * 6])
     assert step_count(masked, 0, 3).tolist() == [2, 2]
     assert step_count(masked, 2, 3).tolist() == [5, 6]
-    conf = torch.tensor([[0.9, 0.1, 0.99, 0.5, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], dtype=torch.float64)
+    conf = torch.tensor([[0.9, 0.1, 0.99, 0.5, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]],
+                        dtype=torch.float64)
     top = TopN()(ctx(masked, conf, step=0, steps=3))
     assert top[0].tolist() == [True, False, False, False, True, False]
     assert top[1].tolist() == [False, False, False, False, True, True]

@@ -54,8 +54,9 @@ def test_contract(kind, preset):
     assert torch.equal(final.tokens[:, :6], prompt)  # prompt never edited
     assert not (final.tokens == MASK).any()  # nothing left masked
     assert final.tokens.shape == (3, 22)
-    n_blocks = 16 // 4 if kind == "block_causal" else max(1, 16 // (preset_config(preset).block_len or 16))
-    per_block = max(1, round(8 * (4 if kind == "block_causal" else (preset_config(preset).block_len or 16)) / 16))
+    block = 4 if kind == "block_causal" else (preset_config(preset).block_len or 16)
+    n_blocks = max(1, 16 // block)
+    per_block = max(1, round(8 * block / 16))
     assert final.nfe <= per_block * (n_blocks + 1)  # within steps x blocks (+1: prompt's partial block)
     assert model.calls == final.nfe + final.commit_passes  # NFE counts denoiser calls exactly
     again = run(tiny_model(kind, block_size=4), preset, prompt=prompt, **over)[-1]

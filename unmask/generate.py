@@ -103,10 +103,12 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
             raise DecodeError(f"infilling templates need a bidirectional model, not {kind}")
         if not (template == model.mask_id).any(-1).all():
             raise DecodeError("every template row needs at least one [MASK] to fill")
-    length = given.shape[1] + (max_new_tokens if prompt is not None else 0)
-    if max_len is not None and (given.shape[1] >= max_len or (kind == "bidirectional" and length > max_len)):
-        raise DecodeError(f"prompt of {given.shape[1]} tokens + {max_new_tokens if prompt is not None else 0} "
-                          f"new tokens exceeds the model's maximum of {max_len}")
+    new = max_new_tokens if prompt is not None else 0
+    too_long = given.shape[1] >= max_len or (kind == "bidirectional" and given.shape[1] + new > max_len) \
+        if max_len is not None else False
+    if too_long:
+        raise DecodeError(f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's "
+                          f"maximum of {max_len}")
     loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
     with torch.inference_mode(), autocast(precision, given.device):
         yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
@@ -124,8 +126,9 @@ class _Caller:
         self.nfe = 0
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int) -> torch.Tensor:
-        if self.reusable and self.last is not None and self.last[1] == key and torch.equal(self.last[0], tokens):
-            return self.last[2]
+        last = self.last
+        if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
+            return last[2]
         logits = self.model(**self.decoder.inputs(tokens), cache=cache).logits
         self.nfe += 1
         self.last = (tokens, key, logits)

@@ -10,6 +10,7 @@ def row_generators(seed: int, rows: range | list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in rows]
 
 
-def row_uniform(generators: list[torch.Generator], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def row_uniform(generators: list[torch.Generator], n: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """[B, n] float64 uniforms in [0, 1), row b from generators[b]."""
     return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in generators]).to(device)
