@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import tyro
 
 from unmask.checkpoint import CheckpointError
-from unmask.config import Config, ConfigError, load_config
+from unmask.config import Config, ConfigError, DecodeConfig, load_config
 from unmask.data import DataError
+from unmask.generate import DecodeError
 from unmask.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError)
 
 
 def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
@@ -66,6 +68,102 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
           f"{ppl.rows} rows, {ppl.tokens} tokens")
 
 
+@dataclass(frozen=True)
+class _DecodeFlags:
+    decode: DecodeConfig
+
+
+def _split_preset(rest: list[str]) -> tuple[str | None, list[str]]:
+    """Pull `--preset NAME` (or `--decode.preset`) out of the flags: it sets the other defaults."""
+    out, preset, it = [], None, iter(rest)
+    for a in it:
+        if a in ("--preset", "--decode.preset"):
+            preset = next(it, None)
+        elif a.startswith(("--preset=", "--decode.preset=")):
+            preset = a.split("=", 1)[1]
+        elif a == "--max-new-tokens":
+            out.extend(["--decode.max_new_tokens", next(it, "")])
+        elif a.startswith("--max-new-tokens="):
+            out.append("--decode.max_new_tokens=" + a.split("=", 1)[1])
+        else:
+            out.append(a)
+    return preset, out
+
+
+def decode_config(rest: list[str], prog: str) -> DecodeConfig:
+    """`--preset NAME` then `--decode.field=value` overrides (any preset field)."""
+    from unmask.decoding import preset_config
+
+    preset, rest = _split_preset(rest)
+    base = preset_config(preset or "mdlm")
+    return tyro.cli(_DecodeFlags, default=_DecodeFlags(base), args=rest, prog=prog,
+                    config=(tyro.conf.FlagConversionOff,)).decode
+
+
+def _read_prompts(ns: argparse.Namespace) -> list[str]:
+    prompts = list(ns.prompt or [])
+    if ns.prompts_file:
+        path = Path(ns.prompts_file)
+        if not path.is_file():
+            raise DataError(f"--prompts-file: no such file {path}")
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise DataError(f"{path}:{n}: expected an object with a string `prompt` field")
+                prompts.append(rec["prompt"])
+            else:
+                prompts.append(line)
+    return prompts or [""]  # no prompt: unconditional, from [BOS]
+
+
+def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.checkpoint import load_checkpoint
+    from unmask.sample import render, sample
+    from unmask.schedules import build_schedule
+
+    cfg = decode_config(rest, "unmask sample")
+    loaded = load_checkpoint(ns.checkpoint)
+    model, tok = loaded.model, loaded.tokenizer
+    max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
+    prompts = _read_prompts(ns)
+    on_state = None
+    live = None
+    if ns.stream:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.panel import Panel
+
+        live = Live(console=Console(stderr=True), refresh_per_second=20, transient=False)
+        live.start()
+
+        def on_state(state):
+            live.update(Panel(render(state, tok), title=f"block {state.block} step {state.step} "
+                                                       f"nfe {state.nfe}"))
+    try:
+        records = sample(model, tok, prompts, cfg, build_schedule(loaded.config.noise.schedule,
+                                                                   loaded.config.noise.eps),
+                         num_samples=ns.num_samples, batch_size=ns.batch_size, seed=ns.seed,
+                         max_len=max_len, precision=ns.precision, on_state=on_state)
+    finally:
+        if live is not None:
+            live.stop()
+    if ns.output:
+        with open(ns.output, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(records)} samples to {ns.output}", file=sys.stderr)
+    else:
+        for r in records:
+            print(f"--- sample {r['index']} (nfe {r['nfe']}, {r['new_tokens']} tokens)")
+            print(r["prompt"] + r["text"])
+
+
 def cmd_repro(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.repro import bd3lm_table, repro_bd3lm
 
@@ -94,6 +192,70 @@ def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:
             json.dump(result, f, indent=2)
 
 
+def _bench_setup(ns):
+    from unmask.bench import heldout_prompts
+    from unmask.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ns.checkpoint)
+    prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
+    return loaded, prompts
+
+
+def _write_bench(out: str | None, name: str, result: dict, table: str) -> None:
+    from unmask.bench import machine_info
+
+    print(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
+        (folder / f"{name}.md").write_text(table + "\n")
+        print(f"wrote {folder / name}.json and .md", file=sys.stderr)
+
+
+def cmd_bench_sample(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench import bench_sample, sample_table
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask bench sample`: {' '.join(rest)}")
+    loaded, prompts = _bench_setup(ns)
+    rows = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
+                        [int(s) for s in ns.steps.split(",")], prompts=prompts,
+                        max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, seed=ns.seed,
+                        precision=ns.precision)
+    settings = {k: v for k, v in vars(ns).items() if k != "func"}
+    _write_bench(ns.out, "results", {"settings": settings, "rows": rows}, sample_table(rows))
+
+
+def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench import bench_cache
+
+    loaded, prompts = _bench_setup(ns)
+    r = bench_cache(loaded.model, loaded.tokenizer, loaded.config, prompts=prompts,
+                    max_new_tokens=ns.max_new_tokens, steps=ns.steps, batch_size=ns.batch_size,
+                    repeats=ns.repeats)
+    q = r["speedup"]
+    table = (f"BD3-LM L'={r['block_size']}, {r['max_new_tokens']} new tokens, {r['steps']} steps, "
+             f"batch {r['batch_size']}: exact cache {r['cached_seconds']:.2f}s vs recompute "
+             f"{r['recompute_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
+             f"{r['repeats']} interleaved pairs); identical tokens: {r['identical_tokens']}")
+    _write_bench(ns.out, "cache", r, table)
+
+
+def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench import bench_llada_reference
+
+    loaded, prompts = _bench_setup(ns)
+    r = bench_llada_reference(loaded.model, loaded.config, prompts=prompts, max_new_tokens=ns.max_new_tokens,
+                              steps=ns.steps, block_len=ns.block_len, repeats=ns.repeats)
+    q = r["speedup"]
+    table = (f"llada preset vs reference loop, {r['max_new_tokens']} new tokens, {r['steps']} steps, blocks "
+             f"of {r['block_len']}, {r['rows']} rows: ours {r['ours_seconds']:.2f}s vs reference "
+             f"{r['reference_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
+             f"identical tokens: {r['identical_tokens']}")
+    _write_bench(ns.out, "llada_reference", r, table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unmask", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)
@@ -115,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--json", action="store_true", help="print the result as JSON")
     ep.set_defaults(func=cmd_eval_ppl)
 
+    s = sub.add_parser("sample", allow_abbrev=False,
+                       help="decode text; --preset NAME then any --decode.field=value")
+    s.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
+    s.add_argument("--prompts-file", help="prompts: one per line, or .jsonl with a `prompt` field")
+    s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--max-len", type=int, default=0,
+                   help="longest canvas allowed (default: training length for bidirectional models)")
+    s.add_argument("--stream", action="store_true", help="show the canvas filling in")
+    s.add_argument("--output", help="write JSONL records here instead of printing text")
+    s.set_defaults(func=cmd_sample)
+
     r = sub.add_parser("repro", help="small-scale reproductions").add_subparsers(dest="what", required=True)
     rb = r.add_parser("bd3lm", allow_abbrev=False, help="AR vs MDLM vs BD3-LM L'=16/8/4 test PPL")
     rb.add_argument("--steps", type=int, default=None, help="training steps per arm (same for all)")
@@ -134,6 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per arm")
     bt.add_argument("--json", help="also write the results to this JSON file")
     bt.set_defaults(func=cmd_bench_train)
+
+    def sampling_args(parser, max_new: int, steps) -> None:
+        parser.add_argument("--checkpoint", required=True)
+        parser.add_argument("--num-prompts", type=int, default=8, help="held-out test-document prefixes")
+        parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (after [BOS])")
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--max-new-tokens", type=int, default=max_new)
+        parser.add_argument("--steps", type=type(steps), default=steps)
+        parser.add_argument("--out", help="folder for the JSON and markdown results")
+
+    bs = b.add_parser("sample", allow_abbrev=False, help="presets x step budgets: speed beside quality")
+    sampling_args(bs, 128, "32,128")
+    bs.add_argument("--presets", default="mdlm,bd3lm,llada,fast-dllm,conv")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    bs.set_defaults(func=cmd_bench_sample)
+    bc = b.add_parser("cache", allow_abbrev=False, help="BD3-LM exact KV cache vs full recompute")
+    sampling_args(bc, 1024, 256)
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.set_defaults(func=cmd_bench_cache)
+    bl = b.add_parser("llada-ref", allow_abbrev=False, help="llada preset vs a plain reference loop")
+    sampling_args(bl, 128, 64)
+    bl.add_argument("--block-len", type=int, default=32)
+    bl.add_argument("--repeats", type=int, default=3)
+    bl.set_defaults(func=cmd_bench_llada)
     return p
 
 

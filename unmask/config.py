@@ -214,7 +214,7 @@ class DecodeConfig:
     """Ancestral only: global normalization of the unmask rate (top-k + Glob, Conv)."""
     threshold: float = 0.9
     """`threshold` selector: commit every position whose confidence exceeds this."""
-    steps: int = 128
+    steps: int = 64
     """Denoising steps for `max_new_tokens` tokens; each block gets its share."""
     block_len: int = 0
     """Semi-AR block length for bidirectional models (0 = the whole canvas); block-causal models
@@ -223,7 +223,7 @@ class DecodeConfig:
     """KV cache. auto: exact for block-causal/causal models, none for bidirectional ones; prefix /
     dual: Fast-dLLM caches for bidirectional models (approximate; for block-causal models prefix
     is the exact cache); none: recompute the whole sequence every call."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     """Tokens to generate (the canvas for bidirectional models, the cap for block/AR models)."""
     eos_fill: bool = True
     """Full-canvas decoding: once [EOS] is decoded, every position right of it becomes [EOS]."""

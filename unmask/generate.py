@@ -280,6 +280,16 @@ def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cac
     yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
 
 
+def final_state(states: Iterator[DecodeState]) -> DecodeState:
+    """Run a `generate()` iterator to the end; its last state."""
+    state = None
+    for state in states:  # noqa: B007 - the last one is the result
+        pass
+    if state is None:
+        raise DecodeError("generate() yielded no state")
+    return state
+
+
 def completions(state: DecodeState, eos_id: int | None) -> list[list[int]]:
     """Generated token ids of each row (after the prompt), cut before the first [EOS]."""
     out = []

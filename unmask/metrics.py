@@ -69,3 +69,23 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
     return Perplexity(nats_per_token=nats_per_token, ppl=math.exp(nats_per_token),
                       bits_per_byte=nats / math.log(2) / max(n_bytes, 1), tokens=tokens // samples,
                       rows=len(rows), mc_samples=samples, bound=not is_ar)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample quality (token level)
+
+
+def unigram_entropy(ids: list[int]) -> float:
+    """Entropy (nats) of the empirical token distribution of one sample (0 for an empty one)."""
+    if not ids:
+        return 0.0
+    _, counts = np.unique(np.asarray(ids), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def rep_n(ids: list[int], n: int) -> float:
+    """Fraction of a sample's n-grams that repeat an earlier n-gram of the same sample:
+    1 - #distinct n-grams / #n-grams (0 when it has no n-gram)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

@@ -22,11 +22,10 @@ INPUTS = {"binary": BinaryInputs}
 PRESETS: dict[str, dict[str, object]] = {
     # MDLM ancestral sampling over the whole canvas (Sahoo et al. 2024).
     "mdlm": dict(proposal="sample", select="ancestral", block_len=0),
-    # One uniformly random masked position per call (set steps = tokens).
-    "first-hitting": dict(proposal="sample", select="first-hitting", block_len=0,
-                          steps=128),
+    # One uniformly random masked position per call (when steps = max_new_tokens, the default).
+    "first-hitting": dict(proposal="sample", select="first-hitting", block_len=0),
     # BD3-LM reference sampler: nucleus 0.9, first-hitting, exact block KV cache.
-    "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting", steps=128),
+    "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting"),
     # MDLM ancestral inside semi-autoregressive blocks.
     "semi-ar": dict(proposal="sample", select="ancestral", block_len=32),
     # LLaDA: greedy proposals, low-confidence remasking, fixed count per step, semi-AR blocks.

@@ -1,0 +1,87 @@
+"""Sampling text: prompts in, JSON-ready records out, through the one `generate()` loop.
+
+Sample `i` (counting across all prompts) draws from a generator seeded by `(seed, i)`, so its
+text does not depend on `batch_size` or on the other samples. Prompts are encoded as
+`[BOS] + tokens` and batched only with prompts of the same length (no padding, so batching never
+changes a row's positions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from itertools import groupby
+from typing import Any
+
+import torch
+
+from unmask.config import DecodeConfig
+from unmask.decoding import DecodeState, build_decoder
+from unmask.decoding.rng import row_generators
+from unmask.generate import DecodeError, completions, generate
+from unmask.model import Transformer
+from unmask.schedules import NoiseSchedule
+from unmask.tokenizer import Tokenizer
+
+MASK_GLYPH = "░"
+
+
+def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
+    """The row's canvas as text, still-masked positions shown as a shaded block."""
+    ids = state.tokens[row, state.prompt_len:].tolist()
+    out, run = [], []
+    for t in ids:
+        if t == tokenizer.mask_id:
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            out.append(MASK_GLYPH)
+        else:
+            run.append(t)
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
+           schedule: NoiseSchedule, *, num_samples: int = 1, batch_size: int = 8, seed: int = 0,
+           max_len: int | None = None, precision: str = "fp32",
+           on_state: Callable[[DecodeState], None] | None = None) -> list[dict[str, Any]]:
+    """`num_samples` completions of every prompt, as records with text, ids, NFE and timing."""
+    if not prompts:
+        raise DecodeError("no prompts given")
+    if num_samples < 1 or batch_size < 1:
+        raise DecodeError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    decoder = build_decoder(cfg, schedule)
+    device = next(model.parameters()).device
+    jobs = [(i, p, [tokenizer.bos_id] + tokenizer.encode(p))
+            for i, p in enumerate(q for q in prompts for _ in range(num_samples))]
+    records: dict[int, dict[str, Any]] = {}
+    by_length = sorted(jobs, key=lambda j: (len(j[2]), j[0]))
+    for _, group in groupby(by_length, key=lambda j: len(j[2])):
+        group = list(group)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            ids = torch.tensor([j[2] for j in chunk], device=device)
+            t0 = time.perf_counter()
+            state = None
+            for state in generate(model, decoder, prompt=ids, max_new_tokens=cfg.max_new_tokens,
+                                  steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache,
+                                  eos_id=tokenizer.eos_id, eos_fill=cfg.eos_fill,
+                                  stop_entropy=cfg.stop_entropy, max_len=max_len,
+                                  generators=row_generators(seed, [j[0] for j in chunk]),
+                                  precision=precision):
+                if on_state is not None:
+                    on_state(state)
+            seconds = time.perf_counter() - t0
+            for (index, prompt, prompt_ids), out in zip(chunk, completions(state, tokenizer.eos_id),
+                                                        strict=True):
+                records[index] = {
+                    "index": index, "prompt": prompt, "text": tokenizer.decode(out),
+                    "token_ids": out, "prompt_tokens": len(prompt_ids), "new_tokens": len(out),
+                    "nfe": state.nfe, "commit_passes": state.commit_passes,
+                    "batch_seconds": seconds, "batch_size": len(chunk), "seed": seed,
+                    "settings": asdict(cfg),
+                }
+    return [records[i] for i in sorted(records)]
