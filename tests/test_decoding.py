@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unmask.decoding.proposals import Greedy, Sample, categorical, truncate
+from unmask.decoding.proposals import Greedy, Sample, candidates, categorical, model_probs
 from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
 from unmask.decoding.selectors import Ancestral, FirstHitting, SelectContext, Threshold, TopN, step_count
 from unmask.schedules import LogLinear
@@ -20,13 +20,22 @@ def ctx(masked, confidence=None, gate=None, mass=None, step=0, steps=4, seed=0):
                          step, steps, torch.rand(B, W, generator=g, dtype=torch.float64))
 
 
-def test_truncation_top_k_and_top_p():
-    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
-    assert torch.equal(truncate(p, 2, 1.0), torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64))
-    assert torch.equal(truncate(p, 0, 0.8), torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64))
-    assert torch.equal(truncate(p, 0, 0.81), torch.tensor([[0.5, 0.3, 0.15, 0.0]], dtype=torch.float64))
+def test_candidates_top_k_and_top_p():
+    p = torch.tensor([[0.15, 0.3, 0.5, 0.05]], dtype=torch.float64)
+    vals, ids = candidates(p, 2, 1.0)
+    assert vals.tolist() == [[0.5, 0.3]] and ids.tolist() == [[2, 1]]
+    vals, ids = candidates(p, 0, 0.8)
+    assert vals.tolist() == [[0.5, 0.3, 0.0, 0.0]] and ids.tolist() == [[2, 1, 0, 3]]
+    vals, _ = candidates(p, 0, 0.81)
+    assert vals.tolist() == [[0.5, 0.3, 0.15, 0.0]]
+    vals, ids = candidates(p, 0, 1.0)
+    assert ids is None and torch.equal(vals, p)
     prop = Greedy(top_k=2)(p, torch.zeros(1, dtype=torch.float64))
-    assert prop.tokens.item() == 0 and prop.kept_mass.item() == pytest.approx(0.8)
+    assert prop.tokens.item() == 2 and prop.kept_mass.item() == pytest.approx(0.8)
+    drawn = Sample(top_k=2)(p.expand(4000, 4), torch.rand(4000, dtype=torch.float64,
+                                                         generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(drawn.tokens, minlength=4).double() / 4000
+    assert freq[0] == freq[3] == 0 and freq[2] == pytest.approx(0.5 / 0.8, abs=0.03)
 
 
 def test_categorical_draws_follow_the_distribution():
@@ -36,6 +45,14 @@ def test_categorical_draws_follow_the_distribution():
     assert freq[1] == 0 and torch.allclose(freq, p[0], atol=0.015)
     hot = Sample(temperature=0.01)(p[:5], u[:5])  # near-greedy at low temperature
     assert (hot.tokens == 2).all()
+
+
+def test_model_probs_exclude_mask_and_leave_input_alone():
+    logits = torch.randn(3, 7, dtype=torch.float64)
+    before = logits.clone()
+    p = model_probs(logits, 6)
+    assert torch.equal(logits, before) and (p[:, 6] == 0).all()
+    assert p.dtype == torch.float32 and torch.allclose(p[:, :6].double(), logits[:, :6].softmax(-1))
 
 
 def test_scores():

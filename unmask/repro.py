@@ -13,7 +13,9 @@ from pathlib import Path
 from unmask.checkpoint import load_checkpoint, resolve_checkpoint
 from unmask.config import Config, load_config, replace
 from unmask.data import prepare_data
+from unmask.decoding import preset_config
 from unmask.metrics import Perplexity, evaluate_perplexity
+from unmask.sample import sample
 from unmask.schedules import build_schedule
 from unmask.train import train
 
@@ -95,8 +97,15 @@ def demo(*, steps: int = 600, out: str = "runs/demo-bd3lm", progress: bool = Tru
     train_or_reuse(cfg, progress=progress)
     val = heldout_perplexity(out, mc_samples=4, split="validation")
     ckpt = resolve_checkpoint(out)
+    loaded = load_checkpoint(ckpt)
+    decode = preset_config("bd3lm", max_new_tokens=96, steps=48)
+    record = sample(loaded.model, loaded.tokenizer, ["def "], decode,
+                    build_schedule(cfg.noise.schedule, cfg.noise.eps), seed=0)[0]
     return (f"BD3-LM (L'={cfg.model.block_size}, {cfg.model.n_layers} layers, dim {cfg.model.dim}) "
             f"trained {steps} steps on the embedded stdlib corpus\n"
             f"validation perplexity <= {val.ppl:.2f} (NELBO bound, {val.mc_samples} MC samples, "
             f"{val.rows} rows), {val.bits_per_byte:.3f} bits/byte\n"
-            f"checkpoint: {ckpt}")
+            f"checkpoint: {ckpt}\n"
+            f"a sample (preset bd3lm, {record['new_tokens']} tokens in {record['nfe']} model calls, "
+            f"exact KV cache):\n---\n{record['prompt']}{record['text']}\n---\n"
+            f"more: unmask sample --checkpoint {out} --preset bd3lm --prompt 'def ' --stream")

@@ -22,6 +22,8 @@ class ProposalPolicy(Protocol):
 
 
 class Selector(Protocol):
+    needs_proposals: bool  # False: selection ignores proposals, so only chosen positions get one
+
     def __call__(self, c: SelectContext) -> torch.Tensor: ...
 
 
@@ -42,23 +44,35 @@ class Decoder:
 
     def step(self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor,
              u_select: torch.Tensor) -> DecodeState:
-        """logits [B, W, V] for the window; u_* [B, W] float64 per-row uniforms."""
+        """logits [B, W, V] for the window; u_* [B, W] float64 per-row uniforms.
+
+        Proposals are made lazily: first where the selector needs them (masked positions the Conv
+        gate leaves open), then at chosen positions that have none yet. A selector that ignores
+        proposals (ancestral, first-hitting) so proposes only at the positions it commits.
+        """
         lo, hi = state.window
         window = state.tokens[:, lo:hi]  # [B, W]
         masked = state.masked  # [B, W]
-        where = masked.nonzero(as_tuple=True)
-        proposal = self.propose(model_probs(logits[where], state.mask_id), u_token[where])  # [N], [N, V]
         gate = self.score.gate(state.tokens != state.mask_id)  # [B, T] or None
-        gate = torch.ones_like(window, dtype=torch.float32) if gate is None else gate[:, lo:hi]
-        confidence = torch.zeros(window.shape, dtype=torch.float64, device=window.device)
-        confidence[where] = self.score(proposal)
-        confidence = torch.where(masked, confidence * gate, -torch.inf)
-        kept_mass = torch.zeros_like(confidence)
-        kept_mass[where] = proposal.kept_mass
-        chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, state.step,
-                                           state.steps, u_select))
-        proposed = window.clone()
-        proposed[where] = proposal.tokens
+        gate = torch.ones(window.shape, device=window.device) if gate is None else gate[:, lo:hi]
+        confidence = torch.full(window.shape, -torch.inf, dtype=torch.float64, device=window.device)
+        kept_mass = torch.ones_like(confidence)
+        proposed = window.clone()  # [B, W] proposal per position (the current token elsewhere)
+        scored = masked & (gate > 0) if self.select.needs_proposals else torch.zeros_like(masked)
+        if scored.any():
+            proposal = self._propose(logits, scored, u_token, state.mask_id)
+            confidence[scored] = (self.score(proposal) * gate[scored]).double()
+            kept_mass[scored] = proposal.kept_mass
+            proposed[scored] = proposal.tokens
+        chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps,
+                                           u_select))
+        late = chosen & ~scored
+        if late.any():
+            proposed[late] = self._propose(logits, late, u_token, state.mask_id).tokens
         tokens = state.tokens.clone()
         tokens[:, lo:hi] = torch.where(chosen, proposed, window)
         return state.advance(tokens=tokens, step=state.step + 1)
+
+    def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int) -> Proposal:
+        rows = logits[at]  # [N, V], a fresh tensor: the softmax may run in place
+        return self.propose(model_probs(rows, mask_id, copy=False), u[at])

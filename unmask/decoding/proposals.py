@@ -1,7 +1,10 @@
-"""Proposals: which token each masked position would become. Distribution processing (temperature,
-top-k, top-p) and the draw (greedy or categorical by inverse CDF in float64) are separate steps.
+"""Proposals: which token each masked position would become. The model distribution is processed
+(top-k, top-p, temperature) into candidates, then drawn from: greedy, or categorical by inverse
+CDF in float64 (a float32 Gumbel draw is known to sharpen the distribution). The softmax itself is
+float32 (relative error ~1e-7); candidates are promoted to float64 before the draw.
 
-Work happens on the masked positions only, flattened to `[N, V]`.
+Work happens on the flattened masked positions only (`[N, V]`), and top-k draws touch only the k
+candidates, so a step costs a few passes over `[N, V]` at most.
 """
 
 from __future__ import annotations
@@ -14,47 +17,64 @@ import torch
 
 class Proposal(NamedTuple):
     tokens: torch.Tensor  # [N] proposed token per masked position
-    probs: torch.Tensor  # [N, V] float64 model distribution (temperature 1, [MASK] excluded)
+    probs: torch.Tensor  # [N, V] float32 model distribution (temperature 1, [MASK] excluded)
     kept_mass: torch.Tensor  # [N] raw probability mass kept by top-k / top-p (1 when neither)
 
 
-def model_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """[N, V] float64 probabilities with the [MASK] token excluded (SUBS)."""
-    logits = logits.double().index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
-    return logits.softmax(-1)
+def model_probs(logits: torch.Tensor, mask_id: int, *, copy: bool = True) -> torch.Tensor:
+    """[N, V] float32 probabilities with the [MASK] token excluded (SUBS). Computed in place on a
+    copy of `logits`, or on `logits` itself with copy=False (for a fresh float32 tensor)."""
+    x = logits.to(torch.float32, copy=copy)
+    x[..., mask_id] = -torch.inf
+    x -= x.max(-1, keepdim=True).values
+    x.exp_()
+    x /= x.sum(-1, keepdim=True)
+    return x
 
 
-def truncate(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Zero all but the top-k tokens and the smallest nucleus holding `top_p` mass (not renormalised)."""
+def candidates(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidate probabilities `[N, C]` (not renormalised; zero = excluded) and their token ids
+    (None when the candidates are the whole vocabulary in order)."""
     if top_k and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
-        keep_sorted = before < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
-    return probs
+        p, ids = probs.topk(top_k, dim=-1)  # sorted, descending
+    elif top_p < 1.0:
+        p, ids = probs.sort(dim=-1, descending=True)
+    else:
+        return probs, None
+    if top_p < 1.0:  # nucleus: the smallest prefix holding top_p of the mass
+        p = p.double()
+        before = p.cumsum(-1) - p
+        p = torch.where(before < top_p, p, 0.0)
+    return p, ids
 
 
 def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw per row of `probs` [N, V] (need not sum to 1) with uniforms `u` [N]."""
+    """Inverse-CDF draw per row of `probs` [N, C] (need not sum to 1) with uniforms `u` [N]."""
     cdf = probs.cumsum(-1)
     target = (u * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
+def _tokens(choice: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _mass(p: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:  # float64 [N]
+    if ids is None:
+        return torch.ones(p.shape[0], dtype=torch.float64, device=p.device)
+    return p.sum(-1, dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class Greedy:
-    """argmax of the (truncated) model distribution."""
+    """argmax of the model distribution (top-k / top-p only change the reported kept mass)."""
 
     top_k: int = 0
     top_p: float = 1.0
 
     def __call__(self, probs: torch.Tensor, u: torch.Tensor) -> Proposal:
-        kept = truncate(probs, self.top_k, self.top_p)
-        return Proposal(kept.argmax(-1), probs, kept.sum(-1))
+        p, ids = candidates(probs, self.top_k, self.top_p)
+        return Proposal(_tokens(p.argmax(-1), ids), probs, _mass(p, ids))
 
 
 @dataclass(frozen=True)
@@ -66,8 +86,8 @@ class Sample:
     top_p: float = 1.0
 
     def __call__(self, probs: torch.Tensor, u: torch.Tensor) -> Proposal:
-        kept = truncate(probs, self.top_k, self.top_p)
-        mass = kept.sum(-1)
+        p, ids = candidates(probs, self.top_k, self.top_p)
+        mass = _mass(p, ids)
         if self.temperature != 1.0:
-            kept = kept ** (1.0 / self.temperature)
-        return Proposal(categorical(kept, u), probs, mass)
+            p = p ** (1.0 / self.temperature)
+        return Proposal(_tokens(categorical(p.double(), u), ids), probs, mass)

@@ -51,6 +51,10 @@ class Ancestral:
     schedule: NoiseSchedule
     normalize: bool = False
 
+    @property
+    def needs_proposals(self) -> bool:  # the global normalization reads the kept top-k mass
+        return self.normalize
+
     def weights(self, c: SelectContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmask weight A_i [B, W] (0 off the masked set) and the stay-masked weight 1 - a_s.
         A position unmasks with prob A_i / (A_i + 1 - a_s), one categorical draw over
@@ -76,6 +80,8 @@ class Ancestral:
 class FirstHitting:
     """Uniformly random masked positions, n per step (one per call when S equals the block)."""
 
+    needs_proposals = False
+
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.u, step_count(c.masked, c.step, c.steps), c.masked)
 
@@ -83,6 +89,8 @@ class FirstHitting:
 @dataclass(frozen=True)
 class TopN:
     """The n most confident positions (LLaDA low-confidence remasking; Conv ranked)."""
+
+    needs_proposals = True
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.confidence, step_count(c.masked, c.step, c.steps), c.masked)
@@ -93,6 +101,7 @@ class Threshold:
     """Fast-dLLM: every position with confidence > tau, and at least the counted minimum."""
 
     tau: float
+    needs_proposals = True
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return ((c.confidence > self.tau) & c.masked) | TopN()(c)
