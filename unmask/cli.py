@@ -18,9 +18,10 @@ from unmask.checkpoint import CheckpointError
 from unmask.config import Config, ConfigError, DecodeConfig, load_config
 from unmask.data import DataError
 from unmask.generate import DecodeError
+from unmask.reference import ReferenceModelError
 from unmask.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError)
 
 
 def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
@@ -164,6 +165,74 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
             print(r["prompt"] + r["text"])
 
 
+def _print_result(result, as_json: bool, text: str) -> None:
+    print(json.dumps(asdict(result) if not isinstance(result, dict) else result) if as_json else text)
+
+
+def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.reference import generative_perplexity, load_reference
+    from unmask.sample import read_samples
+
+    texts = [r["text"] for r in read_samples(ns.samples)]
+    g = generative_perplexity(load_reference(ns.reference), texts, window=ns.window, stride=ns.stride)
+    _print_result(g, ns.json, f"gen-PPL {g.ppl:.2f} under {g.reference} ({g.samples} samples, {g.tokens} "
+                              f"tokens); sample unigram entropy {g.entropy:.3f} nats")
+
+
+def reference_texts(spec: str, n: int, chars: int) -> list[str]:
+    """Up to n held-out texts cut to `chars` characters: `CORPUS@SPLIT` (e.g. `stdlib@test`) or
+    a local file/directory (all its documents)."""
+    from unmask.data import load_corpus
+
+    corpus, _, split = spec.partition("@")
+    docs = load_corpus(corpus) if split else None
+    if split:
+        if split not in docs:
+            raise DataError(f"--reference-text {spec}: unknown split {split!r}")
+        texts = docs[split]
+    else:
+        texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
+                 for t in part]
+    return [t[:chars] for t in texts if t.strip()][:n]
+
+
+def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
+    import statistics
+
+    from unmask.reference import load_featurizer, mauve_score, require_samples
+    from unmask.sample import read_samples
+
+    q = [r["text"] for r in read_samples(ns.samples)]
+    if (ns.reference_text is None) == (ns.reference_samples is None):
+        raise DataError("pass exactly one of --reference-text or --reference-samples")
+    if ns.reference_samples:
+        p = [r["text"] for r in read_samples(ns.reference_samples)]
+    else:
+        p = reference_texts(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
+    require_samples(len(p), len(q), ns.min_samples)  # before loading a featuriser
+    m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples)
+    _print_result(m, ns.json, f"MAUVE {m.score:.4f} ({m.q_samples} samples vs {m.p_samples} reference "
+                              f"texts, featurizer {m.featurizer})")
+
+
+def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.checkpoint import load_checkpoint
+    from unmask.metrics import repetition
+    from unmask.sample import read_samples, sample_token_ids
+
+    records = read_samples(ns.samples)
+    tok = load_checkpoint(ns.checkpoint).tokenizer if ns.checkpoint else None
+    result = {"samples": len(records),
+              "words": repetition([r["text"].split() for r in records])}
+    if tok is not None or all("token_ids" in r for r in records):
+        result["tokens"] = repetition(sample_token_ids(records, tok))
+    lines = [f"{len(records)} samples"]
+    for unit in ("tokens", "words"):
+        if unit in result:
+            lines.append(f"{unit}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[unit].items()))
+    _print_result(result, ns.json, "\n".join(lines))
+
+
 def cmd_repro(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.repro import bd3lm_table, repro_bd3lm
 
@@ -276,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--max-rows", type=int, default=0, help="evaluate at most this many rows")
     ep.add_argument("--json", action="store_true", help="print the result as JSON")
     ep.set_defaults(func=cmd_eval_ppl)
+    eg = e.add_parser("genppl", allow_abbrev=False, help="perplexity of samples under a reference AR model")
+    eg.add_argument("--samples", required=True, help="JSONL with a `text` field (unmask sample --output)")
+    eg.add_argument("--reference", required=True, help="unmask AR checkpoint or local HF causal-LM dir")
+    eg.add_argument("--window", type=int, default=None, help="sliding window (default: model's length)")
+    eg.add_argument("--stride", type=int, default=None, help="window stride (default: window / 2)")
+    eg.add_argument("--json", action="store_true")
+    eg.set_defaults(func=cmd_eval_genppl)
+    em = e.add_parser("mauve", allow_abbrev=False, help="MAUVE of samples against reference texts")
+    em.add_argument("--samples", required=True)
+    em.add_argument("--reference-text", help="CORPUS@SPLIT (e.g. stdlib@test) or a local file/dir")
+    em.add_argument("--reference-samples", help="another samples JSONL (e.g. exact-joint samples)")
+    em.add_argument("--featurizer", default="minilm", help="minilm, or ar:PATH (reference AR model)")
+    em.add_argument("--min-samples", type=int, default=100, help="refuse below this many per side")
+    em.add_argument("--json", action="store_true")
+    em.set_defaults(func=cmd_eval_mauve)
+    er = e.add_parser("repetition", allow_abbrev=False, help="rep-n, distinct-n, longest repeated span")
+    er.add_argument("--samples", required=True)
+    er.add_argument("--checkpoint", help="tokenize with this checkpoint's tokenizer (checks token_ids)")
+    er.add_argument("--json", action="store_true")
+    er.set_defaults(func=cmd_eval_repetition)
 
     s = sub.add_parser("sample", allow_abbrev=False,
                        help="decode text; --preset NAME then any --decode.field=value")

@@ -8,15 +8,18 @@ changes a row's positions).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from unmask.config import DecodeConfig
+from unmask.data import DataError
 from unmask.decoding import DecodeState, build_decoder
 from unmask.decoding.rng import row_generators
 from unmask.generate import DecodeError, completions, generate
@@ -85,3 +88,41 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
                     "settings": asdict(cfg),
                 }
     return [records[i] for i in sorted(records)]
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a samples JSONL file (each with a string `text`); clear errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--samples: no such file {path}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise DataError(f"{path}:{n}: expected an object with a string `text` field")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path} holds no samples")
+    return records
+
+
+def sample_token_ids(records: list[dict[str, Any]], tokenizer: Tokenizer | None) -> list[list[int]]:
+    """Token ids of each record: its stored `token_ids` (checked against `tokenizer` when given:
+    they must decode to the record's text), else the text encoded with `tokenizer`."""
+    out = []
+    for i, rec in enumerate(records):
+        ids = rec.get("token_ids")
+        if ids is None:
+            if tokenizer is None:
+                raise DataError(f"sample {i} has no `token_ids`; pass --checkpoint to tokenize its text")
+            ids = tokenizer.encode(rec["text"])
+        elif tokenizer is not None and tokenizer.decode(ids) != rec["text"]:
+            raise DataError(f"sample {i}: its token_ids do not decode to its text with this tokenizer "
+                            "(the samples were made with a different tokenizer)")
+        out.append(list(ids))
+    return out
