@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from unmask.bench import bench_cache, bench_llada_reference, bench_sample, heldout_prompts, llada_reference
+from unmask.bench_sampling import (
+    bench_cache,
+    bench_llada_reference,
+    bench_sample,
+    heldout_prompts,
+    llada_reference,
+)
 from unmask.checkpoint import load_checkpoint
 from unmask.cli import main
 from unmask.config import Config, ModelConfig, TrainConfig
@@ -19,13 +25,14 @@ from unmask.train import train
 def checkpoints(tiny_data_cfg, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
-    for kind in ("block_causal", "bidirectional"):
+    for kind in ("block_causal", "bidirectional", "causal"):
         cfg = Config(data=tiny_data_cfg, model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1,
                                                            n_heads=2),
                      train=TrainConfig(steps=2, batch_size=4, eval_batches=1, precision="fp32",
                                        out=str(root / kind)))
         train(cfg, data=tiny_data, progress=False)
         out[kind] = root / kind
+    out["ar"] = out["causal"]
     return out
 
 
@@ -65,7 +72,7 @@ def test_bench_sample_cache_and_llada_reference(checkpoints):
     bd3 = load_checkpoint(checkpoints["block_causal"])
     prompts = heldout_prompts(bd3.tokenizer, bd3.config.data, 2, 5)
     rows = bench_sample(bd3.model, bd3.tokenizer, bd3.config, ["bd3lm", "conv"], [4], prompts=prompts,
-                        max_new_tokens=8, batch_size=2)
+                        max_new_tokens=8, batch_size=2, progress=False)["rows"]
     assert {r["preset"] for r in rows} == {"bd3lm", "conv"}
     for r in rows:
         assert r["new_tokens"] <= 16 and 0 <= r["overhead_fraction"] < 1 and r["nfe"] >= 1
@@ -92,3 +99,22 @@ def test_llada_reference_matches_our_preset_on_a_random_model():
     ours = final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=16,
                                 steps=8, block_len=8, generators=row_generators(0, range(3))))
     assert torch.equal(ours.tokens, ref)
+
+
+def test_bench_sample_cli_writes_results_json_table_and_plots(checkpoints, tmp_path, capsys):
+    out = tmp_path / "bench"
+    main(["bench", "sample", "--checkpoint", str(checkpoints["bidirectional"]), "--presets", "mdlm,llada",
+          "--steps", "2,4", "--num-prompts", "4", "--batch-size", "2", "--max-new-tokens", "8",
+          "--prompt-tokens", "4", "--reference", str(checkpoints["ar"]), "--featurizer",
+          f"ar:{checkpoints['ar']}", "--min-samples", "4", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert result["machine"]["torch"] and result["settings"]["presets"] == "mdlm,llada"
+    assert result["matmul_peak_flops"] > 0 and result["batch_size"] == 2 and result["seed"] == 0
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        for key in ("tokens_per_s", "tokens_per_s_with_prompt", "nfe", "tokens_per_forward", "gen_ppl",
+                    "mauve", "token_rep4", "fraction_of_peak", "overhead_fraction"):
+            assert key in row, key
+    assert (out / "quality_vs_nfe.png").stat().st_size > 1000
+    assert (out / "quality_vs_speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| preset |" in (out / "results.md").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 import tyro
 
 from unmask.checkpoint import CheckpointError
-from unmask.config import Config, ConfigError, DecodeConfig, load_config
+from unmask.config import Config, ConfigError, DataConfig, DecodeConfig, load_config
 from unmask.data import DataError
 from unmask.generate import DecodeError
 from unmask.reference import ReferenceModelError
@@ -179,13 +179,16 @@ def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
                               f"tokens); sample unigram entropy {g.entropy:.3f} nats")
 
 
-def reference_texts(spec: str, n: int, chars: int) -> list[str]:
-    """Up to n held-out texts cut to `chars` characters: `CORPUS@SPLIT` (e.g. `stdlib@test`) or
-    a local file/directory (all its documents)."""
+def reference_texts(spec: str, n: int, chars: int, data: DataConfig | None = None) -> list[str]:
+    """Up to n held-out texts of `chars` characters, consecutive pieces of the documents of
+    `CORPUS@SPLIT` (e.g. `stdlib@test`, split as `data` splits it) or of a local file/directory
+    (all its documents)."""
     from unmask.data import load_corpus
 
     corpus, _, split = spec.partition("@")
-    docs = load_corpus(corpus) if split else None
+    data = data or DataConfig()
+    docs = load_corpus(corpus, txt_documents=data.txt_documents, valid_fraction=data.valid_fraction,
+                       test_fraction=data.test_fraction) if split else None
     if split:
         if split not in docs:
             raise DataError(f"--reference-text {spec}: unknown split {split!r}")
@@ -193,7 +196,8 @@ def reference_texts(spec: str, n: int, chars: int) -> list[str]:
     else:
         texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
                  for t in part]
-    return [t[:chars] for t in texts if t.strip()][:n]
+    pieces = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
+    return [p for p in pieces if p.strip()][:n]
 
 
 def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -262,11 +266,15 @@ def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _bench_setup(ns):
-    from unmask.bench import heldout_prompts
+    from unmask.bench_sampling import file_prompts, heldout_prompts
     from unmask.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ns.checkpoint)
-    prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
+    if ns.prompts_file:
+        prompts = file_prompts(loaded.tokenizer, _read_prompts(argparse.Namespace(
+            prompt=None, prompts_file=ns.prompts_file)), ns.num_prompts)
+    else:
+        prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
     return loaded, prompts
 
 
@@ -283,21 +291,35 @@ def _write_bench(out: str | None, name: str, result: dict, table: str) -> None:
 
 
 def cmd_bench_sample(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.bench import bench_sample, sample_table
+    from unmask.bench_sampling import bench_sample, sample_table
 
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask bench sample`: {' '.join(rest)}")
+    from unmask.bench_sampling import plot_sample_results
+    from unmask.reference import load_featurizer, load_reference
+
     loaded, prompts = _bench_setup(ns)
-    rows = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
-                        [int(s) for s in ns.steps.split(",")], prompts=prompts,
-                        max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, seed=ns.seed,
-                        precision=ns.precision)
+    reference = load_reference(ns.reference) if ns.reference else None
+    featurizer = load_featurizer(ns.featurizer) if ns.featurizer else None
+    mauve_texts = None
+    if featurizer is not None:
+        chars = 4 * ns.max_new_tokens  # about as long as the samples (a few characters per token)
+        mauve_texts = reference_texts(ns.mauve_reference or f"{loaded.config.data.corpus}@test",
+                                      len(prompts), chars, loaded.config.data)
+    result = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
+                          [int(s) for s in ns.steps.split(",")], prompts=prompts,
+                          max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, seed=ns.seed,
+                          precision=ns.precision, reference=reference, featurizer=featurizer,
+                          mauve_texts=mauve_texts, min_samples=ns.min_samples)
     settings = {k: v for k, v in vars(ns).items() if k != "func"}
-    _write_bench(ns.out, "results", {"settings": settings, "rows": rows}, sample_table(rows))
+    _write_bench(ns.out, "results", {"settings": settings, **result}, sample_table(result["rows"]))
+    if ns.out:
+        for path in plot_sample_results(result["rows"], ns.out):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.bench import bench_cache
+    from unmask.bench_sampling import bench_cache
 
     loaded, prompts = _bench_setup(ns)
     r = bench_cache(loaded.model, loaded.tokenizer, loaded.config, prompts=prompts,
@@ -312,7 +334,7 @@ def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.bench import bench_llada_reference
+    from unmask.bench_sampling import bench_llada_reference
 
     loaded, prompts = _bench_setup(ns)
     r = bench_llada_reference(loaded.model, loaded.config, prompts=prompts, max_new_tokens=ns.max_new_tokens,
@@ -404,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling_args(parser, max_new: int, steps) -> None:
         parser.add_argument("--checkpoint", required=True)
         parser.add_argument("--num-prompts", type=int, default=8, help="held-out test-document prefixes")
+        parser.add_argument("--prompts-file", help="JSONL with a `prompt` field instead of held-out prefixes")
         parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (after [BOS])")
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--max-new-tokens", type=int, default=max_new)
@@ -415,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--presets", default="mdlm,bd3lm,llada,fast-dllm,conv")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    bs.add_argument("--reference", help="AR checkpoint / HF causal LM for gen-PPL")
+    bs.add_argument("--featurizer", help="MAUVE featurizer: minilm or ar:PATH (off when absent)")
+    bs.add_argument("--mauve-reference", help="MAUVE reference texts (default: the corpus's test split)")
+    bs.add_argument("--min-samples", type=int, default=100, help="MAUVE refuses below this many samples")
     bs.set_defaults(func=cmd_bench_sample)
     bc = b.add_parser("cache", allow_abbrev=False, help="BD3-LM exact KV cache vs full recompute")
     sampling_args(bc, 1024, 256)

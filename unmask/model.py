@@ -166,6 +166,14 @@ class Transformer(nn.Module):
         hidden = self.run(h, index % L, mask)[:, :L]
         return DenoiserOutput(self.head(hidden), hidden)
 
+    def forward_flops(self, batch: int, n_query: int, n_keys: int) -> int:
+        """Matmul FLOPs of one forward: `n_query` tokens per row attending to `n_keys` keys."""
+        D, H = self.cfg.dim, self.blocks[0].mlp.down.in_features
+        up = 2 * H if self.cfg.mlp == "swiglu" else H
+        per_token = 2 * (3 * D * D + D * D + D * up + H * D) * self.cfg.n_layers + 2 * D * self.vocab_size
+        attention = 2 * 2 * n_keys * D * self.cfg.n_layers  # QK^T and AV
+        return batch * n_query * (per_token + attention)
+
     def num_params(self, *, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
