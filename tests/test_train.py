@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -115,3 +116,21 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_data_cfg, tiny_data, t
                         optimizer=torch.optim.SGD(before.model.parameters(), lr=1))
     after = load_checkpoint(tmp_path / "run")
     assert after.state["step"] == 2 and after.path == before.path
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data_cfg, tiny_data, tmp_path):
+    eager = tiny_config(tiny_data_cfg, tmp_path / "eager", steps=3)
+    compiled = tiny_config(tiny_data_cfg, tmp_path / "compiled", steps=3, compile=True)
+    train(eager, data=tiny_data, progress=False)
+    train(compiled, data=tiny_data, progress=False)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_on_cuda(tiny_data_cfg, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data_cfg, tmp_path / "run", steps=10, precision="bf16")
+    train(cfg, data=tiny_data, progress=False)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 10 and all(math.isfinite(x) for x in curve)

@@ -15,8 +15,8 @@ from pathlib import Path
 import tyro
 
 from unmask.checkpoint import CheckpointError
-from unmask.config import Config, ConfigError, DataConfig, DecodeConfig, load_config
-from unmask.data import DataError
+from unmask.config import Config, ConfigError, DecodeConfig, load_config
+from unmask.data import DataError, text_pieces
 from unmask.generate import DecodeError
 from unmask.reference import ReferenceModelError
 from unmask.tokenizer import TokenizerError
@@ -179,27 +179,6 @@ def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
                               f"tokens); sample unigram entropy {g.entropy:.3f} nats")
 
 
-def reference_texts(spec: str, n: int, chars: int, data: DataConfig | None = None) -> list[str]:
-    """Up to n held-out texts of `chars` characters, consecutive pieces of the documents of
-    `CORPUS@SPLIT` (e.g. `stdlib@test`, split as `data` splits it) or of a local file/directory
-    (all its documents)."""
-    from unmask.data import load_corpus
-
-    corpus, _, split = spec.partition("@")
-    data = data or DataConfig()
-    docs = load_corpus(corpus, txt_documents=data.txt_documents, valid_fraction=data.valid_fraction,
-                       test_fraction=data.test_fraction) if split else None
-    if split:
-        if split not in docs:
-            raise DataError(f"--reference-text {spec}: unknown split {split!r}")
-        texts = docs[split]
-    else:
-        texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
-                 for t in part]
-    pieces = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
-    return [p for p in pieces if p.strip()][:n]
-
-
 def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
     import statistics
 
@@ -212,7 +191,7 @@ def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
     if ns.reference_samples:
         p = [r["text"] for r in read_samples(ns.reference_samples)]
     else:
-        p = reference_texts(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
+        p = text_pieces(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
     require_samples(len(p), len(q), ns.min_samples)  # before loading a featuriser
     m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples)
     _print_result(m, ns.json, f"MAUVE {m.score:.4f} ({m.q_samples} samples vs {m.p_samples} reference "
@@ -238,12 +217,15 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_repro(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.repro import bd3lm_table, repro_bd3lm
+    from unmask.repro import bd3lm_table, repro_bd3lm, repro_bd3lm_sampling, sampling_table
 
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask repro`: {' '.join(rest)}")
     results = repro_bd3lm(steps=ns.steps, out=ns.out, mc_samples=ns.mc_samples)
     print(bd3lm_table(results))
+    if ns.samples:
+        print()
+        print(sampling_table(repro_bd3lm_sampling(out=ns.out, num_samples=ns.samples)))
 
 
 def cmd_demo(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -304,7 +286,7 @@ def cmd_bench_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     mauve_texts = None
     if featurizer is not None:
         chars = 4 * ns.max_new_tokens  # about as long as the samples (a few characters per token)
-        mauve_texts = reference_texts(ns.mauve_reference or f"{loaded.config.data.corpus}@test",
+        mauve_texts = text_pieces(ns.mauve_reference or f"{loaded.config.data.corpus}@test",
                                       len(prompts), chars, loaded.config.data)
     result = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
                           [int(s) for s in ns.steps.split(",")], prompts=prompts,
@@ -408,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--steps", type=int, default=None, help="training steps per arm (same for all)")
     rb.add_argument("--out", default="runs/repro-bd3lm", help="where the arms' runs are cached")
     rb.add_argument("--mc-samples", type=int, default=8)
+    rb.add_argument("--samples", type=int, default=128,
+                    help="unconditional samples per arm for the sampling comparison (0 skips it)")
     rb.set_defaults(func=cmd_repro)
 
     d = sub.add_parser("demo", allow_abbrev=False, help="train a small BD3-LM on the embedded corpus")

