@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unmask.decoding.proposals import Greedy, Sample, candidates, categorical, model_probs
+from unmask.decoding.proposals import Distribution, Greedy, Sample, candidates, categorical
 from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
 from unmask.decoding.selectors import Ancestral, FirstHitting, SelectContext, Threshold, TopN, step_count
 from unmask.schedules import LogLinear
@@ -20,20 +20,34 @@ def ctx(masked, confidence=None, gate=None, mass=None, step=0, steps=4, seed=0):
                          step, steps, torch.rand(B, W, generator=g, dtype=torch.float64))
 
 
+def dist_of(p: torch.Tensor, mask_id: int = -1) -> Distribution:
+    """A Distribution with probabilities p (plus a [MASK] column of -inf logit at the end)."""
+    logits = torch.cat([p.log(), torch.zeros(p.shape[0], 1, dtype=p.dtype)], dim=-1)
+    return Distribution.from_logits(logits, logits.shape[-1] - 1)
+
+
+def close(a, b):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                          atol=1e-6)
+
+
 def test_candidates_top_k_and_top_p():
     p = torch.tensor([[0.15, 0.3, 0.5, 0.05]], dtype=torch.float64)
-    vals, ids = candidates(p, 2, 1.0)
-    assert vals.tolist() == [[0.5, 0.3]] and ids.tolist() == [[2, 1]]
-    vals, ids = candidates(p, 0, 0.8)
-    assert vals.tolist() == [[0.5, 0.3, 0.0, 0.0]] and ids.tolist() == [[2, 1, 0, 3]]
-    vals, _ = candidates(p, 0, 0.81)
-    assert vals.tolist() == [[0.5, 0.3, 0.15, 0.0]]
-    vals, ids = candidates(p, 0, 1.0)
-    assert ids is None and torch.equal(vals, p)
-    prop = Greedy(top_k=2)(p, torch.zeros(1, dtype=torch.float64))
+    d = dist_of(p)
+    vals, ids = candidates(d, 2, 1.0)
+    assert close(vals, [[0.5, 0.3]]) and ids.tolist() == [[2, 1]]
+    vals, ids = candidates(d, 0, 0.79)  # nucleus in vocabulary order
+    assert close(vals, [[0.0, 0.3, 0.5, 0.0, 0.0]]) and ids is None
+    vals, _ = candidates(d, 0, 0.81)
+    assert close(vals, [[0.15, 0.3, 0.5, 0.0, 0.0]])
+    vals, ids = candidates(d, 3, 0.79)  # top-k, then the nucleus inside it
+    assert close(vals, [[0.5, 0.3, 0.0]]) and ids.tolist() == [[2, 1, 0]]
+    vals, ids = candidates(d, 0, 1.0)
+    assert ids is None and close(vals, [[0.15, 0.3, 0.5, 0.05, 0.0]])
+    prop = Greedy(top_k=2)(d, torch.zeros(1, dtype=torch.float64))
     assert prop.tokens.item() == 2 and prop.kept_mass.item() == pytest.approx(0.8)
-    drawn = Sample(top_k=2)(p.expand(4000, 4), torch.rand(4000, dtype=torch.float64,
-                                                         generator=torch.Generator().manual_seed(0)))
+    drawn = Sample(top_k=2)(dist_of(p.expand(4000, 4)), torch.rand(4000, dtype=torch.float64,
+                                                                   generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(drawn.tokens, minlength=4).double() / 4000
     assert freq[0] == freq[3] == 0 and freq[2] == pytest.approx(0.5 / 0.8, abs=0.03)
 
@@ -43,21 +57,39 @@ def test_categorical_draws_follow_the_distribution():
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     freq = torch.bincount(categorical(p, u), minlength=4).double() / 20000
     assert freq[1] == 0 and torch.allclose(freq, p[0], atol=0.015)
-    hot = Sample(temperature=0.01)(p[:5], u[:5])  # near-greedy at low temperature
+    hot = Sample(temperature=0.01)(dist_of(p[:5].clamp_min(1e-30)), u[:5])  # near-greedy
     assert (hot.tokens == 2).all()
 
 
-def test_model_probs_exclude_mask_and_leave_input_alone():
+def test_distribution_excludes_mask_and_leaves_input_alone():
     logits = torch.randn(3, 7, dtype=torch.float64)
     before = logits.clone()
-    p = model_probs(logits, 6)
-    assert torch.equal(logits, before) and (p[:, 6] == 0).all()
-    assert p.dtype == torch.float32 and torch.allclose(p[:, :6].double(), logits[:, :6].softmax(-1))
+    d = Distribution.from_logits(logits, 6)
+    assert torch.equal(logits, before) and (d.probs[:, 6] == 0).all()
+    assert torch.allclose(d.probs[:, :6].double(), logits[:, :6].softmax(-1), atol=1e-6)
+
+
+def test_nucleus_equals_full_sort():
+    """The value-sort threshold gives exactly the nucleus an argsort gives."""
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.3, 3.0):  # peaked rows (probe suffices) and flat rows (full sort)
+        logits = torch.randn(6, 2000, generator=g) / temperature
+        d = Distribution.from_logits(logits, 1999)
+        vals, ids = candidates(d, 0, 0.9)
+        full = d.probs.double().sort(dim=-1, descending=True)
+        before = full.values.cumsum(-1) - full.values
+        keep = before < 0.9
+        assert ids is None
+        for r in range(6):
+            n = int(keep[r].sum())
+            kept = set(vals[r].nonzero().flatten().tolist())
+            assert kept == set(full.indices[r, :n].tolist())
+            assert torch.allclose(vals[r, full.indices[r, :n]], d.probs[r, full.indices[r, :n]].double())
 
 
 def test_scores():
     p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
-    prop = Greedy()(p, torch.zeros(1, dtype=torch.float64))._replace(tokens=torch.tensor([1]))
+    prop = Greedy()(dist_of(p), torch.zeros(1, dtype=torch.float64))._replace(tokens=torch.tensor([1]))
     assert TokenProb()(prop).item() == pytest.approx(0.3)
     assert MaxProb()(prop).item() == pytest.approx(0.5)
     assert Margin()(prop).item() == pytest.approx(0.2)

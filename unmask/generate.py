@@ -28,7 +28,7 @@ import torch
 
 from unmask.decoding import Decoder, DecodeState
 from unmask.decoding.decoder import BinaryInputs
-from unmask.decoding.proposals import model_probs
+from unmask.decoding.proposals import Distribution
 from unmask.decoding.rng import row_uniform
 from unmask.kv_cache import KVCache
 from unmask.metrics import autocast
@@ -267,7 +267,7 @@ def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cac
         else:
             logits = model(state.tokens).logits[:, -1]
         u = row_uniform(generators, 1, device)[:, 0]
-        proposal = decoder.propose(model_probs(logits, model.mask_id), u)
+        proposal = decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
         nxt = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, proposal.tokens)
         n = state.tokens.shape[1]
         finished = state.finished | ((nxt == eos_id) if eos_id is not None else False)

@@ -133,7 +133,8 @@ def sampling_comparison(arms: dict[str, tuple[str | Path, str, dict]], *, ar_run
             heldout = text_pieces(f"{loaded.config.data.corpus}@test", num_samples, chars, loaded.config.data)
         g = generative_perplexity(reference, [t for t in texts if t] or [" "])
         m = mauve_score(heldout, texts, featurizer, min_samples=min_samples)
-        rows.append({"arm": name, "preset": preset, "gen_ppl": g.ppl, "entropy": g.entropy, "mauve": m.score,
+        decoder = "next-token" if loaded.model.cfg.attention == "causal" else preset
+        rows.append({"arm": name, "preset": decoder, "gen_ppl": g.ppl, "entropy": g.entropy, "mauve": m.score,
                      "rep4": repetition([t.split() for t in texts])["rep4"], **r})
         if progress:
             print(f"{name}: gen-PPL {g.ppl:.1f}, MAUVE {m.score:.3f}, {r['tokens_per_s']:.0f} tokens/s",

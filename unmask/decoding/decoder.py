@@ -11,14 +11,14 @@ from typing import Protocol
 
 import torch
 
-from unmask.decoding.proposals import Proposal, model_probs
+from unmask.decoding.proposals import Distribution, Proposal
 from unmask.decoding.scores import TokenProb
 from unmask.decoding.selectors import SelectContext
 from unmask.decoding.state import DecodeState
 
 
 class ProposalPolicy(Protocol):
-    def __call__(self, probs: torch.Tensor, u: torch.Tensor) -> Proposal: ...
+    def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal: ...
 
 
 class Selector(Protocol):
@@ -74,5 +74,5 @@ class Decoder:
         return state.advance(tokens=tokens, step=state.step + 1)
 
     def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int) -> Proposal:
-        rows = logits[at]  # [N, V], a fresh tensor: the softmax may run in place
-        return self.propose(model_probs(rows, mask_id, copy=False), u[at])
+        rows = logits[at]  # [N, V]: a fresh tensor (advanced indexing copies), so no second copy
+        return self.propose(Distribution.from_logits(rows, mask_id, copy=False), u[at])

@@ -22,7 +22,7 @@ class TokenProb:
     """Probability of the proposed token (LLaDA low-confidence remasking)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
-        return p.probs.gather(-1, p.tokens[:, None]).squeeze(-1)
+        return p.dist.prob_of(p.dist.logits.gather(-1, p.tokens[:, None]).squeeze(-1))
 
     def gate(self, decoded: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -33,7 +33,7 @@ class MaxProb(TokenProb):
     """Largest probability at the position (Dream `maskgit_plus`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
-        return p.probs.max(-1).values
+        return p.dist.prob_of(p.dist.logits.max(-1).values)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Margin(TokenProb):
     """Top-1 minus top-2 probability (Dream `topk_margin`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
-        top = p.probs.topk(2, dim=-1).values
+        top = p.dist.prob_of(p.dist.logits.topk(2, dim=-1).values)
         return top[:, 0] - top[:, 1]
 
 
@@ -50,7 +50,8 @@ class NegEntropy(TokenProb):
     """-H(p) of the position's distribution (Dream `entropy`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
-        return (p.probs * p.probs.clamp_min(1e-300).log()).sum(-1)
+        probs = p.dist.probs.double()
+        return (probs * probs.clamp_min(1e-300).log()).sum(-1)
 
 
 @dataclass(frozen=True)
