@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+
 @dataclass(frozen=True)
 class Distribution:
     """The model's distribution at N positions: logits [N, V] ([MASK] at -inf) and lse [N]."""
