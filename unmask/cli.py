@@ -17,7 +17,7 @@ import tyro
 from unmask.checkpoint import CheckpointError
 from unmask.cli_bench import add_bench_commands
 from unmask.config import Config, ConfigError, DecodeConfig, load_config
-from unmask.data import DataError, text_pieces
+from unmask.data import DataError, read_jsonl, text_pieces
 from unmask.generate import DecodeError
 from unmask.reference import ReferenceModelError
 from unmask.tokenizer import TokenizerError
@@ -108,19 +108,10 @@ def read_prompts(ns: argparse.Namespace) -> list[str]:
         path = Path(ns.prompts_file)
         if not path.is_file():
             raise DataError(f"--prompts-file: no such file {path}")
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string `prompt` field")
-                prompts.append(rec["prompt"])
-            else:
-                prompts.append(line)
+        if path.suffix == ".jsonl":
+            prompts.extend(record["prompt"] for _, record in read_jsonl(path, "prompt"))
+        else:
+            prompts.extend(line for line in path.read_text().splitlines() if line.strip())
     return prompts or [""]  # no prompt: unconditional, from [BOS]
 
 

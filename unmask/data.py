@@ -73,6 +73,23 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text: {e}") from e
 
 
+def read_jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a JSONL file; each record must be an
+    object with a string `field`. Errors name the file and line."""
+    out = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{n}: expected an object with a string `{field}` field")
+        out.append((n, record))
+    return out
+
+
 def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -82,16 +99,7 @@ def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
     for path in files:
         rel = path.name if path == root else path.relative_to(root).as_posix()
         if path.suffix == ".jsonl":
-            for n, line in enumerate(_read_text(path).splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string `text` field")
-                docs.append((f"{rel}:{n}", record["text"]))
+            docs.extend((f"{rel}:{n}", record["text"]) for n, record in read_jsonl(path, "text"))
         elif path.suffix == ".txt":
             text = _read_text(path)
             if txt_documents == "file":

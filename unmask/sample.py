@@ -8,7 +8,6 @@ changes a row's positions).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from unmask.config import DecodeConfig
-from unmask.data import DataError
+from unmask.data import DataError, read_jsonl
 from unmask.decoding import DecodeState, build_decoder
 from unmask.decoding.rng import row_generators
 from unmask.generate import DecodeError, completions, generate
@@ -95,17 +94,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--samples: no such file {path}")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise DataError(f"{path}:{n}: expected an object with a string `text` field")
-        records.append(rec)
+    records = [record for _, record in read_jsonl(path, "text")]
     if not records:
         raise DataError(f"{path} holds no samples")
     return records
