@@ -165,3 +165,13 @@ def test_bad_inputs():
         preset_config("conv", kernel=64)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         preset_config("nope")
+
+
+@pytest.mark.slow
+def test_compiled_model_decodes_the_same_tokens():
+    model = tiny_model("block_causal", block_size=4)
+    prompt = prompt_batch(2, 6)
+    eager = run(model, "bd3lm", prompt=prompt, max_new_tokens=16, steps=8)[-1]
+    model.compile_blocks()
+    compiled = run(model, "bd3lm", prompt=prompt, max_new_tokens=16, steps=8)[-1]
+    assert torch.equal(eager.tokens, compiled.tokens)

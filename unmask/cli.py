@@ -123,6 +123,8 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     cfg = decode_config(rest, "unmask sample")
     loaded = load_checkpoint(ns.checkpoint)
     model, tok = loaded.model, loaded.tokenizer
+    if ns.compile:
+        model.compile_blocks()
     max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
     prompts = read_prompts(ns)
     on_state = None
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, default=0,
                    help="longest canvas allowed (default: training length for bidirectional models)")
     s.add_argument("--stream", action="store_true", help="show the canvas filling in")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model's blocks first")
     s.add_argument("--output", help="write JSONL records here instead of printing text")
     s.set_defaults(func=cmd_sample)
 

@@ -166,6 +166,13 @@ class Transformer(nn.Module):
         hidden = self.run(h, index % L, mask)[:, :L]
         return DenoiserOutput(self.head(hidden), hidden)
 
+    def compile_blocks(self) -> Transformer:
+        """torch.compile every block (dynamic shapes: decoding calls vary in length). The entry
+        points (forward, forward_bd3_train, run) stay eager Python around compiled blocks."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+        return self
+
     def forward_flops(self, batch: int, n_query: int, n_keys: int) -> int:
         """Matmul FLOPs of one forward: `n_query` tokens per row attending to `n_keys` keys."""
         D, H = self.cfg.dim, self.blocks[0].mlp.down.in_features

@@ -145,8 +145,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         t_range = tuple(state.get("t_range", t_range))
     if tc.compile:
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
 
     train_rows, val_rows = data.rows["train"], data.rows["validation"]
     byte_lengths = tokenizer.byte_lengths()
