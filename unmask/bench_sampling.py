@@ -23,6 +23,7 @@ class TimedModel(torch.nn.Module):
         super().__init__()
         self.inner = model
         self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
+        self.tok_embed, self.soft_mask = model.tok_embed, model.soft_mask  # for soft inputs
         self.seconds, self.calls, self.flops = 0.0, 0, 0
 
     def forward(self, tokens=None, *, cache=None, embeds=None):

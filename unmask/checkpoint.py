@@ -60,6 +60,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if model.soft_mask is not None:  # the learned scalars, readable without loading the model
+        (tmp / "soft_mask.json").write_text(json.dumps(model.soft_mask.values(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
     if final.exists():  # a complete checkpoint of the same step: replace it
@@ -123,7 +125,8 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Loaded:
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     except TokenizerError as e:
         raise CheckpointError(str(e)) from e
-    model = build_model(config.model, tokenizer.vocab_size, tokenizer.mask_id)
+    model = build_model(config.model, tokenizer.vocab_size, tokenizer.mask_id,
+                        soft_mask_k=config.soft_mask.k)
     weights = ckpt / "ema.safetensors"
     if not (prefer_ema and weights.is_file()):
         weights = ckpt / "model.safetensors"

@@ -172,6 +172,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SoftMaskConfig:
+    """Soft-masking (Hersche et al. 2026): masked inputs blended with the previous pass's top-k."""
+
+    k: int = 0
+    """Top-k predictions mixed into a masked input (0 = binary masking, no soft-mask module)."""
+    p: float = 0.8
+    """Per-batch probability of the two-pass soft-masked training step (0.8 language, 0.5 code)."""
+    lr: float = 1e-2
+    """Learning rate of the three scalars (their own optimizer group, no weight decay)."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 0, "soft_mask.k", f"must be >= 1 (or 0 for off), got {self.k}")
+        _check(0.0 <= self.p <= 1.0, "soft_mask.p", f"must be in [0, 1], got {self.p}")
+        _check(self.lr > 0, "soft_mask.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     mc_samples: int = 4
     """Monte Carlo time samples per row for the NELBO bound (AR is exact and ignores it)."""
@@ -230,8 +247,11 @@ class DecodeConfig:
     stop_entropy: float = 0.0
     """Block decoding: stop a row when the unigram entropy (nats) of its last 256 tokens falls
     below this (0 = never)."""
-    inputs: Literal["binary"] = "binary"
-    """What still-masked positions feed the model: the [MASK] embedding."""
+    inputs: Literal["binary", "soft"] = "binary"
+    """What still-masked positions feed the model: the [MASK] embedding, or the soft-mask blend
+    of the previous call's predictions (needs a model trained with --soft-mask.k)."""
+    soft_schedule: Literal["none", "linear", "stepwise"] = "none"
+    """Soft inputs: scale w_s by 1, by the masked fraction, or by (masked fraction > 1/2)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "decode.steps", f"must be >= 1, got {self.steps}")
@@ -254,8 +274,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
 
     def __post_init__(self) -> None:
+        _check(self.soft_mask.k <= self.data.vocab_size, "soft_mask.k",
+               f"must be <= the vocabulary size {self.data.vocab_size}, got {self.soft_mask.k}")
+        _check(self.soft_mask.k == 0 or self.model.attention != "causal", "soft_mask.k",
+               "soft-masking needs a diffusion model (bidirectional or block_causal attention)")
         if self.model.attention == "block_causal":
             _check(self.data.seq_len % self.model.block_size == 0, "model.block_size",
                    f"data.seq_len={self.data.seq_len} is not divisible by block_size="

@@ -98,6 +98,9 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
                           f"(use [BOS] for unconditional generation), got shape {tuple(given.shape)}")
     if len(generators) != given.shape[0]:
         raise DecodeError(f"need one generator per row: {len(generators)} for {given.shape[0]} rows")
+    if not isinstance(decoder.inputs, BinaryInputs) and getattr(model, "soft_mask", None) is None:
+        raise DecodeError("soft inputs (--decode.inputs soft) need a model trained with soft-masking "
+                          "(--soft-mask.k); this checkpoint has no soft-mask module")
     if template is not None:
         if kind != "bidirectional":
             raise DecodeError(f"infilling templates need a bidirectional model, not {kind}")
@@ -125,11 +128,13 @@ class _Caller:
         self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.nfe = 0
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
+                 state: DecodeState) -> torch.Tensor:
+        """Logits for `tokens` [B, T] placed at canvas position `start`."""
         last = self.last
         if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
             return last[2]
-        logits = self.model(**self.decoder.inputs(tokens), cache=cache).logits
+        logits = self.model(**self.decoder.inputs(self.model, tokens, start, state), cache=cache).logits
         self.nfe += 1
         self.last = (tokens, key, logits)
         return logits
@@ -170,14 +175,15 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
         fill = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, model.mask_id)
         tokens = torch.cat([state.tokens, fill[:, None].expand(B, new)], dim=1)
         fixed = torch.cat([state.fixed, state.finished[:, None].expand(B, new)], dim=1)
-        state = state.advance(tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0)
+        state = state.advance(tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0,
+                              prev_logits=None)
         for _ in range(block_steps):
             if not state.masked.any():
                 break
             if kv is not None:
-                logits = call(state.tokens[:, lo:hi], kv, block)
+                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
             else:
-                logits = call(state.tokens[:, :hi], None, block)[:, lo:hi]
+                logits = call(state.tokens[:, :hi], None, block, 0, state)[:, lo:hi]
             state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
             yield state
         if kv is not None:  # append the finished block's clean K/V
@@ -227,22 +233,22 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
     for block in range(n_blocks):
         lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
-        state = state.advance(window=(lo, hi), block=block, step=0)
+        state = state.advance(window=(lo, hi), block=block, step=0, prev_logits=None)
         kv = _new_cache(model, B, T, device) if cache != "none" else None
         call.forget()
         for k in range(block_steps):
             if not state.masked.any():
                 break
             if kv is None:
-                logits = call(state.tokens, None, block)[:, lo:hi]
+                logits = call(state.tokens, None, block, 0, state)[:, lo:hi]
             elif k == 0:  # refresh: a full pass that also fills the cache
-                logits = call(state.tokens, kv, -1)[:, lo:hi]
+                logits = call(state.tokens, kv, -1, 0, state)[:, lo:hi]
                 kv.commit(lo if cache == "prefix" else T)
             elif cache == "prefix":
-                logits = call(state.tokens[:, lo:], kv, block)[:, : hi - lo]
+                logits = call(state.tokens[:, lo:], kv, block, lo, state)[:, : hi - lo]
             else:  # dual: rewrite the active block's K/V in place; the suffix stays cached
                 kv.seek(lo)
-                logits = call(state.tokens[:, lo:hi], kv, block)
+                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
                 kv.seek(None)
             state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
             if eos_fill and eos_id is not None:

@@ -39,8 +39,11 @@ def autocast(precision: str, device: torch.device | str):
 @torch.no_grad()
 def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, *,
                         pad_id: int, byte_lengths: np.ndarray, eps: float, mc_samples: int = 4,
-                        batch_size: int = 16, seed: int = 1234, precision: str = "fp32") -> Perplexity:
-    """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]."""
+                        batch_size: int = 16, seed: int = 1234, precision: str = "fp32",
+                        soft: bool = False) -> Perplexity:
+    """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]. `soft` evaluates a
+    soft-mask model through its two passes: the second pass's prediction is still a conditional
+    p(x0 | x_t) (the soft inputs are a deterministic function of x_t), so the NELBO stays a bound."""
     if len(rows) == 0:
         raise ValueError("evaluate_perplexity: no rows to evaluate")
     is_ar = model.cfg.attention == "causal"
@@ -58,7 +61,7 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
                 if is_ar:
                     out = ar_loss(model, batch)
                 else:
-                    out = diffusion_loss(model, batch, schedule, g, (eps, 1.0))
+                    out = diffusion_loss(model, batch, schedule, g, (eps, 1.0), soft_p=1.0 if soft else 0.0)
             nats += out.nats
             tokens += out.tokens
             scored = batch.valid[:, 1:] if is_ar else batch.valid

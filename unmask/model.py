@@ -17,6 +17,7 @@ from torch import nn
 
 from unmask import masks
 from unmask.config import ModelConfig
+from unmask.decoding.soft_mask import SoftMask
 from unmask.kv_cache import KVCache
 
 
@@ -98,7 +99,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding -> blocks -> RMSNorm -> LM head over the full vocabulary (mask included)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0):
         super().__init__()
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} outside the vocabulary of size {vocab_size}")
@@ -111,6 +112,7 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
+        self.soft_mask = SoftMask(soft_mask_k, vocab_size) if soft_mask_k else None
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -153,14 +155,17 @@ class Transformer(nn.Module):
         hidden = self.run(h, positions, mask, cache)
         return DenoiserOutput(self.head(hidden), hidden)
 
-    def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor) -> DenoiserOutput:
+    def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor,
+                          xt_embeds: torch.Tensor | None = None) -> DenoiserOutput:
         """One pass over `[x_t ; x0]` (2L tokens, both halves at positions 0..L-1) with the BD3-LM
-        training mask; logits for the noisy half only: [B, L, V]."""
+        training mask; logits for the noisy half only: [B, L, V]. `xt_embeds` [B, L, D] replaces
+        the noisy half's token embeddings (soft-masking)."""
         if self.cfg.attention != "block_causal":
             raise ValueError("forward_bd3_train needs a block_causal model, got "
                              f"attention={self.cfg.attention!r}")
         L = xt.shape[1]
-        h = self.embed(torch.cat([xt, x0], dim=1))  # [B, 2L, D]
+        noisy = self.embed(xt) if xt_embeds is None else xt_embeds
+        h = torch.cat([noisy, self.embed(x0)], dim=1)  # [B, 2L, D]
         index = torch.arange(2 * L, device=h.device)
         mask = masks.dense_mask(masks.bd3_train(L, self.cfg.block_size), index, index)
         hidden = self.run(h, index % L, mask)[:, :L]
@@ -188,5 +193,5 @@ class Transformer(nn.Module):
         return n
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int) -> Transformer:
-    return Transformer(cfg, vocab_size, mask_id)
+def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0) -> Transformer:
+    return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k)

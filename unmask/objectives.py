@@ -98,21 +98,48 @@ def bd3_two_pass_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor) 
     return model.head(model.run(model.embed(xt), pos, mask, cache))
 
 
+def denoise(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
+            xt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Training-time logits for x_t [B, L, V]: BD3-LM's vectorized pass (block-causal models) or a
+    plain forward (bidirectional); `xt_embeds` replaces x_t's input embeddings."""
+    if model.cfg.attention == "block_causal":
+        return model.forward_bd3_train(xt, x0, xt_embeds).logits
+    return model(xt if xt_embeds is None else None, embeds=xt_embeds).logits
+
+
+def soft_masked_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
+                       masked: torch.Tensor) -> torch.Tensor:
+    """Soft-masking's two passes: a no-grad pass on x_t predicts p; the masked inputs become the
+    blend of [MASK] and p's top-k; the second pass (with gradients, through the three scalars too)
+    gives the logits the loss is taken on."""
+    with torch.no_grad():
+        first = denoise(model, xt, x0)
+    embeds = model.soft_mask.blend(model.tok_embed, xt, masked, first[masked], model.mask_id)
+    return denoise(model, xt, x0, embeds)
+
+
 def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedule,
                         generator: torch.Generator, t_range: tuple[float, float], *,
                         resample: tuple[float, float, int] | None = None,
-                        two_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        two_pass: bool = False, soft_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted NLL `w(t_b) * -log p(x0_i | ...)` at masked positions (0 elsewhere) [B, L], and the
-    per-block times [B, Nb]. Block-causal models use blocks of L'; others one block of L."""
+    per-block times [B, Nb]. Block-causal models use blocks of L'; others one block of L. With
+    `soft_p` > 0 (a soft-mask model) the batch takes the two-pass soft-masked step with that
+    probability (one draw per batch)."""
     x0, valid = batch
     B, L = x0.shape
     block = model.cfg.block_size if model.cfg.attention == "block_causal" else L
     t = block_times(B, L // block, t_range, generator).to(x0.device)  # [B, Nb]
     xt, masked = corrupt(x0, valid, t, schedule, model.mask_id, generator, resample=resample)
-    if model.cfg.attention == "block_causal":
-        logits = bd3_two_pass_logits(model, xt, x0) if two_pass else model.forward_bd3_train(xt, x0).logits
+    soft = soft_p > 0 and float(torch.rand(1, generator=generator)) < soft_p
+    if soft:
+        if model.soft_mask is None:
+            raise ValueError("soft-masked training needs a model built with a soft-mask module (k > 0)")
+        logits = soft_masked_logits(model, xt, x0, masked)
+    elif two_pass:
+        logits = bd3_two_pass_logits(model, xt, x0)
     else:
-        logits = model(xt).logits
+        logits = denoise(model, xt, x0)
     w = schedule.weight(t).repeat_interleave(block, dim=1)  # [B, L]
     return torch.where(masked, w * masked_nll(logits, x0, model.mask_id), 0.0), t
 
@@ -120,10 +147,10 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
 def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
                    generator: torch.Generator, t_range: tuple[float, float], *,
                    resample: tuple[float, float, int] | None = None,
-                   two_pass: bool = False) -> LossOutput:
+                   two_pass: bool = False, soft_p: float = 0.0) -> LossOutput:
     """MDLM (bidirectional) or BD3-LM (block-causal) NELBO in nats per token."""
     nll, _ = diffusion_token_nll(model, batch, schedule, generator, t_range,
-                                 resample=resample, two_pass=two_pass)
+                                 resample=resample, two_pass=two_pass, soft_p=soft_p)
     tokens = int(batch.valid.sum())
     nats = nll.sum()
     return LossOutput(nats / tokens, float(nats.detach()), tokens)

@@ -61,7 +61,8 @@ def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg
     if model.cfg.objective == "ar":
         return ar_loss(model, batch)
     resample = (*cfg.noise.clip, cfg.noise.resample_tries) if cfg.noise.resample else None
-    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample)
+    soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
+    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,6 +100,22 @@ def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, c
     return best, best_var
 
 
+def _load_init(model: Transformer, base: Transformer, init: str) -> None:
+    """Copy `base`'s weights into `model`. The only keys allowed to be missing are those of a
+    soft-mask module the base does not have (continued training with soft-masking)."""
+    missing = set(model.state_dict()) - set(base.state_dict())
+    if base.soft_mask is None and model.soft_mask is not None:
+        missing -= {n for n in model.state_dict() if n.startswith("soft_mask.")}
+    result = None
+    try:
+        result = model.load_state_dict(base.state_dict(), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"--init {init}: its weights do not fit --model: {e}") from e
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"--init {init}: its weights do not fit --model: missing {sorted(missing)}, "
+                              f"unexpected {sorted(result.unexpected_keys)}")
+
+
 def train(cfg: Config, *, resume: bool = False, init: str | None = None,
           data: PreparedData | None = None, progress: bool = True) -> TrainResult:
     """Train `cfg` into `cfg.train.out`. `resume` continues the run there; `init` starts from
@@ -126,15 +143,19 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
 
     data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
     tokenizer = data.tokenizer
-    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id).to(device)
+    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
+                        soft_mask_k=cfg.soft_mask.k).to(device)
     if init is not None and not resume:
-        try:
-            model.load_state_dict(base.model.state_dict(), strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"--init {init}: its weights do not fit --model: {e}") from e
+        _load_init(model, base.model, init)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas,
-                                  weight_decay=tc.weight_decay)
+    soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("soft_mask.")],
+               "weight_decay": tc.weight_decay}]
+    base_lrs = [tc.lr]
+    if soft_params:  # the three scalars: their own group, own lr, no weight decay
+        groups.append({"params": soft_params, "weight_decay": 0.0})
+        base_lrs.append(cfg.soft_mask.lr)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema > 0 else None
     t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
 
@@ -188,8 +209,8 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
     tokens_seen, t0 = 0, time.perf_counter()
     for step in bar:
         lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
         nats, tokens = 0.0, 0
         for micro in range(tc.grad_accum):
             index = step * tc.grad_accum + micro
@@ -213,8 +234,11 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         loss = nats / tokens
         rate = tokens_seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-        write({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": rate})
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": rate}
+        if model.soft_mask is not None:
+            record["soft_mask"] = model.soft_mask.values()
+        write(record)
         done = step + 1
         if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
             val_ppl = validate(done)

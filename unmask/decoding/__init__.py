@@ -13,11 +13,12 @@ from unmask.decoding.decoder import BinaryInputs, Decoder
 from unmask.decoding.proposals import Greedy, Sample
 from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
 from unmask.decoding.selectors import Ancestral, FirstHitting, Threshold, TopN
+from unmask.decoding.soft_mask import SoftInputs
 from unmask.decoding.state import DecodeState
 from unmask.schedules import NoiseSchedule
 
 SCORES = {"prob": TokenProb, "max-prob": MaxProb, "margin": Margin, "neg-entropy": NegEntropy}
-INPUTS = {"binary": BinaryInputs}
+INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
 PRESETS: dict[str, dict[str, object]] = {
     # MDLM ancestral sampling over the whole canvas (Sahoo et al. 2024).
@@ -68,7 +69,7 @@ def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
         "top-n": TopN,
         "threshold": lambda: Threshold(cfg.threshold),
     }[cfg.select]()
-    return Decoder(propose, score, select, INPUTS[cfg.inputs]())
+    return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
 
 
 __all__ = ["PRESETS", "DecodeState", "Decoder", "build_decoder", "preset_config"]

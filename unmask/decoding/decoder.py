@@ -31,8 +31,12 @@ class Selector(Protocol):
 class BinaryInputs:
     """Still-masked positions feed the [MASK] embedding: the model sees the tokens as they are."""
 
-    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, model, tokens: torch.Tensor, start: int, state) -> dict[str, torch.Tensor]:
         return {"tokens": tokens}
+
+
+class InputPolicy(Protocol):
+    def __call__(self, model, tokens: torch.Tensor, start: int, state) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Decoder:
     propose: ProposalPolicy
     score: TokenProb
     select: Selector
-    inputs: BinaryInputs = BinaryInputs()
+    inputs: InputPolicy = BinaryInputs()
 
     def step(self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor,
              u_select: torch.Tensor) -> DecodeState:
@@ -71,7 +75,7 @@ class Decoder:
             proposed[late] = self._propose(logits, late, u_token, state.mask_id).tokens
         tokens = state.tokens.clone()
         tokens[:, lo:hi] = torch.where(chosen, proposed, window)
-        return state.advance(tokens=tokens, step=state.step + 1)
+        return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
 
     def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int) -> Proposal:
         rows = logits[at]  # [N, V]: a fresh tensor (advanced indexing copies), so no second copy

@@ -20,6 +20,7 @@ class DecodeState:
     nfe: int  # denoiser calls (function evaluations) so far
     commit_passes: int  # clean passes that only append a finished block to the KV cache
     finished: torch.Tensor  # [B] bool: rows that stopped (EOS, entropy collapse, length)
+    prev_logits: torch.Tensor | None = None  # [B, W, V] last call's logits for the window (soft inputs)
 
     def advance(self, **changes) -> DecodeState:
         return replace(self, **changes)
