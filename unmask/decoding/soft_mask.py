@@ -54,7 +54,8 @@ class SoftMask(nn.Module):
         return -F.softplus(self.raw_b)
 
     def values(self) -> dict[str, float]:
-        return {"k": self.k, "w_s": float(self.w_s), "w_a": float(self.w_a), "w_b": float(self.w_b)}
+        with torch.no_grad():
+            return {"k": self.k, "w_s": float(self.w_s), "w_a": float(self.w_a), "w_b": float(self.w_b)}
 
     def mix(self, logits: torch.Tensor, mask_id: int, scale: float | torch.Tensor = 1.0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
