@@ -59,15 +59,24 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
 
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask eval ppl`: {' '.join(rest)}")
-    ppl = heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
-                             max_rows=ns.max_rows)
+    from unmask.checkpoint import load_checkpoint
+
+    soft_model = load_checkpoint(ns.checkpoint).config.soft_mask.k > 0
+    results = {"binary": heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
+                                            max_rows=ns.max_rows)}
+    if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound
+        results["soft"] = heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
+                                             max_rows=ns.max_rows, soft=True)
     if ns.json:
-        print(json.dumps(asdict(ppl)))
+        print(json.dumps({k: asdict(v) for k, v in results.items()} if soft_model
+                         else asdict(results["binary"])))
         return
-    kind = f"NELBO bound, {ppl.mc_samples} MC samples" if ppl.bound else "exact"
-    print(f"{ns.split} perplexity {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
-          f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
-          f"{ppl.rows} rows, {ppl.tokens} tokens")
+    for inputs, ppl in results.items():
+        kind = f"NELBO bound, {ppl.mc_samples} MC samples" if ppl.bound else "exact"
+        label = f" ({inputs} masks)" if soft_model else ""
+        print(f"{ns.split} perplexity{label} {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
+              f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
+              f"{ppl.rows} rows, {ppl.tokens} tokens")
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,14 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
     _print_result(result, ns.json, "\n".join(lines))
 
 
+def cmd_repro_soft_mask(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.repro import repro_soft_mask, soft_mask_table
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask repro soft-mask`: {' '.join(rest)}")
+    print(soft_mask_table(repro_soft_mask(out=ns.out, steps=ns.steps, samples=ns.samples)))
+
+
 def cmd_repro(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.repro import (
         bd3lm_table,
@@ -299,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--samples", type=int, default=128,
                     help="unconditional samples per arm for the sampling comparison (0 skips it)")
     rb.set_defaults(func=cmd_repro)
+    rs = r.add_parser("soft-mask", allow_abbrev=False, help="binary vs soft-masked continued training")
+    rs.add_argument("--steps", type=int, default=500, help="continued-training updates (iso-update)")
+    rs.add_argument("--samples", type=int, default=128, help="held-out prompts for the sample metrics")
+    rs.add_argument("--out", default="runs/repro-soft-mask")
+    rs.set_defaults(func=cmd_repro_soft_mask)
 
     d = sub.add_parser("demo", allow_abbrev=False, help="train a small BD3-LM on the embedded corpus")
     d.add_argument("--steps", type=int, default=600)
