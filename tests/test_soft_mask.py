@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import MASK, VOCAB
+
 from unmask.checkpoint import load_checkpoint
 from unmask.config import Config, ConfigError, DataConfig, ModelConfig, SoftMaskConfig, TrainConfig
 from unmask.decoding import build_decoder, preset_config
@@ -137,3 +137,20 @@ def test_bad_soft_mask_settings():
         Config(data=DataConfig(vocab_size=300), soft_mask=SoftMaskConfig(k=301))
     with pytest.raises(ValueError, match="soft-mask k must be in"):
         SoftMask(0, VOCAB)
+
+
+def test_cli_continued_training_takes_the_init_config(tiny_data_cfg, tiny_data, tmp_path, capsys):
+    from unmask.cli import main
+
+    base = Config(data=tiny_data_cfg, model=ModelConfig(attention="bidirectional", dim=32, n_layers=1,
+                                                        n_heads=2),
+                  train=TrainConfig(steps=1, batch_size=4, eval_batches=1, precision="fp32",
+                                    out=str(tmp_path / "base")))
+    train(base, data=tiny_data, progress=False)
+    main(["train", "--init", str(tmp_path / "base"), "--soft-mask.k", "3", "--soft-mask.p", "0.8",
+          "--train.steps", "2", "--out", str(tmp_path / "sm")])
+    loaded = load_checkpoint(tmp_path / "sm")
+    assert loaded.config.model == base.model and loaded.model.soft_mask.k == 3
+    main(["eval", "ppl", "--checkpoint", str(tmp_path / "sm"), "--mc-samples", "1", "--max-rows", "4"])
+    out = capsys.readouterr().out
+    assert "(binary masks) <=" in out and "(soft masks) <=" in out

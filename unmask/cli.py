@@ -48,7 +48,14 @@ def shorthands(args: list[str]) -> list[str]:
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.train import train
 
-    base = load_config(ns.config) if ns.config else Config()
+    if ns.config:
+        base = load_config(ns.config)
+    elif ns.init:  # continued training: start from the init checkpoint's own configuration
+        from unmask.checkpoint import load_checkpoint
+
+        base = load_checkpoint(ns.init).config
+    else:
+        base = Config()
     cfg = parse_overrides(base, shorthands(rest), "unmask train")
     result = train(cfg, resume=ns.resume, init=ns.init)
     print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {result.val_ppl:.2f})")
