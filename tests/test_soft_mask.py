@@ -74,7 +74,8 @@ def test_soft_step_is_drawn_per_batch_with_probability_p():
     calls = []
     model.head.register_forward_hook(lambda mod, inp, out: calls.append(1))
     for seed in range(40):
-        diffusion_loss(model, batch, LogLinear(), torch.Generator().manual_seed(seed), (1e-3, 1.0), soft_p=0.5)
+        g = torch.Generator().manual_seed(seed)
+        diffusion_loss(model, batch, LogLinear(), g, (1e-3, 1.0), soft_p=0.5)
     soft_steps = len(calls) - 40  # each soft step makes one extra forward
     assert 8 < soft_steps < 32
 
@@ -106,13 +107,16 @@ def test_soft_inputs_need_a_soft_mask_model():
     assert model.soft_mask is None
     cfg = preset_config("mdlm", inputs="soft")
     with pytest.raises(DecodeError, match="need a model trained with soft-masking"):
-        final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=torch.zeros(1, 2, dtype=torch.long),
+        final_state(generate(model, build_decoder(cfg, LogLinear()),
+                             prompt=torch.zeros(1, 2, dtype=torch.long),
                              generators=row_generators(0, range(1))))
 
 
 def test_continued_training_and_checkpoint_round_trip(tiny_data_cfg, tiny_data, tmp_path):
-    base = Config(data=tiny_data_cfg, model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
-                  train=TrainConfig(steps=2, batch_size=4, eval_batches=1, precision="fp32", out=str(tmp_path / "base")))
+    base = Config(data=tiny_data_cfg,
+                  model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
+                  train=TrainConfig(steps=2, batch_size=4, eval_batches=1, precision="fp32",
+                                    out=str(tmp_path / "base")))
     train(base, data=tiny_data, progress=False)
     sm = Config(data=tiny_data_cfg, model=base.model, soft_mask=SoftMaskConfig(k=3, p=1.0),
                 train=TrainConfig(steps=6, batch_size=4, eval_batches=1, precision="fp32", warmup=0,
