@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unmask.config import DataConfig, ModelConfig
+from unmask.config import Config, DataConfig, ModelConfig, TrainConfig
 from unmask.data import prepare_data
 from unmask.model import Transformer
+from unmask.train import train
 
 VOCAB, MASK = 67, 66
 
@@ -28,3 +29,19 @@ def tiny_data_cfg(tmp_path_factory) -> DataConfig:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_data_cfg):
     return prepare_data(tiny_data_cfg)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_data_cfg, tiny_data, tmp_path_factory) -> dict:
+    """A briefly trained run of each attention kind (20 steps, dim 32): key -> run directory."""
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for kind in ("block_causal", "bidirectional", "causal"):
+        cfg = Config(data=tiny_data_cfg,
+                     model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1, n_heads=2),
+                     train=TrainConfig(steps=20, batch_size=8, lr=3e-3, eval_batches=1, precision="fp32",
+                                       out=str(root / kind)))
+        train(cfg, data=tiny_data, progress=False)
+        out[kind] = root / kind
+    out["ar"] = out["causal"]
+    return out

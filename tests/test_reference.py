@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from unmask.cli import main
-from unmask.config import Config, ModelConfig, TrainConfig
 from unmask.metrics import distinct_n, longest_repeated_span, rep_n, repetition
 from unmask.reference import (
     ARFeaturizer,
@@ -21,17 +20,11 @@ from unmask.reference import (
     token_nlls,
 )
 from unmask.sample import read_samples, sample_token_ids
-from unmask.train import train
 
 
 @pytest.fixture(scope="module")
-def ar_ref(tiny_data_cfg, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ar")
-    cfg = Config(data=tiny_data_cfg, model=ModelConfig(attention="causal", dim=32, n_layers=1, n_heads=2),
-                 train=TrainConfig(steps=20, batch_size=8, lr=3e-3, eval_batches=1, precision="fp32",
-                                   out=str(out / "run")))
-    train(cfg, data=tiny_data, progress=False)
-    return out / "run"
+def ar_ref(checkpoints):
+    return checkpoints["ar"]
 
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "x = [i for i in range(3)]"]

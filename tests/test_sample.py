@@ -14,26 +14,9 @@ from unmask.bench_sampling import (
 )
 from unmask.checkpoint import load_checkpoint
 from unmask.cli import main
-from unmask.config import Config, ModelConfig, TrainConfig
 from unmask.decoding import preset_config
 from unmask.sample import sample
 from unmask.schedules import LogLinear
-from unmask.train import train
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tiny_data_cfg, tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {}
-    for kind in ("block_causal", "bidirectional", "causal"):
-        cfg = Config(data=tiny_data_cfg, model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1,
-                                                           n_heads=2),
-                     train=TrainConfig(steps=2, batch_size=4, eval_batches=1, precision="fp32",
-                                       out=str(root / kind)))
-        train(cfg, data=tiny_data, progress=False)
-        out[kind] = root / kind
-    out["ar"] = out["causal"]
-    return out
 
 
 def test_sample_cli_writes_jsonl_and_is_batch_invariant(checkpoints, tmp_path, capsys):
