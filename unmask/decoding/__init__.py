@@ -36,6 +36,9 @@ PRESETS: dict[str, dict[str, object]] = {
                       block_len=32, cache="prefix"),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
+    # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
+    # position, its token sampled (set steps = max_new_tokens, the default).
+    "exact-joint": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
     # Conv: top-k + Glob with the tanh(u_i) locality gate.
     "conv": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, kernel=33, block_len=0),
     # Conv, ranked variant: sampled token's probability x gate, top-n per step.

@@ -1,0 +1,99 @@
+"""ADJUST approximate joint sampling (Bansal & Sanghavi, 2025): the one-layer sampler and its loss.
+
+One full forward gives every masked position a distribution; decoding several tokens from those
+*marginals* ignores their dependence. ADJUST's sampler layer refreshes the remaining positions'
+distributions after each decoded token at the cost of one small layer instead of a full forward:
+
+    h_j = RMSNorm(Block(Linear([RMSNorm(embed(x^(j))) ; RMSNorm(h_{j-1})]))) + h_{j-1}
+    q_j = LM_head(h_j)                    (the frozen base model's embedding and head)
+
+with h_0 the full model's final hidden states. Only the sampler trains. Its objective: forward
+KL(p_full(. | x^(J)) || q(. | x^(J))) over the positions still masked in x^(J), after J refreshes
+along the base model's own one-token-per-forward trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmask.config import ModelConfig, replace
+from unmask.model import Block, Transformer
+
+Refresh = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class AdjustSampler(nn.Module):
+    """The sampler layer: one bidirectional block of the base architecture between two RMSNorms."""
+
+    def __init__(self, base_cfg: ModelConfig):
+        super().__init__()
+        D = base_cfg.dim
+        self.norm_embed, self.norm_prior, self.norm_out = nn.RMSNorm(D), nn.RMSNorm(D), nn.RMSNorm(D)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(replace(base_cfg, attention="bidirectional", dropout=0.0))
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (the current state), prior [B, T, D] -> refreshed hidden [B, T, D]."""
+        x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        angles = positions[:, None].float() * base.inv_freq[None, :]
+        h = self.block(self.proj(x), angles.cos(), angles.sin(), None, None, 0)
+        return self.norm_out(h) + prior
+
+    def refresher(self, base: Transformer) -> Refresh:
+        """(tokens, prior) -> (logits, hidden) through the sampler and the frozen base head."""
+
+        def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self(base, tokens, prior)
+            return base.head(hidden), hidden
+
+        return refresh
+
+
+def full_model_refresher(base: Transformer) -> Refresh:
+    """The exact (expensive) refresh: a full forward on the new state. With it the KL is 0."""
+
+    def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = base(tokens)
+        return out.logits, out.hidden
+
+    return refresh
+
+
+def unroll_weights(K: int) -> torch.Tensor:
+    """P(J = j) for j = 1..K: softmax(0.5^0, ..., 0.5^(K-1)) (short unrolls slightly favoured)."""
+    return torch.softmax(0.5 ** torch.arange(K, dtype=torch.float64), dim=0)
+
+
+def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_pos: torch.Tensor,
+              reveal_tok: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_full || q) averaged over positions still masked after J reveals.
+
+    start [B, T]: trajectory states x^(0); reveal_pos / reveal_tok [B, J]: the next J positions the
+    trajectory decoded and their tokens. The base model is frozen (no gradients); the refresh is
+    unrolled J times from the full model's hidden states of x^(0), gradients flowing through it.
+    """
+    with torch.no_grad():
+        prior = base(start).hidden  # h_0 [B, T, D]
+    rows = torch.arange(start.shape[0], device=start.device)
+    tokens = start
+    logits = None
+    for j in range(reveal_pos.shape[1]):
+        tokens = tokens.clone()
+        tokens[rows, reveal_pos[:, j]] = reveal_tok[:, j]  # x^(j+1)
+        logits, prior = refresh(tokens, prior)
+    with torch.no_grad():
+        target = base(tokens).logits  # p_full(. | x^(J))
+    masked = tokens == base.mask_id  # [B, T]
+    mask_col = torch.tensor([base.mask_id], device=tokens.device)
+    log_p = target.float().index_fill(-1, mask_col, -torch.inf).log_softmax(-1)[masked]
+    log_q = logits.float().index_fill(-1, mask_col, -torch.inf).log_softmax(-1)[masked]
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").nan_to_num()  # 0 * log 0 terms
+    return kl.sum(-1).mean()
