@@ -23,7 +23,8 @@ def test_trajectories_rebuild_the_exact_states_and_resume(tmp_path):
         state = torch.as_tensor(traj.state(np.arange(4), s))
         assert int((state == MASK).sum()) == 4 * (8 - s)
         with torch.no_grad():
-            logp = model(state).logits.double().index_fill(-1, torch.tensor([MASK]), -torch.inf).log_softmax(-1)
+            logits = model(state).logits.double()
+            logp = logits.index_fill(-1, torch.tensor([MASK]), -torch.inf).log_softmax(-1)
         ent = -(logp.exp() * logp.nan_to_num(neginf=0)).sum(-1)
         ent[state != MASK] = torch.inf
         chosen = ent.gather(1, torch.as_tensor(traj.positions[:, s:s + 1]))[:, 0]
@@ -43,7 +44,8 @@ def test_kl_is_zero_when_the_sampler_is_the_full_model():
     pos = torch.tensor([[3, 5], [4, 9], [10, 3], [6, 7]])
     tok = torch.randint(0, VOCAB - 1, (4, 2))
     with torch.no_grad():
-        assert adjust_kl(model, full_model_refresher(model), start, pos, tok).item() == pytest.approx(0, abs=1e-6)
+        exact = adjust_kl(model, full_model_refresher(model), start, pos, tok)
+        assert exact.item() == pytest.approx(0, abs=1e-6)
         sampler = AdjustSampler(model.cfg)
         assert adjust_kl(model, sampler.refresher(model), start, pos, tok).item() > 1e-4
 
