@@ -5,7 +5,14 @@ import pytest
 import torch
 from conftest import MASK, VOCAB, tiny_model
 
-from unmask.decoding.joint import AdjustSampler, adjust_kl, full_model_refresher, unroll_weights
+from unmask.decoding.joint import (
+    AdjustSampler,
+    adjust_generate,
+    adjust_kl,
+    full_model_refresher,
+    unroll_weights,
+)
+from unmask.decoding.rng import row_generators
 from unmask.posttrain import generate_trajectories, load_trajectories
 
 
@@ -66,3 +73,63 @@ def test_unroll_weights():
     w = unroll_weights(4)
     assert w.sum().item() == pytest.approx(1.0) and (w[:-1] > w[1:]).all()
     assert w[0] / w[1] == pytest.approx(np.exp(0.5))
+
+
+def exact(model, p, G, seed=0):
+    from unmask.decoding import build_decoder, preset_config
+    from unmask.generate import final_state, generate
+    from unmask.schedules import LogLinear
+
+    cfg = preset_config("exact-joint", max_new_tokens=G, steps=G)
+    return final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=p, max_new_tokens=G, steps=G,
+                                eos_fill=False, generators=row_generators(seed, range(len(p)))))
+
+
+def adjust(model, p, G, K, refresh, seed=0, block_len=0):
+    from unmask.generate import final_state
+
+    return final_state(adjust_generate(model, p, max_new_tokens=G, K=K, refresh=refresh, block_len=block_len,
+                                       generators=row_generators(seed, range(len(p)))))
+
+
+def test_k1_is_exact_sequential_sampling_and_full_refresh_is_exact_for_any_k():
+    model = tiny_model("bidirectional")
+    p = prompts()
+    reference = exact(model, p, 12)
+    assert torch.equal(adjust(model, p, 12, 1, None).tokens, reference.tokens)
+    for K in (2, 4, 8):
+        full = adjust(model, p, 12, K, full_model_refresher(model))
+        assert torch.equal(full.tokens, reference.tokens)
+        assert full.nfe == -(-12 // K) and full.commit_passes == 12 - full.nfe
+
+
+def test_marginal_baseline_and_sampler_counts():
+    model = tiny_model("bidirectional")
+    p = prompts()
+    marginal = adjust(model, p, 12, 4, None)
+    assert not (marginal.tokens == MASK).any() and marginal.nfe == 3 and marginal.commit_passes == 0
+    sampler = AdjustSampler(model.cfg)
+    with_sampler = adjust(model, p, 12, 4, sampler.refresher(model))
+    assert with_sampler.nfe == 3 and with_sampler.commit_passes == 9
+    blocks = adjust(model, p, 12, 4, sampler.refresher(model), block_len=4)
+    assert blocks.nfe == 3 and not (blocks.tokens == MASK).any()
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        adjust(model, p, 12, 0, None)
+
+
+def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoints, tmp_path):
+    from unmask.checkpoint import CheckpointError, load_checkpoint
+    from unmask.posttrain import load_sampler, train_sampler
+
+    base = load_checkpoint(checkpoints["bidirectional"])
+    model = base.model
+    bos = torch.full((24, 1), base.tokenizer.bos_id)
+    traj = generate_trajectories(model, bos, tmp_path / "traj", new_tokens=12, batch_size=12, progress=False)
+    result = train_sampler(model, checkpoints["bidirectional"], traj, traj, K=4, out=tmp_path / "s",
+                           steps=30, batch_size=8, lr=3e-3, eval_every=30, progress=False)
+    kls = [h["val_kl"] for h in result["history"]]
+    assert kls[-1] < kls[0]
+    sampler, same, K = load_sampler(tmp_path / "s", checkpoints["bidirectional"])
+    assert K == 4 and result["params"] < result["base_params"]
+    with pytest.raises(CheckpointError, match="was trained for base"):
+        load_sampler(tmp_path / "s", checkpoints["block_causal"])

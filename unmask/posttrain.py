@@ -9,16 +9,21 @@ interrupted generation resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from unmask.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, resolve_checkpoint
 from unmask.decoding import build_decoder, preset_config
+from unmask.decoding.joint import AdjustSampler, adjust_kl, unroll_weights
 from unmask.decoding.rng import row_generators
 from unmask.generate import generate
 from unmask.model import Transformer
@@ -102,3 +107,96 @@ def load_trajectories(path: str | Path) -> Trajectories:
     return Trajectories(np.concatenate([p["prompts"] for p in parts]),
                         np.concatenate([p["positions"] for p in parts]),
                         np.concatenate([p["tokens"] for p in parts]), meta["mask_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# ADJUST sampler training
+
+
+def _weights_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None):
+    """n training windows: start states x^(s) and the next J reveals (J drawn from the unroll law)."""
+    G = traj.positions.shape[1]
+    if G < K:
+        raise ValueError(f"trajectories of {G} tokens are shorter than the unroll K={K}")
+    J = J or int(rng.choice(np.arange(1, K + 1), p=unroll_weights(K).numpy()))
+    i = rng.integers(0, len(traj.prompts), n)
+    s = rng.integers(0, G - J + 1, n)
+    start = torch.as_tensor(np.stack([traj.state(a, b) for a, b in zip(i, s, strict=True)]))
+    cols = s[:, None] + np.arange(J)[None, :]
+    pos = torch.as_tensor(np.take_along_axis(traj.positions[i], cols, 1))
+    tok = torch.as_tensor(np.take_along_axis(traj.tokens[i], cols, 1))
+    return start, pos, tok
+
+
+def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, valid: Trajectories, *,
+                  K: int, out: str | Path, steps: int = 500, batch_size: int = 32, lr: float = 5e-5,
+                  eval_every: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train an ADJUST sampler on windows of K + 1 consecutive trajectory states; the base stays
+    frozen. Validation KL (fixed windows, each J = 1..K) is logged; the sampler is saved to `out`
+    with the digest of the base weights it belongs to."""
+    if K < 1:
+        raise ValueError(f"--k must be >= 1, got {K}")
+    torch.manual_seed(seed)
+    base = base.eval().requires_grad_(False)
+    sampler = AdjustSampler(base.cfg)
+    opt = torch.optim.AdamW(sampler.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j) for j in range(1, K + 1)]
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(np.mean([adjust_kl(base, sampler.refresher(base), *w).item() for w in fixed]))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "metrics.jsonl").open("w")
+    history = [{"step": 0, "val_kl": validate()}]
+    log.write(json.dumps(history[-1]) + "\n")
+    bar = tqdm(range(steps), desc=f"adjust sampler K={K}", unit="step", disable=not progress)
+    for step in bar:
+        loss = adjust_kl(base, sampler.refresher(base), *_windows(traj, batch_size, K, rng))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sampler.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "train_kl": loss.item(), "val_kl": validate()})
+            log.write(json.dumps(history[-1]) + "\n")
+            log.flush()
+    log.close()
+    save_sampler(sampler, base_path, out, K=K)
+    return {"history": history, "params": sum(p.numel() for p in sampler.parameters()),
+            "base_params": base.num_params()}
+
+
+def save_sampler(sampler: AdjustSampler, base_path: str | Path, out: Path, *, K: int) -> None:
+    base_ckpt = resolve_checkpoint(base_path)
+    ema = base_ckpt / "ema.safetensors"
+    weights = ema if ema.is_file() else base_ckpt / "model.safetensors"  # what load_checkpoint uses
+    tmp = out / f".sampler.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in sampler.state_dict().items()}, str(tmp))
+    os.replace(tmp, out / "sampler.safetensors")
+    meta = {"k": K, "base": str(base_ckpt), "base_weights": weights.name,
+            "base_digest": _weights_digest(weights)}
+    (out / "sampler.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler, Transformer, int]:
+    """The sampler at `path` and the base checkpoint it was trained on (a mismatch is an error)."""
+    path = Path(path)
+    if not (path / "sampler.json").is_file():
+        raise CheckpointError(f"no ADJUST sampler at {path} (expected sampler.json and sampler.safetensors)")
+    meta = json.loads((path / "sampler.json").read_text())
+    loaded = load_checkpoint(base_path)
+    digest = _weights_digest(loaded.path / meta["base_weights"])
+    if digest != meta["base_digest"]:
+        raise CheckpointError(f"the sampler at {path} was trained for base {meta['base']} "
+                              f"(weights {meta['base_digest']}), not for {base_path} (weights {digest})")
+    sampler = AdjustSampler(loaded.model.cfg)
+    load_state_dict_strict(sampler, path / "sampler.safetensors")
+    return sampler.eval(), loaded.model, meta["k"]

@@ -14,13 +14,17 @@ along the base model's own one-token-per-forward trajectory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unmask.config import ModelConfig, replace
+from unmask.decoding.proposals import Distribution, Proposal, Sample
+from unmask.decoding.rng import row_uniform
+from unmask.decoding.scores import NegEntropy
+from unmask.decoding.state import DecodeState
 from unmask.model import Block, Transformer
 
 Refresh = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -97,3 +101,57 @@ def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_p
     log_q = logits.float().index_fill(-1, mask_col, -torch.inf).log_softmax(-1)[masked]
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").nan_to_num()  # 0 * log 0 terms
     return kl.sum(-1).mean()
+
+
+def adjust_generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: int, K: int,
+                    refresh: Refresh | None, generators: list[torch.Generator], block_len: int = 0,
+                    temperature: float = 1.0) -> Iterator[DecodeState]:
+    """ADJUST decoding of a bidirectional model: per full forward, K rounds of (the lowest-entropy
+    masked position of the active block, its token sampled, then every distribution refreshed by
+    `refresh`). `refresh=None` is the marginal baseline (no refresh); K = 1 is exact sequential
+    sampling; the full-model refresher makes any K exact. Whole canvas, or semi-AR blocks of
+    `block_len`. `nfe` counts full forwards; `commit_passes` here counts sampler passes.
+
+    This is its own loop rather than a `generate()` policy: K decisions per forward with a
+    refresh in between do not fit the one-call-one-step contract of `Decoder.step`.
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    if model.cfg.attention != "bidirectional":
+        raise ValueError(f"ADJUST decoding needs a bidirectional model, not {model.cfg.attention}")
+    B, P = prompt.shape
+    tokens = torch.cat([prompt, torch.full((B, max_new_tokens), model.mask_id)], dim=1)
+    T = tokens.shape[1]
+    block_len = block_len or max_new_tokens
+    propose = Sample(temperature=temperature)
+    state = DecodeState(tokens=tokens, fixed=tokens != model.mask_id, mask_id=model.mask_id, prompt_len=P,
+                        window=(P, P), block=-1, step=0, steps=max_new_tokens, nfe=0, commit_passes=0,
+                        finished=torch.zeros(B, dtype=torch.bool))
+    rows = torch.arange(B)
+    with torch.inference_mode():
+        for block, lo in enumerate(range(P, T, block_len)):
+            hi = min(lo + block_len, T)
+            state = state.advance(window=(lo, hi), block=block, step=0)
+            while state.masked.any():
+                out = model(state.tokens)
+                logits, hidden = out.logits, out.hidden
+                nfe, passes = state.nfe + 1, state.commit_passes
+                tokens = state.tokens.clone()
+                for r in range(K):
+                    masked = tokens[:, lo:hi] == model.mask_id  # [B, W]
+                    if not masked.any():
+                        break
+                    u = row_uniform(generators, 2 * (hi - lo))[:, : hi - lo]  # one draw per token
+                    dist = Distribution.from_logits(logits[:, lo:hi][masked], model.mask_id)
+                    entropy = torch.full(masked.shape, torch.inf, dtype=torch.float64)
+                    entropy[masked] = -NegEntropy()(Proposal(None, dist, None))
+                    pos = entropy.argmin(-1)  # [B] lowest-entropy masked position per row
+                    live = masked.any(-1)
+                    chosen = Distribution.from_logits(logits[rows, lo + pos], model.mask_id)
+                    tok = propose(chosen, u[rows, pos]).tokens
+                    tokens[rows[live], lo + pos[live]] = tok[live]
+                    if refresh is not None and r < K - 1 and (tokens[:, lo:hi] == model.mask_id).any():
+                        logits, hidden = refresh(tokens, hidden)
+                        passes += 1
+                state = state.advance(tokens=tokens, step=state.step + 1, nfe=nfe, commit_passes=passes)
+                yield state
