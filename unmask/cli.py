@@ -225,6 +225,44 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
     _print_result(result, ns.json, "\n".join(lines))
 
 
+def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
+    import torch
+
+    from unmask.bench_sampling import heldout_prompts
+    from unmask.checkpoint import load_checkpoint
+    from unmask.posttrain import generate_trajectories
+
+    loaded = load_checkpoint(ns.checkpoint)
+    if ns.prompt_tokens:
+        prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_trajectories, ns.prompt_tokens,
+                                  split="train")
+    else:  # unconditional: from [BOS]
+        prompts = torch.full((ns.num_trajectories, 1), loaded.tokenizer.bos_id)
+    new = ns.new_tokens or loaded.config.data.seq_len - prompts.shape[1]
+    traj = generate_trajectories(loaded.model, prompts, ns.out, new_tokens=new, batch_size=ns.batch_size,
+                                 seed=ns.seed)
+    print(f"{len(traj.prompts)} trajectories of {new} tokens in {ns.out}")
+
+
+def cmd_posttrain_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.checkpoint import load_checkpoint
+    from unmask.posttrain import load_trajectories, split_trajectories, train_sampler
+
+    loaded = load_checkpoint(ns.checkpoint)
+    traj, valid = split_trajectories(load_trajectories(ns.trajectories), ns.valid_fraction)
+    r = train_sampler(loaded.model, ns.checkpoint, traj, valid, K=ns.k, out=ns.out, steps=ns.steps,
+                      batch_size=ns.batch_size, lr=ns.lr)
+    print(f"sampler ({r['params']:,} parameters, {100 * r['params'] / r['base_params']:.1f}% of the base) "
+          f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f}")
+
+
+def cmd_repro_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.repro import adjust_table, repro_adjust
+
+    print(adjust_table(repro_adjust(out=ns.out, trajectories=ns.trajectories, samples=ns.samples,
+                                    steps=ns.steps)))
+
+
 def cmd_repro_soft_mask(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.repro import repro_soft_mask, soft_mask_table
 
@@ -328,6 +366,33 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--samples", type=int, default=128, help="held-out prompts for the sample metrics")
     rs.add_argument("--out", default="runs/repro-soft-mask")
     rs.set_defaults(func=cmd_repro_soft_mask)
+    ra = r.add_parser("adjust", allow_abbrev=False, help="exact vs marginal vs ADJUST, MAUVE vs exact")
+    ra.add_argument("--trajectories", type=int, default=512)
+    ra.add_argument("--samples", type=int, default=256)
+    ra.add_argument("--steps", type=int, default=400, help="sampler training steps per K")
+    ra.add_argument("--out", default="runs/repro-adjust")
+    ra.set_defaults(func=cmd_repro_adjust)
+
+    pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
+    pd = pt.add_parser("adjust-data", allow_abbrev=False, help="exact one-token-per-forward trajectories")
+    pd.add_argument("--checkpoint", required=True)
+    pd.add_argument("--num-trajectories", type=int, default=512)
+    pd.add_argument("--out", required=True)
+    pd.add_argument("--new-tokens", type=int, default=0, help="default: the training length minus the prompt")
+    pd.add_argument("--prompt-tokens", type=int, default=0, help="0: unconditional (from [BOS])")
+    pd.add_argument("--batch-size", type=int, default=32)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.set_defaults(func=cmd_posttrain_adjust_data)
+    pa = pt.add_parser("adjust", allow_abbrev=False, help="train the ADJUST sampler layer")
+    pa.add_argument("--checkpoint", required=True)
+    pa.add_argument("--trajectories", required=True)
+    pa.add_argument("--k", type=int, default=4, help="tokens per full forward (longest unroll)")
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--steps", type=int, default=500)
+    pa.add_argument("--batch-size", type=int, default=32)
+    pa.add_argument("--lr", type=float, default=5e-5)
+    pa.add_argument("--valid-fraction", type=float, default=0.1, help="trajectories held out for the KL")
+    pa.set_defaults(func=cmd_posttrain_adjust)
 
     d = sub.add_parser("demo", allow_abbrev=False, help="train a small BD3-LM on the embedded corpus")
     d.add_argument("--steps", type=int, default=600)

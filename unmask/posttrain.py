@@ -48,6 +48,21 @@ class Trajectories:
         return canvas if np.ndim(i) else canvas[0]
 
 
+def split_trajectories(traj: Trajectories, valid_fraction: float) -> tuple[Trajectories, Trajectories]:
+    """The last `valid_fraction` of the trajectories held out (at least one)."""
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+    n = max(1, round(len(traj.prompts) * valid_fraction))
+    if n >= len(traj.prompts):
+        raise ValueError(f"{len(traj.prompts)} trajectories are too few to hold {n} out")
+    cut = len(traj.prompts) - n
+
+    def part(s: slice) -> Trajectories:
+        return Trajectories(traj.prompts[s], traj.positions[s], traj.tokens[s], traj.mask_id)
+
+    return part(slice(0, cut)), part(slice(cut, None))
+
+
 def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: int,
                         generators: list[torch.Generator]) -> tuple[np.ndarray, np.ndarray]:
     """Decode `prompts` [B, P] exactly (one token per forward); reveal order and tokens [B, G]."""
