@@ -325,7 +325,8 @@ def adjust_table(result: dict[str, Any]) -> str:
              f"the exact samples ({result['featurizer']}); the exact row's MAUVE is a second exact set "
              f"(the ceiling at this sample size); gen-PPL under {result['reference']}; sampler "
              f"{result['sampler_params']:,} parameters "
-             f"({100 * result['sampler_params'] / result['base_params']:.1f}% of the base), trained on {result['trajectories']} trajectories", "",
+             f"({100 * result['sampler_params'] / result['base_params']:.1f}% of the base), trained on "
+             f"{result['trajectories']} trajectories", "",
              "| arm | full forwards / sample | MAUVE vs exact | gen-PPL | speed-up over exact |",
              "|---|---|---|---|---|"]
     batches = math.ceil(result["samples"] / 64)
