@@ -133,3 +133,19 @@ def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoin
     assert K == 4 and result["params"] < result["base_params"]
     with pytest.raises(CheckpointError, match="was trained for base"):
         load_sampler(tmp_path / "s", checkpoints["block_causal"])
+
+
+def test_posttrain_cli(checkpoints, tmp_path, capsys):
+    from unmask.cli import main
+
+    ckpt = str(checkpoints["bidirectional"])
+    main(["posttrain", "adjust-data", "--checkpoint", ckpt, "--num-trajectories", "10", "--new-tokens", "8",
+          "--batch-size", "5", "--out", str(tmp_path / "traj")])
+    main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"), "--k", "2",
+          "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "10 trajectories of 8 tokens" in out and "validation KL" in out
+    with pytest.raises(SystemExit):
+        main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"),
+              "--k", "0", "--out", str(tmp_path / "bad")])
+    assert "--k must be >= 1" in capsys.readouterr().err

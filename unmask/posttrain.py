@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from unmask.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, resolve_checkpoint
+from unmask.config import ConfigError
 from unmask.decoding import build_decoder, preset_config
 from unmask.decoding.joint import AdjustSampler, adjust_kl, unroll_weights
 from unmask.decoding.rng import row_generators
@@ -51,10 +52,10 @@ class Trajectories:
 def split_trajectories(traj: Trajectories, valid_fraction: float) -> tuple[Trajectories, Trajectories]:
     """The last `valid_fraction` of the trajectories held out (at least one)."""
     if not 0 < valid_fraction < 1:
-        raise ValueError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+        raise ConfigError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
     n = max(1, round(len(traj.prompts) * valid_fraction))
     if n >= len(traj.prompts):
-        raise ValueError(f"{len(traj.prompts)} trajectories are too few to hold {n} out")
+        raise ConfigError(f"{len(traj.prompts)} trajectories are too few to hold {n} out")
     cut = len(traj.prompts) - n
 
     def part(s: slice) -> Trajectories:
@@ -154,7 +155,7 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     frozen. Validation KL (fixed windows, each J = 1..K) is logged; the sampler is saved to `out`
     with the digest of the base weights it belongs to."""
     if K < 1:
-        raise ValueError(f"--k must be >= 1, got {K}")
+        raise ConfigError(f"--k must be >= 1, got {K}")
     torch.manual_seed(seed)
     base = base.eval().requires_grad_(False)
     sampler = AdjustSampler(base.cfg)
