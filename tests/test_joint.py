@@ -1,5 +1,7 @@
 """ADJUST: exact trajectories, the sampler layer and its KL objective."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,16 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
           "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert "10 trajectories of 8 tokens" in out and "validation KL" in out
+    sample = ["sample", "--checkpoint", ckpt, "--max-new-tokens", "8", "--num-samples", "2"]
+    main(sample + ["--sampler", str(tmp_path / "s"), "--preset", "adjust", "--decode.k", "2",
+                   "--output", str(tmp_path / "a.jsonl")])
+    records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["nfe"] == 4 for r in records)  # 8 tokens, 2 per forward
+    main(sample + ["--preset", "marginal", "--decode.k", "4", "--output", str(tmp_path / "m.jsonl")])
+    assert all(json.loads(x)["nfe"] == 2 for x in (tmp_path / "m.jsonl").read_text().splitlines())
+    with pytest.raises(SystemExit):
+        main(sample + ["--preset", "adjust"])
+    assert "needs --sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"),
               "--k", "0", "--out", str(tmp_path / "bad")])

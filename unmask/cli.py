@@ -139,6 +139,11 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     cfg = decode_config(rest, "unmask sample")
     loaded = load_checkpoint(ns.checkpoint)
     model, tok = loaded.model, loaded.tokenizer
+    sampler = None
+    if ns.sampler:
+        from unmask.posttrain import load_sampler
+
+        sampler = load_sampler(ns.sampler, ns.checkpoint)[0]
     if ns.compile:
         model.compile_blocks()
     max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
@@ -160,7 +165,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
         records = sample(model, tok, prompts, cfg, build_schedule(loaded.config.noise.schedule,
                                                                    loaded.config.noise.eps),
                          num_samples=ns.num_samples, batch_size=ns.batch_size, seed=ns.seed,
-                         max_len=max_len, precision=ns.precision, on_state=on_state)
+                         max_len=max_len, precision=ns.precision, on_state=on_state, sampler=sampler)
     finally:
         if live is not None:
             live.stop()
@@ -350,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest canvas allowed (default: training length for bidirectional models)")
     s.add_argument("--stream", action="store_true", help="show the canvas filling in")
     s.add_argument("--compile", action="store_true", help="torch.compile the model's blocks first")
+    s.add_argument("--sampler", help="ADJUST sampler directory (with --preset adjust)")
     s.add_argument("--output", help="write JSONL records here instead of printing text")
     s.set_defaults(func=cmd_sample)
 

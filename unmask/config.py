@@ -250,6 +250,8 @@ class DecodeConfig:
     inputs: Literal["binary", "soft"] = "binary"
     """What still-masked positions feed the model: the [MASK] embedding, or the soft-mask blend
     of the previous call's predictions (needs a model trained with --soft-mask.k)."""
+    k: int = 4
+    """ADJUST / marginal presets: tokens decoded per full forward."""
     soft_schedule: Literal["none", "linear", "stepwise"] = "none"
     """Soft inputs: scale w_s by 1, by the masked fraction, or by (masked fraction > 1/2)."""
 
@@ -264,6 +266,7 @@ class DecodeConfig:
         _check(0 <= self.threshold <= 1, "decode.threshold", f"must be in [0, 1], got {self.threshold}")
         _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
+        _check(self.k >= 1, "decode.k", f"must be >= 1, got {self.k}")
 
 
 @dataclass(frozen=True, kw_only=True)

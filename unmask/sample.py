@@ -20,6 +20,7 @@ import torch
 from unmask.config import DecodeConfig
 from unmask.data import DataError, read_jsonl
 from unmask.decoding import DecodeState, build_decoder
+from unmask.decoding.joint import adjust_generate
 from unmask.decoding.rng import row_generators
 from unmask.generate import DecodeError, completions, generate
 from unmask.model import Transformer
@@ -49,8 +50,13 @@ def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
 def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
            schedule: NoiseSchedule, *, num_samples: int = 1, batch_size: int = 8, seed: int = 0,
            max_len: int | None = None, precision: str = "fp32",
-           on_state: Callable[[DecodeState], None] | None = None) -> list[dict[str, Any]]:
-    """`num_samples` completions of every prompt, as records with text, ids, NFE and timing."""
+           on_state: Callable[[DecodeState], None] | None = None,
+           sampler=None) -> list[dict[str, Any]]:
+    """`num_samples` completions of every prompt, as records with text, ids, NFE and timing.
+    The `adjust` preset needs a trained `sampler` (ADJUST); `marginal` decodes k tokens per forward
+    without one."""
+    if (cfg.preset == "adjust") != (sampler is not None):
+        raise DecodeError("the adjust preset needs --sampler, and --sampler needs --preset adjust")
     if not prompts:
         raise DecodeError("no prompts given")
     if num_samples < 1 or batch_size < 1:
@@ -68,12 +74,19 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
             ids = torch.tensor([j[2] for j in chunk], device=device)
             t0 = time.perf_counter()
             state = None
-            for state in generate(model, decoder, prompt=ids, max_new_tokens=cfg.max_new_tokens,
+            gens = row_generators(seed, [j[0] for j in chunk])
+            if cfg.preset in ("adjust", "marginal"):
+                refresh = sampler.refresher(model) if sampler is not None else None
+                states = adjust_generate(model, ids, max_new_tokens=cfg.max_new_tokens, K=cfg.k,
+                                         refresh=refresh, generators=gens, block_len=cfg.block_len,
+                                         temperature=cfg.temperature)
+            else:
+                states = generate(model, decoder, prompt=ids, max_new_tokens=cfg.max_new_tokens,
                                   steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache,
                                   eos_id=tokenizer.eos_id, eos_fill=cfg.eos_fill,
-                                  stop_entropy=cfg.stop_entropy, max_len=max_len,
-                                  generators=row_generators(seed, [j[0] for j in chunk]),
-                                  precision=precision):
+                                  stop_entropy=cfg.stop_entropy, max_len=max_len, generators=gens,
+                                  precision=precision)
+            for state in states:
                 if on_state is not None:
                     on_state(state)
             seconds = time.perf_counter() - t0
