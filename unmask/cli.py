@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
 
 from unmask.checkpoint import CheckpointError
 from unmask.cli_bench import add_bench_commands
+from unmask.cli_eval import add_eval_commands
 from unmask.config import Config, ConfigError, DecodeConfig, load_config
-from unmask.data import DataError, read_jsonl, text_pieces
+from unmask.data import DataError, read_jsonl
 from unmask.generate import DecodeError
 from unmask.reference import ReferenceModelError
 from unmask.tokenizer import TokenizerError
@@ -59,31 +60,6 @@ def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
     cfg = parse_overrides(base, shorthands(rest), "unmask train")
     result = train(cfg, resume=ns.resume, init=ns.init)
     print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {result.val_ppl:.2f})")
-
-
-def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.repro import heldout_perplexity
-
-    if rest:
-        raise SystemExit(f"error: unknown arguments for `unmask eval ppl`: {' '.join(rest)}")
-    from unmask.checkpoint import load_checkpoint
-
-    soft_model = load_checkpoint(ns.checkpoint).config.soft_mask.k > 0
-    results = {"binary": heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
-                                            max_rows=ns.max_rows)}
-    if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound
-        results["soft"] = heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
-                                             max_rows=ns.max_rows, soft=True)
-    if ns.json:
-        print(json.dumps({k: asdict(v) for k, v in results.items()} if soft_model
-                         else asdict(results["binary"])))
-        return
-    for inputs, ppl in results.items():
-        kind = f"NELBO bound, {ppl.mc_samples} MC samples" if ppl.bound else "exact"
-        label = f" ({inputs} masks)" if soft_model else ""
-        print(f"{ns.split} perplexity{label} {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
-              f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
-              f"{ppl.rows} rows, {ppl.tokens} tokens")
 
 
 @dataclass(frozen=True)
@@ -179,57 +155,6 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
             print(r["prompt"] + r["text"])
 
 
-def _print_result(result, as_json: bool, text: str) -> None:
-    print(json.dumps(asdict(result) if not isinstance(result, dict) else result) if as_json else text)
-
-
-def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.reference import generative_perplexity, load_reference
-    from unmask.sample import read_samples
-
-    texts = [r["text"] for r in read_samples(ns.samples)]
-    g = generative_perplexity(load_reference(ns.reference), texts, window=ns.window, stride=ns.stride)
-    _print_result(g, ns.json, f"gen-PPL {g.ppl:.2f} under {g.reference} ({g.samples} samples, {g.tokens} "
-                              f"tokens); sample unigram entropy {g.entropy:.3f} nats")
-
-
-def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
-    import statistics
-
-    from unmask.reference import load_featurizer, mauve_score, require_samples
-    from unmask.sample import read_samples
-
-    q = [r["text"] for r in read_samples(ns.samples)]
-    if (ns.reference_text is None) == (ns.reference_samples is None):
-        raise DataError("pass exactly one of --reference-text or --reference-samples")
-    if ns.reference_samples:
-        p = [r["text"] for r in read_samples(ns.reference_samples)]
-    else:
-        p = text_pieces(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
-    require_samples(len(p), len(q), ns.min_samples)  # before loading a featuriser
-    m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples)
-    _print_result(m, ns.json, f"MAUVE {m.score:.4f} ({m.q_samples} samples vs {m.p_samples} reference "
-                              f"texts, featurizer {m.featurizer})")
-
-
-def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.checkpoint import load_checkpoint
-    from unmask.metrics import repetition
-    from unmask.sample import read_samples, sample_token_ids
-
-    records = read_samples(ns.samples)
-    tok = load_checkpoint(ns.checkpoint).tokenizer if ns.checkpoint else None
-    result = {"samples": len(records),
-              "words": repetition([r["text"].split() for r in records])}
-    if tok is not None or all("token_ids" in r for r in records):
-        result["tokens"] = repetition(sample_token_ids(records, tok))
-    lines = [f"{len(records)} samples"]
-    for unit in ("tokens", "words"):
-        if unit in result:
-            lines.append(f"{unit}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[unit].items()))
-    _print_result(result, ns.json, "\n".join(lines))
-
-
 def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
     import torch
 
@@ -313,34 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
-    ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
-    ep.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    ep.add_argument("--split", default="test", choices=["validation", "test"])
-    ep.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo time samples per row")
-    ep.add_argument("--max-rows", type=int, default=0, help="evaluate at most this many rows")
-    ep.add_argument("--json", action="store_true", help="print the result as JSON")
-    ep.set_defaults(func=cmd_eval_ppl)
-    eg = e.add_parser("genppl", allow_abbrev=False, help="perplexity of samples under a reference AR model")
-    eg.add_argument("--samples", required=True, help="JSONL with a `text` field (unmask sample --output)")
-    eg.add_argument("--reference", required=True, help="unmask AR checkpoint or local HF causal-LM dir")
-    eg.add_argument("--window", type=int, default=None, help="sliding window (default: model's length)")
-    eg.add_argument("--stride", type=int, default=None, help="window stride (default: window / 2)")
-    eg.add_argument("--json", action="store_true")
-    eg.set_defaults(func=cmd_eval_genppl)
-    em = e.add_parser("mauve", allow_abbrev=False, help="MAUVE of samples against reference texts")
-    em.add_argument("--samples", required=True)
-    em.add_argument("--reference-text", help="CORPUS@SPLIT (e.g. stdlib@test) or a local file/dir")
-    em.add_argument("--reference-samples", help="another samples JSONL (e.g. exact-joint samples)")
-    em.add_argument("--featurizer", default="minilm", help="minilm, or ar:PATH (reference AR model)")
-    em.add_argument("--min-samples", type=int, default=100, help="refuse below this many per side")
-    em.add_argument("--json", action="store_true")
-    em.set_defaults(func=cmd_eval_mauve)
-    er = e.add_parser("repetition", allow_abbrev=False, help="rep-n, distinct-n, longest repeated span")
-    er.add_argument("--samples", required=True)
-    er.add_argument("--checkpoint", help="tokenize with this checkpoint's tokenizer (checks token_ids)")
-    er.add_argument("--json", action="store_true")
-    er.set_defaults(func=cmd_eval_repetition)
+    add_eval_commands(sub)
 
     s = sub.add_parser("sample", allow_abbrev=False,
                        help="decode text; --preset NAME then any --decode.field=value")
