@@ -161,3 +161,16 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
         main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"),
               "--k", "0", "--out", str(tmp_path / "bad")])
     assert "--k must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_runs_adjust_through_the_shared_dispatch():
+    from unmask.bench_sampling import run_decode
+    from unmask.decoding import preset_config
+    from unmask.schedules import LogLinear
+
+    model = tiny_model("bidirectional")
+    sampler = AdjustSampler(model.cfg)
+    cfg = preset_config("adjust", k=4, max_new_tokens=8)
+    r = run_decode(model, cfg, prompts(), batch_size=2, seed=0, eos_id=None, schedule=LogLinear(),
+                   sampler=sampler)
+    assert r["nfe"] == 2 * 2 and r["commit_passes"] == 2 * 6  # per batch: 2 forwards, 6 sampler passes

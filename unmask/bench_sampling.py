@@ -23,7 +23,9 @@ class TimedModel(torch.nn.Module):
         super().__init__()
         self.inner = model
         self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
-        self.tok_embed, self.soft_mask = model.tok_embed, model.soft_mask  # for soft inputs
+        # what input policies and the ADJUST sampler reach for on the model
+        self.tok_embed, self.soft_mask, self.head = model.tok_embed, model.soft_mask, model.head
+        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
         self.seconds, self.calls, self.flops = 0.0, 0, 0
 
     def forward(self, tokens=None, *, cache=None, embeds=None):
@@ -64,24 +66,21 @@ def file_prompts(tokenizer, prompts: list[str], n: int) -> torch.Tensor:
 
 
 def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int, eos_id: int | None,
-               schedule, precision: str = "fp32") -> dict[str, Any]:
+               schedule, precision: str = "fp32", sampler=None) -> dict[str, Any]:
     """Decode every prompt with `cfg`; time the whole run and the part inside the model."""
-    from unmask.decoding import build_decoder
     from unmask.decoding.rng import row_generators
-    from unmask.generate import completions, final_state, generate
+    from unmask.generate import completions, final_state
     from unmask.metrics import rep_n, unigram_entropy
+    from unmask.sample import decode_states
 
     timed = TimedModel(model)
-    decoder = build_decoder(cfg, schedule)
     outs, nfe, commits, row_forwards = [], 0, 0, 0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        state = final_state(generate(
-            timed, decoder, prompt=chunk, max_new_tokens=cfg.max_new_tokens, steps=cfg.steps,
-            block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id, eos_fill=cfg.eos_fill,
-            stop_entropy=cfg.stop_entropy, generators=row_generators(seed, range(start, start + len(chunk))),
-            precision=precision))
+        state = final_state(decode_states(
+            timed, cfg, chunk, schedule=schedule, eos_id=eos_id, precision=precision, sampler=sampler,
+            generators=row_generators(seed, range(start, start + len(chunk)))))
         outs.extend(completions(state, eos_id))
         nfe += state.nfe
         commits += state.commit_passes

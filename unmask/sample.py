@@ -9,7 +9,7 @@ changes a row's positions).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
@@ -47,6 +47,26 @@ def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
     return "".join(out)
 
 
+JOINT_PRESETS = ("adjust", "marginal")  # k tokens per full forward: decoding.joint.adjust_generate
+
+
+def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *, schedule: NoiseSchedule,
+                  generators: list[torch.Generator], eos_id: int | None, max_len: int | None = None,
+                  precision: str = "fp32", sampler=None) -> Iterator[DecodeState]:
+    """The decode iterator `cfg` asks for: `generate()` with the preset's decoder, or ADJUST's loop
+    for the `adjust` (needs a trained `sampler`) and `marginal` presets."""
+    if (cfg.preset == "adjust") != (sampler is not None):
+        raise DecodeError("the adjust preset needs --sampler, and --sampler needs --preset adjust")
+    if cfg.preset in JOINT_PRESETS:
+        refresh = sampler.refresher(model) if sampler is not None else None
+        return adjust_generate(model, prompt, max_new_tokens=cfg.max_new_tokens, K=cfg.k, refresh=refresh,
+                               generators=generators, block_len=cfg.block_len, temperature=cfg.temperature)
+    return generate(model, build_decoder(cfg, schedule), prompt=prompt, max_new_tokens=cfg.max_new_tokens,
+                    steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id,
+                    eos_fill=cfg.eos_fill, stop_entropy=cfg.stop_entropy, max_len=max_len,
+                    generators=generators, precision=precision)
+
+
 def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
            schedule: NoiseSchedule, *, num_samples: int = 1, batch_size: int = 8, seed: int = 0,
            max_len: int | None = None, precision: str = "fp32",
@@ -55,13 +75,10 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
     """`num_samples` completions of every prompt, as records with text, ids, NFE and timing.
     The `adjust` preset needs a trained `sampler` (ADJUST); `marginal` decodes k tokens per forward
     without one."""
-    if (cfg.preset == "adjust") != (sampler is not None):
-        raise DecodeError("the adjust preset needs --sampler, and --sampler needs --preset adjust")
     if not prompts:
         raise DecodeError("no prompts given")
     if num_samples < 1 or batch_size < 1:
         raise DecodeError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    decoder = build_decoder(cfg, schedule)
     device = next(model.parameters()).device
     jobs = [(i, p, [tokenizer.bos_id] + tokenizer.encode(p))
             for i, p in enumerate(q for q in prompts for _ in range(num_samples))]
@@ -74,18 +91,9 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
             ids = torch.tensor([j[2] for j in chunk], device=device)
             t0 = time.perf_counter()
             state = None
-            gens = row_generators(seed, [j[0] for j in chunk])
-            if cfg.preset in ("adjust", "marginal"):
-                refresh = sampler.refresher(model) if sampler is not None else None
-                states = adjust_generate(model, ids, max_new_tokens=cfg.max_new_tokens, K=cfg.k,
-                                         refresh=refresh, generators=gens, block_len=cfg.block_len,
-                                         temperature=cfg.temperature)
-            else:
-                states = generate(model, decoder, prompt=ids, max_new_tokens=cfg.max_new_tokens,
-                                  steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache,
-                                  eos_id=tokenizer.eos_id, eos_fill=cfg.eos_fill,
-                                  stop_entropy=cfg.stop_entropy, max_len=max_len, generators=gens,
-                                  precision=precision)
+            states = decode_states(model, cfg, ids, schedule=schedule, eos_id=tokenizer.eos_id,
+                                   generators=row_generators(seed, [j[0] for j in chunk]), max_len=max_len,
+                                   precision=precision, sampler=sampler)
             for state in states:
                 if on_state is not None:
                     on_state(state)
