@@ -20,8 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from unmask.config import Config
-from unmask.metrics import autocast
-from unmask.model import build_model
+from unmask.model import autocast, build_model
 from unmask.objectives import Batch, ar_loss, diffusion_loss
 from unmask.schedules import build_schedule
 

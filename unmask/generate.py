@@ -31,8 +31,7 @@ from unmask.decoding.decoder import BinaryInputs
 from unmask.decoding.proposals import Distribution
 from unmask.decoding.rng import row_uniform
 from unmask.kv_cache import KVCache
-from unmask.metrics import autocast
-from unmask.model import Transformer
+from unmask.model import Transformer, autocast
 
 # cache setting -> what a model kind does with it. For block-causal and causal models the prefix
 # cache *is* exact; bidirectional models get the approximate Fast-dLLM caches.

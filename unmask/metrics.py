@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unmask.model import Transformer
+from unmask.model import Transformer, autocast
 from unmask.objectives import Batch, ar_loss, diffusion_loss
 from unmask.schedules import NoiseSchedule
 
@@ -29,11 +29,6 @@ class Perplexity:
     rows: int
     mc_samples: int
     bound: bool  # True for the diffusion NELBO bound, False for exact AR perplexity
-
-
-def autocast(precision: str, device: torch.device | str):
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()

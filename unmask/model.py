@@ -193,5 +193,11 @@ class Transformer(nn.Module):
         return n
 
 
+def autocast(precision: str, device: torch.device | str):
+    """bf16 autocast for `precision == "bf16"` (CPUs with AMX/AVX-512 BF16 too), else a no-op."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0) -> Transformer:
     return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k)

@@ -29,8 +29,8 @@ from unmask.checkpoint import (
 )
 from unmask.config import Config, ConfigError, config_from_json, to_dict
 from unmask.data import PreparedData, batch_indices, prepare_data
-from unmask.metrics import autocast, evaluate_perplexity
-from unmask.model import Transformer, build_model
+from unmask.metrics import evaluate_perplexity
+from unmask.model import Transformer, autocast, build_model
 from unmask.objectives import Batch, LossOutput, ar_loss, diffusion_loss, per_block_losses
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
 

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.config import ModelConfig, replace
-from unmask.decoding.proposals import Distribution, Proposal, Sample
+from unmask.decoding.proposals import Distribution, Sample
 from unmask.decoding.rng import row_uniform
-from unmask.decoding.scores import NegEntropy
 from unmask.decoding.state import DecodeState
 from unmask.model import Block, Transformer
 
@@ -144,7 +143,7 @@ def adjust_generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens:
                     u = row_uniform(generators, 2 * (hi - lo))[:, : hi - lo]  # one draw per token
                     dist = Distribution.from_logits(logits[:, lo:hi][masked], model.mask_id)
                     entropy = torch.full(masked.shape, torch.inf, dtype=torch.float64)
-                    entropy[masked] = -NegEntropy()(Proposal(None, dist, None))
+                    entropy[masked] = dist.entropy()
                     pos = entropy.argmin(-1)  # [B] lowest-entropy masked position per row
                     live = masked.any(-1)
                     chosen = Distribution.from_logits(logits[rows, lo + pos], model.mask_id)

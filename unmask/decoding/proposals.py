@@ -40,6 +40,13 @@ class Distribution:
         """[N, V] float32 probabilities (built on first use)."""
         return (self.logits - self.lse[:, None]).exp_()
 
+    def entropy(self) -> torch.Tensor:
+        """H(p) [N] float64: -sum p * (logit - lse) in float32 over [N, V]; excluded tokens
+        ([MASK], p = 0, logit -inf) contribute 0."""
+        probs = self.probs
+        plogp = torch.where(probs > 0, probs * (self.logits - self.lse[:, None]), 0.0)
+        return -plogp.sum(-1).double()
+
     def prob_of(self, logit: torch.Tensor) -> torch.Tensor:
         """Probabilities (float64) of the given logits [N] or [N, k]."""
         lse = self.lse if logit.dim() == 1 else self.lse[:, None]

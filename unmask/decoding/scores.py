@@ -50,11 +50,7 @@ class NegEntropy(TokenProb):
     """-H(p) of the position's distribution (Dream `entropy`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
-        # sum p log p = sum p * (logit - lse), in float32 over [N, V]; excluded tokens ([MASK],
-        # p = 0, logit -inf) contribute 0.
-        probs, logits = p.dist.probs, p.dist.logits
-        plogp = torch.where(probs > 0, probs * (logits - p.dist.lse[:, None]), 0.0)
-        return plogp.sum(-1).double()
+        return -p.dist.entropy()
 
 
 @dataclass(frozen=True)
