@@ -155,6 +155,16 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
             print(r["prompt"] + r["text"])
 
 
+def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.posttrain import instruct_config
+    from unmask.train import train
+
+    base = instruct_config(ns.checkpoint, ns.what, out=ns.out, data=ns.data, template=ns.template)
+    cfg = parse_overrides(base, rest, f"unmask posttrain {ns.what}")
+    result = train(cfg, init=ns.checkpoint, resume=ns.resume)
+    print(f"checkpoint: {result.run_dir} (step {result.step}, response-only val ppl <= {result.val_ppl:.2f})")
+
+
 def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
     import torch
 
@@ -278,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     ra.set_defaults(func=cmd_repro_adjust)
 
     pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
+    for stage, text in (("sft", "instruction SFT: diffusion loss on response tokens only"),
+                        ("r2ft", "rejective fine-tuning against rule-made repetition negatives")):
+        pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value")
+        pi.add_argument("--checkpoint", required=True, help="the model to post-train (run or checkpoint dir)")
+        pi.add_argument("--out", required=True, help="run directory of the new model")
+        pi.add_argument("--data", help="pairs: stdlib-functions, an Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
+                                       "(default: the checkpoint's --instruct.data)")
+        pi.add_argument("--template", help="prompt template (alpaca, plain, chat, code; default auto)")
+        pi.add_argument("--resume", action="store_true", help="continue the run in --out")
+        pi.set_defaults(func=cmd_posttrain_instruct)
     pd = pt.add_parser("adjust-data", allow_abbrev=False, help="exact one-token-per-forward trajectories")
     pd.add_argument("--checkpoint", required=True)
     pd.add_argument("--num-trajectories", type=int, default=512)

@@ -189,6 +189,46 @@ class SoftMaskConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InstructConfig:
+    """Instruction tuning (SFT) and rejective fine-tuning (R2FT, Seo et al. 2025) on prompt/response
+    pairs; `stage = none` is ordinary pre-training on `data.corpus`."""
+
+    stage: Literal["none", "sft", "r2ft"] = "none"
+    """none: pre-training; sft: diffusion loss on response tokens only; r2ft: the rejection loss."""
+    data: str = "stdlib-functions"
+    """Pairs: `stdlib-functions[:mod,...]` (embedded), an Alpaca .json/.jsonl or chat `messages`
+    .jsonl file, or `hf:NAME[/CONFIG]`."""
+    template: str = "auto"
+    """Prompt template from unmask/templates.toml (alpaca, plain, chat, code); auto: code for
+    stdlib-functions, alpaca otherwise."""
+    eos: Literal["all", "first"] = "all"
+    """Row tail after the answer: all = [EOS] to the end, every one with loss (LLaDA); first = one
+    [EOS] with loss, then [PAD] (no loss, never masked)."""
+    max_prompt: int = 0
+    """Drop pairs whose prompt (with [BOS]) exceeds this many tokens (0 = half the row)."""
+    unit: tuple[int, int] = (1, 14)
+    """R2FT: the repetition unit g is drawn uniformly from this inclusive range of tokens."""
+    span: tuple[int, int] = (30, 49)
+    """R2FT: the rejected span length z is drawn uniformly from this inclusive range."""
+    b_w: float = 1.0
+    """R2FT: weight of the chosen mean log-probability inside the sigmoid."""
+    b_l: float = 1.0
+    """R2FT: weight of the rejected mean log-probability inside the sigmoid."""
+    gamma: float = 0.0
+    """R2FT: margin subtracted inside the sigmoid."""
+    b_a: float = 0.1
+    """R2FT: weight of the plain likelihood term on the chosen answer."""
+
+    def __post_init__(self) -> None:
+        for name in ("unit", "span"):
+            lo, hi = getattr(self, name)
+            _check(1 <= lo <= hi, f"instruct.{name}", f"needs 1 <= low <= high, got {(lo, hi)}")
+        _check(self.max_prompt >= 0, "instruct.max_prompt", f"must be >= 0, got {self.max_prompt}")
+        _check(self.b_w >= 0 and self.b_l >= 0 and self.b_a >= 0, "instruct.b_w",
+               "b_w, b_l and b_a must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     mc_samples: int = 4
     """Monte Carlo time samples per row for the NELBO bound (AR is exact and ignores it)."""
@@ -278,8 +318,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
 
     def __post_init__(self) -> None:
+        _check(self.instruct.stage != "r2ft" or self.model.attention == "bidirectional", "instruct.stage",
+               "r2ft needs a bidirectional (MDLM) model: its one forward masks everything after the cut, "
+               "which a block-causal model's clean-context pass cannot express without showing later "
+               "blocks the answer")
+        _check(self.instruct.stage == "none" or self.model.attention != "causal", "instruct.stage",
+               "sft/r2ft are diffusion post-training; an AR model has no masked positions")
         _check(self.soft_mask.k <= self.data.vocab_size, "soft_mask.k",
                f"must be <= the vocabulary size {self.data.vocab_size}, got {self.soft_mask.k}")
         _check(self.soft_mask.k == 0 or self.model.attention != "causal", "soft_mask.k",

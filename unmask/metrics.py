@@ -35,10 +35,12 @@ class Perplexity:
 def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, *,
                         pad_id: int, byte_lengths: np.ndarray, eps: float, mc_samples: int = 4,
                         batch_size: int = 16, seed: int = 1234, precision: str = "fp32",
-                        soft: bool = False) -> Perplexity:
+                        soft: bool = False, loss_positions: np.ndarray | None = None) -> Perplexity:
     """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]. `soft` evaluates a
     soft-mask model through its two passes: the second pass's prediction is still a conditional
-    p(x0 | x_t) (the soft inputs are a deterministic function of x_t), so the NELBO stays a bound."""
+    p(x0 | x_t) (the soft inputs are a deterministic function of x_t), so the NELBO stays a bound.
+    `loss_positions` [N, L] bool limits masking and scoring to those positions (instruction rows: the
+    response given its prompt); default: every non-[PAD] token."""
     if len(rows) == 0:
         raise ValueError("evaluate_perplexity: no rows to evaluate")
     is_ar = model.cfg.attention == "causal"
@@ -50,7 +52,9 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
     for mc in range(samples):
         for start in range(0, len(rows), batch_size):
             x0 = torch.as_tensor(np.asarray(rows[start:start + batch_size]), device=device)
-            batch = Batch(x0, x0 != pad_id)
+            valid = (x0 != pad_id if loss_positions is None
+                     else torch.as_tensor(np.asarray(loss_positions[start:start + batch_size]), device=device))
+            batch = Batch(x0, valid)
             g = torch.Generator().manual_seed(seed * 1_000_003 + mc * 10_007 + start)
             with autocast(precision, device):
                 if is_ar:

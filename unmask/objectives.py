@@ -4,6 +4,9 @@ Each takes `(model, batch, schedule, generator, ...)` and returns `LossOutput(lo
 `nats` is the summed (weighted) negative log-likelihood, `tokens` the number of real tokens, and
 `loss = nats / tokens` (nats per token; exp of it is the perplexity bound).
 
+Instruction SFT is the same NELBO with only response positions masked and scored (`sft_loss`);
+R2FT (Seo et al. 2025) is a preference loss on one forward with rule-made negatives (`r2ft_loss`).
+
 MDLM (Sahoo et al. 2024): `E_t[w(t) sum_{i masked} -log p(x0_i | x_t)]`. BD3-LM (Arriola et al.
 2025): one t per (sequence, block), stratified over the batch x blocks grid, all blocks in ONE
 forward over `[x_t ; x0]`. With L' = L the BD3-LM loss is the MDLM loss.
@@ -16,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from unmask.config import InstructConfig
 from unmask.kv_cache import KVCache
 from unmask.masks import bd3_train, block_causal, dense_mask
 from unmask.model import Transformer
@@ -24,13 +28,15 @@ from unmask.schedules import NoiseSchedule, stratified_times
 
 class Batch(NamedTuple):
     x0: torch.Tensor  # [B, L] clean tokens
-    valid: torch.Tensor  # [B, L] bool, False at [PAD] (no loss, never masked)
+    valid: torch.Tensor  # [B, L] bool, False at [PAD] (no loss, never masked); SFT: the response only
+    spans: torch.Tensor | None = None  # [B, 2] instruction rows: (response start, its [EOS] position)
 
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar, nats per token (differentiable)
     nats: float  # summed weighted NLL
     tokens: int  # real tokens counted
+    extras: dict[str, float] | None = None  # loss-specific numbers worth logging
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -126,7 +132,7 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
     per-block times [B, Nb]. Block-causal models use blocks of L'; others one block of L. With
     `soft_p` > 0 (a soft-mask model) the batch takes the two-pass soft-masked step with that
     probability (one draw per batch)."""
-    x0, valid = batch
+    x0, valid = batch.x0, batch.valid
     B, L = x0.shape
     block = model.cfg.block_size if model.cfg.attention == "block_causal" else L
     t = block_times(B, L // block, t_range, generator).to(x0.device)  # [B, Nb]
@@ -158,7 +164,7 @@ def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
 
 def ar_loss(model: Transformer, batch: Batch) -> LossOutput:
     """Next-token cross-entropy of a causal model; predicts tokens 1..L-1 of each row."""
-    x0, valid = batch
+    x0, valid = batch.x0, batch.valid
     logits = model(x0[:, :-1]).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), x0[:, 1:].flatten(), reduction="none")
     keep = valid[:, 1:].flatten()
@@ -173,3 +179,84 @@ def per_block_losses(model: Transformer, batch: Batch, schedule: NoiseSchedule,
     nll, t = diffusion_token_nll(model, batch, schedule, generator, t_range)
     B, Nb = t.shape
     return nll.view(B, Nb, -1).mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# instruction tuning: SFT and R2FT
+
+
+def sft_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, generator: torch.Generator,
+             t_range: tuple[float, float]) -> LossOutput:
+    """Instruction SFT: the MDLM / BD3-LM NELBO where only `batch.valid` (the response positions)
+    can be masked and carry loss, normalised by their count; the prompt is always visible."""
+    return diffusion_loss(model, batch, schedule, generator, t_range)
+
+
+class Negative(NamedTuple):
+    cut: int  # c: positions >= c are masked; the answer prefix x0[:c] is visible
+    unit: int  # g: the repeated unit is x0[c-g:c]
+    span: int  # z: the rejected span is [c, c+z)
+    phase: int  # the tiling starts at unit[phase]
+    eos_at: int  # index inside the span of the one stray [EOS]
+
+
+def _randint(low: int, high: int, generator: torch.Generator) -> int:
+    """Uniform integer in [low, high] (inclusive)."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def draw_negative(start: int, end: int, seq_len: int, cfg: InstructConfig,
+                  generator: torch.Generator) -> Negative:
+    """R2FT's rule for one row whose answer is [start, end): c uniform inside the answer, g in
+    cfg.unit (at most the c - 1 visible tokens after [BOS]), z in cfg.span (cut to the row), a
+    random phase and a random [EOS] position inside the span."""
+    c = _randint(start, max(start, end - 1), generator)
+    g = min(_randint(*cfg.unit, generator), c - 1)
+    z = min(_randint(*cfg.span, generator), seq_len - c)
+    if g < 1 or z < 1:
+        raise ValueError(f"R2FT needs a visible token before the cut and room after it (cut {c}, row {seq_len})")
+    return Negative(c, g, z, _randint(0, g - 1, generator), _randint(0, z - 1, generator))
+
+
+def rejected_span(row: torch.Tensor, neg: Negative, eos_id: int) -> torch.Tensor:
+    """The rejected continuation [z]: the last g visible tokens tiled cyclically from `phase` for
+    z - 1 tokens, with one [EOS] inserted at `eos_at`."""
+    unit = row[neg.cut - neg.unit:neg.cut]
+    tiled = unit[(neg.phase + torch.arange(neg.span - 1, device=row.device)) % neg.unit]
+    eos = torch.tensor([eos_id], dtype=row.dtype, device=row.device)
+    return torch.cat([tiled[:neg.eos_at], eos, tiled[neg.eos_at:]])
+
+
+def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int,
+              generator: torch.Generator, negatives: list[Negative] | None = None) -> LossOutput:
+    """Rejective fine-tuning, one forward per row on x_t = x0 with every position >= c masked:
+
+        loss = -log sigmoid(b_w mean_A log pi(y_w) - b_l mean_R log pi(y_l) - gamma) - b_a mean_A log pi(y_w)
+
+    A = the answer from c on plus its [EOS] (if in the row), R = the rejected span [c, c+z) whose
+    tokens y_l come from `rejected_span`; log pi are the SUBS log-probs of the one forward. The
+    negatives are drawn fresh here unless given. `nats` / `tokens` are the summed loss / rows."""
+    x0, spans = batch.x0, batch.spans
+    if spans is None:
+        raise ValueError("r2ft_loss needs instruction rows (Batch.spans)")
+    B, L = x0.shape
+    pos = torch.arange(L, device=x0.device)
+    negatives = negatives or [draw_negative(int(a), int(e), L, cfg, generator) for a, e in spans.tolist()]
+    cut = torch.tensor([n.cut for n in negatives], device=x0.device)[:, None]  # [B, 1]
+    xt = torch.where(pos >= cut, model.mask_id, x0)
+    chosen = (pos >= cut) & (pos <= spans[:, 1:2].clamp(max=L - 1))  # [B, L]
+    y_l, rejected = x0.clone(), torch.zeros_like(chosen)
+    for b, n in enumerate(negatives):
+        y_l[b, n.cut:n.cut + n.span] = rejected_span(x0[b], n, eos_id)
+        rejected[b, n.cut:n.cut + n.span] = True
+    logits = model(xt).logits.float().index_fill(-1, torch.tensor([model.mask_id], device=x0.device),
+                                                 -torch.inf)
+    logp = logits.log_softmax(-1)  # [B, L, V]; every scored position is masked, so SUBS adds nothing
+    lp_w = (logp.gather(-1, x0[..., None])[..., 0] * chosen).sum(1) / chosen.sum(1)  # [B]
+    lp_l = (logp.gather(-1, y_l[..., None])[..., 0] * rejected).sum(1) / rejected.sum(1)  # [B]
+    margin = cfg.b_w * lp_w - cfg.b_l * lp_l - cfg.gamma
+    per_row = -F.logsigmoid(margin) - cfg.b_a * lp_w
+    loss = per_row.mean()
+    extras = {"chosen_logp": float(lp_w.mean()), "rejected_logp": float(lp_l.mean()),
+              "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+    return LossOutput(loss, float(per_row.sum().detach()), B, extras)

@@ -1,4 +1,8 @@
-"""Post-training: ADJUST trajectories and sampler training (same loop style as train.py).
+"""Post-training: instruction SFT and R2FT (through train.py's loop), ADJUST trajectories and
+sampler training (same loop style as train.py).
+
+SFT and R2FT runs are ordinary training runs started from a checkpoint (`train(init=...)`) whose
+config has `instruct.stage` set: same loop, checkpoints, resume and metrics.jsonl as pre-training.
 
 Trajectories are the frozen base model's own exact decoding: one token per full forward, always
 the lowest-entropy masked position, its token sampled (the `exact-joint` preset). A trajectory is
@@ -22,13 +26,30 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from unmask.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, resolve_checkpoint
-from unmask.config import ConfigError
+from unmask.config import Config, ConfigError, replace
 from unmask.decoding import build_decoder, preset_config
 from unmask.decoding.joint import AdjustSampler, adjust_kl, unroll_weights
 from unmask.decoding.rng import row_generators
 from unmask.generate import generate
 from unmask.model import Transformer
 from unmask.schedules import LogLinear
+
+
+# Post-training defaults on top of the checkpoint's own config (every field stays overridable).
+# R2FT keeps the SFT run's settings ("same settings", Seo et al. 2025) for a few hundred steps.
+STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50}, "r2ft": {"steps": 300}}
+
+
+def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str | None = None,
+                    template: str | None = None) -> Config:
+    """The config of an SFT or R2FT run from `checkpoint`: its own config with `instruct.stage`
+    set, `train.out = out` and the stage's defaults (STAGE_DEFAULTS)."""
+    if stage not in STAGE_DEFAULTS:
+        raise ConfigError(f"unknown post-training stage {stage!r} (use sft or r2ft)")
+    base = load_checkpoint(checkpoint).config
+    instruct = replace(base.instruct, stage=stage, **({"data": data} if data else {}),
+                       **({"template": template} if template else {}))
+    return replace(base, instruct=instruct, train=replace(base.train, out=out, **STAGE_DEFAULTS[stage]))
 
 
 @dataclass(frozen=True)

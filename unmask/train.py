@@ -29,9 +29,10 @@ from unmask.checkpoint import (
 )
 from unmask.config import Config, ConfigError, config_from_json, to_dict
 from unmask.data import PreparedData, batch_indices, prepare_data
+from unmask.instruct import prepare_instruct, response_mask
 from unmask.metrics import evaluate_perplexity
 from unmask.model import Transformer, autocast, build_model
-from unmask.objectives import Batch, LossOutput, ar_loss, diffusion_loss, per_block_losses
+from unmask.objectives import Batch, LossOutput, ar_loss, diffusion_loss, per_block_losses, r2ft_loss, sft_loss
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
 
 # Config fields that may change when a run is resumed (everything else must match).
@@ -57,7 +58,11 @@ def lr_at(step: int, cfg) -> float:
 
 
 def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg: Config,
-                  generator: torch.Generator, t_range: tuple[float, float]) -> LossOutput:
+                  generator: torch.Generator, t_range: tuple[float, float], eos_id: int) -> LossOutput:
+    if cfg.instruct.stage == "r2ft":
+        return r2ft_loss(model, batch, cfg.instruct, eos_id, generator)
+    if cfg.instruct.stage == "sft":
+        return sft_loss(model, batch, schedule, generator, t_range)
     if model.cfg.objective == "ar":
         return ar_loss(model, batch)
     resample = (*cfg.noise.clip, cfg.noise.resample_tries) if cfg.noise.resample else None
@@ -116,6 +121,17 @@ def _load_init(model: Transformer, base: Transformer, init: str) -> None:
                               f"unexpected {sorted(result.unexpected_keys)}")
 
 
+def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, device) -> Batch:
+    """Rows `index` of a split as a Batch: [PAD] excluded from the loss; instruction rows keep loss
+    on their response only (`instruct.eos` decides the tail) and carry their spans."""
+    x0 = torch.as_tensor(np.asarray(data.rows[split][index]), device=device)
+    if data.spans is None:
+        return Batch(x0, x0 != data.tokenizer.pad_id)
+    spans = np.asarray(data.spans[split][index])
+    valid = torch.as_tensor(response_mask(spans, x0.shape[1], cfg.instruct.eos), device=device)
+    return Batch(x0, valid, torch.as_tensor(spans, device=device))
+
+
 def train(cfg: Config, *, resume: bool = False, init: str | None = None,
           data: PreparedData | None = None, progress: bool = True) -> TrainResult:
     """Train `cfg` into `cfg.train.out`. `resume` continues the run there; `init` starts from
@@ -141,6 +157,11 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or "
                               "choose another --train.out")
 
+    if data is None and cfg.instruct.stage != "none":
+        if tokenizer is None:
+            raise ConfigError(f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init "
+                              "(or --resume)")
+        data = prepare_instruct(cfg, tokenizer, verbose=progress)
     data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
     tokenizer = data.tokenizer
     model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
@@ -184,10 +205,13 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
     def validate(step: int) -> float:
         nonlocal t_range
         eval_model = ema if ema is not None else model
-        rows = val_rows[: tc.eval_batches * tc.batch_size]
-        ppl = evaluate_perplexity(eval_model, rows, schedule, pad_id=tokenizer.pad_id,
+        n = min(len(val_rows), tc.eval_batches * tc.batch_size)
+        loss_positions = (None if data.spans is None else  # instruction rows: the response-only bound
+                          response_mask(data.spans["validation"][:n], val_rows.shape[1], cfg.instruct.eos))
+        ppl = evaluate_perplexity(eval_model, val_rows[:n], schedule, pad_id=tokenizer.pad_id,
                                   byte_lengths=byte_lengths, eps=cfg.noise.eps, mc_samples=1,
-                                  batch_size=tc.batch_size, seed=tc.seed, precision=tc.precision)
+                                  batch_size=tc.batch_size, seed=tc.seed, precision=tc.precision,
+                                  loss_positions=loss_positions)
         record = {"step": step, "val_nats": ppl.nats_per_token, "val_ppl": ppl.ppl,
                   "val_bpb": ppl.bits_per_byte}
         if cfg.noise.clip_search and model.cfg.objective != "ar":
@@ -211,18 +235,20 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         lr = lr_at(step, tc)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
-        nats, tokens = 0.0, 0
+        nats, tokens, extras, positions = 0.0, 0, {}, 0
         for micro in range(tc.grad_accum):
             index = step * tc.grad_accum + micro
-            x0 = torch.as_tensor(train_rows[batch_indices(len(train_rows), tc.batch_size, index, tc.seed)],
-                                 device=device)
+            batch = make_batch(data, "train", batch_indices(len(train_rows), tc.batch_size, index, tc.seed),
+                               cfg, device)
             generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
             torch.manual_seed(tc.seed * 7_919 + index)  # dropout
             with autocast(tc.precision, device):
-                out = training_loss(model, Batch(x0, x0 != tokenizer.pad_id), schedule, cfg,
-                                    generator, t_range)
+                out = training_loss(model, batch, schedule, cfg, generator, t_range, tokenizer.eos_id)
             (out.loss / tc.grad_accum).backward()
             nats, tokens = nats + out.nats, tokens + out.tokens
+            positions += batch.x0.numel()
+            for k, v in (out.extras or {}).items():
+                extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                      if tc.grad_clip > 0 else torch.tensor(float("nan")))
         optimizer.step()
@@ -230,12 +256,12 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         if ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - tc.ema)
-        tokens_seen += tokens
+        tokens_seen += positions  # throughput counts every position processed
         loss = nats / tokens
         rate = tokens_seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": rate}
+                  "tokens_per_s": rate, **extras}
         if model.soft_mask is not None:
             record["soft_mask"] = model.soft_mask.values()
         write(record)
