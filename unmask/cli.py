@@ -20,10 +20,12 @@ from unmask.cli_eval import add_eval_commands
 from unmask.config import Config, ConfigError, DecodeConfig, load_config
 from unmask.data import DataError, read_jsonl
 from unmask.generate import DecodeError
+from unmask.humaneval import HarnessError
 from unmask.reference import ReferenceModelError
 from unmask.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError,
+               HarnessError)
 
 
 def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
@@ -203,6 +205,16 @@ def cmd_repro_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
                                     steps=ns.steps)))
 
 
+def cmd_repro_r2ft(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.repro_r2ft import r2ft_table, repro_r2ft
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask repro r2ft`: {' '.join(rest)}")
+    print(r2ft_table(repro_r2ft(out=ns.out, sft_steps=ns.sft_steps, r2ft_steps=ns.r2ft_steps,
+                                canvas=ns.canvas, samples=ns.samples, kernel=ns.kernel,
+                                humaneval=not ns.no_humaneval)))
+
+
 def cmd_repro_soft_mask(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.repro import repro_soft_mask, soft_mask_table
 
@@ -287,13 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--out", default="runs/repro-adjust")
     ra.set_defaults(func=cmd_repro_adjust)
 
+    rr = r.add_parser("r2ft", allow_abbrev=False,
+                      help="{SFT, SFT+R2FT} x {llada, semi-ar, topk-glob, conv} on stdlib-functions")
+    rr.add_argument("--sft-steps", type=int, default=800)
+    rr.add_argument("--r2ft-steps", type=int, default=300)
+    rr.add_argument("--canvas", type=int, default=256, help="new tokens per prompt (steps = canvas / 8)")
+    rr.add_argument("--samples", type=int, default=128, help="held-out prompts")
+    rr.add_argument("--kernel", type=int, default=65, help="Conv window (the paper uses about L/4)")
+    rr.add_argument("--no-humaneval", action="store_true", help="skip HumanEval pass@1")
+    rr.add_argument("--out", default="runs/repro-r2ft")
+    rr.set_defaults(func=cmd_repro_r2ft)
+
     pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
     for stage, text in (("sft", "instruction SFT: diffusion loss on response tokens only"),
                         ("r2ft", "rejective fine-tuning against rule-made repetition negatives")):
         pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value")
         pi.add_argument("--checkpoint", required=True, help="the model to post-train (run or checkpoint dir)")
         pi.add_argument("--out", required=True, help="run directory of the new model")
-        pi.add_argument("--data", help="pairs: stdlib-functions, an Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
+        pi.add_argument("--data", help="pairs: stdlib-functions, Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
                                        "(default: the checkpoint's --instruct.data)")
         pi.add_argument("--template", help="prompt template (alpaca, plain, chat, code; default auto)")
         pi.add_argument("--resume", action="store_true", help="continue the run in --out")

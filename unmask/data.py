@@ -278,7 +278,7 @@ def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -
 class PreparedData:
     tokenizer: Tokenizer
     rows: dict[str, np.ndarray]  # split -> [N, L] int64
-    spans: dict[str, np.ndarray] | None = None  # instruction rows: split -> [N, 2] (response start, its [EOS])
+    spans: dict[str, np.ndarray] | None = None  # instruction rows: split -> [N, 2] (response start, [EOS])
 
 
 def corpus_key(cfg: DataConfig) -> str:

@@ -101,7 +101,7 @@ def run_program(source: str, *, timeout: float | None, memory_mb: int = 1024) ->
     """Run untrusted `source` in a contained subprocess; killed (status `timeout`) after `timeout`
     seconds of wall clock."""
     if timeout is None or not timeout > 0 or math.isinf(timeout):
-        raise HarnessError(f"refusing to run generated code without a finite time limit (timeout={timeout!r})")
+        raise HarnessError(f"refusing to run generated code without a finite time limit ({timeout=})")
     with tempfile.TemporaryDirectory(prefix="unmask-humaneval-") as work:
         path = os.path.join(work, "program.py")
         with open(path, "w") as f:

@@ -18,22 +18,32 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from unmask.reference import ReferenceLM, ReferenceModelError, token_nlls
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-def response_nll(ref: ReferenceLM, prompt: str, response: str, *, window: int | None = None) -> float | None:
-    """Mean -log p(response tokens | prompt) under `ref`; None for an empty response. The response's
-    tokens are those after the longest common prefix of encode(prompt) and encode(prompt + response)."""
+def response_token_nlls(ref: ReferenceLM, prompt: str, response: str, *,
+                        window: int | None = None) -> np.ndarray:
+    """-log p(token | prompt, earlier response tokens) of each response token under `ref` (sliding
+    windows): the response's tokens are those after the longest common prefix of encode(prompt)
+    and encode(prompt + response). Empty for an empty response."""
     p_ids, ids = ref.encode(prompt), ref.encode(prompt + response)
-    k = next((i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b), min(len(p_ids), len(ids)))
+    shared = zip(p_ids, ids, strict=False)
+    k = next((i for i, (a, b) in enumerate(shared) if a != b), min(len(p_ids), len(ids)))
     k = max(k, 1)  # ids[0] ([BOS]) is never predicted
     if len(ids) <= k:
-        return None
+        return np.zeros(0)
     window = window or ref.max_len
-    nll = token_nlls(ref, ids, window, max(1, window // 2))  # nll[i - 1] scores ids[i]
-    return float(nll[k - 1:].mean())
+    return token_nlls(ref, ids, window, max(1, window // 2))[k - 1:]  # nll[i - 1] scores ids[i]
+
+
+def response_nll(ref: ReferenceLM, prompt: str, response: str, *, window: int | None = None) -> float | None:
+    """Mean -log p(response | prompt) per token under `ref`; None for an empty response."""
+    nll = response_token_nlls(ref, prompt, response, window=window)
+    return float(nll.mean()) if len(nll) else None
 
 
 def answer_f1(response: str, answer: str) -> float:
@@ -59,7 +69,7 @@ def judge_scores(judge: str, prompts: list[str], texts: list[str], *, ref: Refer
         return [-math.inf if x is None else -x for x in nlls]
     if judge == "answer-f1":
         if answers is None or len(answers) != len(texts):
-            raise ReferenceModelError("the answer-f1 judge needs one reference answer per response (--answers)")
+            raise ReferenceModelError("the answer-f1 judge needs a held-out answer per response (--answers)")
         return [answer_f1(t, a) for t, a in zip(texts, answers, strict=True)]
     raise ReferenceModelError(f"unknown judge {judge!r} (known: {', '.join(JUDGES)})")
 

@@ -52,8 +52,9 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
     for mc in range(samples):
         for start in range(0, len(rows), batch_size):
             x0 = torch.as_tensor(np.asarray(rows[start:start + batch_size]), device=device)
+            rows_at = slice(start, start + batch_size)
             valid = (x0 != pad_id if loss_positions is None
-                     else torch.as_tensor(np.asarray(loss_positions[start:start + batch_size]), device=device))
+                     else torch.as_tensor(np.asarray(loss_positions[rows_at]), device=device))
             batch = Batch(x0, valid)
             g = torch.Generator().manual_seed(seed * 1_000_003 + mc * 10_007 + start)
             with autocast(precision, device):

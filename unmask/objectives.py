@@ -214,7 +214,7 @@ def draw_negative(start: int, end: int, seq_len: int, cfg: InstructConfig,
     g = min(_randint(*cfg.unit, generator), c - 1)
     z = min(_randint(*cfg.span, generator), seq_len - c)
     if g < 1 or z < 1:
-        raise ValueError(f"R2FT needs a visible token before the cut and room after it (cut {c}, row {seq_len})")
+        raise ValueError(f"R2FT needs a visible token before the cut and room after it ({c=}, {seq_len=})")
     return Negative(c, g, z, _randint(0, g - 1, generator), _randint(0, z - 1, generator))
 
 
@@ -257,6 +257,7 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     margin = cfg.b_w * lp_w - cfg.b_l * lp_l - cfg.gamma
     per_row = -F.logsigmoid(margin) - cfg.b_a * lp_w
     loss = per_row.mean()
-    extras = {"chosen_logp": float(lp_w.mean()), "rejected_logp": float(lp_l.mean()),
-              "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+    lp_w_, lp_l_, margin_ = lp_w.detach(), lp_l.detach(), margin.detach()
+    extras = {"chosen_logp": float(lp_w_.mean()), "rejected_logp": float(lp_l_.mean()),
+              "margin": float(margin_.mean()), "accuracy": float((margin_ > 0).float().mean())}
     return LossOutput(loss, float(per_row.sum().detach()), B, extras)

@@ -34,7 +34,6 @@ from unmask.generate import generate
 from unmask.model import Transformer
 from unmask.schedules import LogLinear
 
-
 # Post-training defaults on top of the checkpoint's own config (every field stays overridable).
 # R2FT keeps the SFT run's settings ("same settings", Seo et al. 2025) for a few hundred steps.
 STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50}, "r2ft": {"steps": 300}}

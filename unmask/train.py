@@ -32,7 +32,15 @@ from unmask.data import PreparedData, batch_indices, prepare_data
 from unmask.instruct import prepare_instruct, response_mask
 from unmask.metrics import evaluate_perplexity
 from unmask.model import Transformer, autocast, build_model
-from unmask.objectives import Batch, LossOutput, ar_loss, diffusion_loss, per_block_losses, r2ft_loss, sft_loss
+from unmask.objectives import (
+    Batch,
+    LossOutput,
+    ar_loss,
+    diffusion_loss,
+    per_block_losses,
+    r2ft_loss,
+    sft_loss,
+)
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
 
 # Config fields that may change when a run is resumed (everything else must match).
