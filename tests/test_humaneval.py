@@ -114,5 +114,5 @@ def test_response_nll_scores_only_the_response(checkpoints):
     nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     assert response_nll(ref, prompt, response) == pytest.approx(float(nll[k - 1:].mean()), rel=1e-5)
     assert response_nll(ref, prompt, "") is None
-    scores = judge_scores("ref-nll", [prompt, prompt], [response, ""], ref=ref)
-    assert scores[1] == -math.inf and scores[0] > -math.inf  # an empty response always loses
+    scores = judge_scores("ref-nll", [prompt] * 3, [response, "", "\n    "], ref=ref)
+    assert scores[1] == scores[2] == -math.inf and scores[0] > -math.inf  # empty / blank responses lose

@@ -212,7 +212,7 @@ def cmd_repro_r2ft(ns: argparse.Namespace, rest: list[str]) -> None:
         raise SystemExit(f"error: unknown arguments for `unmask repro r2ft`: {' '.join(rest)}")
     print(r2ft_table(repro_r2ft(out=ns.out, sft_steps=ns.sft_steps, r2ft_steps=ns.r2ft_steps,
                                 canvas=ns.canvas, samples=ns.samples, kernel=ns.kernel,
-                                humaneval=not ns.no_humaneval)))
+                                humaneval=not ns.no_humaneval, eos=ns.eos)))
 
 
 def cmd_repro_soft_mask(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--samples", type=int, default=128, help="held-out prompts")
     rr.add_argument("--kernel", type=int, default=65, help="Conv window (the paper uses about L/4)")
     rr.add_argument("--no-humaneval", action="store_true", help="skip HumanEval pass@1")
+    rr.add_argument("--eos", choices=["all", "first"], default="all", help="SFT row tail (--instruct.eos)")
     rr.add_argument("--out", default="runs/repro-r2ft")
     rr.set_defaults(func=cmd_repro_r2ft)
 

@@ -4,7 +4,8 @@ AlpacaEval. It is NOT AlpacaEval (no GPT-4 judge, no length control) and is neve
 Judges score each response to a prompt; the higher score wins a pair, equal scores tie:
 - `ref-nll`: minus the mean NLL per token of the response given its prompt under a reference AR
   model (sliding windows). Fluency, not helpfulness: it rewards predictable text, repetition
-  included, so report it beside the repetition metrics. An empty response loses.
+  included, so report it beside the repetition metrics. An empty or whitespace-only response
+  loses (whitespace after a code prompt is very predictable, and says nothing).
 - `answer-f1`: token-bag F1 between the response and the held-out reference answer (tokens are
   identifiers, numbers and single punctuation marks). Closeness to one correct answer.
 
@@ -29,7 +30,9 @@ def response_token_nlls(ref: ReferenceLM, prompt: str, response: str, *,
                         window: int | None = None) -> np.ndarray:
     """-log p(token | prompt, earlier response tokens) of each response token under `ref` (sliding
     windows): the response's tokens are those after the longest common prefix of encode(prompt)
-    and encode(prompt + response). Empty for an empty response."""
+    and encode(prompt + response). Empty for an empty or whitespace-only response (it says nothing)."""
+    if not response.strip():
+        return np.zeros(0)
     p_ids, ids = ref.encode(prompt), ref.encode(prompt + response)
     shared = zip(p_ids, ids, strict=False)
     k = next((i for i, (a, b) in enumerate(shared) if a != b), min(len(p_ids), len(ids)))
@@ -41,7 +44,7 @@ def response_token_nlls(ref: ReferenceLM, prompt: str, response: str, *,
 
 
 def response_nll(ref: ReferenceLM, prompt: str, response: str, *, window: int | None = None) -> float | None:
-    """Mean -log p(response | prompt) per token under `ref`; None for an empty response."""
+    """Mean -log p(response | prompt) per token under `ref`; None for an empty/whitespace response."""
     nll = response_token_nlls(ref, prompt, response, window=window)
     return float(nll.mean()) if len(nll) else None
 

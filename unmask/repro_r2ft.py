@@ -35,32 +35,35 @@ PRESETS = ("llada", "semi-ar", "topk-glob", "conv")
 
 
 def train_arms(base: str, reference: str, out: str, *, sft_steps: int, r2ft_steps: int, seq_len: int,
-               max_prompt: int, progress: bool) -> dict[str, str]:
-    """The base MDLM and AR reference (cached from `repro bd3lm`), then SFT and SFT + R2FT."""
+               max_prompt: int, eos: str, progress: bool) -> dict[str, str]:
+    """The base MDLM and AR reference (cached from `repro bd3lm`), then SFT and SFT + R2FT (run
+    directories `sft`, `r2ft`; with `eos = first`: `sft-eos-first`, `r2ft-eos-first`)."""
+    tag = "" if eos == "all" else f"-eos-{eos}"
     for name, run in (("tiny-mdlm", base), ("tiny-ar", reference)):
         cfg = load_config(name)
         train_or_reuse(replace(cfg, train=replace(cfg.train, out=run)), progress=progress)
-    sft = instruct_config(base, "sft", out=f"{out}/sft")
+    sft = instruct_config(base, "sft", out=f"{out}/sft{tag}")
     sft = replace(sft, data=replace(sft.data, seq_len=seq_len, valid_fraction=0.02, test_fraction=0.03),
-                  instruct=replace(sft.instruct, max_prompt=max_prompt),
+                  instruct=replace(sft.instruct, max_prompt=max_prompt, eos=eos),
                   train=replace(sft.train, steps=sft_steps, eval_every=200, save_every=200))
     _continue(sft, base, progress=progress)
-    r2ft = instruct_config(f"{out}/sft", "r2ft", out=f"{out}/r2ft")
+    r2ft = instruct_config(f"{out}/sft{tag}", "r2ft", out=f"{out}/r2ft{tag}")
     r2ft = replace(r2ft, train=replace(r2ft.train, steps=r2ft_steps, eval_every=100, save_every=100))
-    _continue(r2ft, f"{out}/sft", progress=progress)
-    return {"SFT": f"{out}/sft", "SFT+R2FT": f"{out}/r2ft"}
+    _continue(r2ft, f"{out}/sft{tag}", progress=progress)
+    return {"SFT": f"{out}/sft{tag}", "SFT+R2FT": f"{out}/r2ft{tag}"}
 
 
 def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "runs/repro-bd3lm/tiny-ar",
                out: str = "runs/repro-r2ft", sft_steps: int = 800, r2ft_steps: int = 300, canvas: int = 256,
-               samples: int = 128, kernel: int = 65, humaneval: bool = True,
+               samples: int = 128, kernel: int = 65, humaneval: bool = True, eos: str = "all",
                progress: bool = True) -> dict[str, Any]:
-    """{SFT, SFT+R2FT} x PRESETS at S = canvas / 8; `kernel` is Conv's window (the paper's L/4)."""
+    """{SFT, SFT+R2FT} x PRESETS at S = canvas / 8; `kernel` is Conv's window (the paper's L/4);
+    `eos` is the SFT row tail (all: [EOS] padding with loss, first: one [EOS] then [PAD])."""
     from unmask.humaneval import evaluate_humaneval
 
     seq_len, max_prompt = canvas + 64, 64
     arms = train_arms(base, reference, out, sft_steps=sft_steps, r2ft_steps=r2ft_steps, seq_len=seq_len,
-                      max_prompt=max_prompt, progress=progress)
+                      max_prompt=max_prompt, eos=eos, progress=progress)
     cfg = load_checkpoint(arms["SFT"]).config
     tok = load_checkpoint(arms["SFT"]).tokenizer
     test = [p for p in load_pairs(cfg)["test"] if 1 + len(tok.encode(p.prompt)) <= max_prompt][:samples]
@@ -69,6 +72,7 @@ def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "ru
     answer_scores = judge_scores("ref-nll", prompts, answers, ref=ref)
     steps = max(1, canvas // 8)
     rows = []
+    tag = "" if eos == "all" else f"-eos-{eos}"
     (Path(out) / "samples").mkdir(parents=True, exist_ok=True)
     for model_name, run in arms.items():
         loaded = load_checkpoint(run)
@@ -96,24 +100,25 @@ def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "ru
                                         batch_size=16)
                 row["humaneval_pass1"] = he["pass@1"]
                 row["humaneval_timeouts"] = he["timeouts"]
-            with open(Path(out) / "samples" / f"{model_name}-{preset}.jsonl", "w") as f:
+            with open(Path(out) / "samples" / f"{model_name}{tag}-{preset}.jsonl", "w") as f:
                 f.writelines(json.dumps({"prompt": p, "text": t, "answer": a}) + "\n"
                              for p, t, a in zip(prompts, texts, answers, strict=True))
             rows.append(row)
             if progress:
                 print(f"{model_name} {preset}: rep-4 {row['rep4']:.3f}, gen-PPL {row['gen_ppl']:.1f}, "
                       f"win {row['win_rate']:.3f}", file=sys.stderr, flush=True)
-    result = {"rows": rows, "prompts": len(prompts), "canvas": canvas, "steps": steps, "kernel": kernel,
-              "reference": ref.name, "sft_steps": sft_steps, "r2ft_steps": r2ft_steps,
+    result = {"rows": rows, "prompts": len(prompts), "canvas": canvas, "eos": eos, "steps": steps,
+              "kernel": kernel, "reference": ref.name, "sft_steps": sft_steps, "r2ft_steps": r2ft_steps,
               "answer_repetition": repetition([tok.encode(a) for a in answers]),
               "answer_tokens": statistics.mean(len(tok.encode(a)) for a in answers)}
-    (Path(out) / "results.json").write_text(json.dumps(result, indent=1))
+    (Path(out) / f"results{tag}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def r2ft_table(result: dict[str, Any]) -> str:
     he = "humaneval_pass1" in result["rows"][0]
-    lines = [f"{result['prompts']} held-out stdlib-functions prompts; canvas {result['canvas']} new tokens, "
+    lines = [f"SFT rows end with eos={result.get('eos', 'all')}; "
+             f"{result['prompts']} held-out stdlib-functions prompts; canvas {result['canvas']} new tokens, "
              f"S = {result['steps']} steps; Conv kernel {result['kernel']}; gen-PPL and the win-rate judge: "
              f"{result['reference']} (response given its prompt). Held-out answers: rep-4 "
              f"{result['answer_repetition']['rep4']:.3f}, longest repeat "
