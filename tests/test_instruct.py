@@ -280,3 +280,14 @@ def test_posttrain_sft_then_r2ft_cli(checkpoints, tmp_path, capsys):
               "--out", str(tmp_path / "x"),
               *common])
     assert e.value.code == 2 and "bidirectional" in capsys.readouterr().err
+
+
+def test_hf_instruction_data_error_names_the_flag():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        match = r"--instruct.data 'hf:tatsu-lab/alpaca' needs the optional `datasets` package"
+    else:
+        match = r"--instruct.data 'hf:tatsu-lab/alpaca': could not load the Hugging Face dataset"
+    with pytest.raises(DataError, match=match):
+        read_pairs("hf:tatsu-lab/alpaca")

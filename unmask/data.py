@@ -112,18 +112,23 @@ def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
     return docs
 
 
-def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
+def load_hf_dataset(spec: str, flag: str = "corpus"):
+    """`hf:NAME[/CONFIG]` through the optional `datasets` package; errors name `flag` and spec."""
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"corpus {spec!r} needs the optional `datasets` package: "
+        raise DataError(f"{flag} {spec!r} needs the optional `datasets` package: "
                         "pip install 'unmask[hf]'") from e
     name, _, config = spec.removeprefix("hf:").partition("/")
     try:
-        ds = datasets.load_dataset(name, config or None)
+        return datasets.load_dataset(name, config or None)
     except Exception as e:  # offline, unknown name, ...: datasets raises many kinds
-        raise DataError(f"corpus {spec!r}: could not load the Hugging Face dataset "
+        raise DataError(f"{flag} {spec!r}: could not load the Hugging Face dataset "
                         f"(offline or unknown name?): {type(e).__name__}: {e}") from e
+
+
+def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
+    ds = load_hf_dataset(spec)
     if all(s in ds for s in SPLITS):
         return {s: [t for t in ds[s]["text"] if t.strip()] for s in SPLITS}
     first = next(iter(ds.values()))

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from unmask.config import Config
-from unmask.data import SPLITS, DataError, PreparedData, _read_text, _split_of, stdlib_files
+from unmask.data import (
+    SPLITS,
+    DataError,
+    PreparedData,
+    _read_text,
+    _split_of,
+    load_hf_dataset,
+    stdlib_files,
+)
 from unmask.tokenizer import Tokenizer
 
 TEMPLATES_FILE = Path(__file__).parent / "templates.toml"
@@ -178,17 +186,7 @@ def _file_records(path: Path) -> list[tuple[str, Any]]:
 
 
 def _hf_records(spec: str) -> list[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"--instruct.data {spec!r} needs the optional `datasets` package: "
-                        "pip install 'unmask[hf]'") from e
-    name, _, config = spec.removeprefix("hf:").partition("/")
-    try:
-        ds = datasets.load_dataset(name, config or None)
-    except Exception as e:  # offline, unknown name, ...
-        raise DataError(f"--instruct.data {spec!r}: could not load the Hugging Face dataset "
-                        f"(offline or unknown name?): {type(e).__name__}: {e}") from e
+    ds = load_hf_dataset(spec, "--instruct.data")
     split = ds["train"] if "train" in ds else next(iter(ds.values()))
     return [(f"{spec}:{i}", dict(r)) for i, r in enumerate(split)]
 
