@@ -49,6 +49,12 @@ def response_nll(ref: ReferenceLM, prompt: str, response: str, *, window: int | 
     return float(nll.mean()) if len(nll) else None
 
 
+def nll_score(nlls: np.ndarray) -> float:
+    """The ref-nll judge's score of a response from its token NLLs: minus their mean; an empty
+    (or blank) response scores -inf, so it always loses."""
+    return -float(nlls.mean()) if len(nlls) else -math.inf
+
+
 def answer_f1(response: str, answer: str) -> float:
     """F1 of the token bags of `response` and `answer` (0 when either is empty)."""
     r, a = Counter(TOKEN.findall(response)), Counter(TOKEN.findall(answer))
@@ -68,8 +74,7 @@ def judge_scores(judge: str, prompts: list[str], texts: list[str], *, ref: Refer
     if judge == "ref-nll":
         if ref is None:
             raise ReferenceModelError("the ref-nll judge needs a reference AR model (--reference)")
-        nlls = [response_nll(ref, p, t) for p, t in zip(prompts, texts, strict=True)]
-        return [-math.inf if x is None else -x for x in nlls]
+        return [nll_score(response_token_nlls(ref, p, t)) for p, t in zip(prompts, texts, strict=True)]
     if judge == "answer-f1":
         if answers is None or len(answers) != len(texts):
             raise ReferenceModelError("the answer-f1 judge needs a held-out answer per response (--answers)")

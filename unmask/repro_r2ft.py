@@ -23,7 +23,7 @@ from unmask.checkpoint import load_checkpoint
 from unmask.config import load_config, replace
 from unmask.decoding import preset_config
 from unmask.instruct import load_pairs
-from unmask.judge import answer_f1, judge_scores, response_token_nlls, win_rate
+from unmask.judge import answer_f1, judge_scores, nll_score, response_token_nlls, win_rate
 from unmask.metrics import repetition
 from unmask.posttrain import instruct_config
 from unmask.reference import load_reference
@@ -34,11 +34,16 @@ from unmask.schedules import build_schedule
 PRESETS = ("llada", "semi-ar", "topk-glob", "conv")
 
 
+def _tag(eos: str) -> str:
+    """Run-directory suffix of an `eos` setting (none for the default `all`)."""
+    return "" if eos == "all" else f"-eos-{eos}"
+
+
 def train_arms(base: str, reference: str, out: str, *, sft_steps: int, r2ft_steps: int, seq_len: int,
                max_prompt: int, eos: str, progress: bool) -> dict[str, str]:
     """The base MDLM and AR reference (cached from `repro bd3lm`), then SFT and SFT + R2FT (run
     directories `sft`, `r2ft`; with `eos = first`: `sft-eos-first`, `r2ft-eos-first`)."""
-    tag = "" if eos == "all" else f"-eos-{eos}"
+    tag = _tag(eos)
     for name, run in (("tiny-mdlm", base), ("tiny-ar", reference)):
         cfg = load_config(name)
         train_or_reuse(replace(cfg, train=replace(cfg.train, out=run)), progress=progress)
@@ -64,15 +69,15 @@ def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "ru
     seq_len, max_prompt = canvas + 64, 64
     arms = train_arms(base, reference, out, sft_steps=sft_steps, r2ft_steps=r2ft_steps, seq_len=seq_len,
                       max_prompt=max_prompt, eos=eos, progress=progress)
-    cfg = load_checkpoint(arms["SFT"]).config
-    tok = load_checkpoint(arms["SFT"]).tokenizer
+    sft = load_checkpoint(arms["SFT"])
+    cfg, tok = sft.config, sft.tokenizer
     test = [p for p in load_pairs(cfg)["test"] if 1 + len(tok.encode(p.prompt)) <= max_prompt][:samples]
     prompts, answers = [p.prompt for p in test], [p.response for p in test]
     ref = load_reference(reference)
     answer_scores = judge_scores("ref-nll", prompts, answers, ref=ref)
     steps = max(1, canvas // 8)
     rows = []
-    tag = "" if eos == "all" else f"-eos-{eos}"
+    tag = _tag(eos)
     (Path(out) / "samples").mkdir(parents=True, exist_ok=True)
     for model_name, run in arms.items():
         loaded = load_checkpoint(run)
@@ -86,7 +91,7 @@ def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "ru
             nlls = [response_token_nlls(ref, p, t) for p, t in zip(prompts, texts, strict=True)]
             scored = np.concatenate([n for n in nlls if len(n)] or [np.zeros(0)])
             rep = repetition(ids)
-            w = win_rate(judge_scores("ref-nll", prompts, texts, ref=ref), answer_scores, "ref-nll")
+            w = win_rate([nll_score(n) for n in nlls], answer_scores, "ref-nll")  # NLLs reused, not rescored
             row = {"model": model_name, "preset": preset, "rep4": rep["rep4"],
                    "longest_repeat": rep["longest_repeat"],
                    "gen_ppl": math.exp(float(scored.mean())) if len(scored) else math.inf,
