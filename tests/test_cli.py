@@ -3,7 +3,8 @@ import json
 import pytest
 
 from unmask.cli import main
-from unmask.config import Config, ConfigError, load_config
+from unmask.config import Config, ConfigError
+from unmask.config_io import load_config
 
 
 def run(argv, capsys):

@@ -1,16 +1,8 @@
 """unmask: masked and block diffusion language models — training, fast decoding, measurement."""
 
 from unmask.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unmask.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    NoiseConfig,
-    TrainConfig,
-    load_config,
-)
+from unmask.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, NoiseConfig, TrainConfig
+from unmask.config_io import load_config
 from unmask.data import DataError, load_corpus, prepare_data
 from unmask.kv_cache import KVCache
 from unmask.metrics import Perplexity, evaluate_perplexity

@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unmask.config import Config, ConfigError, config_from_json, to_dict
+from unmask.config import Config, ConfigError
+from unmask.config_io import config_from_json, to_dict
 from unmask.model import Transformer, build_model
 from unmask.tokenizer import Tokenizer, TokenizerError
 

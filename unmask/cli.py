@@ -17,7 +17,8 @@ import tyro
 from unmask.checkpoint import CheckpointError
 from unmask.cli_bench import add_bench_commands
 from unmask.cli_eval import add_eval_commands
-from unmask.config import Config, ConfigError, DecodeConfig, load_config
+from unmask.config import Config, ConfigError, DecodeConfig
+from unmask.config_io import load_config
 from unmask.data import DataError, read_jsonl
 from unmask.generate import DecodeError
 from unmask.humaneval import HarnessError

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from unmask.config import load_config
+from unmask.config_io import load_config
 
 
 def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from unmask.checkpoint import load_checkpoint, resolve_checkpoint
-from unmask.config import Config, load_config, replace
+from unmask.config import Config, replace
+from unmask.config_io import load_config
 from unmask.data import prepare_data, text_pieces
 from unmask.decoding import preset_config
 from unmask.metrics import Perplexity, evaluate_perplexity

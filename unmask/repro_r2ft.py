@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from unmask.checkpoint import load_checkpoint
-from unmask.config import load_config, replace
+from unmask.config import replace
+from unmask.config_io import load_config
 from unmask.decoding import preset_config
 from unmask.instruct import load_pairs
 from unmask.judge import answer_f1, judge_scores, nll_score, response_token_nlls, win_rate

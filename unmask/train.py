@@ -27,7 +27,8 @@ from unmask.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from unmask.config import Config, ConfigError, config_from_json, to_dict
+from unmask.config import Config, ConfigError
+from unmask.config_io import config_from_json, to_dict
 from unmask.data import PreparedData, batch_indices, prepare_data
 from unmask.instruct import prepare_instruct, response_mask
 from unmask.metrics import evaluate_perplexity
