@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from unmask.config import Config, DataConfig, ModelConfig, TrainConfig
-from unmask.data import prepare_data
-from unmask.model import Transformer
-from unmask.train import train
+from unmask.data.corpus import prepare_data
+from unmask.models.transformer import Transformer
+from unmask.training.loop import train
 
 VOCAB, MASK = 67, 66
 

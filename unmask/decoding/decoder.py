@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from unmask.decoding.inputs import BinaryInputs, InputPolicy
 from unmask.decoding.proposals import Distribution, Proposal
 from unmask.decoding.scores import TokenProb
 from unmask.decoding.selectors import SelectContext
@@ -25,18 +26,6 @@ class Selector(Protocol):
     needs_proposals: bool  # False: selection ignores proposals, so only chosen positions get one
 
     def __call__(self, c: SelectContext) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class BinaryInputs:
-    """Still-masked positions feed the [MASK] embedding: the model sees the tokens as they are."""
-
-    def __call__(self, model, tokens: torch.Tensor, start: int, state) -> dict[str, torch.Tensor]:
-        return {"tokens": tokens}
-
-
-class InputPolicy(Protocol):
-    def __call__(self, model, tokens: torch.Tensor, start: int, state) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""ADJUST approximate joint sampling (Bansal & Sanghavi, 2025): the one-layer sampler and its loss.
+"""ADJUST approximate joint sampling (Bansal & Sanghavi, 2025): refreshers, the sampler's loss, decoding.
 
 One full forward gives every masked position a distribution; decoding several tokens from those
 *marginals* ignores their dependence. ADJUST's sampler layer refreshes the remaining positions'
@@ -7,57 +7,24 @@ distributions after each decoded token at the cost of one small layer instead of
     h_j = RMSNorm(Block(Linear([RMSNorm(embed(x^(j))) ; RMSNorm(h_{j-1})]))) + h_{j-1}
     q_j = LM_head(h_j)                    (the frozen base model's embedding and head)
 
-with h_0 the full model's final hidden states. Only the sampler trains. Its objective: forward
+with h_0 the full model's final hidden states (the layer: `unmask.models.adjust_sampler`).
+Only the sampler trains. Its objective: forward
 KL(p_full(. | x^(J)) || q(. | x^(J))) over the positions still masked in x^(J), after J refreshes
 along the base model's own one-token-per-forward trajectory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from unmask.config import ModelConfig, replace
 from unmask.decoding.proposals import Distribution, Sample
 from unmask.decoding.rng import row_uniform
 from unmask.decoding.state import DecodeState
-from unmask.model import Block, Transformer
-
-Refresh = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class AdjustSampler(nn.Module):
-    """The sampler layer: one bidirectional block of the base architecture between two RMSNorms."""
-
-    def __init__(self, base_cfg: ModelConfig):
-        super().__init__()
-        D = base_cfg.dim
-        self.norm_embed, self.norm_prior, self.norm_out = nn.RMSNorm(D), nn.RMSNorm(D), nn.RMSNorm(D)
-        self.proj = nn.Linear(2 * D, D, bias=False)
-        self.block = Block(replace(base_cfg, attention="bidirectional", dropout=0.0))
-        for p in self.parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
-
-    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (the current state), prior [B, T, D] -> refreshed hidden [B, T, D]."""
-        x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        angles = positions[:, None].float() * base.inv_freq[None, :]
-        h = self.block(self.proj(x), angles.cos(), angles.sin(), None, None, 0)
-        return self.norm_out(h) + prior
-
-    def refresher(self, base: Transformer) -> Refresh:
-        """(tokens, prior) -> (logits, hidden) through the sampler and the frozen base head."""
-
-        def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = self(base, tokens, prior)
-            return base.head(hidden), hidden
-
-        return refresh
+from unmask.models.adjust_sampler import Refresh
+from unmask.models.transformer import Transformer
 
 
 def full_model_refresher(base: Transformer) -> Refresh:

@@ -1,0 +1,178 @@
+"""Contract suite: every preset on every model kind, plus cache/batch/infilling parity."""
+
+import pytest
+import torch
+from conftest import MASK, VOCAB, tiny_model
+
+from unmask.decoding.generate import DecodeError, completions, generate
+from unmask.decoding.presets import PRESETS, build_decoder, preset_config
+from unmask.decoding.rng import row_generators
+from unmask.decoding.sample import JOINT_PRESETS
+from unmask.schedules import LogLinear
+
+EOS = 5
+KINDS = ["block_causal", "bidirectional"]
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts every call (NFE and commit passes alike)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.calls = model, 0
+        self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
+
+    def forward(self, *a, **k):
+        self.calls += 1
+        return self.inner(*a, **k)
+
+
+def run(model, preset, *, prompt=None, template=None, seed=0, rows=None, eos=None, **over):
+    cfg = preset_config(preset, **over)
+    decoder = build_decoder(cfg, LogLinear())
+    given = prompt if prompt is not None else template
+    gens = row_generators(seed, rows if rows is not None else range(given.shape[0]))
+    states = list(generate(model, decoder, prompt=prompt, template=template,
+                           max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, block_len=cfg.block_len,
+                           cache=cfg.cache, eos_id=eos, eos_fill=cfg.eos_fill,
+                           generators=gens))
+    return states
+
+
+def prompt_batch(B=3, P=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(6, VOCAB - 1, (B, P), generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in JOINT_PRESETS])  # joint: test_joint
+def test_contract(kind, preset):
+    model = CountingModel(tiny_model(kind, block_size=4))
+    prompt = prompt_batch()
+    over = dict(max_new_tokens=16, steps=8)
+    states = run(model, preset, prompt=prompt, **over)
+    final = states[-1]
+    assert torch.equal(final.tokens[:, :6], prompt)  # prompt never edited
+    assert not (final.tokens == MASK).any()  # nothing left masked
+    assert final.tokens.shape == (3, 22)
+    block = 4 if kind == "block_causal" else (preset_config(preset).block_len or 16)
+    n_blocks = max(1, 16 // block)
+    per_block = max(1, round(8 * block / 16))
+    assert final.nfe <= per_block * (n_blocks + 1)  # within steps x blocks (+1: prompt's partial block)
+    assert model.calls == final.nfe + final.commit_passes  # NFE counts denoiser calls exactly
+    again = run(tiny_model(kind, block_size=4), preset, prompt=prompt, **over)[-1]
+    assert torch.equal(again.tokens, final.tokens)  # same seed, same output
+
+
+class Recording:
+    """Forwards to a decoder and keeps the logits each step received."""
+
+    def __init__(self, decoder):
+        self.decoder, self.logits = decoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def step(self, state, logits, *u):
+        self.logits.append(logits.clone())
+        return self.decoder.step(state, logits, *u)
+
+
+def test_cached_logits_equal_uncached_during_real_decoding():
+    model = tiny_model("block_causal", block_size=4)
+    prompt = prompt_batch(2, 6)
+    out = {}
+    for cache in ("auto", "none"):
+        rec = Recording(build_decoder(preset_config("bd3lm"), LogLinear()))
+        states = list(generate(model, rec, prompt=prompt, max_new_tokens=16, steps=16, cache=cache,
+                               generators=row_generators(0, range(2))))
+        out[cache] = (states[-1], rec.logits)
+    assert torch.equal(out["auto"][0].tokens, out["none"][0].tokens)
+    assert out["auto"][0].commit_passes == 1 + 5 and out["none"][0].commit_passes == 0
+    assert len(out["auto"][1]) == len(out["none"][1]) == 16 + 2  # 18 masks, 1 per call
+    for a, b in zip(out["auto"][1], out["none"][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,preset", [("block_causal", "bd3lm"), ("bidirectional", "mdlm"),
+                                         ("bidirectional", "conv"), ("bidirectional", "fast-dllm"),
+                                         ("causal", "mdlm")])
+def test_batched_output_equals_per_row_output(kind, preset):
+    model = tiny_model(kind, block_size=4)
+    prompt = prompt_batch(3, 5)
+    batched = run(model, preset, prompt=prompt, max_new_tokens=12, steps=6)[-1].tokens
+    for i in range(3):
+        alone = run(model, preset, prompt=prompt[i:i + 1], rows=[i], max_new_tokens=12, steps=6)[-1]
+        assert torch.equal(alone.tokens[0], batched[i])
+
+
+def test_first_hitting_commits_one_token_per_row_per_call():
+    model = tiny_model("bidirectional")
+    states = run(model, "first-hitting", prompt=prompt_batch(4, 3), max_new_tokens=8, steps=8)
+    masks = [int((s.tokens == MASK).sum(-1).max()) for s in states[:-1]]
+    assert masks == list(range(7, -1, -1))
+    per_row = [(s.tokens == MASK).sum(-1) for s in states[:-1]]
+    assert all(torch.equal(r, r[:1].expand_as(r)) for r in per_row)
+
+
+def test_infilling_keeps_the_template():
+    model = tiny_model("bidirectional")
+    template = prompt_batch(2, 16)
+    template[:, 4:9] = MASK
+    template[1, 12] = MASK
+    for preset in ("mdlm", "llada", "conv", "conv-ranked"):
+        final = run(model, preset, template=template, steps=4, block_len=0)[-1]
+        keep = template != MASK
+        assert torch.equal(final.tokens[keep], template[keep]) and not (final.tokens == MASK).any()
+
+
+def test_ar_model_decodes_one_token_per_call():
+    model = CountingModel(tiny_model("causal"))
+    final = run(model, "mdlm", prompt=prompt_batch(2, 4), max_new_tokens=7)[-1]
+    assert final.tokens.shape == (2, 11) and final.nfe == 7 == model.calls
+
+
+def test_eos_stops_block_rows_and_fills_canvas():
+    model = tiny_model("bidirectional")
+    # Force EOS everywhere by biasing the head: the canvas fills with EOS after the first one.
+    with torch.no_grad():
+        model.head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+        model.head.bias[EOS] = 50.0
+    final = run(model, "llada", prompt=prompt_batch(2, 3), max_new_tokens=8, steps=8, eos=EOS)[-1]
+    assert (final.tokens[:, 3:] == EOS).all()
+    assert completions(final, EOS) == [[], []]
+    bd3 = tiny_model("block_causal", block_size=4)
+    with torch.no_grad():
+        bd3.head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+        bd3.head.bias[EOS] = 50.0
+    final = run(bd3, "bd3lm", prompt=prompt_batch(2, 4), max_new_tokens=64, steps=64, eos=EOS)[-1]
+    assert final.tokens.shape[1] == 8  # one block, then every row stopped at its EOS
+
+
+def test_bad_inputs():
+    model = tiny_model("bidirectional")
+    dec = build_decoder(preset_config("mdlm"), LogLinear())
+    gens = row_generators(0, range(1))
+    with pytest.raises(DecodeError, match=r"prompt must be \[B, n\] with n >= 1"):
+        list(generate(model, dec, prompt=torch.zeros(1, 0, dtype=torch.long), generators=gens))
+    with pytest.raises(DecodeError, match="exceeds the model's maximum of 16"):
+        list(generate(model, dec, prompt=prompt_batch(1, 8), max_new_tokens=12, max_len=16, generators=gens))
+    with pytest.raises(DecodeError, match="steps must be >= 1"):
+        list(generate(model, dec, prompt=prompt_batch(1, 4), steps=0, generators=gens))
+    with pytest.raises(DecodeError, match="cache='dual' does not apply to a block_causal model"):
+        list(generate(tiny_model(), dec, prompt=prompt_batch(1, 4), cache="dual", generators=gens))
+    from unmask.config import ConfigError
+    with pytest.raises(ConfigError, match="--decode.kernel: must be 0 .off. or a positive odd width"):
+        preset_config("conv", kernel=64)
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        preset_config("nope")
+
+
+@pytest.mark.slow
+def test_compiled_model_decodes_the_same_tokens():
+    model = tiny_model("block_causal", block_size=4)
+    prompt = prompt_batch(2, 6)
+    eager = run(model, "bd3lm", prompt=prompt, max_new_tokens=16, steps=8)[-1]
+    model.compile_blocks()
+    compiled = run(model, "bd3lm", prompt=prompt, max_new_tokens=16, steps=8)[-1]
+    assert torch.equal(eager.tokens, compiled.tokens)

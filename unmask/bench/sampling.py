@@ -1,0 +1,273 @@
+"""Sampling benchmarks: decoders' speed beside the quality of the same samples (BENCHMARKS.md).
+
+`bench_sample` runs presets x step budgets on one prompt set; `bench_cache` measures the exact
+BD3-LM KV cache against recomputing the prefix; `bench_llada_reference` holds our `llada` preset
+against a plain loop written like the public LLaDA reference. Ratios are interleaved A B A B.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from unmask.bench.training import interleaved, ratio
+
+
+class TimedModel(torch.nn.Module):
+    """Wraps a denoiser and accumulates the wall time spent inside its calls."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+        self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
+        # what input policies and the ADJUST sampler reach for on the model
+        self.tok_embed, self.soft_mask, self.head = model.tok_embed, model.soft_mask, model.head
+        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        self.seconds, self.calls, self.flops = 0.0, 0, 0
+
+    def forward(self, tokens=None, *, cache=None, embeds=None):
+        B, T = (tokens if embeds is None else embeds).shape[:2]
+        keys = T if cache is None else max(cache.write_start + T, cache.length)
+        t = time.perf_counter()
+        out = self.inner(tokens, cache=cache, embeds=embeds)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        self.flops += self.inner.forward_flops(B, T, keys)
+        return out
+
+    def embed(self, tokens):
+        return self.inner.embed(tokens)
+
+
+def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int, eos_id: int | None,
+               schedule, precision: str = "fp32", sampler=None) -> dict[str, Any]:
+    """Decode every prompt with `cfg`; time the whole run and the part inside the model."""
+    from unmask.decoding.rng import row_generators
+    from unmask.decoding.generate import completions, final_state
+    from unmask.evaluation.metrics import rep_n, unigram_entropy
+    from unmask.decoding.sample import decode_states
+
+    timed = TimedModel(model)
+    outs, nfe, commits, row_forwards = [], 0, 0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        state = final_state(decode_states(
+            timed, cfg, chunk, schedule=schedule, eos_id=eos_id, precision=precision, sampler=sampler,
+            generators=row_generators(seed, range(start, start + len(chunk)))))
+        outs.extend(completions(state, eos_id))
+        nfe += state.nfe
+        commits += state.commit_passes
+        row_forwards += state.nfe * len(chunk)
+    seconds = time.perf_counter() - t0
+    new_tokens = sum(len(o) for o in outs)
+    prompt_tokens = prompts.numel()
+    return {
+        "seconds": seconds, "model_seconds": timed.seconds, "flops_per_s": timed.flops / seconds,
+        "overhead_fraction": 1 - timed.seconds / seconds,
+        "tokens_per_s": new_tokens / seconds,
+        "tokens_per_s_with_prompt": (new_tokens + prompt_tokens) / seconds,
+        "nfe": nfe, "commit_passes": commits, "new_tokens": new_tokens,
+        "tokens_per_forward": new_tokens / max(row_forwards, 1),
+        "entropy": statistics.mean(unigram_entropy(o) for o in outs),
+        "rep4": statistics.mean(rep_n(o, 4) for o in outs),
+        "samples": outs,
+    }
+
+
+def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int], *, prompts: torch.Tensor,
+                 max_new_tokens: int, batch_size: int, seed: int = 0, precision: str = "fp32",
+                 reference=None, featurizer=None, mauve_texts: list[str] | None = None,
+                 min_samples: int = 100, progress: bool = True) -> dict[str, Any]:
+    """Every preset x step budget on the same prompts: speed beside quality, one row each.
+    Quality: unigram entropy and repetition always; gen-PPL with a `reference` LM; MAUVE against
+    `mauve_texts` with a `featurizer`."""
+    from tqdm.auto import tqdm
+
+    from unmask.bench.training import matmul_peak
+    from unmask.decoding.presets import preset_config
+    from unmask.evaluation.metrics import repetition
+    from unmask.evaluation.reference import generative_perplexity, mauve_score, require_samples
+    from unmask.schedules import build_schedule
+
+    if featurizer is not None:
+        require_samples(len(mauve_texts or []), len(prompts), min_samples)
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    rows = []
+    grid = [(p, s) for p in presets for s in steps]
+    warm = preset_config(presets[0], steps=steps[0], max_new_tokens=max_new_tokens)
+    run_decode(model, warm, prompts[:batch_size], batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
+               schedule=schedule, precision=precision)  # warm-up: one-time costs stay out of the rows
+    for preset, n_steps in tqdm(grid, desc="bench sample", unit="run", disable=not progress):
+        cfg = preset_config(preset, steps=n_steps, max_new_tokens=max_new_tokens)
+        r = run_decode(model, cfg, prompts, batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
+                       schedule=schedule, precision=precision)
+        samples = r.pop("samples")
+        texts = [tokenizer.decode(s) for s in samples]
+        r |= {f"token_{k}": v for k, v in repetition(samples).items()}
+        r["fraction_of_peak"] = r["flops_per_s"] / peak
+        if reference is not None:
+            g = generative_perplexity(reference, texts)
+            r |= {"gen_ppl": g.ppl, "gen_ppl_entropy": g.entropy}
+        if featurizer is not None:
+            r["mauve"] = mauve_score(mauve_texts, texts, featurizer, min_samples=min_samples).score
+        rows.append({"preset": preset, "steps": n_steps, **r})
+    return {"rows": rows, "matmul_peak_flops": peak, "prompts": len(prompts),
+            "prompt_tokens": prompts.shape[1], "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "seed": seed, "precision": precision, "peak_rss_mb": _peak_rss_mb(),
+            "reference": getattr(reference, "name", None), "featurizer": getattr(featurizer, "name", None),
+            "mauve_reference_texts": len(mauve_texts or [])}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB); CUDA peak allocation when on a GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sample_table(rows: list[dict[str, Any]]) -> str:
+    cols = [("preset", "{}"), ("steps", "{}"), ("nfe", "{}"), ("tokens_per_forward", "{:.2f}"),
+            ("tokens_per_s", "{:.1f}"), ("tokens_per_s_with_prompt", "{:.1f}"),
+            ("overhead_fraction", "{:.1%}"),
+            ("gen_ppl", "{:.1f}"), ("mauve", "{:.3f}"), ("entropy", "{:.2f}"), ("token_rep4", "{:.3f}"),
+            ("token_longest_repeat", "{:.1f}")]
+    cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(k.replace("_", " ") for k, _ in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[k]) if k in r else "" for k, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_sample_results(rows: list[dict[str, Any]], out_dir) -> list:
+    """quality_vs_nfe.png and quality_vs_speed.png: one line per preset (gen-PPL when measured,
+    else rep-4), written to `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    quality = "gen_ppl" if all("gen_ppl" in r for r in rows) else "token_rep4"
+    label = {"gen_ppl": "gen-PPL (lower is better)", "token_rep4": "rep-4 (lower is better)"}[quality]
+    paths = []
+    for x, xlabel, name in (("nfe", "NFE (denoiser calls)", "quality_vs_nfe.png"),
+                            ("tokens_per_s", "output tokens / s", "quality_vs_speed.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            pts = sorted((r[x], r[quality]) for r in rows if r["preset"] == preset)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=preset)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        if x == "nfe":
+            ax.set_xscale("log")
+        if quality == "gen_ppl":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def bench_cache(model, tokenizer, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int,
+                batch_size: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """BD3-LM decoding with the exact KV cache vs recomputing the whole prefix every call."""
+    from unmask.decoding.presets import preset_config
+    from unmask.schedules import build_schedule
+
+    if model.cfg.attention != "block_causal":
+        raise ValueError("bench cache needs a block-causal (BD3-LM) checkpoint")
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    arms = {}
+    for cache in ("auto", "none"):
+        cfg = preset_config("bd3lm", cache=cache, steps=steps, max_new_tokens=max_new_tokens)
+        arms[cache] = (lambda cfg=cfg: run_decode(model, cfg, prompts, batch_size=batch_size, seed=seed,
+                                                  eos_id=None, schedule=schedule))
+    runs = interleaved(arms, repeats)
+    same = all(a["samples"] == b["samples"] for a, b in zip(runs["auto"], runs["none"], strict=True))
+    return {"speedup": ratio(runs, "none", "auto"), "identical_tokens": same,
+            "cached_seconds": statistics.median(r["seconds"] for r in runs["auto"]),
+            "recompute_seconds": statistics.median(r["seconds"] for r in runs["none"]),
+            "nfe": runs["auto"][0]["nfe"], "commit_passes": runs["auto"][0]["commit_passes"],
+            "block_size": model.cfg.block_size, "max_new_tokens": max_new_tokens, "steps": steps,
+            "batch_size": batch_size, "rows": len(prompts), "repeats": repeats}
+
+
+@torch.inference_mode()
+def llada_reference(model, prompt: torch.Tensor, *, gen_length: int, steps: int,
+                    block_length: int) -> torch.Tensor:
+    """A plain loop written the way the public LLaDA reference decodes (greedy, low-confidence
+    remasking): the whole sequence recomputed every step, semi-AR blocks, a fixed number of
+    tokens per step with the remainder to the first steps. The [MASK] logit is excluded, as our
+    SUBS models never predict it."""
+    mask_id = model.mask_id
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    n_blocks = gen_length // block_length
+    steps_per_block = steps // n_blocks
+    for b in range(n_blocks):
+        lo = prompt.shape[1] + b * block_length
+        hi = lo + block_length
+        block_mask = x[:, lo:hi] == mask_id
+        count = block_mask.sum(dim=1, keepdim=True)
+        base, rem = count // steps_per_block, count % steps_per_block
+        schedule = base.repeat(1, steps_per_block)
+        for i in range(steps_per_block):
+            schedule[:, i] += (i < rem[:, 0]).long()
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            logits = model(x).logits.double()
+            logits[..., mask_id] = -torch.inf
+            x0 = logits.argmax(dim=-1)
+            p = torch.softmax(logits, dim=-1)
+            x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+            x0_p[:, hi:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, idx = torch.topk(confidence[j], k=int(schedule[j, i]))
+                transfer[j, idx] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def bench_llada_reference(model, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int,
+                          block_len: int, repeats: int = 3) -> dict[str, Any]:
+    """Our `llada` preset vs `llada_reference` on the same checkpoint and prompts."""
+    from unmask.decoding.presets import preset_config
+    from unmask.schedules import build_schedule
+
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    cfg = preset_config("llada", steps=steps, max_new_tokens=max_new_tokens, block_len=block_len,
+                        eos_fill=False)
+    B = len(prompts)
+
+    def ours():
+        r = run_decode(model, cfg, prompts, batch_size=B, seed=0, eos_id=None, schedule=schedule)
+        return {"seconds": r["seconds"], "tokens": r["samples"]}
+
+    def reference():
+        t = time.perf_counter()
+        x = llada_reference(model, prompts, gen_length=max_new_tokens, steps=steps, block_length=block_len)
+        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1]:].tolist()}
+
+    runs = interleaved({"ours": ours, "reference": reference}, repeats)
+    identical = all(a["tokens"] == b["tokens"] for a, b in zip(runs["ours"], runs["reference"], strict=True))
+    return {"speedup": ratio(runs, "reference", "ours"), "identical_tokens": identical,
+            "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
+            "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
+            "max_new_tokens": max_new_tokens, "steps": steps, "block_len": block_len, "rows": B,
+            "repeats": repeats}

@@ -1,0 +1,1 @@
+"""The `unmask` command line: the parser (`main.py`) and one module per command group."""

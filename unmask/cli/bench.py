@@ -1,0 +1,149 @@
+"""`unmask bench ...`: the benchmark subcommands (see BENCHMARKS.md), each wrapping a function of
+`unmask.bench.training` or `unmask.bench.sampling` and writing JSON + markdown results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from unmask.config_io import load_config
+
+
+def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.training import bench_train, bench_train_report
+    from unmask.cli.flags import parse_overrides, shorthands
+
+    cfg = parse_overrides(load_config(ns.config), shorthands(rest), "unmask bench train")
+    result = bench_train(cfg, repeats=ns.repeats)
+    print(bench_train_report(result))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def _bench_setup(ns):
+    from unmask.cli.flags import read_prompts
+    from unmask.data.prompts import file_prompts, heldout_prompts
+    from unmask.models.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ns.checkpoint)
+    if ns.prompts_file:
+        prompts = file_prompts(loaded.tokenizer, read_prompts(argparse.Namespace(
+            prompt=None, prompts_file=ns.prompts_file)), ns.num_prompts)
+    else:
+        prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
+    return loaded, prompts
+
+
+def _write_bench(out: str | None, name: str, result: dict, table: str) -> None:
+    from unmask.bench.training import machine_info
+
+    print(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
+        (folder / f"{name}.md").write_text(table + "\n")
+        print(f"wrote {folder / name}.json and .md", file=sys.stderr)
+
+
+def cmd_bench_sample(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.sampling import bench_sample, sample_table
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask bench sample`: {' '.join(rest)}")
+    from unmask.bench.sampling import plot_sample_results
+    from unmask.evaluation.reference import load_featurizer, load_reference
+
+    loaded, prompts = _bench_setup(ns)
+    reference = load_reference(ns.reference) if ns.reference else None
+    featurizer = load_featurizer(ns.featurizer) if ns.featurizer else None
+    mauve_texts = None
+    if featurizer is not None:
+        chars = 4 * ns.max_new_tokens  # about as long as the samples (a few characters per token)
+        from unmask.data.corpus import text_pieces
+
+        mauve_texts = text_pieces(ns.mauve_reference or f"{loaded.config.data.corpus}@test",
+                                      len(prompts), chars, loaded.config.data)
+    result = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
+                          [int(s) for s in ns.steps.split(",")], prompts=prompts,
+                          max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, seed=ns.seed,
+                          precision=ns.precision, reference=reference, featurizer=featurizer,
+                          mauve_texts=mauve_texts, min_samples=ns.min_samples)
+    settings = {k: v for k, v in vars(ns).items() if k != "func"}
+    _write_bench(ns.out, "results", {"settings": settings, **result}, sample_table(result["rows"]))
+    if ns.out:
+        for path in plot_sample_results(result["rows"], ns.out):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.sampling import bench_cache
+
+    loaded, prompts = _bench_setup(ns)
+    r = bench_cache(loaded.model, loaded.tokenizer, loaded.config, prompts=prompts,
+                    max_new_tokens=ns.max_new_tokens, steps=ns.steps, batch_size=ns.batch_size,
+                    repeats=ns.repeats)
+    q = r["speedup"]
+    table = (f"BD3-LM L'={r['block_size']}, {r['max_new_tokens']} new tokens, {r['steps']} steps, "
+             f"batch {r['batch_size']}: exact cache {r['cached_seconds']:.2f}s vs recompute "
+             f"{r['recompute_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
+             f"{r['repeats']} interleaved pairs); identical tokens: {r['identical_tokens']}")
+    _write_bench(ns.out, "cache", r, table)
+
+
+def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.sampling import bench_llada_reference
+
+    loaded, prompts = _bench_setup(ns)
+    r = bench_llada_reference(loaded.model, loaded.config, prompts=prompts, max_new_tokens=ns.max_new_tokens,
+                              steps=ns.steps, block_len=ns.block_len, repeats=ns.repeats)
+    q = r["speedup"]
+    table = (f"llada preset vs reference loop, {r['max_new_tokens']} new tokens, {r['steps']} steps, blocks "
+             f"of {r['block_len']}, {r['rows']} rows: ours {r['ours_seconds']:.2f}s vs reference "
+             f"{r['reference_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
+             f"identical tokens: {r['identical_tokens']}")
+    _write_bench(ns.out, "llada_reference", r, table)
+
+
+def add_bench_commands(sub) -> None:
+    """`unmask bench train | sample | cache | llada-ref`."""
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    bt = b.add_parser("train", allow_abbrev=False,
+                      help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
+    bt.add_argument("--config", default="small-bd3lm")
+    bt.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per arm")
+    bt.add_argument("--json", help="also write the results to this JSON file")
+    bt.set_defaults(func=cmd_bench_train)
+
+    def sampling_args(parser, max_new: int, steps) -> None:
+        parser.add_argument("--checkpoint", required=True)
+        parser.add_argument("--num-prompts", type=int, default=8, help="held-out test-document prefixes")
+        parser.add_argument("--prompts-file", help="JSONL with a `prompt` field instead of held-out prefixes")
+        parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (after [BOS])")
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--max-new-tokens", type=int, default=max_new)
+        parser.add_argument("--steps", type=type(steps), default=steps)
+        parser.add_argument("--out", help="folder for the JSON and markdown results")
+
+    bs = b.add_parser("sample", allow_abbrev=False, help="presets x step budgets: speed beside quality")
+    sampling_args(bs, 128, "32,128")
+    bs.add_argument("--presets", default="mdlm,bd3lm,llada,fast-dllm,conv")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    bs.add_argument("--reference", help="AR checkpoint / HF causal LM for gen-PPL")
+    bs.add_argument("--featurizer", help="MAUVE featurizer: minilm or ar:PATH (off when absent)")
+    bs.add_argument("--mauve-reference", help="MAUVE reference texts (default: the corpus's test split)")
+    bs.add_argument("--min-samples", type=int, default=100, help="MAUVE refuses below this many samples")
+    bs.set_defaults(func=cmd_bench_sample)
+    bc = b.add_parser("cache", allow_abbrev=False, help="BD3-LM exact KV cache vs full recompute")
+    sampling_args(bc, 1024, 256)
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.set_defaults(func=cmd_bench_cache)
+    bl = b.add_parser("llada-ref", allow_abbrev=False, help="llada preset vs a plain reference loop")
+    sampling_args(bl, 128, 64)
+    bl.add_argument("--block-len", type=int, default=32)
+    bl.add_argument("--repeats", type=int, default=3)
+    bl.set_defaults(func=cmd_bench_llada)

@@ -1,0 +1,83 @@
+"""Flag handling shared by the commands: config overrides (`--section.field=value`, parsed by `tyro`
+against a config), the shorthands (`--data`, `--out`, `--preset`, `--max-new-tokens`), prompts.
+
+Nothing heavy is imported at module level, so `unmask --help` stays quick."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from unmask.config import Config, DecodeConfig
+
+
+def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
+    """Apply `--section.field=value` flags to `default`; unknown flags and bad values (including
+    a ConfigError from validation) make tyro print the problem and exit 2."""
+    import tyro
+
+    return tyro.cli(Config, default=default, args=args, prog=prog,
+                    config=(tyro.conf.FlagConversionOff,))
+
+
+def shorthands(args: list[str]) -> list[str]:
+    """`--data PATH` -> `--data.corpus PATH`, `--out DIR` -> `--train.out DIR` (also with `=`)."""
+    out = []
+    for a in args:
+        for short, full in (("--data", "--data.corpus"), ("--out", "--train.out")):
+            if a == short:
+                a = full
+            elif a.startswith(short + "="):
+                a = full + a[len(short):]
+        out.append(a)
+    return out
+
+
+@dataclass(frozen=True)
+class _DecodeFlags:
+    decode: DecodeConfig
+
+
+def _split_preset(rest: list[str]) -> tuple[str | None, list[str]]:
+    """Pull `--preset NAME` (or `--decode.preset`) out of the flags: it sets the other defaults."""
+    out, preset, it = [], None, iter(rest)
+    for a in it:
+        if a in ("--preset", "--decode.preset"):
+            preset = next(it, None)
+        elif a.startswith(("--preset=", "--decode.preset=")):
+            preset = a.split("=", 1)[1]
+        elif a == "--max-new-tokens":
+            out.extend(["--decode.max_new_tokens", next(it, "")])
+        elif a.startswith("--max-new-tokens="):
+            out.append("--decode.max_new_tokens=" + a.split("=", 1)[1])
+        else:
+            out.append(a)
+    return preset, out
+
+
+def decode_config(rest: list[str], prog: str) -> DecodeConfig:
+    """`--preset NAME` then `--decode.field=value` overrides (any preset field)."""
+    from unmask.decoding.presets import preset_config
+
+    preset, rest = _split_preset(rest)
+    base = preset_config(preset or "mdlm")
+    import tyro
+
+    return tyro.cli(_DecodeFlags, default=_DecodeFlags(base), args=rest, prog=prog,
+                    config=(tyro.conf.FlagConversionOff,)).decode
+
+
+def read_prompts(ns: argparse.Namespace) -> list[str]:
+    from unmask.data.corpus import DataError, read_jsonl
+
+    prompts = list(ns.prompt or [])
+    if ns.prompts_file:
+        path = Path(ns.prompts_file)
+        if not path.is_file():
+            raise DataError(f"--prompts-file: no such file {path}")
+        if path.suffix == ".jsonl":
+            prompts.extend(record["prompt"] for _, record in read_jsonl(path, "prompt"))
+        else:
+            prompts.extend(line for line in path.read_text().splitlines() if line.strip())
+    return prompts or [""]  # no prompt: unconditional, from [BOS]

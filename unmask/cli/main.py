@@ -1,0 +1,59 @@
+"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env.
+
+Each subcommand wraps a public function. Config overrides are `--section.field=value` (or
+`--section.field value`), parsed by `tyro` against the config loaded from `--config` (or a
+checkpoint's own config). Building the parser imports no torch: `--help` answers at once, and a
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unmask.cli.bench import add_bench_commands
+from unmask.cli.eval import add_eval_commands
+from unmask.cli.posttrain import add_posttrain_commands
+from unmask.cli.repro import add_repro_commands
+from unmask.cli.sample import add_sample_command
+from unmask.cli.train import add_train_command
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user's input can cause: printed as one line, exit status 2, no traceback."""
+    from unmask.config import ConfigError
+    from unmask.data.corpus import DataError
+    from unmask.data.tokenizer import TokenizerError
+    from unmask.decoding.generate import DecodeError
+    from unmask.evaluation.humaneval import HarnessError
+    from unmask.evaluation.reference import ReferenceModelError
+    from unmask.models.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError,
+            HarnessError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unmask", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_command(sub)
+    add_eval_commands(sub)
+    add_sample_command(sub)
+    add_repro_commands(sub)
+    add_posttrain_commands(sub)
+    add_bench_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns, rest = build_parser().parse_known_args(argv)
+    try:
+        ns.func(ns, rest)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`unmask posttrain ...`: instruction SFT, R2FT, ADJUST trajectories and sampler training."""
+
+from __future__ import annotations
+
+import argparse
+
+from unmask.cli.flags import parse_overrides
+
+
+def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.training.loop import train
+    from unmask.training.posttrain import instruct_config
+
+    base = instruct_config(ns.checkpoint, ns.what, out=ns.out, data=ns.data, template=ns.template)
+    cfg = parse_overrides(base, rest, f"unmask posttrain {ns.what}")
+    result = train(cfg, init=ns.checkpoint, resume=ns.resume)
+    print(f"checkpoint: {result.run_dir} (step {result.step}, response-only val ppl <= {result.val_ppl:.2f})")
+
+
+def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
+    import torch
+
+    from unmask.data.prompts import heldout_prompts
+    from unmask.models.checkpoint import load_checkpoint
+    from unmask.training.adjust import generate_trajectories
+
+    loaded = load_checkpoint(ns.checkpoint)
+    if ns.prompt_tokens:
+        prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_trajectories, ns.prompt_tokens,
+                                  split="train")
+    else:  # unconditional: from [BOS]
+        prompts = torch.full((ns.num_trajectories, 1), loaded.tokenizer.bos_id)
+    new = ns.new_tokens or loaded.config.data.seq_len - prompts.shape[1]
+    traj = generate_trajectories(loaded.model, prompts, ns.out, new_tokens=new, batch_size=ns.batch_size,
+                                 seed=ns.seed)
+    print(f"{len(traj.prompts)} trajectories of {new} tokens in {ns.out}")
+
+
+def cmd_posttrain_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.models.checkpoint import load_checkpoint
+    from unmask.training.adjust import load_trajectories, split_trajectories, train_sampler
+
+    loaded = load_checkpoint(ns.checkpoint)
+    traj, valid = split_trajectories(load_trajectories(ns.trajectories), ns.valid_fraction)
+    r = train_sampler(loaded.model, ns.checkpoint, traj, valid, K=ns.k, out=ns.out, steps=ns.steps,
+                      batch_size=ns.batch_size, lr=ns.lr)
+    print(f"sampler ({r['params']:,} parameters, {100 * r['params'] / r['base_params']:.1f}% of the base) "
+          f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f}")
+
+
+def add_posttrain_commands(sub) -> None:
+    pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
+    for stage, text in (("sft", "instruction SFT: diffusion loss on response tokens only"),
+                        ("r2ft", "rejective fine-tuning against rule-made repetition negatives")):
+        pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value")
+        pi.add_argument("--checkpoint", required=True, help="the model to post-train (run or checkpoint dir)")
+        pi.add_argument("--out", required=True, help="run directory of the new model")
+        pi.add_argument("--data", help="pairs: stdlib-functions, Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
+                                       "(default: the checkpoint's --instruct.data)")
+        pi.add_argument("--template", help="prompt template (alpaca, plain, chat, code; default auto)")
+        pi.add_argument("--resume", action="store_true", help="continue the run in --out")
+        pi.set_defaults(func=cmd_posttrain_instruct)
+    pd = pt.add_parser("adjust-data", allow_abbrev=False, help="exact one-token-per-forward trajectories")
+    pd.add_argument("--checkpoint", required=True)
+    pd.add_argument("--num-trajectories", type=int, default=512)
+    pd.add_argument("--out", required=True)
+    pd.add_argument("--new-tokens", type=int, default=0, help="default: the training length minus the prompt")
+    pd.add_argument("--prompt-tokens", type=int, default=0, help="0: unconditional (from [BOS])")
+    pd.add_argument("--batch-size", type=int, default=32)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.set_defaults(func=cmd_posttrain_adjust_data)
+    pa = pt.add_parser("adjust", allow_abbrev=False, help="train the ADJUST sampler layer")
+    pa.add_argument("--checkpoint", required=True)
+    pa.add_argument("--trajectories", required=True)
+    pa.add_argument("--k", type=int, default=4, help="tokens per full forward (longest unroll)")
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--steps", type=int, default=500)
+    pa.add_argument("--batch-size", type=int, default=32)
+    pa.add_argument("--lr", type=float, default=5e-5)
+    pa.add_argument("--valid-fraction", type=float, default=0.1, help="trajectories held out for the KL")
+    pa.set_defaults(func=cmd_posttrain_adjust)

@@ -1,0 +1,76 @@
+"""`unmask sample`: decode text from a checkpoint with a preset and any `--decode.field=value`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from unmask.cli.flags import decode_config, read_prompts
+
+
+def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.decoding.sample import render, sample
+    from unmask.models.checkpoint import load_checkpoint
+    from unmask.schedules import build_schedule
+
+    cfg = decode_config(rest, "unmask sample")
+    loaded = load_checkpoint(ns.checkpoint)
+    model, tok = loaded.model, loaded.tokenizer
+    sampler = None
+    if ns.sampler:
+        from unmask.models.adjust_sampler import load_sampler
+
+        sampler = load_sampler(ns.sampler, ns.checkpoint)[0]
+    if ns.compile:
+        model.compile_blocks()
+    max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
+    prompts = read_prompts(ns)
+    on_state = None
+    live = None
+    if ns.stream:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.panel import Panel
+
+        live = Live(console=Console(stderr=True), refresh_per_second=20, transient=False)
+        live.start()
+
+        def on_state(state):
+            live.update(Panel(render(state, tok), title=f"block {state.block} step {state.step} "
+                                                       f"nfe {state.nfe}"))
+    try:
+        records = sample(model, tok, prompts, cfg, build_schedule(loaded.config.noise.schedule,
+                                                                   loaded.config.noise.eps),
+                         num_samples=ns.num_samples, batch_size=ns.batch_size, seed=ns.seed,
+                         max_len=max_len, precision=ns.precision, on_state=on_state, sampler=sampler)
+    finally:
+        if live is not None:
+            live.stop()
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"wrote {len(records)} samples to {ns.output}", file=sys.stderr)
+    else:
+        for r in records:
+            print(f"--- sample {r['index']} (nfe {r['nfe']}, {r['new_tokens']} tokens)")
+            print(r["prompt"] + r["text"])
+
+
+def add_sample_command(sub) -> None:
+    s = sub.add_parser("sample", allow_abbrev=False,
+                       help="decode text; --preset NAME then any --decode.field=value")
+    s.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
+    s.add_argument("--prompts-file", help="prompts: one per line, or .jsonl with a `prompt` field")
+    s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--max-len", type=int, default=0,
+                   help="longest canvas allowed (default: training length for bidirectional models)")
+    s.add_argument("--stream", action="store_true", help="show the canvas filling in")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model's blocks first")
+    s.add_argument("--sampler", help="ADJUST sampler directory (with --preset adjust)")
+    s.add_argument("--output", help="write JSONL records here instead of printing text")
+    s.set_defaults(func=cmd_sample)

@@ -1,0 +1,331 @@
+"""Corpora, tokenized caches and packing into fixed-length rows.
+
+Corpora:
+- `stdlib`: the embedded default, the `.py` sources of the running interpreter's standard library
+  (no download). `stdlib:json,email` keeps only those top-level modules/packages.
+- a local `.txt` file (one document per file, or one per blank-line-separated paragraph), a
+  `.jsonl` file with a `text` field per line, or a directory of those (searched recursively);
+- `hf:NAME[/CONFIG]`: a Hugging Face dataset through the optional `datasets` package.
+
+Every document gets a stable key (relative path, line number, ...); the train/validation/test
+split is decided by a hash of that key, so it never depends on file order or on other documents.
+Packing follows BD3-LM: `wrap` joins `[BOS] doc [EOS]` and cuts exact `L`-token rows; `pad` puts
+one document per row, truncated or padded with `[PAD]` (which carries no loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unmask.config import DataConfig
+from unmask.data.tokenizer import Tokenizer
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """A corpus could not be read or is unusable; the message names the corpus or file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora -> {split: [documents]}
+
+
+def _split_of(key: str, valid_fraction: float, test_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + valid_fraction:
+        return "validation"
+    return "train"
+
+
+def stdlib_files(modules: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(relative path, path) of the standard library's .py files, tests and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        parts = rel.parts
+        if "site-packages" in parts or "dist-packages" in parts:
+            continue
+        if any(p in ("test", "tests", "idle_test") or p.startswith("test_") for p in parts):
+            continue
+        if modules and parts[0].removesuffix(".py") not in modules:
+            continue
+        out.append((rel.as_posix(), path))
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from e
+
+
+def read_jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a JSONL file; each record must be an
+    object with a string `field`. Errors name the file and line."""
+    out = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{n}: expected an object with a string `{field}` field")
+        out.append((n, record))
+    return out
+
+
+def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    if not files:
+        raise DataError(f"corpus {root}: no .txt or .jsonl files found")
+    docs = []
+    for path in files:
+        rel = path.name if path == root else path.relative_to(root).as_posix()
+        if path.suffix == ".jsonl":
+            docs.extend((f"{rel}:{n}", record["text"]) for n, record in read_jsonl(path, "text"))
+        elif path.suffix == ".txt":
+            text = _read_text(path)
+            if txt_documents == "file":
+                docs.append((rel, text))
+            else:
+                paragraphs = [p for p in text.split("\n\n") if p.strip()]
+                docs.extend((f"{rel}#{i}", p) for i, p in enumerate(paragraphs))
+        else:
+            raise DataError(f"corpus {path}: unsupported file type (use .txt or .jsonl)")
+    return docs
+
+
+def load_hf_dataset(spec: str, flag: str = "corpus"):
+    """`hf:NAME[/CONFIG]` through the optional `datasets` package; errors name `flag` and spec."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{flag} {spec!r} needs the optional `datasets` package: "
+                        "pip install 'unmask[hf]'") from e
+    name, _, config = spec.removeprefix("hf:").partition("/")
+    try:
+        return datasets.load_dataset(name, config or None)
+    except Exception as e:  # offline, unknown name, ...: datasets raises many kinds
+        raise DataError(f"{flag} {spec!r}: could not load the Hugging Face dataset "
+                        f"(offline or unknown name?): {type(e).__name__}: {e}") from e
+
+
+def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
+    ds = load_hf_dataset(spec)
+    if all(s in ds for s in SPLITS):
+        return {s: [t for t in ds[s]["text"] if t.strip()] for s in SPLITS}
+    first = next(iter(ds.values()))
+    return [(f"{i}", t) for i, t in enumerate(first["text"]) if t.strip()]
+
+
+def load_corpus(spec: str, *, txt_documents: str = "file", valid_fraction: float = 0.01,
+                test_fraction: float = 0.01) -> dict[str, list[str]]:
+    """Read a corpus and split it deterministically into train/validation/test documents."""
+    if spec == "stdlib" or spec.startswith("stdlib:"):
+        modules = tuple(m for m in spec.removeprefix("stdlib").lstrip(":").split(",") if m)
+        keyed = [(rel, _read_text(p)) for rel, p in stdlib_files(modules)]
+    elif spec.startswith("hf:"):
+        loaded = _hf_documents(spec)
+        if isinstance(loaded, dict):
+            return _checked(spec, loaded)
+        keyed = loaded
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"corpus {spec!r}: no such file or directory (and not `stdlib` or "
+                            "`hf:NAME`)")
+        keyed = _local_documents(path, txt_documents)
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for key, text in keyed:
+        if text.strip():
+            splits[_split_of(key, valid_fraction, test_fraction)].append(text)
+    return _checked(spec, splits)
+
+
+def _checked(spec: str, splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    if not any(splits.values()):
+        raise DataError(f"corpus {spec!r} has no non-empty documents")
+    for s in SPLITS:
+        if not splits[s]:
+            raise DataError(f"corpus {spec!r}: the {s} split is empty "
+                            f"({sum(map(len, splits.values()))} documents in all); "
+                            "use a bigger corpus or raise --data.valid_fraction/test_fraction")
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenized cache
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """A split as one flat token stream plus document boundaries (memory-mapped from the cache)."""
+
+    tokens: np.ndarray  # [N_tokens] int32, documents concatenated without specials
+    offsets: np.ndarray  # [N_docs + 1] int64, document d is tokens[offsets[d]:offsets[d+1]]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: str) -> TokenizedSplit:
+    """Tokenize documents once; later calls with the same key memory-map the cached arrays."""
+    digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}".encode()).hexdigest()[:20]
+    folder = Path(cache_dir) / "tokens" / digest
+    tok_file, off_file, meta_file = folder / "tokens.npy", folder / "offsets.npy", folder / "meta.json"
+    if meta_file.is_file():
+        return TokenizedSplit(np.load(tok_file, mmap_mode="r"), np.load(off_file))
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = tokenizer.encode_batch(docs)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in ids])
+    tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    _atomic_save(tok_file, tokens)
+    _atomic_save(off_file, offsets)
+    tmp = meta_file.with_name(f"meta.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "n_docs": len(docs)}))
+    os.replace(tmp, meta_file)  # written last: its presence means the cache entry is complete
+    return TokenizedSplit(np.load(tok_file, mmap_mode="r"), offsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer) -> np.ndarray:
+    """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode."""
+    bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    n_docs = len(split.offsets) - 1
+    if packing == "wrap":
+        # [BOS] doc [EOS] for every document, concatenated; the tail shorter than L is dropped.
+        lengths = np.diff(split.offsets) + 2
+        stream = np.empty(int(lengths.sum()), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        stream[starts] = bos
+        stream[starts + lengths - 1] = eos
+        body = np.ones(len(stream), dtype=bool)
+        body[starts] = False
+        body[starts + lengths - 1] = False
+        stream[body] = split.tokens
+        n_rows = len(stream) // seq_len
+        if n_rows == 0:
+            raise DataError(f"split has {len(stream)} tokens, fewer than one row of {seq_len}")
+        return stream[: n_rows * seq_len].reshape(n_rows, seq_len)
+    if packing == "pad":
+        rows = np.full((n_docs, seq_len), pad, dtype=np.int64)
+        for d in range(n_docs):
+            doc = np.concatenate([[bos], split.tokens[split.offsets[d]:split.offsets[d + 1]], [eos]])
+            rows[d, : min(len(doc), seq_len)] = doc[:seq_len]
+        return rows
+    raise DataError(f"unknown packing {packing!r} (use wrap or pad)")
+
+
+def batch_indices(n_rows: int, batch_size: int, index: int, seed: int) -> np.ndarray:
+    """Row indices of the `index`-th batch of a seeded, epoch-wise shuffled stream.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
+    """
+    g = index * batch_size + np.arange(batch_size)
+    epochs, pos = g // n_rows, g % n_rows
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_rows)
+        sel = epochs == epoch
+        out[sel] = perm[pos[sel]]
+    return out
+
+
+def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -> list[str]:
+    """Up to n held-out texts of `chars` characters, consecutive pieces of the documents of
+    `CORPUS@SPLIT` (e.g. `stdlib@test`, split as `data` splits it) or of a local file/directory
+    (all its documents)."""
+    corpus, _, split = spec.partition("@")
+    data = data or DataConfig()
+    docs = load_corpus(corpus, txt_documents=data.txt_documents, valid_fraction=data.valid_fraction,
+                       test_fraction=data.test_fraction) if split else None
+    if split:
+        if split not in docs:
+            raise DataError(f"{spec}: unknown split {split!r} (use train, validation or test)")
+        texts = docs[split]
+    else:
+        texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
+                 for t in part]
+    pieces = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
+    return [p for p in pieces if p.strip()][:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# everything a run needs, from a DataConfig
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokenizer: Tokenizer
+    rows: dict[str, np.ndarray]  # split -> [N, L] int64
+    spans: dict[str, np.ndarray] | None = None  # instruction rows: split -> [N, 2] (response start, [EOS])
+
+
+def corpus_key(cfg: DataConfig) -> str:
+    return f"{cfg.corpus}|{cfg.txt_documents}|{cfg.valid_fraction}|{cfg.test_fraction}"
+
+
+def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
+    """Load the configured HF tokenizer, or train (and cache) a BPE on the training documents."""
+    if cfg.tokenizer != "bpe":
+        return Tokenizer.load(cfg.tokenizer)
+    key = hashlib.sha256(f"{corpus_key(cfg)}|{cfg.vocab_size}".encode()).hexdigest()[:20]
+    path = Path(cfg.cache_dir) / "tokenizers" / f"bpe-{key}.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.train_bpe(train_docs, cfg.vocab_size)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None,
+                 splits: tuple[str, ...] = SPLITS, *, verbose: bool = False) -> PreparedData:
+    """Corpus -> tokenizer (given, loaded or trained) -> cached token streams -> packed rows."""
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
+    t0 = time.perf_counter()
+    docs = load_corpus(cfg.corpus, txt_documents=cfg.txt_documents,
+                       valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction)
+    say(f"corpus {cfg.corpus}: " + ", ".join(f"{len(docs[s])} {s} documents" for s in SPLITS)
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    if tokenizer is None:
+        t0 = time.perf_counter()
+        tokenizer = build_tokenizer(cfg, docs["train"])
+        say(f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
+            f" cached under {cfg.cache_dir})")
+    rows = {}
+    for split in splits:
+        t0 = time.perf_counter()
+        tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir),
+                                f"{corpus_key(cfg)}|{split}")
+        rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer)
+        say(f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
+            f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
+    return PreparedData(tokenizer, rows)

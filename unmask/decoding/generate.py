@@ -1,0 +1,306 @@
+"""THE decode loop: blocks x steps, yielding a `DecodeState` after every denoiser call.
+
+One loop serves every model kind and every decoder:
+
+- block-causal (BD3-LM, Arriola et al. 2025): blocks of L' generated left to right, each denoised
+  for its share of the step budget against the *exact* KV cache of the clean prefix; a finished
+  block is run once clean to append its K/V (a commit pass, counted apart from NFE). Generation
+  continues past the training length until [EOS], an entropy collapse, or `max_new_tokens`.
+  A prompt that ends inside a block makes that block's prompt tokens fixed inputs of the first
+  active block (exactly what the model saw in training).
+- bidirectional (MDLM, LLaDA-style): a canvas of prompt + `max_new_tokens` masks (or any template
+  with masks anywhere, for infilling), decoded whole or in semi-AR blocks of `block_len`; optional
+  Fast-dLLM prefix/dual caches, refreshed at every block boundary by a full pass (approximate:
+  cached K/V go stale as later tokens change). EOS-fill after each step.
+- causal (AR): one token per call with the exact KV cache; only the decoder's proposal is used.
+
+If a step changes no token, the next step reuses the previous output (no new call, MDLM caching).
+Randomness comes from per-row generators, so a row's output does not depend on its batch-mates.
+The loop runs under `torch.inference_mode()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from unmask.decoding.decoder import Decoder
+from unmask.decoding.inputs import BinaryInputs
+from unmask.decoding.proposals import Distribution
+from unmask.decoding.rng import row_uniform
+from unmask.decoding.state import DecodeState
+from unmask.models.kv_cache import KVCache
+from unmask.models.transformer import Transformer, autocast
+
+# cache setting -> what a model kind does with it. For block-causal and causal models the prefix
+# cache *is* exact; bidirectional models get the approximate Fast-dLLM caches.
+CACHES = {
+    "block_causal": {"auto": "exact", "prefix": "exact", "none": "none"},
+    "causal": {"auto": "exact", "prefix": "exact", "none": "none"},
+    "bidirectional": {"auto": "none", "none": "none", "prefix": "prefix", "dual": "dual"},
+}
+ENTROPY_WINDOW = 256
+
+
+class DecodeError(ValueError):
+    """Bad decoding input; the message names the argument."""
+
+
+def _new_cache(model: Transformer, batch: int, max_len: int, device) -> KVCache:
+    cfg = model.cfg
+    return KVCache(cfg.n_layers, batch, cfg.n_heads, cfg.dim // cfg.n_heads, max_len, device=device)
+
+
+def _unigram_entropy(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, n] -> [B] entropy (nats) of each row's empirical token distribution."""
+    counts = torch.zeros(tokens.shape[0], vocab, device=tokens.device).scatter_add_(
+        1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    p = counts / tokens.shape[1]
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def _eos_fill(state: DecodeState, eos_id: int) -> DecodeState:
+    """Every non-fixed position right of a row's first generated [EOS] becomes [EOS]."""
+    tokens = state.tokens
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    is_eos = (tokens == eos_id) & ~state.fixed
+    first = torch.where(is_eos, pos, tokens.shape[1]).min(-1, keepdim=True).values  # [B, 1]
+    fill = (pos > first) & ~state.fixed
+    if not fill.any():
+        return state
+    return state.advance(tokens=torch.where(fill, eos_id, tokens))
+
+
+def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | None = None,
+             template: torch.Tensor | None = None, max_new_tokens: int = 128, steps: int = 128,
+             block_len: int = 0, cache: str = "auto", eos_id: int | None = None,
+             eos_fill: bool = True, stop_entropy: float = 0.0, max_len: int | None = None,
+             generators: list[torch.Generator], precision: str = "fp32") -> Iterator[DecodeState]:
+    """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
+    models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
+    `max_len` is the longest canvas the model allows (None: no limit)."""
+    kind = model.cfg.attention
+    if (prompt is None) == (template is None):
+        raise DecodeError("pass exactly one of prompt= or template=")
+    if steps < 1:
+        raise DecodeError(f"steps must be >= 1, got {steps}")
+    if max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache not in CACHES[kind]:
+        raise DecodeError(f"cache={cache!r} does not apply to a {kind} model; use one of "
+                          f"{', '.join(CACHES[kind])}")
+    cache = CACHES[kind][cache]
+    given = prompt if prompt is not None else template
+    if given.dim() != 2 or given.shape[1] == 0:
+        raise DecodeError(f"{'prompt' if prompt is not None else 'template'} must be [B, n] with n >= 1 "
+                          f"(use [BOS] for unconditional generation), got shape {tuple(given.shape)}")
+    if len(generators) != given.shape[0]:
+        raise DecodeError(f"need one generator per row: {len(generators)} for {given.shape[0]} rows")
+    if not isinstance(decoder.inputs, BinaryInputs) and getattr(model, "soft_mask", None) is None:
+        raise DecodeError("soft inputs (--decode.inputs soft) need a model trained with soft-masking "
+                          "(--soft-mask.k); this checkpoint has no soft-mask module")
+    if template is not None:
+        if kind != "bidirectional":
+            raise DecodeError(f"infilling templates need a bidirectional model, not {kind}")
+        if not (template == model.mask_id).any(-1).all():
+            raise DecodeError("every template row needs at least one [MASK] to fill")
+    new = max_new_tokens if prompt is not None else 0
+    too_long = given.shape[1] >= max_len or (kind == "bidirectional" and given.shape[1] + new > max_len) \
+        if max_len is not None else False
+    if too_long:
+        raise DecodeError(f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's "
+                          f"maximum of {max_len}")
+    loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
+    with torch.inference_mode(), autocast(precision, given.device):
+        yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
+                        steps=steps, block_len=block_len, cache=cache, eos_id=eos_id,
+                        eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators)
+
+
+class _Caller:
+    """Calls the model, counting NFE, and reuses the last output when its input is unchanged."""
+
+    def __init__(self, model: Transformer, decoder: Decoder):
+        self.model, self.decoder = model, decoder
+        self.reusable = isinstance(decoder.inputs, BinaryInputs)
+        self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self.nfe = 0
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
+                 state: DecodeState) -> torch.Tensor:
+        """Logits for `tokens` [B, T] placed at canvas position `start`."""
+        last = self.last
+        if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
+            return last[2]
+        logits = self.model(**self.decoder.inputs(self.model, tokens, start, state), cache=cache).logits
+        self.nfe += 1
+        self.last = (tokens, key, logits)
+        return logits
+
+    def forget(self) -> None:
+        self.last = None
+
+
+def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = state.window
+    u = row_uniform(generators, 2 * (hi - lo), state.tokens.device)
+    return u[:, : hi - lo], u[:, hi - lo:]
+
+
+def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
+                eos_fill, stop_entropy, generators):
+    B, P = prompt.shape
+    Lb = model.cfg.block_size
+    device = prompt.device
+    cap = P + max_new_tokens
+    start = (P // Lb) * Lb  # the first active block holds the prompt's tail, if any
+    n_blocks = math.ceil((cap - start) / Lb)
+    block_steps = max(1, round(steps * Lb / max_new_tokens))
+    kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
+    call = _Caller(model, decoder)
+    commits = 0
+    if kv is not None and start > 0:
+        model(prompt[:, :start], cache=kv)
+        kv.commit(start)
+        commits += 1
+    state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
+                        mask_id=model.mask_id, prompt_len=P, window=(start, start), block=-1, step=0,
+                        steps=block_steps, nfe=0, commit_passes=commits,
+                        finished=torch.zeros(B, dtype=torch.bool, device=device))
+    for block in range(n_blocks):
+        lo, hi = start + block * Lb, start + (block + 1) * Lb
+        new = hi - state.tokens.shape[1]
+        fill = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, model.mask_id)
+        tokens = torch.cat([state.tokens, fill[:, None].expand(B, new)], dim=1)
+        fixed = torch.cat([state.fixed, state.finished[:, None].expand(B, new)], dim=1)
+        state = state.advance(tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0,
+                              prev_logits=None)
+        for _ in range(block_steps):
+            if not state.masked.any():
+                break
+            if kv is not None:
+                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
+            else:
+                logits = call(state.tokens[:, :hi], None, block, 0, state)[:, lo:hi]
+            state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
+            yield state
+        if kv is not None:  # append the finished block's clean K/V
+            model(state.tokens[:, lo:hi], cache=kv)
+            kv.commit(Lb)
+            state = state.advance(commit_passes=state.commit_passes + 1)
+        state = _finish_rows(state, P, cap, eos_id, stop_entropy, model.vocab_size)
+        if state.finished.all():
+            break
+    yield state.advance(tokens=state.tokens[:, :cap], fixed=state.fixed[:, :cap])
+
+
+def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, vocab) -> DecodeState:
+    """After a block: rows with a generated [EOS], a collapsed entropy or the length cap stop."""
+    tokens = state.tokens
+    finished = state.finished.clone()
+    if eos_id is not None:
+        generated = tokens[:, P:]
+        finished |= (generated == eos_id).any(-1)
+        state = _eos_fill(state, eos_id)
+    if stop_entropy > 0 and tokens.shape[1] - P >= ENTROPY_WINDOW:
+        finished |= _unigram_entropy(tokens[:, -ENTROPY_WINDOW:], vocab) < stop_entropy
+    if tokens.shape[1] >= cap:
+        finished[:] = True
+    return state.advance(finished=finished)
+
+
+def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, block_len, cache,
+                 eos_id, eos_fill, stop_entropy, generators):
+    B = given.shape[0]
+    device = given.device
+    if is_prompt:
+        P = given.shape[1]
+        tokens = torch.cat([given, torch.full((B, max_new_tokens), model.mask_id, device=device)], dim=1)
+        fixed = torch.cat([torch.ones_like(given, dtype=torch.bool),
+                           torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    else:
+        P, tokens, fixed = 0, given, given != model.mask_id
+    T = tokens.shape[1]
+    region = T - P
+    block_len = block_len or region
+    n_blocks = math.ceil(region / block_len)
+    block_steps = max(1, round(steps * block_len / region))
+    call = _Caller(model, decoder)
+    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, prompt_len=P,
+                        window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
+                        finished=torch.zeros(B, dtype=torch.bool, device=device))
+    for block in range(n_blocks):
+        lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
+        state = state.advance(window=(lo, hi), block=block, step=0, prev_logits=None)
+        kv = _new_cache(model, B, T, device) if cache != "none" else None
+        call.forget()
+        for k in range(block_steps):
+            if not state.masked.any():
+                break
+            if kv is None:
+                logits = call(state.tokens, None, block, 0, state)[:, lo:hi]
+            elif k == 0:  # refresh: a full pass that also fills the cache
+                logits = call(state.tokens, kv, -1, 0, state)[:, lo:hi]
+                kv.commit(lo if cache == "prefix" else T)
+            elif cache == "prefix":
+                logits = call(state.tokens[:, lo:], kv, block, lo, state)[:, : hi - lo]
+            else:  # dual: rewrite the active block's K/V in place; the suffix stays cached
+                kv.seek(lo)
+                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
+                kv.seek(None)
+            state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
+            if eos_fill and eos_id is not None:
+                state = _eos_fill(state, eos_id)
+            yield state
+    yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
+
+
+def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
+             eos_fill, stop_entropy, generators):
+    B, P = prompt.shape
+    device = prompt.device
+    kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None
+    state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
+                        mask_id=model.mask_id, prompt_len=P, window=(P, P), block=-1, step=0, steps=1,
+                        nfe=0, commit_passes=0, finished=torch.zeros(B, dtype=torch.bool, device=device))
+    for i in range(max_new_tokens):
+        if kv is not None:
+            feed = state.tokens if i == 0 else state.tokens[:, -1:]
+            logits = model(feed, cache=kv).logits[:, -1]
+            kv.commit(feed.shape[1])
+        else:
+            logits = model(state.tokens).logits[:, -1]
+        u = row_uniform(generators, 1, device)[:, 0]
+        proposal = decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
+        nxt = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, proposal.tokens)
+        n = state.tokens.shape[1]
+        finished = state.finished | ((nxt == eos_id) if eos_id is not None else False)
+        state = state.advance(tokens=torch.cat([state.tokens, nxt[:, None]], dim=1),
+                              fixed=torch.cat([state.fixed, state.finished[:, None]], dim=1),
+                              window=(n, n + 1), block=i, step=1, nfe=state.nfe + 1, finished=finished)
+        yield state
+        if finished.all():
+            break
+    yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
+
+
+def final_state(states: Iterator[DecodeState]) -> DecodeState:
+    """Run a `generate()` iterator to the end; its last state."""
+    state = None
+    for state in states:  # noqa: B007 - the last one is the result
+        pass
+    if state is None:
+        raise DecodeError("generate() yielded no state")
+    return state
+
+
+def completions(state: DecodeState, eos_id: int | None) -> list[list[int]]:
+    """Generated token ids of each row (after the prompt), cut before the first [EOS]."""
+    out = []
+    for row in state.tokens[:, state.prompt_len:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(row)
+    return out

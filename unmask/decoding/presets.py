@@ -1,0 +1,80 @@
+"""Decoding policies, their registries, the named presets, and `build_decoder(cfg)`.
+
+A preset is a dict of `DecodeConfig` field values; CLI flags override any of them. Registries
+are dict literals from config names to the small policy objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from unmask.config import ConfigError, DecodeConfig
+from unmask.decoding.decoder import Decoder
+from unmask.decoding.inputs import BinaryInputs, SoftInputs
+from unmask.decoding.proposals import Greedy, Sample
+from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
+from unmask.decoding.selectors import Ancestral, FirstHitting, Threshold, TopN
+from unmask.schedules import NoiseSchedule
+
+SCORES = {"prob": TokenProb, "max-prob": MaxProb, "margin": Margin, "neg-entropy": NegEntropy}
+INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
+
+PRESETS: dict[str, dict[str, object]] = {
+    # MDLM ancestral sampling over the whole canvas (Sahoo et al. 2024).
+    "mdlm": dict(proposal="sample", select="ancestral", block_len=0),
+    # One uniformly random masked position per call (when steps = max_new_tokens, the default).
+    "first-hitting": dict(proposal="sample", select="first-hitting", block_len=0),
+    # BD3-LM reference sampler: nucleus 0.9, first-hitting, exact block KV cache.
+    "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting"),
+    # MDLM ancestral inside semi-autoregressive blocks.
+    "semi-ar": dict(proposal="sample", select="ancestral", block_len=32),
+    # LLaDA: greedy proposals, low-confidence remasking, fixed count per step, semi-AR blocks.
+    "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32),
+    # Fast-dLLM: confidence threshold, prefix KV cache refreshed at block boundaries.
+    "fast-dllm": dict(proposal="greedy", score="prob", select="threshold", threshold=0.9,
+                      block_len=32, cache="prefix"),
+    # Top-k + global normalization (Seo et al. 2025), no locality.
+    "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
+    # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
+    # position, its token sampled (set steps = max_new_tokens, the default).
+    "exact-joint": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
+    # ADJUST (Bansal & Sanghavi 2025): k tokens per full forward, distributions refreshed by a
+    # trained sampler layer (unmask sample --sampler DIR); `marginal` is the same without refresh.
+    "adjust": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
+    "marginal": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
+    # Conv: top-k + Glob with the tanh(u_i) locality gate.
+    "conv": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, kernel=33, block_len=0),
+    # Conv, ranked variant: sampled token's probability x gate, top-n per step.
+    "conv-ranked": dict(proposal="sample", top_k=20, score="prob", select="top-n", kernel=33,
+                        block_len=0),
+}
+
+
+def preset_config(name: str, **overrides) -> DecodeConfig:
+    """The preset's DecodeConfig with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    known = {f.name for f in fields(DecodeConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown decode field(s) {unknown}")
+    return replace(DecodeConfig(), **{**PRESETS[name], **overrides, "preset": name})
+
+
+def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
+    if cfg.proposal == "greedy":
+        propose = Greedy(top_k=cfg.top_k, top_p=cfg.top_p)
+    else:
+        propose = Sample(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    score = SCORES[cfg.score]()
+    if cfg.kernel:
+        score = Conv(score, cfg.kernel)
+    select = {
+        "ancestral": lambda: Ancestral(schedule, normalize=cfg.normalize),
+        "first-hitting": FirstHitting,
+        "top-n": TopN,
+        "threshold": lambda: Threshold(cfg.threshold),
+    }[cfg.select]()
+    return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
+
+

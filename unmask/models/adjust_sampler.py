@@ -1,0 +1,93 @@
+"""The ADJUST sampler layer (Bansal & Sanghavi, 2025) and its files.
+
+One bidirectional block of the base architecture between RMSNorms refreshes the still-masked
+positions' distributions after each decoded token, reusing the frozen base model's embedding and
+LM head. A trained sampler is saved as `sampler.safetensors` + `sampler.json`, the latter naming
+the base checkpoint and the digest of its weights, so it is never paired with another base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from unmask.config import ModelConfig, replace
+from unmask.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    resolve_checkpoint,
+)
+from unmask.models.transformer import Block, Transformer
+
+Refresh = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class AdjustSampler(nn.Module):
+    """The sampler layer: one bidirectional block of the base architecture between two RMSNorms."""
+
+    def __init__(self, base_cfg: ModelConfig):
+        super().__init__()
+        D = base_cfg.dim
+        self.norm_embed, self.norm_prior, self.norm_out = nn.RMSNorm(D), nn.RMSNorm(D), nn.RMSNorm(D)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(replace(base_cfg, attention="bidirectional", dropout=0.0))
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (the current state), prior [B, T, D] -> refreshed hidden [B, T, D]."""
+        x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        angles = positions[:, None].float() * base.inv_freq[None, :]
+        h = self.block(self.proj(x), angles.cos(), angles.sin(), None, None, 0)
+        return self.norm_out(h) + prior
+
+    def refresher(self, base: Transformer) -> Refresh:
+        """(tokens, prior) -> (logits, hidden) through the sampler and the frozen base head."""
+
+        def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self(base, tokens, prior)
+            return base.head(hidden), hidden
+
+        return refresh
+
+
+def _weights_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def save_sampler(sampler: AdjustSampler, base_path: str | Path, out: Path, *, K: int) -> None:
+    base_ckpt = resolve_checkpoint(base_path)
+    ema = base_ckpt / "ema.safetensors"
+    weights = ema if ema.is_file() else base_ckpt / "model.safetensors"  # what load_checkpoint uses
+    tmp = out / f".sampler.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in sampler.state_dict().items()}, str(tmp))
+    os.replace(tmp, out / "sampler.safetensors")
+    meta = {"k": K, "base": str(base_ckpt), "base_weights": weights.name,
+            "base_digest": _weights_digest(weights)}
+    (out / "sampler.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler, Transformer, int]:
+    """The sampler at `path` and the base checkpoint it was trained on (a mismatch is an error)."""
+    path = Path(path)
+    if not (path / "sampler.json").is_file():
+        raise CheckpointError(f"no ADJUST sampler at {path} (expected sampler.json and sampler.safetensors)")
+    meta = json.loads((path / "sampler.json").read_text())
+    loaded = load_checkpoint(base_path)
+    digest = _weights_digest(loaded.path / meta["base_weights"])
+    if digest != meta["base_digest"]:
+        raise CheckpointError(f"the sampler at {path} was trained for base {meta['base']} "
+                              f"(weights {meta['base_digest']}), not for {base_path} (weights {digest})")
+    sampler = AdjustSampler(loaded.model.cfg)
+    load_state_dict_strict(sampler, path / "sampler.safetensors")
+    return sampler.eval(), loaded.model, meta["k"]

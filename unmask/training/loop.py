@@ -1,0 +1,286 @@
+"""The training loop, written out: AdamW, warm-up, clipping, accumulation, EMA, bf16, validation.
+
+Every random draw of step `s` comes from generators seeded by `(seed, s)` and the batch of step
+`s` is a pure function of `(seed, s)` (see `data.batch_indices`), so a run resumed from a
+checkpoint reproduces the uninterrupted run exactly; the checkpoint stores the step, the
+optimizer state and the chosen clipped range. The learning-rate schedule is a function of the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unmask.config import Config, ConfigError
+from unmask.config_io import config_from_json, to_dict
+from unmask.data.corpus import PreparedData, batch_indices, prepare_data
+from unmask.data.instruct import prepare_instruct, response_mask
+from unmask.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from unmask.models.transformer import Transformer, autocast, build_model
+from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
+from unmask.training.objectives import (
+    Batch,
+    LossOutput,
+    ar_loss,
+    diffusion_loss,
+    per_block_losses,
+    r2ft_loss,
+    sft_loss,
+)
+from unmask.training.perplexity import evaluate_perplexity
+
+# Config fields that may change when a run is resumed (everything else must match).
+RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.eval_batches"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_ppl: float | None
+    t_range: tuple[float, float]
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to `lr`, then constant or cosine decay to 10% at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg: Config,
+                  generator: torch.Generator, t_range: tuple[float, float], eos_id: int) -> LossOutput:
+    if cfg.instruct.stage == "r2ft":
+        return r2ft_loss(model, batch, cfg.instruct, eos_id, generator)
+    if cfg.instruct.stage == "sft":
+        return sft_loss(model, batch, schedule, generator, t_range)
+    if model.cfg.objective == "ar":
+        return ar_loss(model, batch)
+    resample = (*cfg.noise.clip, cfg.noise.resample_tries) if cfg.noise.resample else None
+    soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
+    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _check_resume_compatible(saved: Config, new: Config) -> None:
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    changed = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError("--resume: the config differs from the checkpoint's in "
+                          + ", ".join(f"--{k} ({a[k]!r} -> {b[k]!r})" for k in changed))
+
+
+def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, cfg: Config,
+                pad_id: int, device: torch.device) -> tuple[tuple[float, float], float]:
+    """The clipped range whose per-(row, block) loss variance on validation batches is smallest."""
+    candidates = clip_candidates(cfg.noise.clip_widths, cfg.noise.clip_grid_step)
+    best, best_var = (0.0, 1.0), math.inf
+    n = min(len(rows), cfg.noise.clip_search_batches * cfg.train.batch_size)
+    with torch.no_grad(), autocast(cfg.train.precision, device):
+        for beta, omega in candidates:
+            losses = []
+            for start in range(0, n, cfg.train.batch_size):
+                x0 = torch.as_tensor(np.asarray(rows[start:start + cfg.train.batch_size]), device=device)
+                g = torch.Generator().manual_seed(cfg.train.seed + start)
+                t_range = (max(beta, cfg.noise.eps), omega)
+                losses.append(per_block_losses(model, Batch(x0, x0 != pad_id), schedule, g, t_range))
+            var = float(torch.cat([x.flatten() for x in losses]).float().var())
+            if var < best_var:
+                best, best_var = (beta, omega), var
+    return best, best_var
+
+
+def _load_init(model: Transformer, base: Transformer, init: str) -> None:
+    """Copy `base`'s weights into `model`. The only keys allowed to be missing are those of a
+    soft-mask module the base does not have (continued training with soft-masking)."""
+    missing = set(model.state_dict()) - set(base.state_dict())
+    if base.soft_mask is None and model.soft_mask is not None:
+        missing -= {n for n in model.state_dict() if n.startswith("soft_mask.")}
+    result = None
+    try:
+        result = model.load_state_dict(base.state_dict(), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"--init {init}: its weights do not fit --model: {e}") from e
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"--init {init}: its weights do not fit --model: missing {sorted(missing)}, "
+                              f"unexpected {sorted(result.unexpected_keys)}")
+
+
+def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, device) -> Batch:
+    """Rows `index` of a split as a Batch: [PAD] excluded from the loss; instruction rows keep loss
+    on their response only (`instruct.eos` decides the tail) and carry their spans."""
+    x0 = torch.as_tensor(np.asarray(data.rows[split][index]), device=device)
+    if data.spans is None:
+        return Batch(x0, x0 != data.tokenizer.pad_id)
+    spans = np.asarray(data.spans[split][index])
+    valid = torch.as_tensor(response_mask(spans, x0.shape[1], cfg.instruct.eos), device=device)
+    return Batch(x0, valid, torch.as_tensor(spans, device=device))
+
+
+def train(cfg: Config, *, resume: bool = False, init: str | None = None,
+          data: PreparedData | None = None, progress: bool = True) -> TrainResult:
+    """Train `cfg` into `cfg.train.out`. `resume` continues the run there; `init` starts from
+    another checkpoint's weights (and tokenizer)."""
+    tc = cfg.train
+    run_dir = Path(tc.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(tc.seed)
+
+    start_step, state = 0, {}
+    tokenizer = None
+    if resume:
+        ckpt = resolve_checkpoint(run_dir)
+        saved = config_from_json((ckpt / "config.json").read_text())
+        _check_resume_compatible(saved, cfg)
+        state = json.loads((ckpt / "state.json").read_text())
+        start_step = state["step"]
+        tokenizer = load_checkpoint(ckpt).tokenizer
+    elif init is not None:
+        base = load_checkpoint(init, prefer_ema=True)
+        tokenizer = base.tokenizer
+    elif (run_dir / "latest").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                              "choose another --train.out")
+
+    if data is None and cfg.instruct.stage != "none":
+        if tokenizer is None:
+            raise ConfigError(f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init "
+                              "(or --resume)")
+        data = prepare_instruct(cfg, tokenizer, verbose=progress)
+    data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
+    tokenizer = data.tokenizer
+    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
+                        soft_mask_k=cfg.soft_mask.k).to(device)
+    if init is not None and not resume:
+        _load_init(model, base.model, init)
+    schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
+    soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("soft_mask.")],
+               "weight_decay": tc.weight_decay}]
+    base_lrs = [tc.lr]
+    if soft_params:  # the three scalars: their own group, own lr, no weight decay
+        groups.append({"params": soft_params, "weight_decay": 0.0})
+        base_lrs.append(cfg.soft_mask.lr)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+    ema = copy.deepcopy(model).requires_grad_(False) if tc.ema > 0 else None
+    t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
+
+    if resume:
+        load_state_dict_strict(model, ckpt / "model.safetensors")
+        if ema is not None:
+            load_state_dict_strict(ema, ckpt / "ema.safetensors")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        t_range = tuple(state.get("t_range", t_range))
+    if tc.compile:
+        model.compile_blocks()
+
+    train_rows, val_rows = data.rows["train"], data.rows["validation"]
+    byte_lengths = tokenizer.byte_lengths()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "metrics.jsonl"
+    if resume and log_path.exists():  # drop records past the checkpoint (a killed run's tail)
+        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    log = log_path.open("a")
+
+    def write(record: dict[str, Any]) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    def validate(step: int) -> float:
+        nonlocal t_range
+        eval_model = ema if ema is not None else model
+        n = min(len(val_rows), tc.eval_batches * tc.batch_size)
+        loss_positions = (None if data.spans is None else  # instruction rows: the response-only bound
+                          response_mask(data.spans["validation"][:n], val_rows.shape[1], cfg.instruct.eos))
+        ppl = evaluate_perplexity(eval_model, val_rows[:n], schedule, pad_id=tokenizer.pad_id,
+                                  byte_lengths=byte_lengths, eps=cfg.noise.eps, mc_samples=1,
+                                  batch_size=tc.batch_size, seed=tc.seed, precision=tc.precision,
+                                  loss_positions=loss_positions)
+        record = {"step": step, "val_nats": ppl.nats_per_token, "val_ppl": ppl.ppl,
+                  "val_bpb": ppl.bits_per_byte}
+        if cfg.noise.clip_search and model.cfg.objective != "ar":
+            t_range, var = search_clip(eval_model, val_rows, schedule, cfg, tokenizer.pad_id, device)
+            t_range = (max(t_range[0], cfg.noise.eps), t_range[1])
+            record.update(clip=list(t_range), clip_loss_var=var)
+        write(record)
+        return ppl.ppl
+
+    def checkpoint(step: int, val_ppl: float | None) -> None:
+        save_checkpoint(run_dir, step=step, model=model, ema=ema, optimizer=optimizer, config=cfg,
+                        tokenizer=tokenizer, state={"t_range": list(t_range), "val_ppl": val_ppl,
+                                                    "seed": tc.seed})
+
+    model.train()
+    val_ppl = None
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not progress,
+               desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, tc)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
+        nats, tokens, extras, positions = 0.0, 0, {}, 0
+        for micro in range(tc.grad_accum):
+            index = step * tc.grad_accum + micro
+            batch = make_batch(data, "train", batch_indices(len(train_rows), tc.batch_size, index, tc.seed),
+                               cfg, device)
+            generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
+            torch.manual_seed(tc.seed * 7_919 + index)  # dropout
+            with autocast(tc.precision, device):
+                out = training_loss(model, batch, schedule, cfg, generator, t_range, tokenizer.eos_id)
+            (out.loss / tc.grad_accum).backward()
+            nats, tokens = nats + out.nats, tokens + out.tokens
+            positions += batch.x0.numel()
+            for k, v in (out.extras or {}).items():
+                extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                     if tc.grad_clip > 0 else torch.tensor(float("nan")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - tc.ema)
+        tokens_seen += positions  # throughput counts every position processed
+        loss = nats / tokens
+        rate = tokens_seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": rate, **extras}
+        if model.soft_mask is not None:
+            record["soft_mask"] = model.soft_mask.values()
+        write(record)
+        done = step + 1
+        if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
+            val_ppl = validate(done)
+            bar.write(f"step {done}: val ppl {val_ppl:.2f}"
+                      + (" (bound)" if model.cfg.objective != "ar" else "")
+                      + (f", clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""))
+        if done % tc.save_every == 0 or done == tc.steps:
+            checkpoint(done, val_ppl)
+    log.close()
+    return TrainResult(run_dir, tc.steps, val_ppl, t_range)

@@ -1,0 +1,29 @@
+"""Post-training runs: instruction SFT and R2FT through the training loop (`train(init=...)`).
+
+SFT and R2FT runs are ordinary training runs started from a checkpoint whose config has
+`instruct.stage` set: same loop, checkpoints, resume and metrics.jsonl as pre-training. ADJUST
+sampler training lives in `unmask.training.adjust`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unmask.config import Config, ConfigError, replace
+from unmask.models.checkpoint import load_checkpoint
+
+# Post-training defaults on top of the checkpoint's own config (every field stays overridable).
+# R2FT keeps the SFT run's settings ("same settings", Seo et al. 2025) for a few hundred steps.
+STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50}, "r2ft": {"steps": 300}}
+
+
+def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str | None = None,
+                    template: str | None = None) -> Config:
+    """The config of an SFT or R2FT run from `checkpoint`: its own config with `instruct.stage`
+    set, `train.out = out` and the stage's defaults (STAGE_DEFAULTS)."""
+    if stage not in STAGE_DEFAULTS:
+        raise ConfigError(f"unknown post-training stage {stage!r} (use sft or r2ft)")
+    base = load_checkpoint(checkpoint).config
+    instruct = replace(base.instruct, stage=stage, **({"data": data} if data else {}),
+                       **({"template": template} if template else {}))
+    return replace(base, instruct=instruct, train=replace(base.train, out=out, **STAGE_DEFAULTS[stage]))
