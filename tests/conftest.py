@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unmask.config import Config, DataConfig, ModelConfig, TrainConfig
+from unmask.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from unmask.data.corpus import prepare_data
 from unmask.models.transformer import Transformer
 from unmask.training.loop import train
@@ -37,9 +37,9 @@ def checkpoints(tiny_data_cfg, tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
     for kind in ("block_causal", "bidirectional", "causal"):
-        cfg = Config(data=tiny_data_cfg,
+        cfg = Config(data=tiny_data_cfg, eval=EvalConfig(max_rows=64),
                      model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1, n_heads=2),
-                     train=TrainConfig(steps=20, batch_size=8, lr=3e-3, eval_batches=1, precision="fp32",
+                     train=TrainConfig(steps=20, batch_size=8, lr=3e-3, precision="fp32",
                                        out=str(root / kind)))
         train(cfg, data=tiny_data, progress=False)
         out[kind] = root / kind

@@ -10,7 +10,7 @@ import unmask
 
 # lowest first; a subpackage or a top-level module -> its layer
 LAYERS = [
-    {"config", "config_io", "schedules"},
+    {"config", "config_io", "schedules", "precision"},
     {"data"},
     {"models"},
     {"decoding"},

@@ -140,23 +140,24 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 disables)."""
     ema: float = 0.0
     """EMA decay of the weights (0 disables; the reference uses 0.9999 at GPU scale)."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """Autocast precision of forward passes (bf16 works on CPU too)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision: auto = bf16 on GPUs and CPUs with native bf16 (AMX / AVX-512 BF16), else fp32."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     seed: int = 0
     """Seeds data order, noise and dropout; a run is a function of (config, seed)."""
     eval_every: int = 100
-    """Validation (and clip search) every N steps; 0 only at the end."""
-    eval_batches: int = 8
-    """Validation batches per evaluation."""
+    """Validation (and clip search) every N steps; 0 only at the end. Validation is `unmask eval ppl`'s
+    estimator on the validation split with the [eval] settings (mc_samples, max_rows, seed)."""
     save_every: int = 100
-    """Checkpoint every N steps (and always at the end)."""
+    """Checkpoint every N steps (and always at the end); every checkpoint's weights are kept."""
+    keep_optimizer: int = 1
+    """Optimizer states kept: only the newest N checkpoints keep optimizer.pt (what --resume needs)."""
     out: str = "runs/unnamed"
     """Run directory: checkpoints, config and metrics.jsonl."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "keep_optimizer"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup >= 0, "train.warmup", "must be >= 0")
@@ -226,11 +227,12 @@ class InstructConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     mc_samples: int = 4
-    """Monte Carlo time samples per row for the NELBO bound (AR is exact and ignores it)."""
+    """Monte Carlo time samples per row for the NELBO bound (AR is exact and ignores it); training's
+    validation and `unmask eval ppl` both use it."""
     batch_size: int = 16
     """Rows per evaluation batch."""
     max_rows: int = 0
-    """Evaluate at most this many rows of the split (0 = all)."""
+    """Evaluate the first N rows of the split (0 = all); training's validation and `eval ppl` both."""
     split: Literal["validation", "test"] = "test"
     """Which held-out split `unmask eval ppl` reads."""
     seed: int = 1234

@@ -89,5 +89,14 @@ def load_config(path: str | Path) -> Config:
     return from_dict(Config, raw)
 
 
+# Keys that older checkpoints' config.json may hold and that no longer exist: dropped on reading a
+# checkpoint (so old runs still load), refused anywhere else like any unknown key.
+RETIRED_KEYS = {("train", "eval_batches")}  # validation now reads [eval] (mc_samples, max_rows)
+
+
 def config_from_json(text: str) -> Config:
-    return from_dict(Config, json.loads(text))
+    """A checkpoint's config.json -> Config (retired keys of older versions are dropped)."""
+    data = json.loads(text)
+    for section, key in RETIRED_KEYS:
+        data.get(section, {}).pop(key, None)
+    return from_dict(Config, data)

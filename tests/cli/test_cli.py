@@ -51,7 +51,7 @@ def test_train_then_eval_from_the_command_line(tiny_data_cfg, tmp_path, capsys):
             f"--data.cache_dir={tiny_data_cfg.cache_dir}", "--data.seq_len=32", "--data.vocab_size=320",
             "--data.valid_fraction=0.15", "--data.test_fraction=0.15", "--model.dim=32",
             "--model.n_layers=1", "--model.block_size", "4", "--train.steps=3", "--train.batch_size=4",
-            "--train.eval_batches=1"]
+            "--eval.max_rows=8"]
     assert "checkpoint:" in run(args, capsys)
     res = json.loads(run(["eval", "ppl", "--checkpoint", str(out), "--mc-samples", "2", "--json"], capsys))
     assert res["bound"] and res["mc_samples"] == 2 and res["ppl"] > 1

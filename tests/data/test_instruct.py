@@ -269,7 +269,7 @@ def test_posttrain_sft_then_r2ft_cli(checkpoints, tmp_path, capsys):
     from unmask.models.checkpoint import load_checkpoint
 
     common = ["--data.seq_len", "256", "--instruct.max_prompt", "224", "--train.batch_size", "4",
-              "--train.eval_batches", "1", "--train.precision", "fp32"]
+              "--eval.max_rows", "8", "--train.precision", "fp32"]
     sft, r2ft = tmp_path / "sft", tmp_path / "r2ft"
     main(["posttrain", "sft", "--checkpoint", str(checkpoints["bidirectional"]),
           "--data", "stdlib-functions:json,csv,email",

@@ -115,11 +115,11 @@ def test_soft_inputs_need_a_soft_mask_model():
 def test_continued_training_and_checkpoint_round_trip(tiny_data_cfg, tiny_data, tmp_path):
     base = Config(data=tiny_data_cfg,
                   model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
-                  train=TrainConfig(steps=2, batch_size=4, eval_batches=1, precision="fp32",
+                  train=TrainConfig(steps=2, batch_size=4, precision="fp32",
                                     out=str(tmp_path / "base")))
     train(base, data=tiny_data, progress=False)
     sm = Config(data=tiny_data_cfg, model=base.model, soft_mask=SoftMaskConfig(k=3, p=1.0),
-                train=TrainConfig(steps=6, batch_size=4, eval_batches=1, precision="fp32", warmup=0,
+                train=TrainConfig(steps=6, batch_size=4, precision="fp32", warmup=0,
                                   out=str(tmp_path / "sm")))
     train(sm, init=str(tmp_path / "base"), data=tiny_data, progress=False)
     loaded = load_checkpoint(tmp_path / "sm", prefer_ema=False)
@@ -148,7 +148,7 @@ def test_cli_continued_training_takes_the_init_config(tiny_data_cfg, tiny_data, 
 
     base = Config(data=tiny_data_cfg, model=ModelConfig(attention="bidirectional", dim=32, n_layers=1,
                                                         n_heads=2),
-                  train=TrainConfig(steps=1, batch_size=4, eval_batches=1, precision="fp32",
+                  train=TrainConfig(steps=1, batch_size=4, precision="fp32",
                                     out=str(tmp_path / "base")))
     train(base, data=tiny_data, progress=False)
     main(["train", "--init", str(tmp_path / "base"), "--soft-mask.k", "3", "--soft-mask.p", "0.8",

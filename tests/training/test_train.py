@@ -4,18 +4,18 @@ import math
 import pytest
 import torch
 
-from unmask.config import Config, ConfigError, ModelConfig, NoiseConfig, TrainConfig, replace
+from unmask.config import Config, ConfigError, EvalConfig, ModelConfig, NoiseConfig, TrainConfig, replace
 from unmask.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unmask.training.loop import train
 
 
 def tiny_config(data_cfg, out, attention="block_causal", dropout=0.0, **train_kw) -> Config:
     train_cfg = dict(steps=30, batch_size=8, lr=3e-3, warmup=5, eval_every=0, save_every=100,
-                     eval_batches=2, precision="fp32", out=str(out))
+                     precision="fp32", out=str(out))
     train_cfg.update(train_kw)
     return Config(data=data_cfg, model=ModelConfig(attention=attention, block_size=8, dim=32,
                                                    n_layers=2, n_heads=4, dropout=dropout),
-                  train=TrainConfig(**train_cfg))
+                  train=TrainConfig(**train_cfg), eval=EvalConfig(max_rows=64))
 
 
 def losses(run_dir):

@@ -14,12 +14,13 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
         raise SystemExit(f"error: unknown arguments for `unmask eval ppl`: {' '.join(rest)}")
     from unmask.models.checkpoint import load_checkpoint
 
-    soft_model = load_checkpoint(ns.checkpoint).config.soft_mask.k > 0
-    results = {"binary": heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
-                                            max_rows=ns.max_rows)}
+    loaded = load_checkpoint(ns.checkpoint)
+    soft_model = loaded.config.soft_mask.k > 0
+    weights = "EMA" if (loaded.path / "ema.safetensors").is_file() else "raw"  # what load_checkpoint used
+    kw = dict(mc_samples=ns.mc_samples, split=ns.split, max_rows=ns.max_rows, precision=ns.precision)
+    results = {"binary": heldout_perplexity(ns.checkpoint, **kw)}
     if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound
-        results["soft"] = heldout_perplexity(ns.checkpoint, mc_samples=ns.mc_samples, split=ns.split,
-                                             max_rows=ns.max_rows, soft=True)
+        results["soft"] = heldout_perplexity(ns.checkpoint, soft=True, **kw)
     if ns.json:
         print(json.dumps({k: asdict(v) for k, v in results.items()} if soft_model
                          else asdict(results["binary"])))
@@ -29,7 +30,7 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
         label = f" ({inputs} masks)" if soft_model else ""
         print(f"{ns.split} perplexity{label} {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
               f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
-              f"{ppl.rows} rows, {ppl.tokens} tokens")
+              f"{ppl.rows} rows, {ppl.tokens} tokens, {weights} weights")
 
 
 def _print_result(result, as_json: bool, text: str) -> None:
@@ -140,8 +141,12 @@ def add_eval_commands(sub) -> None:
     ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
     ep.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
     ep.add_argument("--split", default="test", choices=["validation", "test"])
-    ep.add_argument("--mc-samples", type=int, default=8, help="Monte Carlo time samples per row")
-    ep.add_argument("--max-rows", type=int, default=0, help="evaluate at most this many rows")
+    ep.add_argument("--mc-samples", type=int, default=None,
+                    help="Monte Carlo time samples per row (default: the checkpoint's --eval.mc_samples)")
+    ep.add_argument("--max-rows", type=int, default=None,
+                    help="evaluate the first N rows, 0 = all (default: the checkpoint's --eval.max_rows)")
+    ep.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="default: the precision the run trained with")
     ep.add_argument("--json", action="store_true", help="print the result as JSON")
     ep.set_defaults(func=cmd_eval_ppl)
     eg = e.add_parser("genppl", allow_abbrev=False, help="perplexity of samples under a reference AR model")

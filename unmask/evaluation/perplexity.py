@@ -1,7 +1,9 @@
 """Perplexity of a saved checkpoint on a split of its own corpus: what `unmask eval ppl` prints.
 
 The estimator is `unmask.training.perplexity.evaluate_perplexity` (NELBO bound for diffusion
-models, exact for AR), on the weights `load_checkpoint` returns.
+models, exact for AR) on the weights `load_checkpoint` returns, with the checkpoint's own [eval]
+settings (Monte Carlo samples, rows, seed) and precision unless overridden: on the validation split
+that is exactly what training's validation printed for the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from unmask.schedules import build_schedule
 from unmask.training.perplexity import Perplexity, evaluate_perplexity
 
 
-def heldout_perplexity(run_dir: str | Path, *, mc_samples: int, split: str = "test",
-                       max_rows: int = 0, soft: bool = False) -> Perplexity:
+def heldout_perplexity(run_dir: str | Path, *, split: str = "test", mc_samples: int | None = None,
+                       max_rows: int | None = None, soft: bool = False,
+                       precision: str | None = None) -> Perplexity:
+    """`mc_samples`, `max_rows` (0 = all) and `precision` default to the checkpoint's config."""
     loaded = load_checkpoint(run_dir)
     cfg = loaded.config
     data = prepare_data(cfg.data, loaded.tokenizer, splits=(split,))
+    max_rows = cfg.eval.max_rows if max_rows is None else max_rows
     rows = data.rows[split][: max_rows or None]
     return evaluate_perplexity(loaded.model, rows, build_schedule(cfg.noise.schedule, cfg.noise.eps),
                                pad_id=loaded.tokenizer.pad_id,
                                byte_lengths=loaded.tokenizer.byte_lengths(), eps=cfg.noise.eps,
-                               mc_samples=mc_samples, batch_size=cfg.eval.batch_size,
-                               seed=cfg.eval.seed, precision="fp32", soft=soft)
+                               mc_samples=cfg.eval.mc_samples if mc_samples is None else mc_samples,
+                               batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                               precision=precision or cfg.train.precision, soft=soft)

@@ -4,8 +4,8 @@ Layout of a run directory:
 
     runs/NAME/
       latest                 -> name of the newest complete checkpoint (replaced atomically)
-      ckpt-0000300/          model.safetensors, ema.safetensors?, optimizer.pt, config.json,
-                             tokenizer.json, state.json
+      ckpt-0000300/          model.safetensors, ema.safetensors?, optimizer.pt (newest N only),
+                             config.json, tokenizer.json, state.json
       metrics.jsonl
 
 A checkpoint is written into a temporary directory, renamed into place, and only then does
@@ -45,8 +45,9 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, config: Config,
                     tokenizer: Tokenizer, ema: Transformer | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write `run_dir/ckpt-{step}` atomically, point `latest` at it, keep the newest `keep`."""
+                    state: dict[str, Any] | None = None, keep_optimizer: int = 1) -> Path:
+    """Write `run_dir/ckpt-{step}` atomically and point `latest` at it. Every checkpoint's weights
+    stay; only the newest `keep_optimizer` keep their optimizer state (the bulk of a checkpoint)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
@@ -69,8 +70,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_atomic(run_dir / "latest", final.name)
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in sorted(run_dir.glob("ckpt-*"))[:-keep_optimizer]:
+        (old / "optimizer.pt").unlink(missing_ok=True)
     return final
 
 

@@ -19,6 +19,7 @@ from unmask.config import ModelConfig
 from unmask.models import masks
 from unmask.models.kv_cache import KVCache
 from unmask.models.soft_mask import SoftMask
+from unmask.precision import resolve_precision
 
 
 class DenoiserOutput(NamedTuple):
@@ -194,9 +195,10 @@ class Transformer(nn.Module):
 
 
 def autocast(precision: str, device: torch.device | str):
-    """bf16 autocast for `precision == "bf16"` (CPUs with AMX/AVX-512 BF16 too), else a no-op."""
+    """bf16 autocast when `precision` is (or `auto` resolves to) bf16 on this device, else a no-op."""
     device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    resolved = resolve_precision(precision, device_type).precision
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0) -> Transformer:

@@ -54,7 +54,7 @@ def repro_bd3lm(*, steps: int | None = None, out: str = "runs/repro-bd3lm", mc_s
         train_cfg = replace(cfg.train, out=f"{out}/{config_name}", steps=steps or cfg.train.steps)
         cfg = replace(cfg, train=train_cfg)
         train_or_reuse(cfg, progress=progress)
-        ppl = heldout_perplexity(cfg.train.out, mc_samples=mc_samples)
+        ppl = heldout_perplexity(cfg.train.out, mc_samples=mc_samples, max_rows=0)
         tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         results.append(ArmResult(name, cfg, cfg.train.steps, tokens, ppl))
     return results

@@ -32,7 +32,7 @@ def demo(*, steps: int = 600, out: str = "runs/demo-bd3lm", ar_out: str = "runs/
     ar_cfg = replace(ar_cfg, train=replace(ar_cfg.train, out=ar_out, steps=steps, eval_every=200,
                                            save_every=200))
     train_or_reuse(ar_cfg, progress=progress)  # the gen-PPL / MAUVE reference
-    val = heldout_perplexity(out, mc_samples=4, split="validation")
+    val = heldout_perplexity(out, split="validation")
     ckpt = resolve_checkpoint(out)
     loaded = load_checkpoint(ckpt)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)

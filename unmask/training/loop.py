@@ -4,6 +4,11 @@ Every random draw of step `s` comes from generators seeded by `(seed, s)` and th
 `s` is a pure function of `(seed, s)` (see `data.batch_indices`), so a run resumed from a
 checkpoint reproduces the uninterrupted run exactly; the checkpoint stores the step, the
 optimizer state and the chosen clipped range. The learning-rate schedule is a function of the step.
+
+Validation is the same estimator `unmask eval ppl` uses, on the weights a checkpoint loads as its
+model (EMA when enabled), so the number printed here is the number `eval ppl --split validation`
+gives for the saved checkpoint. SIGINT / SIGTERM finish the current step, write a checkpoint and
+raise `TrainingInterrupted`; the CLI prints how to resume.
 """
 
 from __future__ import annotations
@@ -11,7 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unmask.config import Config, ConfigError
+from unmask.config import Config, ConfigError, replace
 from unmask.config_io import config_from_json, to_dict
 from unmask.data.corpus import PreparedData, batch_indices, prepare_data
 from unmask.data.instruct import prepare_instruct, response_mask
@@ -32,6 +42,7 @@ from unmask.models.checkpoint import (
     save_checkpoint,
 )
 from unmask.models.transformer import Transformer, autocast, build_model
+from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
 from unmask.training.objectives import (
     Batch,
@@ -42,10 +53,58 @@ from unmask.training.objectives import (
     r2ft_loss,
     sft_loss,
 )
-from unmask.training.perplexity import evaluate_perplexity
+from unmask.training.perplexity import Perplexity, evaluate_perplexity
 
 # Config fields that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.eval_batches"}
+RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.keep_optimizer",
+                     "train.precision"}  # precision: `auto` may resolve differently on another machine
+RUN_FILES = ("latest", "metrics.jsonl", "ckpt-*", ".tmp-ckpt-*")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step was written."""
+
+    def __init__(self, run_dir: Path, step: int, signal_name: str):
+        super().__init__(f"{signal_name}: stopped after step {step}; checkpoint saved in {run_dir}")
+        self.run_dir, self.step, self.signal_name = run_dir, step, signal_name
+
+
+@contextmanager
+def _stop_requests():
+    """Yield a dict whose `signal` is set by the first SIGINT/SIGTERM; a second SIGINT stops at once.
+    Outside the main thread (where handlers cannot be set) nothing is installed."""
+    request: dict[str, str | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request["signal"] = signal.Signals(signum).name
+        print(f"\n{request['signal']}: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again stops at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """A directory that already holds a run is continued (--resume), replaced (--overwrite) or refused."""
+    held = [p for pattern in RUN_FILES for p in run_dir.glob(pattern)]
+    if not held or resume:
+        return
+    if not overwrite:
+        names = sorted(p.name for p in held)
+        raise CheckpointError(f"{run_dir} already holds a run ({', '.join(names[:3])}"
+                              f"{', ...' if len(names) > 3 else ''}); pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --train.out")
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 @dataclass
@@ -141,13 +200,19 @@ def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, d
     return Batch(x0, valid, torch.as_tensor(spans, device=device))
 
 
-def train(cfg: Config, *, resume: bool = False, init: str | None = None,
+def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwrite: bool = False,
           data: PreparedData | None = None, progress: bool = True) -> TrainResult:
     """Train `cfg` into `cfg.train.out`. `resume` continues the run there; `init` starts from
-    another checkpoint's weights (and tokenizer)."""
+    another checkpoint's weights (and tokenizer); `overwrite` replaces a run already there (without
+    it, such a directory is refused). The precision `auto` is resolved here, printed, and saved in
+    the run's config."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = resolve_precision(cfg.train.precision, device.type)
+    cfg = replace(cfg, train=replace(cfg.train, precision=resolved.precision))
+    if progress:
+        print(f"precision: {resolved}", file=sys.stderr)
     tc = cfg.train
     run_dir = Path(tc.out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(tc.seed)
 
     start_step, state = 0, {}
@@ -162,9 +227,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
     elif init is not None:
         base = load_checkpoint(init, prefer_ema=True)
         tokenizer = base.tokenizer
-    elif (run_dir / "latest").exists():
-        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                              "choose another --train.out")
+    _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
 
     if data is None and cfg.instruct.stage != "none":
         if tokenizer is None:
@@ -211,36 +274,33 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         log.write(json.dumps(record) + "\n")
         log.flush()
 
-    def validate(step: int) -> float:
+    def validate(step: int) -> Perplexity:
         nonlocal t_range
-        eval_model = ema if ema is not None else model
-        n = min(len(val_rows), tc.eval_batches * tc.batch_size)
+        eval_model = ema if ema is not None else model  # what load_checkpoint returns as the model
+        n = cfg.eval.max_rows or len(val_rows)
         loss_positions = (None if data.spans is None else  # instruction rows: the response-only bound
                           response_mask(data.spans["validation"][:n], val_rows.shape[1], cfg.instruct.eos))
         ppl = evaluate_perplexity(eval_model, val_rows[:n], schedule, pad_id=tokenizer.pad_id,
-                                  byte_lengths=byte_lengths, eps=cfg.noise.eps, mc_samples=1,
-                                  batch_size=tc.batch_size, seed=tc.seed, precision=tc.precision,
-                                  loss_positions=loss_positions)
+                                  byte_lengths=byte_lengths, eps=cfg.noise.eps,
+                                  mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
+                                  seed=cfg.eval.seed, precision=tc.precision, loss_positions=loss_positions)
         record = {"step": step, "val_nats": ppl.nats_per_token, "val_ppl": ppl.ppl,
-                  "val_bpb": ppl.bits_per_byte}
+                  "val_bpb": ppl.bits_per_byte, "val_rows": ppl.rows, "val_mc_samples": ppl.mc_samples,
+                  "val_weights": "ema" if ema is not None else "raw"}
         if cfg.noise.clip_search and model.cfg.objective != "ar":
             t_range, var = search_clip(eval_model, val_rows, schedule, cfg, tokenizer.pad_id, device)
             t_range = (max(t_range[0], cfg.noise.eps), t_range[1])
             record.update(clip=list(t_range), clip_loss_var=var)
         write(record)
-        return ppl.ppl
+        return ppl
 
     def checkpoint(step: int, val_ppl: float | None) -> None:
         save_checkpoint(run_dir, step=step, model=model, ema=ema, optimizer=optimizer, config=cfg,
                         tokenizer=tokenizer, state={"t_range": list(t_range), "val_ppl": val_ppl,
-                                                    "seed": tc.seed})
+                                                    "seed": tc.seed}, keep_optimizer=tc.keep_optimizer)
 
-    model.train()
-    val_ppl = None
-    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not progress,
-               desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
-    tokens_seen, t0 = 0, time.perf_counter()
-    for step in bar:
+    def train_step(step: int) -> None:
+        nonlocal tokens_seen
         lr = lr_at(step, tc)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
@@ -274,13 +334,28 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None,
         if model.soft_mask is not None:
             record["soft_mask"] = model.soft_mask.values()
         write(record)
-        done = step + 1
-        if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
-            val_ppl = validate(done)
-            bar.write(f"step {done}: val ppl {val_ppl:.2f}"
-                      + (" (bound)" if model.cfg.objective != "ar" else "")
-                      + (f", clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""))
-        if done % tc.save_every == 0 or done == tc.steps:
-            checkpoint(done, val_ppl)
+
+    model.train()
+    val_ppl = None
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not progress,
+               desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
+    tokens_seen, t0 = 0, time.perf_counter()
+    with _stop_requests() as stop:
+        for step in bar:
+            train_step(step)
+            done = step + 1
+            if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
+                ppl = validate(done)
+                val_ppl = ppl.ppl
+                weights = "EMA" if ema is not None else "raw"
+                bar.write(f"step {done}: val ppl {ppl.describe()}, {weights} weights"
+                          + (f"; clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""))
+            if done % tc.save_every == 0 or done == tc.steps or stop["signal"]:
+                checkpoint(done, val_ppl)
+            if stop["signal"]:
+                bar.close()
+                log.close()
+                raise TrainingInterrupted(run_dir, done, stop["signal"])
     log.close()
     return TrainResult(run_dir, tc.steps, val_ppl, t_range)
+

@@ -30,6 +30,11 @@ class Perplexity:
     mc_samples: int
     bound: bool  # True for the diffusion NELBO bound, False for exact AR perplexity
 
+    def describe(self) -> str:
+        """`<= 123.45 (NELBO bound, 4 MC samples, 64 rows)`: the number and how it was estimated."""
+        how = f"NELBO bound, {self.mc_samples} MC samples" if self.bound else "exact"
+        return f"{'<= ' if self.bound else ''}{self.ppl:.2f} ({how}, {self.rows} rows)"
+
 
 @torch.no_grad()
 def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, *,
