@@ -30,8 +30,9 @@ class DataConfig:
     """Tokens per training row (L)."""
     packing: Literal["wrap", "pad"] = "wrap"
     """`wrap`: join documents with BOS/EOS and cut exact rows; `pad`: one document per row."""
-    txt_documents: Literal["file", "blank_lines"] = "file"
-    """How a .txt file splits into documents: the whole file, or paragraphs split on blank lines."""
+    txt_documents: Literal["auto", "file", "blank_lines", "chunks"] = "auto"
+    """How .txt files split into documents: auto = chunks for a single file, file for a directory;
+    file = whole files; blank_lines = paragraphs; chunks = runs of paragraphs of >= 4096 characters."""
     valid_fraction: float = 0.01
     """Fraction of documents (by stable hash) held out for validation."""
     test_fraction: float = 0.01

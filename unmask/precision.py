@@ -90,10 +90,19 @@ def bf16_speedup() -> float:
     return matmul_flops(torch.bfloat16) / matmul_flops(torch.float32)
 
 
-@functools.lru_cache(maxsize=8)
 def resolve_precision(requested: str, device_type: str = "cpu") -> Resolved:
     """`auto` -> fp32 or bf16 for this machine, with the reason; `fp32`/`bf16` are kept as asked (an
-    emulated bf16 warns once)."""
+    emulated bf16 warns; Python shows a warning once per place that asks)."""
+    native = native_cpu_bf16()
+    if requested == "bf16" and device_type == "cpu" and not native:
+        warnings.warn(f"bf16 on a CPU without native bf16 ({cpu_model()}: no AMX / AVX-512 BF16) is "
+                      f"emulated: a bf16 matmul measured {1 / bf16_speedup():.0f}x slower than fp32 "
+                      "here; precision auto (the default) picks fp32", stacklevel=2)
+    return _resolve(requested, device_type, native)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve(requested: str, device_type: str, native: bool) -> Resolved:
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "fp32":
@@ -103,12 +112,7 @@ def resolve_precision(requested: str, device_type: str = "cpu") -> Resolved:
             return Resolved("bf16", "asked for" if requested == "bf16" else "auto: the GPU supports bf16")
         return Resolved("fp32" if requested == "auto" else "bf16",
                         "auto: this GPU has no bf16" if requested == "auto" else "asked for")
-    native = native_cpu_bf16()
     if requested == "bf16":
-        if not native:
-            warnings.warn(f"bf16 on a CPU without native bf16 ({cpu_model()}: no AMX / AVX-512 BF16) is "
-                          f"emulated: a bf16 matmul measured {1 / bf16_speedup():.0f}x slower than fp32 "
-                          "here; precision auto (the default) picks fp32", stacklevel=2)
         return Resolved("bf16", "asked for" + ("" if native else ", emulated on this CPU"))
     if not native:
         return Resolved("fp32", "auto: this CPU has no native bf16 matmul (no AMX / AVX-512 BF16)")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from unmask.bench.training import interleaved, ratio
+from unmask.precision import resolve_precision
 
 
 class TimedModel(torch.nn.Module):
@@ -96,6 +97,7 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
     if featurizer is not None:
         require_samples(len(mauve_texts or []), len(prompts), min_samples)
     schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    precision = resolve_precision(precision, "cuda" if torch.cuda.is_available() else "cpu").precision
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
     rows = []
     grid = [(p, s) for p in presets for s in steps]

@@ -132,7 +132,7 @@ def add_bench_commands(sub) -> None:
     sampling_args(bs, 128, "32,128")
     bs.add_argument("--presets", default="mdlm,bd3lm,llada,fast-dllm,conv")
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    bs.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     bs.add_argument("--reference", help="AR checkpoint / HF causal LM for gen-PPL")
     bs.add_argument("--featurizer", help="MAUVE featurizer: minilm or ar:PATH (off when absent)")
     bs.add_argument("--mauve-reference", help="MAUVE reference texts (default: the corpus's test split)")

@@ -178,7 +178,7 @@ def add_eval_commands(sub) -> None:
     eh.add_argument("--limit", type=int, default=0, help="only the first N problems (0 = all 164)")
     eh.add_argument("--batch-size", type=int, default=8)
     eh.add_argument("--seed", type=int, default=0)
-    eh.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    eh.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     eh.add_argument("--output", help="write the full result (completions, statuses) as JSON here")
     eh.add_argument("--json", action="store_true")
     eh.set_defaults(func=cmd_eval_humaneval)

@@ -21,6 +21,10 @@ def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
                     config=(tyro.conf.FlagConversionOff,))
 
 
+SHORTHANDS = ("--data PATH     = --data.corpus PATH (stdlib, a .txt/.jsonl file or directory, hf:NAME)",
+              "--out DIR       = --train.out DIR (the run directory)")
+
+
 def shorthands(args: list[str]) -> list[str]:
     """`--data PATH` -> `--data.corpus PATH`, `--out DIR` -> `--train.out DIR` (also with `=`)."""
     out = []
@@ -56,12 +60,16 @@ def _split_preset(rest: list[str]) -> tuple[str | None, list[str]]:
     return preset, out
 
 
-def decode_config(rest: list[str], prog: str) -> DecodeConfig:
-    """`--preset NAME` then `--decode.field=value` overrides (any preset field)."""
+def decode_config(rest: list[str], prog: str, *, preset: str | None = None,
+                  max_new_tokens: int | None = None) -> DecodeConfig:
+    """`--preset NAME` then `--decode.field=value` overrides (any preset field). `preset` and
+    `max_new_tokens` are the values of those flags where a command declares them itself."""
     from unmask.decoding.presets import preset_config
 
-    preset, rest = _split_preset(rest)
-    base = preset_config(preset or "mdlm")
+    flag_preset, rest = _split_preset(rest)
+    base = preset_config(preset or flag_preset or "mdlm")
+    if max_new_tokens is not None:
+        rest = [f"--decode.max_new_tokens={max_new_tokens}", *rest]
     import tyro
 
     return tyro.cli(_DecodeFlags, default=_DecodeFlags(base), args=rest, prog=prog,

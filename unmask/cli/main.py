@@ -9,9 +9,11 @@ command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from unmask.cli.bench import add_bench_commands
+from unmask.cli.env import add_env_command
 from unmask.cli.eval import add_eval_commands
 from unmask.cli.posttrain import add_posttrain_commands
 from unmask.cli.repro import add_repro_commands
@@ -43,16 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_repro_commands(sub)
     add_posttrain_commands(sub)
     add_bench_commands(sub)
+    add_env_command(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     ns, rest = build_parser().parse_known_args(argv)
     try:
         ns.func(ns, rest)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except _interrupted() as e:  # a checkpoint of the last finished step was written
+        again = ["unmask", *argv] + ([] if "--resume" in argv else ["--resume"])
+        again = [a for a in again if a != "--overwrite"]
+        print(f"{e}\nresume with: {shlex.join(again)}", file=sys.stderr)
+        raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
+
+
+def _interrupted() -> type[Exception]:
+    from unmask.training.loop import TrainingInterrupted
+
+    return TrainingInterrupted
 
 
 if __name__ == "__main__":

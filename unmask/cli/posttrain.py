@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unmask.cli.flags import parse_overrides
+from unmask.cli.help import config_help
 
 
 def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -13,7 +14,7 @@ def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
 
     base = instruct_config(ns.checkpoint, ns.what, out=ns.out, data=ns.data, template=ns.template)
     cfg = parse_overrides(base, rest, f"unmask posttrain {ns.what}")
-    result = train(cfg, init=ns.checkpoint, resume=ns.resume)
+    result = train(cfg, init=ns.checkpoint, resume=ns.resume, overwrite=ns.overwrite)
     print(f"checkpoint: {result.run_dir} (step {result.step}, response-only val ppl <= {result.val_ppl:.2f})")
 
 
@@ -52,13 +53,16 @@ def add_posttrain_commands(sub) -> None:
     pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
     for stage, text in (("sft", "instruction SFT: diffusion loss on response tokens only"),
                         ("r2ft", "rejective fine-tuning against rule-made repetition negatives")):
-        pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value")
+        pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=config_help() + "\n(the checkpoint's own config replaces these defaults)")
         pi.add_argument("--checkpoint", required=True, help="the model to post-train (run or checkpoint dir)")
         pi.add_argument("--out", required=True, help="run directory of the new model")
         pi.add_argument("--data", help="pairs: stdlib-functions, Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
                                        "(default: the checkpoint's --instruct.data)")
         pi.add_argument("--template", help="prompt template (alpaca, plain, chat, code; default auto)")
         pi.add_argument("--resume", action="store_true", help="continue the run in --out")
+        pi.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
         pi.set_defaults(func=cmd_posttrain_instruct)
     pd = pt.add_parser("adjust-data", allow_abbrev=False, help="exact one-token-per-forward trajectories")
     pd.add_argument("--checkpoint", required=True)

@@ -7,6 +7,11 @@ import json
 import sys
 
 from unmask.cli.flags import decode_config, read_prompts
+from unmask.cli.help import config_help
+
+# the names of unmask.decoding.presets.PRESETS, listed here so that --help imports no torch
+PRESET_NAMES = ("mdlm", "first-hitting", "bd3lm", "semi-ar", "llada", "fast-dllm", "topk-glob", "exact-joint",
+                "adjust", "marginal", "conv", "conv-ranked")
 
 
 def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -14,7 +19,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.models.checkpoint import load_checkpoint
     from unmask.schedules import build_schedule
 
-    cfg = decode_config(rest, "unmask sample")
+    cfg = decode_config(rest, "unmask sample", preset=ns.preset, max_new_tokens=ns.max_new_tokens)
     loaded = load_checkpoint(ns.checkpoint)
     model, tok = loaded.model, loaded.tokenizer
     sampler = None
@@ -58,15 +63,19 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_sample_command(sub) -> None:
-    s = sub.add_parser("sample", allow_abbrev=False,
-                       help="decode text; --preset NAME then any --decode.field=value")
+    s = sub.add_parser("sample", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="decode text; --preset NAME then any --decode.field=value",
+                       epilog=config_help(("decode",)) + "\n(the preset's values replace these defaults)")
+    s.add_argument("--preset", default=None, help=f"decoder preset ({', '.join(PRESET_NAMES)}; default mdlm)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="= --decode.max_new_tokens")
     s.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
     s.add_argument("--prompts-file", help="prompts: one per line, or .jsonl with a `prompt` field")
     s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     s.add_argument("--max-len", type=int, default=0,
                    help="longest canvas allowed (default: training length for bidirectional models)")
     s.add_argument("--stream", action="store_true", help="show the canvas filling in")

@@ -40,8 +40,16 @@ class DataError(ValueError):
 # corpora -> {split: [documents]}
 
 
+CHUNK_CHARS = 4096  # least characters per document of `chunks` (about 1,000 tokens of English)
+CHUNKS_PER_FILE = 200  # ... and a long file gives about this many
+
+
+def _key_hash(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def _split_of(key: str, valid_fraction: float, test_fraction: float) -> str:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    h = _key_hash(key)
     if h < test_fraction:
         return "test"
     if h < test_fraction + valid_fraction:
@@ -90,11 +98,35 @@ def read_jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
     return out
 
 
+def text_chunks(text: str, min_chars: int) -> list[str]:
+    """Consecutive runs of paragraphs (or lines, when the text has no blank lines) of at least
+    `min_chars` characters; the last run takes the remainder."""
+    parts = [p for p in text.split("\n\n") if p.strip()]
+    sep = "\n\n"
+    if len(parts) <= 1:
+        parts, sep = [p for p in text.splitlines() if p.strip()], "\n"
+    chunks, current, size = [], [], 0
+    for p in parts:
+        current.append(p)
+        size += len(p) + len(sep)
+        if size >= min_chars:
+            chunks.append(sep.join(current))
+            current, size = [], 0
+    if current:
+        if chunks and size < min_chars // 2:
+            chunks[-1] += sep + sep.join(current)
+        else:
+            chunks.append(sep.join(current))
+    return chunks
+
+
 def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
     if not files:
         raise DataError(f"corpus {root}: no .txt or .jsonl files found")
+    if txt_documents == "auto":
+        txt_documents = "chunks" if root.is_file() else "file"
     docs = []
     for path in files:
         rel = path.name if path == root else path.relative_to(root).as_posix()
@@ -104,6 +136,11 @@ def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
             text = _read_text(path)
             if txt_documents == "file":
                 docs.append((rel, text))
+            elif txt_documents == "chunks":
+                # about 200 chunks of a long file, >= 4096 characters each, but always three for the splits
+                size = min(max(CHUNK_CHARS, len(text) // CHUNKS_PER_FILE), len(text) // 3)
+                chunks = text_chunks(text, max(size, 1))
+                docs.extend((f"{rel}@{i}", c) for i, c in enumerate(chunks))
             else:
                 paragraphs = [p for p in text.split("\n\n") if p.strip()]
                 docs.extend((f"{rel}#{i}", p) for i, p in enumerate(paragraphs))
@@ -135,9 +172,11 @@ def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
     return [(f"{i}", t) for i, t in enumerate(first["text"]) if t.strip()]
 
 
-def load_corpus(spec: str, *, txt_documents: str = "file", valid_fraction: float = 0.01,
+def load_corpus(spec: str, *, txt_documents: str = "auto", valid_fraction: float = 0.01,
                 test_fraction: float = 0.01) -> dict[str, list[str]]:
-    """Read a corpus and split it deterministically into train/validation/test documents."""
+    """Read a corpus and split it deterministically into train/validation/test documents: by a hash
+    of each document's key, and where that leaves a held-out split empty of a corpus with at least
+    three documents, the training document whose key hashes lowest moves there."""
     if spec == "stdlib" or spec.startswith("stdlib:"):
         modules = tuple(m for m in spec.removeprefix("stdlib").lstrip(":").split(",") if m)
         keyed = [(rel, _read_text(p)) for rel, p in stdlib_files(modules)]
@@ -152,11 +191,15 @@ def load_corpus(spec: str, *, txt_documents: str = "file", valid_fraction: float
             raise DataError(f"corpus {spec!r}: no such file or directory (and not `stdlib` or "
                             "`hf:NAME`)")
         keyed = _local_documents(path, txt_documents)
-    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    keyed_splits: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for key, text in keyed:
         if text.strip():
-            splits[_split_of(key, valid_fraction, test_fraction)].append(text)
-    return _checked(spec, splits)
+            keyed_splits[_split_of(key, valid_fraction, test_fraction)].append((key, text))
+    for s in ("validation", "test"):
+        if not keyed_splits[s] and len(keyed_splits["train"]) >= 2:
+            train = keyed_splits["train"]
+            keyed_splits[s].append(train.pop(min(range(len(train)), key=lambda i: _key_hash(train[i][0]))))
+    return _checked(spec, {s: [text for _, text in docs] for s, docs in keyed_splits.items()})
 
 
 def _checked(spec: str, splits: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -164,9 +207,9 @@ def _checked(spec: str, splits: dict[str, list[str]]) -> dict[str, list[str]]:
         raise DataError(f"corpus {spec!r} has no non-empty documents")
     for s in SPLITS:
         if not splits[s]:
-            raise DataError(f"corpus {spec!r}: the {s} split is empty "
-                            f"({sum(map(len, splits.values()))} documents in all); "
-                            "use a bigger corpus or raise --data.valid_fraction/test_fraction")
+            raise DataError(f"corpus {spec!r}: the {s} split is empty ({sum(map(len, splits.values()))} "
+                            "documents in all, at least 3 are needed); give a bigger corpus, or split a "
+                            ".txt file into more documents (--data.txt_documents chunks or blank_lines)")
     return splits
 
 
@@ -213,8 +256,9 @@ def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: 
 # packing
 
 
-def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer) -> np.ndarray:
-    """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode."""
+def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer,
+              name: str = "split") -> np.ndarray:
+    """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode; `name` names the split in errors."""
     bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     n_docs = len(split.offsets) - 1
     if packing == "wrap":
@@ -230,7 +274,10 @@ def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Toke
         stream[body] = split.tokens
         n_rows = len(stream) // seq_len
         if n_rows == 0:
-            raise DataError(f"split has {len(stream)} tokens, fewer than one row of {seq_len}")
+            raise DataError(f"the {name} split has {len(stream)} tokens ({n_docs} documents with their "
+                            f"[BOS]/[EOS]), fewer than one row of --data.seq_len {seq_len}; lower "
+                            f"--data.seq_len, raise --data.valid_fraction / --data.test_fraction, or "
+                            f"give a bigger corpus")
         return stream[: n_rows * seq_len].reshape(n_rows, seq_len)
     if packing == "pad":
         rows = np.full((n_docs, seq_len), pad, dtype=np.int64)
@@ -320,12 +367,17 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None,
         tokenizer = build_tokenizer(cfg, docs["train"])
         say(f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
             f" cached under {cfg.cache_dir})")
+        if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
+            print(f"note: the BPE vocabulary has {tokenizer.vocab_size} ids, fewer than the "
+                  f"--data.vocab_size {cfg.vocab_size} asked for: the training split "
+                  f"({sum(map(len, docs['train'])):,} characters) has no more merges to learn",
+                  file=sys.stderr)
     rows = {}
     for split in splits:
         t0 = time.perf_counter()
         tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir),
                                 f"{corpus_key(cfg)}|{split}")
-        rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer)
+        rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer, name=split)
         say(f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
             f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
     return PreparedData(tokenizer, rows)
