@@ -19,8 +19,8 @@ def train_or_reuse(cfg: Config, *, progress: bool = True) -> None:
         if step >= cfg.train.steps:
             return
         train(cfg, resume=True, progress=progress)
-    else:
-        train(cfg, progress=progress)
+    else:  # nothing saved yet (a run stopped before its first checkpoint is started again)
+        train(cfg, progress=progress, overwrite=True)
 
 
 def continue_training(cfg: Config, init: str, *, progress: bool) -> None:
@@ -29,7 +29,7 @@ def continue_training(cfg: Config, init: str, *, progress: bool) -> None:
     if (run_dir / "latest").is_file():
         train_or_reuse(cfg, progress=progress)
     else:
-        train(cfg, init=init, progress=progress)
+        train(cfg, init=init, progress=progress, overwrite=True)
 
 
 def default_featurizer(ar_run: str | Path):
