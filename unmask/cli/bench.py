@@ -108,8 +108,21 @@ def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
     _write_bench(ns.out, "llada_reference", r, table)
 
 
+def cmd_bench_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.harness import bench_lm_eval, lm_eval_table
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask bench lm-eval`: {' '.join(rest)}")
+    items = ns.checkpoints.split(",")
+    checkpoints = dict(item.split("=", 1) if "=" in item else (item, item) for item in items)
+    tasks = {"loglikelihood": ns.mc_task, "generate_until": ns.gen_task, "loglikelihood_rolling": ns.ppl_task}
+    result = bench_lm_eval(checkpoints, tasks, include_path=ns.include_path, limit=ns.limit or None,
+                           model_args=ns.model_args, mc_counts=tuple(int(m) for m in ns.mc.split(",")))
+    _write_bench(ns.out, "lm_eval", result, lm_eval_table(result))
+
+
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | sample | cache | llada-ref`."""
+    """`unmask bench train | sample | cache | llada-ref | lm-eval`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("train", allow_abbrev=False,
                       help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
@@ -147,3 +160,15 @@ def add_bench_commands(sub) -> None:
     bl.add_argument("--block-len", type=int, default=32)
     bl.add_argument("--repeats", type=int, default=3)
     bl.set_defaults(func=cmd_bench_llada)
+    be = b.add_parser("lm-eval", allow_abbrev=False,
+                      help="lm-eval local tasks per checkpoint: metric and time per request type; MC error")
+    be.add_argument("--checkpoints", required=True, help="NAME=PATH,... (or PATH,...)")
+    be.add_argument("--include-path", default="tests/evaluation/lm_eval_tasks", help="folder of task YAMLs")
+    be.add_argument("--mc-task", default="unmask_mc")
+    be.add_argument("--gen-task", default="unmask_gen")
+    be.add_argument("--ppl-task", default="unmask_ppl")
+    be.add_argument("--limit", type=int, default=0, help="documents per task (0 = all)")
+    be.add_argument("--model-args", default="", help="extra model_args for every checkpoint")
+    be.add_argument("--mc", default="1,4,16,64", help="Monte Carlo counts for the standard-error table")
+    be.add_argument("--out", help="folder for the JSON and markdown results")
+    be.set_defaults(func=cmd_bench_lm_eval)

@@ -135,6 +135,46 @@ def cmd_eval_winrate(ns: argparse.Namespace, rest: list[str]) -> None:
                               f"{w.n}; judge {w.judge} — an offline proxy, not AlpacaEval)")
 
 
+def cmd_eval_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
+    """lm-evaluation-harness's own command line with `unmask` registered as a model: --checkpoint,
+    --preset, --mc-samples and --decode.field=value become `--model_args`; everything else (--tasks,
+    --include_path, --limit, --output_path, ...) goes to lm-eval unchanged."""
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import unmask.evaluation.harness  # noqa: F401  (registers the "unmask" model)
+    except ImportError as e:
+        from unmask.config import ConfigError
+
+        raise ConfigError(f"unmask eval lm-eval needs the optional `lm-eval` package ({e}): "
+                          "pip install 'unmask[eval]'") from e
+    pairs = [f"checkpoint={ns.checkpoint}"] if ns.checkpoint else []
+    pairs += [f"preset={ns.preset}"] if ns.preset else []
+    pairs += [f"mc_samples={ns.mc_samples}"] if ns.mc_samples else []
+    passed, it = [], iter(rest)
+    for a in it:
+        if a.startswith("--decode."):
+            key, _, value = a[len("--decode."):].partition("=")
+            pairs.append(f"{key}={value if _ else next(it, '')}")
+        else:
+            passed.append(a)
+    if "--model_args" in passed and pairs:  # merge with the user's own model_args
+        i = passed.index("--model_args") + 1
+        passed[i] = ",".join([passed[i], *pairs])
+    elif pairs:
+        passed += ["--model_args", ",".join(pairs)]
+    if "--model" not in passed:
+        passed = ["--model", "unmask", *passed]
+    if "--device" not in passed:  # lm-eval's own default is cuda:0
+        import torch
+
+        passed += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    sys.argv = ["lm_eval", *passed]
+    cli_evaluate()
+
+
 def add_eval_commands(sub) -> None:
     """`unmask eval ppl | genppl | mauve | repetition | humaneval | winrate`."""
     e = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
@@ -191,3 +231,9 @@ def add_eval_commands(sub) -> None:
     ew.add_argument("--answers", help="JSONL of held-out answers (`text`) for the answer-f1 judge")
     ew.add_argument("--json", action="store_true")
     ew.set_defaults(func=cmd_eval_winrate)
+    el = e.add_parser("lm-eval", allow_abbrev=False,
+                      help="lm-evaluation-harness with `unmask` as the model; other flags go to lm-eval")
+    el.add_argument("--checkpoint", help="run or checkpoint directory (= --model_args checkpoint=...)")
+    el.add_argument("--preset", help="decoder preset for generation tasks")
+    el.add_argument("--mc-samples", type=int, help="Monte Carlo draws per diffusion log-likelihood")
+    el.set_defaults(func=cmd_eval_lm_eval)
