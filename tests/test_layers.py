@@ -16,6 +16,7 @@ LAYERS = [
     {"decoding"},
     {"training"},
     {"evaluation"},
+    {"serve"},
     {"bench"},
     {"repro"},
     {"cli", "__main__"},

@@ -1,4 +1,4 @@
-"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env.
+"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env | serve.
 
 Each subcommand wraps a public function. Config overrides are `--section.field=value` (or
 `--section.field value`), parsed by `tyro` against the config loaded from `--config` (or a
@@ -18,6 +18,7 @@ from unmask.cli.eval import add_eval_commands
 from unmask.cli.posttrain import add_posttrain_commands
 from unmask.cli.repro import add_repro_commands
 from unmask.cli.sample import add_sample_command
+from unmask.cli.serve import add_serve_command
 from unmask.cli.train import add_train_command
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_posttrain_commands(sub)
     add_bench_commands(sub)
     add_env_command(sub)
+    add_serve_command(sub)
     return p
 
 
