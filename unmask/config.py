@@ -169,6 +169,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    """Under torchrun: ddp (replicated model) or fsdp (FSDP2, fully_shard per block); none = one process."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations during backward (less memory, more compute)."""
+    consolidate: bool = True
+    """fsdp: also write a consolidated model.safetensors beside the sharded checkpoint (other commands)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class SoftMaskConfig:
     """Soft-masking (Hersche et al. 2026): masked inputs blended with the previous pass's top-k."""
 
@@ -317,6 +327,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
         _check(self.instruct.stage != "r2ft" or self.model.attention == "bidirectional", "instruct.stage",

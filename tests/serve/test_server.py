@@ -309,3 +309,24 @@ def test_the_page_shows_the_denoising_in_chromium(bd3):
         browser.close()
     assert final == api.choices[0].text
     assert "░" not in canvas and nfe >= 1
+
+
+def test_bench_serve_measures_concurrency_and_the_batching_gain(checkpoints, tmp_path):
+    from unmask.bench.serve import bench_serve, plot_serve, serve_table
+
+    r = bench_serve(
+        str(checkpoints["block_causal"]),
+        ["def a(", "def b("],
+        clients=(1, 2),
+        requests=2,
+        max_tokens=4,
+        compare_at=2,
+    )
+    assert [(row["mode"], row["clients"]) for row in r["rows"]] == [
+        ("batched", 1),
+        ("batched", 2),
+        ("one at a time", 2),
+    ]
+    assert all(row["errors"] == 0 and row["requests_per_s"] > 0 for row in r["rows"])
+    assert 0 <= r["rows"][0]["overhead"] < 1 and r["batched_over_one_at_a_time"] > 0
+    assert "batched over one-at-a-time" in serve_table(r) and plot_serve(r, tmp_path).is_file()

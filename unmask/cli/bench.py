@@ -121,8 +121,26 @@ def cmd_bench_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
     _write_bench(ns.out, "lm_eval", result, lm_eval_table(result))
 
 
+def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.serve import bench_serve, plot_serve, serve_table
+    from unmask.data.prompts import heldout_prompts
+    from unmask.models.checkpoint import load_checkpoint
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask bench serve`: {' '.join(rest)}")
+    loaded = load_checkpoint(ns.checkpoint)
+    ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
+    prompts = [loaded.tokenizer.decode(row[1:].tolist()) for row in ids]
+    result = bench_serve(ns.checkpoint, prompts, clients=tuple(int(c) for c in ns.clients.split(",")),
+                         requests=ns.requests, max_tokens=ns.max_tokens, preset=ns.preset,
+                         steps=ns.steps or None)
+    _write_bench(ns.out, "serve", result, serve_table(result))
+    if ns.out:
+        print(f"plot: {plot_serve(result, ns.out)}")
+
+
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | sample | cache | llada-ref | lm-eval`."""
+    """`unmask bench train | sample | cache | llada-ref | lm-eval | serve`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("train", allow_abbrev=False,
                       help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
@@ -172,3 +190,15 @@ def add_bench_commands(sub) -> None:
     be.add_argument("--mc", default="1,4,16,64", help="Monte Carlo counts for the standard-error table")
     be.add_argument("--out", help="folder for the JSON and markdown results")
     be.set_defaults(func=cmd_bench_lm_eval)
+    bv = b.add_parser("serve", allow_abbrev=False,
+                      help="unmask serve: throughput/latency vs concurrent clients")
+    bv.add_argument("--checkpoint", required=True)
+    bv.add_argument("--clients", default="1,4,16,64")
+    bv.add_argument("--requests", type=int, default=64, help="requests at each concurrency")
+    bv.add_argument("--max-tokens", type=int, default=64)
+    bv.add_argument("--preset", default="bd3lm")
+    bv.add_argument("--steps", type=int, default=0, help="decoding steps (default: the preset's)")
+    bv.add_argument("--num-prompts", type=int, default=8, help="held-out prefixes in the request mix")
+    bv.add_argument("--prompt-tokens", type=int, default=16)
+    bv.add_argument("--out", help="folder for the JSON, markdown and plot")
+    bv.set_defaults(func=cmd_bench_serve)

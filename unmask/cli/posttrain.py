@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from unmask.cli.flags import parse_overrides
 from unmask.cli.help import config_help
@@ -15,7 +16,9 @@ def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
     base = instruct_config(ns.checkpoint, ns.what, out=ns.out, data=ns.data, template=ns.template)
     cfg = parse_overrides(base, rest, f"unmask posttrain {ns.what}")
     result = train(cfg, init=ns.checkpoint, resume=ns.resume, overwrite=ns.overwrite)
-    print(f"checkpoint: {result.run_dir} (step {result.step}, response-only val ppl <= {result.val_ppl:.2f})")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {result.run_dir} (step {result.step}, "
+              f"response-only val ppl <= {result.val_ppl:.2f})")
 
 
 def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from unmask.cli.flags import SHORTHANDS, parse_overrides, shorthands
 from unmask.cli.help import config_help
@@ -10,7 +12,24 @@ from unmask.config import Config
 from unmask.config_io import load_config
 
 
+def launch(nproc: int, argv: list[str]) -> None:
+    """`--nproc N`: run this same command under torchrun on N local processes (ddp unless
+    --dist.strategy says otherwise); exits with torchrun's status."""
+    import subprocess
+
+    if not any(a.startswith("--dist.strategy") for a in argv):
+        argv = [*argv, "--dist.strategy", "ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "unmask",
+           *argv]
+    raise SystemExit(subprocess.run(cmd).returncode)
+
+
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
+    if ns.nproc > 1:
+        argv = sys.argv[1:]
+        i = argv.index("--nproc") if "--nproc" in argv else None
+        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+        launch(ns.nproc, argv)
     from unmask.training.loop import train
 
     if ns.config:
@@ -29,7 +48,8 @@ def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
         base = Config()
     cfg = parse_overrides(base, shorthands(rest), "unmask train")
     result = train(cfg, resume=ns.resume, init=ns.init, overwrite=ns.overwrite)
-    print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {result.val_ppl:.2f})")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {result.val_ppl:.2f})")
 
 
 def add_train_command(sub) -> None:
@@ -40,5 +60,7 @@ def add_train_command(sub) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out (with its saved config unless --config is given)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: relaunches itself under torchrun (--dist.strategy ddp)")
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.set_defaults(func=cmd_train)

@@ -45,16 +45,22 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, config: Config,
                     tokenizer: Tokenizer, ema: Transformer | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None, keep_optimizer: int = 1) -> Path:
+                    state: dict[str, Any] | None = None, keep_optimizer: int = 1,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    move_in: dict[str, Path] | None = None) -> Path:
     """Write `run_dir/ckpt-{step}` atomically and point `latest` at it. Every checkpoint's weights
-    stay; only the newest `keep_optimizer` keep their optimizer state (the bulk of a checkpoint)."""
+    stay; only the newest `keep_optimizer` keep their optimizer state (the bulk of a checkpoint:
+    `optimizer.pt`, or the sharded `dist/` of an FSDP run). `model_state` replaces
+    `model.state_dict()` (a state gathered from shards); `move_in` folders (name -> path) are moved
+    into the checkpoint before it is renamed into place."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:07d}"
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+    weights = model.state_dict() if model_state is None else model_state
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
               str(tmp / "model.safetensors"))
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
@@ -66,12 +72,15 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
         (tmp / "soft_mask.json").write_text(json.dumps(model.soft_mask.values(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+    for name, path in (move_in or {}).items():
+        os.replace(path, tmp / name)
     if final.exists():  # a complete checkpoint of the same step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_atomic(run_dir / "latest", final.name)
     for old in sorted(run_dir.glob("ckpt-*"))[:-keep_optimizer]:
         (old / "optimizer.pt").unlink(missing_ok=True)
+        shutil.rmtree(old / "dist", ignore_errors=True)  # the weights stay in model.safetensors
     return final
 
 

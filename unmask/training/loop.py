@@ -44,6 +44,16 @@ from unmask.models.checkpoint import (
 from unmask.models.transformer import Transformer, autocast, build_model
 from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
+from unmask.training.distributed import (
+    Dist,
+    Objective,
+    full_model_state,
+    init_distributed,
+    load_full_optimizer,
+    load_sharded,
+    save_sharded,
+    wrap,
+)
 from unmask.training.objectives import (
     Batch,
     LossOutput,
@@ -57,8 +67,9 @@ from unmask.training.perplexity import Perplexity, evaluate_perplexity
 
 # Config fields that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.keep_optimizer",
-                     "train.precision"}  # precision: `auto` may resolve differently on another machine
-RUN_FILES = ("latest", "metrics.jsonl", "ckpt-*", ".tmp-ckpt-*")
+                     "train.precision",  # `auto` may resolve differently on another machine
+                     "dist.strategy", "dist.activation_checkpointing", "dist.consolidate"}
+RUN_FILES = ("latest", "metrics.jsonl", "ckpt-*", ".tmp-ckpt-*", ".dist-*")
 
 
 class TrainingInterrupted(Exception):
@@ -91,6 +102,20 @@ def _stop_requests():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _unsharded(step_module: torch.nn.Module, d: Dist):
+    """Under FSDP, gather the root's parameters so the model can be called outside the step's forward
+    (validation); the blocks gather their own in their forward hooks."""
+    if d.strategy != "fsdp":
+        yield
+        return
+    step_module.unshard()
+    try:
+        yield
+    finally:
+        step_module.reshard()
 
 
 def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -126,16 +151,19 @@ def lr_at(step: int, cfg) -> float:
 
 
 def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg: Config,
-                  generator: torch.Generator, t_range: tuple[float, float], eos_id: int) -> LossOutput:
+                  generator: torch.Generator, t_range: tuple[float, float], eos_id: int,
+                  rows: slice | None = None) -> LossOutput:
+    """The step's loss; `rows`: this process's share of the global batch (see training/distributed)."""
     if cfg.instruct.stage == "r2ft":
-        return r2ft_loss(model, batch, cfg.instruct, eos_id, generator)
+        return r2ft_loss(model, batch, cfg.instruct, eos_id, generator, rows=rows)
     if cfg.instruct.stage == "sft":
-        return sft_loss(model, batch, schedule, generator, t_range)
+        return sft_loss(model, batch, schedule, generator, t_range, rows=rows)
     if model.cfg.objective == "ar":
-        return ar_loss(model, batch)
+        return ar_loss(model, batch, rows=rows)
     resample = (*cfg.noise.clip, cfg.noise.resample_tries) if cfg.noise.resample else None
     soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
-    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p)
+    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p,
+                          rows=rows)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -206,11 +234,16 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     another checkpoint's weights (and tokenizer); `overwrite` replaces a run already there (without
     it, such a directory is refused). The precision `auto` is resolved here, printed, and saved in
     the run's config."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d, device = init_distributed(cfg.dist.strategy, cfg.train.batch_size)
+    progress = progress and d.main  # rank 0 does the talking
+    if cfg.dist.strategy == "fsdp" and cfg.train.ema > 0:
+        raise ConfigError("--train.ema with --dist.strategy fsdp is not supported (the EMA copy would need "
+                          "its own sharding); use ddp or turn the EMA off")
     resolved = resolve_precision(cfg.train.precision, device.type)
     cfg = replace(cfg, train=replace(cfg.train, precision=resolved.precision))
     if progress:
-        print(f"precision: {resolved}", file=sys.stderr)
+        print(f"precision: {resolved}" + (f"; {d.world} processes, {d.strategy}" if d.world > 1 else ""),
+              file=sys.stderr)
     tc = cfg.train
     run_dir = Path(tc.out)
     torch.manual_seed(tc.seed)
@@ -227,7 +260,9 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     elif init is not None:
         base = load_checkpoint(init, prefer_ema=True)
         tokenizer = base.tokenizer
-    _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if d.main:
+        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    d.barrier()
 
     if data is None and cfg.instruct.stage != "none":
         if tokenizer is None:
@@ -241,6 +276,14 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     if init is not None and not resume:
         _load_init(model, base.model, init)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
+    if resume:  # full weights before any sharding (an FSDP checkpoint's shards are read after it)
+        load_state_dict_strict(model, ckpt / "model.safetensors")
+    if tc.compile:
+        model.compile_blocks()
+    objective = Objective(model, lambda m, **kw: training_loss(m, schedule=schedule, cfg=cfg,
+                                                               eos_id=tokenizer.eos_id, **kw))
+    step_module = wrap(objective, d, precision=resolved.precision,
+                       checkpoint_activations=cfg.dist.activation_checkpointing)
     soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("soft_mask.")],
                "weight_decay": tc.weight_decay}]
@@ -253,28 +296,35 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
 
     if resume:
-        load_state_dict_strict(model, ckpt / "model.safetensors")
         if ema is not None:
             load_state_dict_strict(ema, ckpt / "ema.safetensors")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        if (ckpt / "dist").is_dir():  # written by an FSDP run: resharded onto this run's layout
+            load_sharded(ckpt / "dist", model, optimizer)
+        elif d.strategy == "fsdp":
+            load_full_optimizer(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+        else:
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         t_range = tuple(state.get("t_range", t_range))
-    if tc.compile:
-        model.compile_blocks()
 
     train_rows, val_rows = data.rows["train"], data.rows["validation"]
     byte_lengths = tokenizer.byte_lengths()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
-    if resume and log_path.exists():  # drop records past the checkpoint (a killed run's tail)
+    if d.main and resume and log_path.exists():  # drop records past the checkpoint (a killed run's tail)
         kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
-    log = log_path.open("a")
+    log = log_path.open("a") if d.main else None
 
     def write(record: dict[str, Any]) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
 
     def validate(step: int) -> Perplexity:
+        with _unsharded(step_module, d):  # every rank evaluates the whole set: the same number everywhere
+            return _validate(step)
+
+    def _validate(step: int) -> Perplexity:
         nonlocal t_range
         eval_model = ema if ema is not None else model  # what load_checkpoint returns as the model
         n = cfg.eval.max_rows or len(val_rows)
@@ -295,9 +345,24 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         return ppl
 
     def checkpoint(step: int, val_ppl: float | None) -> None:
-        save_checkpoint(run_dir, step=step, model=model, ema=ema, optimizer=optimizer, config=cfg,
-                        tokenizer=tokenizer, state={"t_range": list(t_range), "val_ppl": val_ppl,
-                                                    "seed": tc.seed}, keep_optimizer=tc.keep_optimizer)
+        meta = {"t_range": list(t_range), "val_ppl": val_ppl, "seed": tc.seed, "world_size": d.world,
+                "strategy": d.strategy}
+        if d.strategy != "fsdp":
+            if d.main:
+                save_checkpoint(run_dir, step=step, model=model, ema=ema, optimizer=optimizer, config=cfg,
+                                tokenizer=tokenizer, state=meta, keep_optimizer=tc.keep_optimizer)
+            d.barrier()
+            return
+        shards = run_dir / f".dist-{step:07d}"  # every rank writes its shard; rank 0 commits atomically
+        save_sharded(shards, model, optimizer)
+        weights = full_model_state(model) if cfg.dist.consolidate else None  # a collective: all ranks
+        d.barrier()
+        if d.main:
+            if weights is None:
+                weights = {}
+            save_checkpoint(run_dir, step=step, model=model, config=cfg, tokenizer=tokenizer, state=meta,
+                            keep_optimizer=tc.keep_optimizer, model_state=weights, move_in={"dist": shards})
+        d.barrier()
 
     def train_step(step: int) -> None:
         nonlocal tokens_seen
@@ -312,9 +377,10 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
             generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
             torch.manual_seed(tc.seed * 7_919 + index)  # dropout
             with autocast(tc.precision, device):
-                out = training_loss(model, batch, schedule, cfg, generator, t_range, tokenizer.eos_id)
-            (out.loss / tc.grad_accum).backward()
-            nats, tokens = nats + out.nats, tokens + out.tokens
+                out = step_module(batch=batch, generator=generator, t_range=t_range,
+                                  rows=d.rows(tc.batch_size))
+            (out.loss * d.world / tc.grad_accum).backward()  # DDP/FSDP average the ranks' gradients
+            nats, tokens = nats + d.sum(out.nats, device), tokens + out.tokens
             positions += batch.x0.numel()
             for k, v in (out.extras or {}).items():
                 extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
@@ -344,18 +410,25 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         for step in bar:
             train_step(step)
             done = step + 1
+            # every rank stops at the same step (torchrun forwards the signal to all, not at once)
+            signal_name = stop["signal"]
+            if d.world > 1 and d.sum(1.0 if signal_name else 0.0, device) > 0:
+                signal_name = signal_name or "SIGTERM"
             if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
                 ppl = validate(done)
                 val_ppl = ppl.ppl
                 weights = "EMA" if ema is not None else "raw"
-                bar.write(f"step {done}: val ppl {ppl.describe()}, {weights} weights"
-                          + (f"; clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""))
-            if done % tc.save_every == 0 or done == tc.steps or stop["signal"]:
+                if d.main:
+                    clip = f"; clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""
+                    bar.write(f"step {done}: val ppl {ppl.describe()}, {weights} weights{clip}")
+            if done % tc.save_every == 0 or done == tc.steps or signal_name:
                 checkpoint(done, val_ppl)
-            if stop["signal"]:
+            if signal_name:
                 bar.close()
-                log.close()
-                raise TrainingInterrupted(run_dir, done, stop["signal"])
-    log.close()
+                if log is not None:
+                    log.close()
+                raise TrainingInterrupted(run_dir, done, signal_name)
+    if log is not None:
+        log.close()
     return TrainResult(run_dir, tc.steps, val_ppl, t_range)
 

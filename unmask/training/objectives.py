@@ -127,17 +127,21 @@ def soft_masked_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
 def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedule,
                         generator: torch.Generator, t_range: tuple[float, float], *,
                         resample: tuple[float, float, int] | None = None,
-                        two_pass: bool = False, soft_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        two_pass: bool = False, soft_p: float = 0.0,
+                        rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted NLL `w(t_b) * -log p(x0_i | ...)` at masked positions (0 elsewhere) [B, L], and the
     per-block times [B, Nb]. Block-causal models use blocks of L'; others one block of L. With
     `soft_p` > 0 (a soft-mask model) the batch takes the two-pass soft-masked step with that
-    probability (one draw per batch)."""
+    probability (one draw per batch). `rows`: the noise is drawn for the whole batch, the model runs
+    on these rows only (one process's share of a global batch), and both outputs cover them."""
     x0, valid = batch.x0, batch.valid
     B, L = x0.shape
     block = model.cfg.block_size if model.cfg.attention == "block_causal" else L
     t = block_times(B, L // block, t_range, generator).to(x0.device)  # [B, Nb]
     xt, masked = corrupt(x0, valid, t, schedule, model.mask_id, generator, resample=resample)
     soft = soft_p > 0 and float(torch.rand(1, generator=generator)) < soft_p
+    if rows is not None:
+        x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
     if soft:
         if model.soft_mask is None:
             raise ValueError("soft-masked training needs a model built with a soft-mask module (k > 0)")
@@ -153,22 +157,24 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
 def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
                    generator: torch.Generator, t_range: tuple[float, float], *,
                    resample: tuple[float, float, int] | None = None,
-                   two_pass: bool = False, soft_p: float = 0.0) -> LossOutput:
-    """MDLM (bidirectional) or BD3-LM (block-causal) NELBO in nats per token."""
+                   two_pass: bool = False, soft_p: float = 0.0, rows: slice | None = None) -> LossOutput:
+    """MDLM (bidirectional) or BD3-LM (block-causal) NELBO in nats per token. With `rows`, `nats`
+    are those rows' and `loss` is their share of the whole batch's mean (divided by all its tokens)."""
     nll, _ = diffusion_token_nll(model, batch, schedule, generator, t_range,
-                                 resample=resample, two_pass=two_pass, soft_p=soft_p)
+                                 resample=resample, two_pass=two_pass, soft_p=soft_p, rows=rows)
     tokens = int(batch.valid.sum())
     nats = nll.sum()
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
 
 
-def ar_loss(model: Transformer, batch: Batch) -> LossOutput:
-    """Next-token cross-entropy of a causal model; predicts tokens 1..L-1 of each row."""
-    x0, valid = batch.x0, batch.valid
+def ar_loss(model: Transformer, batch: Batch, rows: slice | None = None) -> LossOutput:
+    """Next-token cross-entropy of a causal model; predicts tokens 1..L-1 of each row. With `rows`,
+    as `diffusion_loss`: those rows' nats over the whole batch's tokens."""
+    tokens = int(batch.valid[:, 1:].sum())
+    x0, valid = (batch.x0, batch.valid) if rows is None else (batch.x0[rows], batch.valid[rows])
     logits = model(x0[:, :-1]).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), x0[:, 1:].flatten(), reduction="none")
     keep = valid[:, 1:].flatten()
-    tokens = int(keep.sum())
     nats = nll[keep].sum()
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
 
@@ -186,10 +192,10 @@ def per_block_losses(model: Transformer, batch: Batch, schedule: NoiseSchedule,
 
 
 def sft_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, generator: torch.Generator,
-             t_range: tuple[float, float]) -> LossOutput:
+             t_range: tuple[float, float], rows: slice | None = None) -> LossOutput:
     """Instruction SFT: the MDLM / BD3-LM NELBO where only `batch.valid` (the response positions)
     can be masked and carry loss, normalised by their count; the prompt is always visible."""
-    return diffusion_loss(model, batch, schedule, generator, t_range)
+    return diffusion_loss(model, batch, schedule, generator, t_range, rows=rows)
 
 
 class Negative(NamedTuple):
@@ -228,7 +234,8 @@ def rejected_span(row: torch.Tensor, neg: Negative, eos_id: int) -> torch.Tensor
 
 
 def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int,
-              generator: torch.Generator, negatives: list[Negative] | None = None) -> LossOutput:
+              generator: torch.Generator, negatives: list[Negative] | None = None,
+              rows: slice | None = None) -> LossOutput:
     """Rejective fine-tuning, one forward per row on x_t = x0 with every position >= c masked:
 
         loss = -log sigmoid(b_w mean_A log pi(y_w) - b_l mean_R log pi(y_l) - gamma) - b_a mean_A log pi(y_w)
@@ -242,6 +249,9 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     B, L = x0.shape
     pos = torch.arange(L, device=x0.device)
     negatives = negatives or [draw_negative(int(a), int(e), L, cfg, generator) for a, e in spans.tolist()]
+    if rows is not None:  # negatives drawn for the whole batch; this process scores its rows
+        x0, spans, negatives = x0[rows], spans[rows], negatives[rows]
+    B_all, B = B, x0.shape[0]
     cut = torch.tensor([n.cut for n in negatives], device=x0.device)[:, None]  # [B, 1]
     xt = torch.where(pos >= cut, model.mask_id, x0)
     chosen = (pos >= cut) & (pos <= spans[:, 1:2].clamp(max=L - 1))  # [B, L]
@@ -256,8 +266,8 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     lp_l = (logp.gather(-1, y_l[..., None])[..., 0] * rejected).sum(1) / rejected.sum(1)  # [B]
     margin = cfg.b_w * lp_w - cfg.b_l * lp_l - cfg.gamma
     per_row = -F.logsigmoid(margin) - cfg.b_a * lp_w
-    loss = per_row.mean()
+    loss = per_row.sum() / B_all
     lp_w_, lp_l_, margin_ = lp_w.detach(), lp_l.detach(), margin.detach()
     extras = {"chosen_logp": float(lp_w_.mean()), "rejected_logp": float(lp_l_.mean()),
               "margin": float(margin_.mean()), "accuracy": float((margin_ > 0).float().mean())}
-    return LossOutput(loss, float(per_row.sum().detach()), B, extras)
+    return LossOutput(loss, float(per_row.sum().detach()), B_all, extras)
