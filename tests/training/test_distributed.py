@@ -183,3 +183,24 @@ def test_a_dead_rank_stops_the_job_and_the_last_checkpoint_loads(corpus):
     assert proc.returncode != 0 and time.time() - t < 120
     assert "failed" in err.lower() or "error" in err.lower()
     assert load_checkpoint(out).state["step"] >= 4
+
+
+def test_bench_dist_reports_step_time_and_memory_per_rank(corpus):
+    from unmask.bench.dist import bench_dist, dist_table
+
+    flags = args(corpus, corpus / "unused", 4)[1:]  # the data/model flags, without --out and --train.steps
+    drop = {
+        i + j
+        for i, f in enumerate(flags)
+        if f in ("--out", "--train.steps", "--train.save_every")
+        for j in (0, 1)
+    }
+    overrides = tuple(f for i, f in enumerate(flags) if i not in drop)
+    r = bench_dist("tiny-bd3lm", steps=4, nproc=2, overrides=overrides)
+    arms = {row["arm"]: row for row in r["rows"]}
+    assert set(arms) == {"1 process", "2 x ddp", "2 x fsdp"}
+    one, ddp, fsdp = arms["1 process"], arms["2 x ddp"], arms["2 x fsdp"]
+    assert ddp["params_mb"] == pytest.approx(one["params_mb"])  # DDP replicates
+    assert fsdp["params_mb"] == pytest.approx(one["params_mb"] / 2, rel=0.1)  # FSDP holds about half
+    assert fsdp["optimizer_mb"] == pytest.approx(one["optimizer_mb"] / 2, rel=0.1)
+    assert fsdp["loss"] == pytest.approx(one["loss"], rel=1e-5) and "s/step" in dist_table(r)

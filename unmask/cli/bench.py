@@ -139,8 +139,15 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         print(f"plot: {plot_serve(result, ns.out)}")
 
 
+def cmd_bench_dist(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.dist import bench_dist, dist_table
+
+    result = bench_dist(ns.config, steps=ns.steps, nproc=ns.nproc, overrides=tuple(rest))
+    _write_bench(ns.out, "dist", result, dist_table(result))
+
+
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | sample | cache | llada-ref | lm-eval | serve`."""
+    """`unmask bench train | sample | cache | llada-ref | lm-eval | serve | dist`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("train", allow_abbrev=False,
                       help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
@@ -202,3 +209,10 @@ def add_bench_commands(sub) -> None:
     bv.add_argument("--prompt-tokens", type=int, default=16)
     bv.add_argument("--out", help="folder for the JSON, markdown and plot")
     bv.set_defaults(func=cmd_bench_serve)
+    bd = b.add_parser("dist", allow_abbrev=False,
+                      help="1 process vs N with DDP / FSDP: s/step and memory per rank; + config overrides")
+    bd.add_argument("--config", default="tiny-bd3lm")
+    bd.add_argument("--steps", type=int, default=20)
+    bd.add_argument("--nproc", type=int, default=2)
+    bd.add_argument("--out", help="folder for the JSON and markdown results")
+    bd.set_defaults(func=cmd_bench_dist)

@@ -116,6 +116,24 @@ def wrap(objective: Objective, d: Dist, *, precision: str, checkpoint_activation
     return objective
 
 
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """What this process holds: its parameters, gradients and optimizer state (its shard under FSDP),
+    in MB, and its peak resident memory."""
+    import resource
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return x.to_local() if hasattr(x, "to_local") else x
+
+    mb = 1 / 2**20
+    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+    grads = sum(local(p.grad).numel() * local(p.grad).element_size()
+                for p in model.parameters() if p.grad is not None)
+    state = sum(local(v).numel() * local(v).element_size() for s in optimizer.state.values()
+                for v in s.values() if torch.is_tensor(v))
+    return {"params_mb": params * mb, "grads_mb": grads * mb, "optimizer_mb": state * mb,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

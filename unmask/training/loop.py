@@ -51,6 +51,7 @@ from unmask.training.distributed import (
     init_distributed,
     load_full_optimizer,
     load_sharded,
+    memory_report,
     save_sharded,
     wrap,
 )
@@ -366,6 +367,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
 
     def train_step(step: int) -> None:
         nonlocal tokens_seen
+        t_step = time.perf_counter()
         lr = lr_at(step, tc)
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
@@ -396,7 +398,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         rate = tokens_seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": rate, **extras}
+                  "tokens_per_s": rate, "step_seconds": time.perf_counter() - t_step, **extras}
         if model.soft_mask is not None:
             record["soft_mask"] = model.soft_mask.values()
         write(record)
@@ -428,6 +430,8 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
                 if log is not None:
                     log.close()
                 raise TrainingInterrupted(run_dir, done, signal_name)
+    write({"step": tc.steps, "memory": memory_report(model, optimizer), "world_size": d.world,
+           "strategy": d.strategy})
     if log is not None:
         log.close()
     return TrainResult(run_dir, tc.steps, val_ppl, t_range)
