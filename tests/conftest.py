@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Tests never download: Hugging Face libraries fail at once instead of waiting on the network
+# (they read these when first imported, so they are set before any test imports them).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
 import torch
 
 from unmask.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig

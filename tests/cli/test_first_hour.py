@@ -180,7 +180,8 @@ def test_training_validation_equals_eval_ppl_on_the_saved_checkpoint(tmp_path, e
     confirmed = heldout_perplexity(result.run_dir, split="validation")
     assert confirmed.ppl == pytest.approx(result.val_ppl, rel=1e-6)
     assert confirmed.mc_samples == 2 and confirmed.rows == 16
-    record = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    record = [r for r in records if "val_ppl" in r][-1]
     assert record["val_weights"] == ("ema" if ema else "raw") and record["val_mc_samples"] == 2
     out = capsys.readouterr().out + capsys.readouterr().err
     main(["eval", "ppl", "--checkpoint", str(result.run_dir), "--split", "validation"])
@@ -202,8 +203,9 @@ def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
     with pytest.raises(CheckpointError, match="metrics.jsonl"):
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=str(tmp_path / "partial"))))
     train(cfg, overwrite=True)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 2]  # two training records and the final validation, not appended twice
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    kinds = [(r["step"], "loss" if "loss" in r else "val" if "val_ppl" in r else "memory") for r in records]
+    assert kinds == [(1, "loss"), (2, "loss"), (2, "val"), (2, "memory")]  # one run's log, not two
 
 
 def test_every_saved_step_stays_loadable_and_only_the_newest_keep_optimizer_state(tmp_path):

@@ -25,11 +25,10 @@ def launch(nproc: int, argv: list[str]) -> None:
 
 
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
-    if ns.nproc > 1:
-        argv = sys.argv[1:]
-        i = argv.index("--nproc") if "--nproc" in argv else None
-        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
-        launch(ns.nproc, argv)
+    if ns.nproc > 1:  # the same command, without --nproc, under torchrun
+        launch(ns.nproc, ["train", *(["--config", ns.config] if ns.config else []),
+                          *(["--init", ns.init] if ns.init else []), *(["--resume"] if ns.resume else []),
+                          *(["--overwrite"] if ns.overwrite else []), *rest])
     from unmask.training.loop import train
 
     if ns.config:

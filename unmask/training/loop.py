@@ -389,6 +389,8 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                      if tc.grad_clip > 0 else torch.tensor(float("nan")))
         optimizer.step()
+        if step + 1 == tc.steps:  # what this process holds, gradients included (before they are freed)
+            memory.update(memory_report(model, optimizer))
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
@@ -408,6 +410,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not progress,
                desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
     tokens_seen, t0 = 0, time.perf_counter()
+    memory: dict[str, float] = {}
     with _stop_requests() as stop:
         for step in bar:
             train_step(step)
@@ -430,8 +433,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
                 if log is not None:
                     log.close()
                 raise TrainingInterrupted(run_dir, done, signal_name)
-    write({"step": tc.steps, "memory": memory_report(model, optimizer), "world_size": d.world,
-           "strategy": d.strategy})
+    write({"step": tc.steps, "memory": memory, "world_size": d.world, "strategy": d.strategy})
     if log is not None:
         log.close()
     return TrainResult(run_dir, tc.steps, val_ppl, t_range)
