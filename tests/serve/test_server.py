@@ -330,3 +330,56 @@ def test_bench_serve_measures_concurrency_and_the_batching_gain(checkpoints, tmp
     assert all(row["errors"] == 0 and row["requests_per_s"] > 0 for row in r["rows"])
     assert 0 <= r["rows"][0]["overhead"] < 1 and r["batched_over_one_at_a_time"] > 0
     assert "batched over one-at-a-time" in serve_table(r) and plot_serve(r, tmp_path).is_file()
+
+
+def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatch):
+    """Two jobs share a batch; the first one's row finishes (EOS) after the first state: it is
+    answered from that state, before the batch's last one."""
+    import asyncio
+
+    import torch
+
+    from unmask.config import DecodeConfig
+    from unmask.decoding.state import DecodeState
+    from unmask.serve import engine as engine_module
+    from unmask.serve.engine import Engine, Job
+
+    loaded = load_checkpoint(checkpoints["block_causal"])
+    eos, mask = loaded.tokenizer.eos_id, loaded.model.mask_id
+    word = loaded.tokenizer.encode("a")[0]
+
+    def fake_states(model, cfg, prompt, **kw):
+        B, P = prompt.shape
+        for nfe, finished in ((1, [True, False]), (2, [True, False]), (3, [True, True])):
+            tail = torch.tensor([[word, eos, eos, eos], [word, word, word if nfe > 1 else mask, mask]])
+            yield DecodeState(
+                tokens=torch.cat([prompt, tail], 1),
+                fixed=torch.zeros(B, P + 4, dtype=torch.bool),
+                mask_id=mask,
+                prompt_len=P,
+                window=(P, P + 4),
+                block=0,
+                step=nfe,
+                steps=3,
+                nfe=nfe,
+                commit_passes=0,
+                finished=torch.tensor(finished),
+            )
+
+    monkeypatch.setattr(engine_module, "decode_states", fake_states)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.config)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        cfg = DecodeConfig(max_new_tokens=4)
+        jobs = [Job([loaded.tokenizer.bos_id, word], cfg, seed, 1, loop) for seed in (0, 1)]
+        with engine._cv:  # both wait before the worker looks: they form one batch
+            for job in jobs:
+                engine.waiting.append(job)
+            engine._cv.notify()
+        return [await asyncio.wait_for(job.events.get(), 10) for job in jobs]
+
+    first, second = asyncio.run(run())
+    engine.shutdown()
+    assert first[0] == "done" and first[1]["nfe"] == 1 and first[1]["choices"][0]["finish_reason"] == "stop"
+    assert second[0] == "done" and second[1]["nfe"] == 3

@@ -6,8 +6,10 @@ when rows have the same prompt length and decoder settings and each row draws fr
 stream (seeded by its request's seed and its sample index). So the worker takes the oldest waiting
 job and every other waiting job with the same prompt length and `DecodeConfig`, up to
 `max_batch_rows` rows, and decodes them as one batch; jobs that arrive meanwhile join the next
-batch (at a batch boundary, not mid-batch). A job of `n` samples is `n` rows with sample indices
-0..n-1: the same rows `unmask sample --num-samples n --seed S` decodes.
+batch (at a batch boundary, not mid-batch). A job leaves as soon as its rows are finished (EOS, for
+block-causal and AR models, whose rows stop at different blocks), not when the whole batch ends.
+A job of `n` samples is `n` rows with sample indices 0..n-1: the same rows `unmask sample
+--num-samples n --seed S` decodes.
 
 Each job receives events on its own asyncio queue: `delta` (newly committed text of a row: for
 block-causal models the finished blocks, for canvas decoding the left-to-right prefix that no later
@@ -152,10 +154,13 @@ class Engine:
         device = next(self.model.parameters()).device
         prompt = torch.tensor([j.prompt_ids for j in batch for _ in range(j.n)], device=device)
         generators = [g for j in batch for g in row_generators(j.seed, range(j.n))]
+        starts = [sum(j.n for j in batch[:i]) for i in range(len(batch))]  # each job's first row
         sent = [[""] * j.n for j in batch]  # text already streamed, per job and row
+        delivered = [False] * len(batch)
         t0 = time.perf_counter()
         state = None
-        for state in decode_states(
+        tokens = 0
+        states = decode_states(
             self.model,
             cfg,
             prompt,
@@ -164,25 +169,38 @@ class Engine:
             eos_id=self.tok.eos_id,
             max_len=self.max_len,
             precision=self.precision,
-        ):
-            row = 0
+        )
+        for state in states:
             for j, job in enumerate(batch):
+                rows = slice(starts[j], starts[j] + job.n)
+                if delivered[j]:
+                    continue
                 if not job.cancelled.is_set() and (job.stream or job.canvas):
-                    self._step_events(job, state, row, P, sent[j])
-                row += job.n
+                    self._step_events(job, state, starts[j], P, sent[j])
+                if bool(state.finished[rows].all()):  # its rows stopped: it leaves before the batch ends
+                    tokens += self._deliver(job, state, rows, P, time.perf_counter() - t0)
+                    delivered[j] = True
         seconds = time.perf_counter() - t0
-        outs = completions(state, self.tok.eos_id)
-        row, tokens = 0, 0
-        for job in batch:
-            rows = outs[row : row + job.n]
-            row += job.n
-            tokens += sum(len(r) for r in rows)
-            if job.cancelled.is_set():
-                continue
+        for j, job in enumerate(batch):
+            if not delivered[j]:
+                tokens += self._deliver(job, state, slice(starts[j], starts[j] + job.n), P, seconds)
+        rows = state.tokens.shape[0]
+        self.stats["batches"] += 1
+        self.stats["rows"] += rows
+        self.stats["tokens"] += tokens
+        self.stats["nfe"] += state.nfe
+        self.stats["decode_seconds"] += seconds
+        if self.on_batch is not None:
+            self.on_batch(tokens, state.nfe, seconds, rows)
+
+    def _deliver(self, job: Job, state, rows: slice, P: int, seconds: float) -> int:
+        """The job's final texts from `state` (its rows are finished there); returns their tokens."""
+        outs = completions(state, self.tok.eos_id)[rows]
+        if not job.cancelled.is_set():
             choices = []
-            for ids in rows:
+            for ids in outs:
                 text, stopped = cut_at_stop(self.tok.decode(ids), job.stop)
-                hit_eos = len(ids) < cfg.max_new_tokens
+                hit_eos = len(ids) < job.cfg.max_new_tokens
                 choices.append(
                     {
                         "text": text,
@@ -196,17 +214,11 @@ class Engine:
                     "choices": choices,
                     "nfe": state.nfe,
                     "decode_seconds": seconds,
-                    "batch_rows": len(outs),
+                    "batch_rows": state.tokens.shape[0],
                     "prompt_tokens": P,
                 },
             )
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(outs)
-        self.stats["tokens"] += tokens
-        self.stats["nfe"] += state.nfe
-        self.stats["decode_seconds"] += seconds
-        if self.on_batch is not None:
-            self.on_batch(tokens, state.nfe, seconds, len(outs))
+        return sum(len(r) for r in outs)
 
     def _step_events(self, job: Job, state, row: int, P: int, sent: list[str]) -> None:
         mask = self.model.mask_id
