@@ -1,0 +1,1 @@
+"""Benchmarks (BENCHMARKS.md): training throughput and precision, decoders' speed beside quality."""

@@ -1,0 +1,151 @@
+"""`unmask bench serve`: throughput and latency of `unmask serve` against the number of concurrent
+clients (loopback only, a bounded number of requests), and the gain of batching: the same request
+mix at the same concurrency against a server that decodes one request at a time, in the same run.
+
+Each client sends its requests one after another; the request mix cycles through a fixed list of
+prompts with fixed settings. Server overhead is the share of a request's latency spent outside
+`generate()` at one client (the engine's decode time against the client-side latency).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from unmask.serve.server import build_app, run_in_thread
+
+
+def _load(
+    url: str, model: str, prompts: list[str], *, clients: int, per_client: int, body: dict[str, Any]
+) -> dict[str, Any]:
+    def client(c: int) -> list[tuple[float, int, int]]:
+        out = []
+        with httpx.Client(timeout=600) as http:
+            for r in range(per_client):
+                t = time.perf_counter()
+                resp = http.post(
+                    f"{url}/v1/completions",
+                    json={
+                        "model": model,
+                        "seed": c * per_client + r,
+                        "prompt": prompts[(c + r) % len(prompts)],
+                        **body,
+                    },
+                )
+                tokens = resp.json()["usage"]["completion_tokens"] if resp.status_code == 200 else 0
+                out.append((time.perf_counter() - t, resp.status_code, tokens))
+        return out
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        results = [x for part in pool.map(client, range(clients)) for x in part]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[1] == 200]
+    lat = sorted(r[0] for r in ok)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "seconds": wall,
+        "requests_per_s": len(ok) / wall,
+        "tokens_per_s": sum(r[2] for r in ok) / wall,
+        "p50_s": statistics.median(lat) if lat else float("nan"),
+        "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
+        "latency_sum_s": sum(lat),
+    }
+
+
+def bench_serve(
+    checkpoint: str,
+    prompts: list[str],
+    *,
+    clients: tuple[int, ...] = (1, 4, 16, 64),
+    requests: int = 64,
+    max_tokens: int = 64,
+    preset: str = "bd3lm",
+    steps: int | None = None,
+    compare_at: int = 16,
+) -> dict[str, Any]:
+    """`requests` requests at each concurrency (split over the clients), batched server; then the same
+    at `compare_at` clients against a one-row-at-a-time server."""
+    body = {"max_tokens": max_tokens, "preset": preset, **({"steps": steps} if steps else {})}
+    rows = []
+    for mode, max_rows in (("batched", 64), ("one at a time", 1)):
+        app = build_app(checkpoint, model_name="bench", max_queue=1024, max_batch_rows=max_rows)
+        engine = app.state.engine
+        srv = run_in_thread(app)
+        try:
+            _load(srv.url, "bench", prompts, clients=1, per_client=2, body=body)  # warm-up
+            for c in clients if mode == "batched" else (compare_at,):
+                before = engine.stats["decode_seconds"]
+                r = _load(srv.url, "bench", prompts, clients=c, per_client=max(1, requests // c), body=body)
+                r["mode"] = mode
+                if c == 1:  # one request at a time: everything outside decode is server overhead
+                    decode = engine.stats["decode_seconds"] - before
+                    r["overhead"] = 1 - decode / r["latency_sum_s"]
+                rows.append(r)
+        finally:
+            srv.stop()
+    batched = next(r for r in rows if r["mode"] == "batched" and r["clients"] == compare_at)
+    single = next(r for r in rows if r["mode"] == "one at a time")
+    return {
+        "rows": rows,
+        "batched_over_one_at_a_time": batched["requests_per_s"] / single["requests_per_s"],
+        "compare_at": compare_at,
+        "max_tokens": max_tokens,
+        "preset": preset,
+        "steps": steps,
+        "checkpoint": str(checkpoint),
+        "prompts": len(prompts),
+    }
+
+
+def serve_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| server | clients | requests | errors | requests/s | output tokens/s | p50 s | p99 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+        )
+    one = next((r for r in result["rows"] if "overhead" in r), None)
+    lines += [
+        "",
+        f"batched over one-at-a-time at {result['compare_at']} clients: "
+        f"**{result['batched_over_one_at_a_time']:.2f}x** requests/s",
+    ]
+    if one:
+        lines.append(
+            f"server overhead at 1 client (latency outside generate()): {100 * one['overhead']:.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def plot_serve(result: dict[str, Any], out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["mode"] == "batched"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label="batched")
+    single = [r for r in result["rows"] if r["mode"] != "batched"]
+    ax.plot([r["clients"] for r in single], [r["tokens_per_s"] for r in single], "s", label="one at a time")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("unmask serve throughput")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) / "serve_throughput.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
