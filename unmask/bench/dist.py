@@ -69,7 +69,8 @@ def bench_dist(
 
 def dist_table(result: dict[str, Any]) -> str:
     lines = [
-        "| arm | s/step | final loss | params MB/rank | grads MB/rank | optimizer MB/rank | peak RSS MB/rank |",
+        "| arm | s/step | final loss | params MB/rank | grads MB/rank | optimizer MB/rank "
+        "| peak RSS MB/rank |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

@@ -46,10 +46,10 @@ class TimedModel(torch.nn.Module):
 def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int, eos_id: int | None,
                schedule, precision: str = "fp32", sampler=None) -> dict[str, Any]:
     """Decode every prompt with `cfg`; time the whole run and the part inside the model."""
-    from unmask.decoding.rng import row_generators
     from unmask.decoding.generate import completions, final_state
-    from unmask.evaluation.metrics import rep_n, unigram_entropy
+    from unmask.decoding.rng import row_generators
     from unmask.decoding.sample import decode_states
+    from unmask.evaluation.metrics import rep_n, unigram_entropy
 
     timed = TimedModel(model)
     outs, nfe, commits, row_forwards = [], 0, 0, 0

@@ -13,7 +13,6 @@ outside the interleaving, and labelled `bf16 (emulated)`, so the benchmark stays
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -26,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from unmask.config import Config
 from unmask.models.transformer import autocast, build_model
 from unmask.precision import cpu_model, native_cpu_bf16, resolve_precision
-from unmask.training.objectives import Batch, ar_loss, diffusion_loss
 from unmask.schedules import build_schedule
+from unmask.training.objectives import Batch, ar_loss, diffusion_loss
 
 
 def matmul_peak(dtype: torch.dtype, *, budget_s: float = 1.0, max_n: int = 2048) -> float:
@@ -62,8 +61,8 @@ def machine_info() -> dict[str, Any]:
                                 text=True, check=False).stdout.strip() or None
     except OSError:
         commit = None
-    return {"commit": commit, "cpu": cpu_model(), "native_bf16": native_cpu_bf16(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+    return {"commit": commit, "cpu": cpu_model(), "native_bf16": native_cpu_bf16(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
