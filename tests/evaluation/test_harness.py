@@ -16,8 +16,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from unmask.cli.main import main  # noqa: E402
 from unmask.config import ConfigError  # noqa: E402
 from unmask.decoding.presets import preset_config  # noqa: E402
-from unmask.decoding.sample import sample  # noqa: E402
-from unmask.evaluation.harness import UnmaskLM, cut_at  # noqa: E402
+from unmask.decoding.sample import cut_at_stop, sample  # noqa: E402
+from unmask.evaluation.harness import UnmaskLM  # noqa: E402
 from unmask.models.checkpoint import CheckpointError  # noqa: E402
 from unmask.training.perplexity import evaluate_perplexity  # noqa: E402
 
@@ -159,8 +159,9 @@ def test_generate_until_equals_unmask_sample(checkpoints, kind, preset):
 
 
 def test_cut_at_and_the_chat_template(checkpoints):
-    assert cut_at("abc\ndef", ["\n"]) == "abc" and cut_at("abcdef", ["x", "cd", "b"]) == "a"
-    assert cut_at("abc", []) == "abc"
+    assert cut_at_stop("abc\ndef", ["\n"]) == ("abc", True)
+    assert cut_at_stop("abcdef", ["x", "cd", "b"]) == ("a", True)
+    assert cut_at_stop("abc", []) == ("abc", False)
     lm = UnmaskLM(checkpoint=str(checkpoints["bidirectional"]))
     text = lm.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|user|>\nhi\n<|assistant|>\n"

@@ -28,6 +28,13 @@ from unmask.decoding.state import DecodeState
 from unmask.models.transformer import Transformer
 from unmask.schedules import NoiseSchedule
 
+
+def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """`text` up to the earliest of the stop strings, and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 MASK_GLYPH = "░"
 
 

@@ -33,7 +33,7 @@ from unmask.config import ConfigError, DecodeConfig
 from unmask.decoding.generate import completions, final_state
 from unmask.decoding.presets import preset_config
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import decode_states
+from unmask.decoding.sample import cut_at_stop, decode_states
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
@@ -122,7 +122,7 @@ class UnmaskLM(LM):
                     generators=row_generators(self.seed, [j[0] for j in chunk]),
                     max_len=self.max_len if self.kind == "bidirectional" else None, precision=self.precision))
                 for (i, _, _, until), ids in zip(chunk, completions(state, self.tok.eos_id), strict=True):
-                    out[i] = cut_at(self.tok.decode(ids), until)
+                    out[i] = cut_at_stop(self.tok.decode(ids), until)[0]
                 bar.update(len(chunk))
         bar.close()
         return out
@@ -228,9 +228,3 @@ class UnmaskLM(LM):
         if add_generation_prompt:
             return template.chat(chat_history)
         return "".join(template.turn.format(role=t["role"], content=t["content"]) for t in chat_history)
-
-
-def cut_at(text: str, until: list[str]) -> str:
-    """`text` up to the earliest occurrence of any stop string."""
-    cuts = [i for i in (text.find(s) for s in until if s) if i >= 0]
-    return text[:min(cuts)] if cuts else text

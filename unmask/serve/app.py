@@ -191,6 +191,8 @@ def create_app(
         return kind, payload
 
     async def results(jobs: list[Job]) -> list[dict]:
+        """Every job's `done` payload (a non-streamed answer); its latency and 200 are recorded."""
+        t0 = time.perf_counter()
         deadline = time.monotonic() + request_timeout
         out = []
         try:
@@ -204,7 +206,19 @@ def create_app(
             for job in jobs:
                 engine.cancel(job)
             metrics.in_flight.dec()
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.requests.labels("200").inc()
         return out
+
+    def answer(obj: str, rid: str, created: int, choices: list[dict], done: list[dict]) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(done),
+        }
 
     def usage(done: list[dict]) -> dict[str, int]:
         prompt = sum(d["prompt_tokens"] for d in done)
@@ -257,23 +271,13 @@ def create_app(
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return sse(jobs, rid, created, chat=False)
-        t0 = time.perf_counter()
         done = await results(jobs)
-        metrics.latency.observe(time.perf_counter() - t0)
-        metrics.requests.labels("200").inc()
         choices = [
             {"text": c["text"], "index": p * req.n + i, "logprobs": None, "finish_reason": c["finish_reason"]}
             for p, d in enumerate(done)
             for i, c in enumerate(d["choices"])
         ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(done),
-        }
+        return answer("text_completion", rid, created, choices, done)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
@@ -286,10 +290,7 @@ def create_app(
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return sse(jobs, rid, created, chat=True)
-        t0 = time.perf_counter()
         done = await results(jobs)
-        metrics.latency.observe(time.perf_counter() - t0)
-        metrics.requests.labels("200").inc()
         choices = [
             {
                 "index": i,
@@ -298,14 +299,7 @@ def create_app(
             }
             for i, c in enumerate(done[0]["choices"])
         ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(done),
-        }
+        return answer("chat.completion", rid, created, choices, done)
 
     # ------------------------------------------------------------------------------ streaming
 

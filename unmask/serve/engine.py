@@ -32,7 +32,7 @@ import torch
 from unmask.config import DecodeConfig
 from unmask.decoding.generate import completions
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import decode_states
+from unmask.decoding.sample import cut_at_stop, decode_states
 from unmask.schedules import build_schedule
 
 
@@ -60,12 +60,6 @@ class Job:
 
     def emit(self, kind: str, payload: Any) -> None:  # called from the worker thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """`text` up to the earliest stop string, and whether one was found."""
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 class Engine:
