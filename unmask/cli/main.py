@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted() -> type[Exception]:
-    from unmask.training.loop import TrainingInterrupted
+    from unmask.training.runs import TrainingInterrupted
 
     return TrainingInterrupted
 

@@ -15,6 +15,7 @@ inside one `forward` (the BD3-LM vectorised pass is a method of the model, not i
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,20 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
                 for v in s.values() if torch.is_tensor(v))
     return {"params_mb": params * mb, "grads_mb": grads * mb, "optimizer_mb": state * mb,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+@contextmanager
+def unsharded(step_module: torch.nn.Module, d: Dist):
+    """Under FSDP, gather the root's parameters so the model can be called outside the step's forward
+    (validation); the blocks gather their own in their forward hooks."""
+    if d.strategy != "fsdp":
+        yield
+        return
+    step_module.unshard()
+    try:
+        yield
+    finally:
+        step_module.reshard()
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -7,8 +7,8 @@ optimizer state and the chosen clipped range. The learning-rate schedule is a fu
 
 Validation is the same estimator `unmask eval ppl` uses, on the weights a checkpoint loads as its
 model (EMA when enabled), so the number printed here is the number `eval ppl --split validation`
-gives for the saved checkpoint. SIGINT / SIGTERM finish the current step, write a checkpoint and
-raise `TrainingInterrupted`; the CLI prints how to resume.
+gives for the saved checkpoint. Run directories and interrupts (SIGINT / SIGTERM finish the step,
+write a checkpoint and raise `TrainingInterrupted`) are `unmask.training.runs`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.config import Config, ConfigError, replace
-from unmask.config_io import config_from_json, to_dict
+from unmask.config_io import config_from_json
 from unmask.data.corpus import PreparedData, batch_indices, prepare_data
 from unmask.data.instruct import prepare_instruct, response_mask
 from unmask.models.checkpoint import (
@@ -45,7 +41,6 @@ from unmask.models.transformer import Transformer, autocast, build_model
 from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
 from unmask.training.distributed import (
-    Dist,
     Objective,
     full_model_state,
     init_distributed,
@@ -53,6 +48,7 @@ from unmask.training.distributed import (
     load_sharded,
     memory_report,
     save_sharded,
+    unsharded,
     wrap,
 )
 from unmask.training.objectives import (
@@ -65,72 +61,12 @@ from unmask.training.objectives import (
     sft_loss,
 )
 from unmask.training.perplexity import Perplexity, evaluate_perplexity
-
-# Config fields that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.keep_optimizer",
-                     "train.precision",  # `auto` may resolve differently on another machine
-                     "dist.strategy", "dist.activation_checkpointing", "dist.consolidate"}
-RUN_FILES = ("latest", "metrics.jsonl", "ckpt-*", ".tmp-ckpt-*", ".dist-*")
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step was written."""
-
-    def __init__(self, run_dir: Path, step: int, signal_name: str):
-        super().__init__(f"{signal_name}: stopped after step {step}; checkpoint saved in {run_dir}")
-        self.run_dir, self.step, self.signal_name = run_dir, step, signal_name
-
-
-@contextmanager
-def _stop_requests():
-    """Yield a dict whose `signal` is set by the first SIGINT/SIGTERM; a second SIGINT stops at once.
-    Outside the main thread (where handlers cannot be set) nothing is installed."""
-    request: dict[str, str | None] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handler(signum, frame):
-        if request["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        request["signal"] = signal.Signals(signum).name
-        print(f"\n{request['signal']}: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again stops at once, losing the steps since the last checkpoint)", file=sys.stderr)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def _unsharded(step_module: torch.nn.Module, d: Dist):
-    """Under FSDP, gather the root's parameters so the model can be called outside the step's forward
-    (validation); the blocks gather their own in their forward hooks."""
-    if d.strategy != "fsdp":
-        yield
-        return
-    step_module.unshard()
-    try:
-        yield
-    finally:
-        step_module.reshard()
-
-
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A directory that already holds a run is continued (--resume), replaced (--overwrite) or refused."""
-    held = [p for pattern in RUN_FILES for p in run_dir.glob(pattern)]
-    if not held or resume:
-        return
-    if not overwrite:
-        names = sorted(p.name for p in held)
-        raise CheckpointError(f"{run_dir} already holds a run ({', '.join(names[:3])}"
-                              f"{', ...' if len(names) > 3 else ''}); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --train.out")
-    for p in held:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+from unmask.training.runs import (
+    TrainingInterrupted,
+    check_resume_compatible,
+    prepare_run_dir,
+    stop_requests,
+)
 
 
 @dataclass
@@ -165,21 +101,6 @@ def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg
     soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
     return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p,
                           rows=rows)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def _check_resume_compatible(saved: Config, new: Config) -> None:
-    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
-    changed = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError("--resume: the config differs from the checkpoint's in "
-                          + ", ".join(f"--{k} ({a[k]!r} -> {b[k]!r})" for k in changed))
 
 
 def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, cfg: Config,
@@ -254,7 +175,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     if resume:
         ckpt = resolve_checkpoint(run_dir)
         saved = config_from_json((ckpt / "config.json").read_text())
-        _check_resume_compatible(saved, cfg)
+        check_resume_compatible(saved, cfg)
         state = json.loads((ckpt / "state.json").read_text())
         start_step = state["step"]
         tokenizer = load_checkpoint(ckpt).tokenizer
@@ -262,7 +183,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         base = load_checkpoint(init, prefer_ema=True)
         tokenizer = base.tokenizer
     if d.main:
-        _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     d.barrier()
 
     if data is None and cfg.instruct.stage != "none":
@@ -322,7 +243,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
             log.flush()
 
     def validate(step: int) -> Perplexity:
-        with _unsharded(step_module, d):  # every rank evaluates the whole set: the same number everywhere
+        with unsharded(step_module, d):  # every rank evaluates the whole set: the same number everywhere
             return _validate(step)
 
     def _validate(step: int) -> Perplexity:
@@ -411,7 +332,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
                desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
     tokens_seen, t0 = 0, time.perf_counter()
     memory: dict[str, float] = {}
-    with _stop_requests() as stop:
+    with stop_requests() as stop:
         for step in bar:
             train_step(step)
             done = step + 1
