@@ -49,8 +49,13 @@ class DecodeError(ValueError):
 
 
 def _new_cache(model: Transformer, batch: int, max_len: int, device) -> KVCache:
-    cfg = model.cfg
-    return KVCache(cfg.n_layers, batch, cfg.n_heads, cfg.dim // cfg.n_heads, max_len, device=device)
+    return model.new_cache(batch, max_len, device)  # sized by the model's key/value heads
+
+
+def _subs(model) -> bool:
+    """Whether decoders exclude [MASK] from proposals (our models, MDLM/BD3-LM) or keep the model's
+    full softmax as the LLaDA / Dream / SDAR reference loops do (`model.subs = False`)."""
+    return getattr(model, "subs", True)
 
 
 def _unigram_entropy(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -166,7 +171,8 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
         kv.commit(start)
         commits += 1
     state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, prompt_len=P, window=(start, start), block=-1, step=0,
+                        mask_id=model.mask_id, subs=_subs(model), prompt_len=P, window=(start, start),
+                        block=-1, step=0,
                         steps=block_steps, nfe=0, commit_passes=commits,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
     for block in range(n_blocks):
@@ -228,7 +234,7 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
     n_blocks = math.ceil(region / block_len)
     block_steps = max(1, round(steps * block_len / region))
     call = _Caller(model, decoder)
-    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, prompt_len=P,
+    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model), prompt_len=P,
                         window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
     for block in range(n_blocks):
@@ -263,7 +269,8 @@ def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cac
     device = prompt.device
     kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None
     state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, prompt_len=P, window=(P, P), block=-1, step=0, steps=1,
+                        mask_id=model.mask_id, subs=_subs(model), prompt_len=P, window=(P, P), block=-1,
+                        step=0, steps=1,
                         nfe=0, commit_passes=0, finished=torch.zeros(B, dtype=torch.bool, device=device))
     for i in range(max_new_tokens):
         if kv is not None:

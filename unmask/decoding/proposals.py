@@ -26,11 +26,13 @@ class Distribution:
     lse: torch.Tensor  # [N] float32 log-normaliser
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, mask_id: int, *, copy: bool = True) -> Distribution:
-        """SUBS: the [MASK] token is excluded. Works on a float32 copy of `logits`, or on `logits`
-        itself with copy=False (for a fresh float32 tensor the caller gives away)."""
+    def from_logits(cls, logits: torch.Tensor, mask_id: int | None, *, copy: bool = True) -> Distribution:
+        """SUBS: the [MASK] token is excluded (mask_id None: models whose reference loops keep it,
+        e.g. LLaDA). Works on a float32 copy of `logits`, or on `logits` itself with copy=False
+        (for a fresh float32 tensor the caller gives away)."""
         x = logits.to(torch.float32, copy=copy)
-        x[..., mask_id] = -torch.inf
+        if mask_id is not None:
+            x[..., mask_id] = -torch.inf
         m = x.max(-1, keepdim=True).values
         lse = (x - m).exp_().sum(-1, keepdim=True).log_().add_(m)  # cheaper than torch.logsumexp on CPU
         return cls(x, lse.squeeze(-1))

@@ -124,8 +124,14 @@ class Loaded:
     path: Path  # the checkpoint directory
 
 
-def load_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Loaded:
-    """Rebuild model + config + tokenizer from a run or checkpoint directory."""
+def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str | Path | None = None,
+                    device: str | torch.device = "cpu", dtype: str | None = None) -> Loaded:
+    """Rebuild model + config + tokenizer from a run or checkpoint directory, or from a pretrained
+    Hugging Face directory (LLaDA, Dream, SDAR, ...; `tokenizer` and `dtype` apply to those)."""
+    from unmask.models.pretrained.load import is_pretrained_dir, load_as_checkpoint
+
+    if is_pretrained_dir(path):
+        return load_as_checkpoint(path, tokenizer=tokenizer, device=device, dtype=dtype or "auto")
     ckpt = resolve_checkpoint(path)
     try:
         config = config_from_json((ckpt / "config.json").read_text())
@@ -142,4 +148,4 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Loaded:
     if not (prefer_ema and weights.is_file()):
         weights = ckpt / "model.safetensors"
     load_state_dict_strict(model, weights)
-    return Loaded(model.eval(), config, tokenizer, state, ckpt)
+    return Loaded(model.to(device).eval(), config, tokenizer, state, ckpt)

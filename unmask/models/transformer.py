@@ -36,6 +36,8 @@ class Denoiser(Protocol):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
+    def new_cache(self, batch: int, max_len: int, device) -> KVCache: ...
+
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dim; x [B, H, T, Dh], cos/sin [T, Dh/2]."""
@@ -131,6 +133,11 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embed(tokens)  # [B, T, D]
+
+    def new_cache(self, batch: int, max_len: int, device) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` positions."""
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, max_len,
+                       device=device)
 
     def run(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
             cache: KVCache | None = None) -> torch.Tensor:

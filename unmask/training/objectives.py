@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from unmask.config import InstructConfig
-from unmask.models.kv_cache import KVCache
 from unmask.models.masks import bd3_train, block_causal, dense_mask
 from unmask.models.transformer import Transformer
 from unmask.schedules import NoiseSchedule, stratified_times
@@ -94,7 +93,7 @@ def bd3_two_pass_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor) 
     K/V cache, then x_t attends to it with the offset block-causal mask. [B, L, V]."""
     B, L = x0.shape
     cfg = model.cfg
-    cache = KVCache(cfg.n_layers, B, cfg.n_heads, cfg.dim // cfg.n_heads, 2 * L, device=x0.device)
+    cache = model.new_cache(B, 2 * L, x0.device)
     pos = torch.arange(L, device=x0.device)
     model.run(model.embed(x0), pos, dense_mask(block_causal(cfg.block_size), pos, pos), cache)
     cache.commit(L)
