@@ -21,6 +21,7 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.inner, self.calls = model, 0
         self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
+        self.new_cache = model.new_cache
 
     def forward(self, *a, **k):
         self.calls += 1

@@ -72,7 +72,7 @@ def bench_lm_eval(
         docs = manager.load_task_or_group([tasks["loglikelihood"]])[tasks["loglikelihood"]].test_docs()
         draws = []
         for doc in list(docs)[: limit or None]:
-            prefix = [lm.tok.bos_id] + lm.tok.encode(doc["question"])
+            prefix = lm.tok.prompt_ids(doc["question"])
             target = lm.tok.encode(doc["choices"][doc["answer"]])
             draws.append(lm.mc_nelbo(prefix, target, n=se_draws))
         for m in mc_counts:

@@ -24,9 +24,12 @@ class TimedModel(torch.nn.Module):
         super().__init__()
         self.inner = model
         self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
+        self.subs, self.new_cache = getattr(model, "subs", True), model.new_cache
         # what input policies and the ADJUST sampler reach for on the model
-        self.tok_embed, self.soft_mask, self.head = model.tok_embed, model.soft_mask, model.head
-        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        self.soft_mask, self.head = model.soft_mask, model.head
+        if hasattr(model, "tok_embed"):  # our backbones (pretrained adapters embed through `embed`)
+            self.tok_embed = model.tok_embed
+            self.register_buffer("inv_freq", model.inv_freq, persistent=False)
         self.seconds, self.calls, self.flops = 0.0, 0, 0
 
     def forward(self, tokens=None, *, cache=None, embeds=None):
@@ -36,7 +39,8 @@ class TimedModel(torch.nn.Module):
         out = self.inner(tokens, cache=cache, embeds=embeds)
         self.seconds += time.perf_counter() - t
         self.calls += 1
-        self.flops += self.inner.forward_flops(B, T, keys)
+        if hasattr(self.inner, "forward_flops"):
+            self.flops += self.inner.forward_flops(B, T, keys)
         return out
 
     def embed(self, tokens):

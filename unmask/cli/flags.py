@@ -89,3 +89,26 @@ def read_prompts(ns: argparse.Namespace) -> list[str]:
         else:
             prompts.extend(line for line in path.read_text().splitlines() if line.strip())
     return prompts or [""]  # no prompt: unconditional, from [BOS]
+
+
+CHECKPOINT_HELP = ("run or checkpoint directory, or a pretrained Hugging Face directory "
+                   "(LLaDA, Dream, SDAR, ...)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--checkpoint plus what loading a pretrained directory needs: --tokenizer, --device, --dtype."""
+    parser.add_argument("--checkpoint", required=required, help=CHECKPOINT_HELP)
+    parser.add_argument("--tokenizer",
+                        help="tokenizer directory for pretrained models that ship none (MDLM/BD3-LM)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights of a pretrained directory: auto = bf16 on GPUs (and CPUs with "
+                        "native bf16)")
+
+
+def load_model(ns: argparse.Namespace):
+    """`load_checkpoint` with the flags of `add_model_flags`."""
+    from unmask.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(ns.checkpoint, tokenizer=getattr(ns, "tokenizer", None),
+                           device=getattr(ns, "device", "cpu"), dtype=getattr(ns, "dtype", "auto"))

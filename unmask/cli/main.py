@@ -31,9 +31,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from unmask.evaluation.humaneval import HarnessError
     from unmask.evaluation.reference import ReferenceModelError
     from unmask.models.checkpoint import CheckpointError
+    from unmask.models.pretrained.families import PretrainedError
 
     return (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError,
-            HarnessError)
+            HarnessError, PretrainedError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from unmask.cli.flags import decode_config, read_prompts
+from unmask.cli.flags import add_model_flags, decode_config, load_model, read_prompts
 from unmask.cli.help import config_help
 
 # the names of unmask.decoding.presets.PRESETS, listed here so that --help imports no torch
@@ -16,11 +16,13 @@ PRESET_NAMES = ("mdlm", "first-hitting", "bd3lm", "semi-ar", "llada", "fast-dllm
 
 def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.decoding.sample import render, sample
-    from unmask.models.checkpoint import load_checkpoint
     from unmask.schedules import build_schedule
 
     cfg = decode_config(rest, "unmask sample", preset=ns.preset, max_new_tokens=ns.max_new_tokens)
-    loaded = load_checkpoint(ns.checkpoint)
+    loaded = load_model(ns)
+    if ns.preset is None and "pretrained" in loaded.state and "--preset" not in rest:  # the family's decoder
+        cfg = decode_config(rest, "unmask sample", preset=loaded.config.decode.preset,
+                            max_new_tokens=ns.max_new_tokens)
     model, tok = loaded.model, loaded.tokenizer
     sampler = None
     if ns.sampler:
@@ -48,7 +50,8 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
         records = sample(model, tok, prompts, cfg, build_schedule(loaded.config.noise.schedule,
                                                                    loaded.config.noise.eps),
                          num_samples=ns.num_samples, batch_size=ns.batch_size, seed=ns.seed,
-                         max_len=max_len, precision=ns.precision, on_state=on_state, sampler=sampler)
+                         max_len=max_len, precision=ns.precision, on_state=on_state, sampler=sampler,
+                         chat=ns.chat)
     finally:
         if live is not None:
             live.stop()
@@ -66,9 +69,11 @@ def add_sample_command(sub) -> None:
     s = sub.add_parser("sample", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="decode text; --preset NAME then any --decode.field=value",
                        epilog=config_help(("decode",)) + "\n(the preset's values replace these defaults)")
-    s.add_argument("--preset", default=None, help=f"decoder preset ({', '.join(PRESET_NAMES)}; default mdlm)")
+    s.add_argument("--preset", default=None, help=f"decoder preset ({', '.join(PRESET_NAMES)}; default: "
+                                                     "mdlm, or a pretrained family's own)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="= --decode.max_new_tokens")
-    s.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    add_model_flags(s)
+    s.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
     s.add_argument("--prompts-file", help="prompts: one per line, or .jsonl with a `prompt` field")
     s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")

@@ -22,7 +22,7 @@ def heldout_prompts(tokenizer, data_cfg, n: int, prompt_tokens: int, split: str 
 def file_prompts(tokenizer, prompts: list[str], n: int) -> torch.Tensor:
     """[n, 1 + P]: prompts from a file, cycled to n; they must share one token length (one batch
     shape, so no padding can change a row's positions)."""
-    rows = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    rows = [tokenizer.prompt_ids(p) for p in prompts]
     lengths = {len(r) for r in rows}
     if len(lengths) != 1:
         raise ValueError(f"benchmark prompts must share one token length, got lengths {sorted(lengths)}")

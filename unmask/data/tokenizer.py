@@ -84,6 +84,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
+    def prompt_ids(self, text: str, *, chat: bool = False) -> list[int]:
+        """`[BOS] + tokens`; our own models have no chat template (post-trained ones use the
+        instruct templates of `unmask.data.instruct`)."""
+        if chat:
+            raise TokenizerError("this checkpoint's tokenizer has no chat template; --chat is for pretrained "
+                                 "instruct models (LLaDA-Instruct, Dream-Instruct, SDAR-Chat, ...)")
+        return [self.bos_id, *self.encode(text)]
+
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for specials): turns nats/token into bits/byte."""
         specials = {self.mask_id, self.bos_id, self.eos_id, self.pad_id}

@@ -53,7 +53,8 @@ class Decoder:
         proposed = window.clone()  # [B, W] proposal per position (the current token elsewhere)
         scored = masked & (gate > 0) if self.select.needs_proposals else torch.zeros_like(masked)
         if scored.any():
-            proposal = self._propose(logits, scored, u_token, state.mask_id if state.subs else None)
+            excluded = state.mask_id if state.subs else None
+            proposal = self._propose(logits, scored, u_token, excluded)
             confidence[scored] = (self.score(proposal) * gate[scored]).double()
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
@@ -61,11 +62,13 @@ class Decoder:
                                            u_select))
         late = chosen & ~scored
         if late.any():
-            proposed[late] = self._propose(logits, late, u_token, state.mask_id if state.subs else None).tokens
+            excluded = state.mask_id if state.subs else None
+            proposed[late] = self._propose(logits, late, u_token, excluded).tokens
         tokens = state.tokens.clone()
         tokens[:, lo:hi] = torch.where(chosen, proposed, window)
         return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
 
-    def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int | None) -> Proposal:
+    def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor,
+                 mask_id: int | None) -> Proposal:
         rows = logits[at]  # [N, V]: a fresh tensor (advanced indexing copies), so no second copy
         return self.propose(Distribution.from_logits(rows, mask_id, copy=False), u[at])

@@ -303,11 +303,12 @@ def final_state(states: Iterator[DecodeState]) -> DecodeState:
     return state
 
 
-def completions(state: DecodeState, eos_id: int | None) -> list[list[int]]:
-    """Generated token ids of each row (after the prompt), cut before the first [EOS]."""
+def completions(state: DecodeState, stop: int | tuple[int, ...] | None) -> list[list[int]]:
+    """Generated token ids of each row (after the prompt), cut before the first stop token
+    ([EOS], or any of several: a chat model's end of turn)."""
+    stops = set() if stop is None else {stop} if isinstance(stop, int) else set(stop)
     out = []
     for row in state.tokens[:, state.prompt_len:].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        out.append(row)
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:cut])
     return out

@@ -79,16 +79,17 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
            schedule: NoiseSchedule, *, num_samples: int = 1, batch_size: int = 8, seed: int = 0,
            max_len: int | None = None, precision: str = "fp32",
            on_state: Callable[[DecodeState], None] | None = None,
-           sampler=None) -> list[dict[str, Any]]:
+           sampler=None, chat: bool = False) -> list[dict[str, Any]]:
     """`num_samples` completions of every prompt, as records with text, ids, NFE and timing.
     The `adjust` preset needs a trained `sampler` (ADJUST); `marginal` decodes k tokens per forward
-    without one."""
+    without one. `chat` wraps each prompt in the tokenizer's chat template (pretrained instruct
+    models); completions stop at the tokenizer's first stop token (EOS, end of turn)."""
     if not prompts:
         raise DecodeError("no prompts given")
     if num_samples < 1 or batch_size < 1:
         raise DecodeError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     device = next(model.parameters()).device
-    jobs = [(i, p, [tokenizer.bos_id] + tokenizer.encode(p))
+    jobs = [(i, p, tokenizer.prompt_ids(p, chat=chat))
             for i, p in enumerate(q for q in prompts for _ in range(num_samples))]
     records: dict[int, dict[str, Any]] = {}
     by_length = sorted(jobs, key=lambda j: (len(j[2]), j[0]))
@@ -106,7 +107,7 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
                 if on_state is not None:
                     on_state(state)
             seconds = time.perf_counter() - t0
-            for (index, prompt, prompt_ids), out in zip(chunk, completions(state, tokenizer.eos_id),
+            for (index, prompt, prompt_ids), out in zip(chunk, completions(state, tokenizer.stop_ids),
                                                         strict=True):
                 records[index] = {
                     "index": index, "prompt": prompt, "text": tokenizer.decode(out),

@@ -93,7 +93,7 @@ class UnmaskLM(LM):
         return dataclasses.replace(self.decode, **kw), until
 
     def _prompt_ids(self, context: str, new_tokens: int) -> list[int]:
-        ids = [self.tok.bos_id] + self.tok.encode(context)
+        ids = self.tok.prompt_ids(context)
         if self.kind == "bidirectional":  # the canvas holds prompt + new tokens: keep the context's end
             room = self.max_len - new_tokens
             if room < 2:
@@ -135,7 +135,8 @@ class UnmaskLM(LM):
             raise ConfigError(f"a continuation of {len(target)} tokens exceeds this model's length "
                               f"{self.max_len} (data.seq_len)")
         keep = self.max_len - len(target) - 1
-        return [self.tok.bos_id] + (context[-keep:] if keep > 0 else []), target
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        return bos + (context[-keep:] if keep > 0 else []), target
 
     @torch.no_grad()
     def _ar_logprob(self, prefix: list[int], target: list[int]) -> tuple[float, bool]:

@@ -102,6 +102,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding -> blocks -> RMSNorm -> LM head over the full vocabulary (mask included)."""
 
+    subs = True  # SUBS parameterization: decoders never propose [MASK] (MDLM, BD3-LM)
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0):
         super().__init__()
         if not 0 <= mask_id < vocab_size:

@@ -139,7 +139,7 @@ def create_app(
             raise APIError("canvas needs stream: true", param="canvas")
         jobs = []
         for p in prompts:
-            ids = [engine.tok.bos_id] + engine.tok.encode(p)
+            ids = engine.tok.prompt_ids(p)
             if engine.max_len is not None and len(ids) + cfg.max_new_tokens > engine.max_len:
                 param = "max_tokens" if cfg.max_new_tokens >= engine.max_len else "prompt"
                 raise APIError(

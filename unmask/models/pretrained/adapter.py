@@ -40,7 +40,7 @@ class HFDenoiser(nn.Module):
         self.soft_mask = None
         self.subs = False  # their reference loops keep [MASK] in the softmax (CHECKPOINTS.md §10)
         self._previous: tuple[KVCache | None, int, torch.Tensor] | None = None  # (cache, start, raw hidden)
-        self._carry: tuple[KVCache, int, torch.Tensor] | None = None           # (cache, position, hidden)
+        self._carry: tuple[KVCache, int, torch.Tensor] | None = None  # (cache, position, hidden)
 
     @property
     def predicate(self) -> masks.MaskPredicate:
@@ -57,15 +57,23 @@ class HFDenoiser(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device) -> KVCache:
         dtype = next(self.native.parameters()).dtype
-        return KVCache(self.cfg.n_layers, batch, self.n_kv_heads, self.head_dim, max_len, dtype=dtype, device=device)
+        return KVCache(
+            self.cfg.n_layers, batch, self.n_kv_heads, self.head_dim, max_len, dtype=dtype, device=device
+        )
 
     def _additive(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """bool [.., Tq, Tk] -> additive mask (0 / most negative); eager attention adds masks."""
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
 
-    def run(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-            cache: KVCache | None = None) -> torch.Tensor:
+    def run(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        allowed: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states for embeddings `h` [B, T, D] at `positions` [T] (or [B, T]);
         `allowed` [T, S] or [B, T, S] bool (None: every key)."""
         mask = None
@@ -73,13 +81,22 @@ class HFDenoiser(nn.Module):
             allowed = allowed if allowed.dim() == 3 else allowed[None]
             mask = self._additive(allowed[:, None], h.dtype)  # [B|1, 1, T, S]
         position_ids = positions if positions.dim() == 2 else positions[None]
-        out = self.native.model(inputs_embeds=h, attention_mask=mask, position_ids=position_ids,
-                                past_key_values=BridgeCache(cache) if cache is not None else None,
-                                use_cache=cache is not None)
+        out = self.native.model(
+            inputs_embeds=h,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=BridgeCache(cache) if cache is not None else None,
+            use_cache=cache is not None,
+        )
         return out.last_hidden_state
 
-    def forward(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                embeds: torch.Tensor | None = None) -> DenoiserOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        embeds: torch.Tensor | None = None,
+    ) -> DenoiserOutput:
         """Logits [B, T, V] for `tokens` [B, T] (or `embeds` [B, T, D]) after the cache's prefix;
         position i's logits predict the token at i, whatever the family's convention."""
         h = self.embed(tokens) if embeds is None else embeds
@@ -102,18 +119,26 @@ class HFDenoiser(nn.Module):
             return torch.cat([raw[:, :1], raw[:, :-1]], dim=1)  # position 0 is never predicted
         carry = self._carry
         if carry is None or carry[0] is not cache or carry[1] != start - 1:
-            if previous is None or previous[0] is not cache or not previous[1] <= start - 1 < previous[1] + \
-                    previous[2].shape[1]:
-                raise ShiftError(f"{self.family.name} predicts position {start} from the output at {start - 1}, "
-                                 "which no earlier call on this cache computed")
+            if (
+                previous is None
+                or previous[0] is not cache
+                or not previous[1] <= start - 1 < previous[1] + previous[2].shape[1]
+            ):
+                raise ShiftError(
+                    f"{self.family.name} predicts position {start} from the output at {start - 1}, "
+                    "which no earlier call on this cache computed"
+                )
             carry = self._carry = (cache, start - 1, previous[2][:, start - 1 - previous[1]])
         return torch.cat([carry[2][:, None], raw[:, :-1]], dim=1)
 
-    def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor,
-                          xt_embeds: torch.Tensor | None = None) -> DenoiserOutput:
+    def forward_bd3_train(
+        self, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
+    ) -> DenoiserOutput:
         """The vectorized block-diffusion pass over `[x_t ; x0]` (both at positions 0..L-1)."""
         if self.cfg.attention != "block_causal" or self.family.shift:
-            raise ValueError(f"{self.family.name}: the [x_t ; x0] NELBO pass needs an unshifted block-causal model")
+            raise ValueError(
+                f"{self.family.name}: the [x_t ; x0] NELBO pass needs an unshifted block-causal model"
+            )
         L = xt.shape[1]
         noisy = self.embed(xt) if xt_embeds is None else xt_embeds
         h = torch.cat([noisy, self.embed(x0)], dim=1)

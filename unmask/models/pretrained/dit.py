@@ -50,19 +50,36 @@ class DiT(Transformer):
 
 
 def dit_config(raw: dict[str, Any], where: str, attention: str, block_size: int) -> ModelConfig:
-    require(raw, where, "time_conditioning", {False}, "a time-conditioned DiT cannot be folded into a "
-            "time-free denoiser")
+    require(
+        raw,
+        where,
+        "time_conditioning",
+        {False},
+        "a time-conditioned DiT cannot be folded into a time-free denoiser",
+    )
     require(raw, where, "causal", {False}, "an autoregressive DiT is not a diffusion model")
-    return ModelConfig(attention=attention, block_size=max(block_size, 1), dim=raw["hidden_dim"],
-                       n_layers=raw["n_blocks"], n_heads=raw["n_heads"], mlp="gelu", mlp_ratio=4.0)
+    return ModelConfig(
+        attention=attention,
+        block_size=max(block_size, 1),
+        dim=raw["hidden_dim"],
+        n_layers=raw["n_blocks"],
+        n_heads=raw["n_heads"],
+        mlp="gelu",
+        mlp_ratio=4.0,
+    )
 
 
 def _modulation(tensors: dict[str, torch.Tensor], prefix: str, c: torch.Tensor | None, n: int):
     """The n chunks of `prefix.adaLN_modulation(c)` (c = None: no adaLN, identity modulation)."""
     if c is None:
         return None
-    return (F.linear(c, tensors[prefix + "adaLN_modulation.weight"].float(),
-                     tensors[prefix + "adaLN_modulation.bias"].float())).chunk(n)
+    return (
+        F.linear(
+            c,
+            tensors[prefix + "adaLN_modulation.weight"].float(),
+            tensors[prefix + "adaLN_modulation.bias"].float(),
+        )
+    ).chunk(n)
 
 
 def fold(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -80,7 +97,14 @@ def fold(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Ten
             p = f"blocks.{i}."
             mod = _modulation(t, p, c, 6)
             zero = torch.zeros(t[p + "norm1.weight"].shape[0])
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod or (zero, zero, zero + 1, zero, zero, zero + 1)
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod or (
+                zero,
+                zero,
+                zero + 1,
+                zero,
+                zero,
+                zero + 1,
+            )
             dtype = t[p + "attn_qkv.weight"].dtype
             out[p + "norm1.weight"] = (t[p + "norm1.weight"].float() * (1 + scale_a)).to(dtype)
             out[p + "norm1.bias"] = shift_a.to(dtype)
@@ -100,7 +124,8 @@ def fold(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Ten
         out["norm.bias"] = shift.to(dtype)
         out["head.weight"], out["head.bias"] = t[p + "linear.weight"], t[p + "linear.bias"]
     except KeyError as e:
-        raise PretrainedError(f"missing weight backbone.{e.args[0]} (an MDLM/BD3-LM checkpoint has "
-                              "backbone.vocab_embed, backbone.blocks.*, backbone.output_layer.*)") from e
+        raise PretrainedError(
+            f"missing weight backbone.{e.args[0]} (an MDLM/BD3-LM checkpoint has "
+            "backbone.vocab_embed, backbone.blocks.*, backbone.output_layer.*)"
+        ) from e
     return out
-

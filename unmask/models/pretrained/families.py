@@ -21,39 +21,109 @@ class PretrainedError(ValueError):
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]   # config.json `model_type` values (lower-cased)
+    model_types: tuple[str, ...]  # config.json `model_type` values (lower-cased)
     architectures: tuple[str, ...]
-    backbone: str                  # llama | qwen2 | qwen3 | glm4_moe | dit
-    attention: str                 # bidirectional | block_causal
-    block_key: str | None = None   # config field holding L' (block-causal families)
+    backbone: str  # llama | qwen2 | qwen3 | glm4_moe | dit
+    attention: str  # bidirectional | block_causal
+    block_key: str | None = None  # config field holding L' (block-causal families)
     block_default: int = 0
-    shift: bool = False            # logit i predicts token i+1 (Dream, Fast-dLLM v2)
-    mask_id: int | None = None     # when config.json has no mask_token_id (None: vocab - 1) ...
+    shift: bool = False  # logit i predicts token i+1 (Dream, Fast-dLLM v2)
+    mask_id: int | None = None  # when config.json has no mask_token_id (None: vocab - 1) ...
     mask_token: str | None = None  # ... unless the tokenizer has this token
     stop_tokens: tuple[str, ...] = ()  # end-of-text / end-of-turn tokens an answer stops at
-    prepend_bos: bool = False      # raw prompts start with the tokenizer's BOS
-    preset: str = "llada"          # the decoder its authors use
+    prepend_bos: bool = False  # raw prompts start with the tokenizer's BOS
+    preset: str = "llada"  # the decoder its authors use
     tokenizer_shipped: bool = True
 
 
 FAMILIES = (
-    Family("llada", ("llada",), ("LLaDAModelLM",), "llama", "bidirectional", mask_id=126336,
-           mask_token="<|mdm_mask|>", stop_tokens=("<|endoftext|>", "<|eot_id|>"), prepend_bos=True),
-    Family("dream", ("dream",), ("DreamModel",), "qwen2", "bidirectional", shift=True, mask_id=151666,
-           mask_token="<|mask|>", stop_tokens=("<|endoftext|>", "<|im_end|>"), prepend_bos=True),
-    Family("sdar", ("sdar",), ("SDARForCausalLM",), "qwen3", "block_causal", block_key="block_size",
-           block_default=4, mask_id=151669, mask_token="<|MASK|>", stop_tokens=("<|endoftext|>", "<|im_end|>"),
-           preset="bd3lm"),
-    Family("fast-dllm-v2", ("fast_dllm_qwen",), ("Fast_dLLM_QwenForCausalLM",), "qwen2", "block_causal",
-           block_key="bd_size", block_default=32, shift=True, mask_id=151665, mask_token="|<MASK>|",
-           stop_tokens=("<|im_end|>", "<|endoftext|>"), preset="fast-dllm"),
-    Family("llada2", ("llada2_moe",), ("LLaDA2MoeModelLM",), "glm4_moe", "block_causal",
-           block_key="block_length", block_default=32, mask_id=156895, mask_token="<|mask|>",
-           stop_tokens=("<|endoftext|>", "<|role_end|>"), preset="fast-dllm"),
-    Family("mdlm", ("mdlm",), ("MDLM",), "dit", "bidirectional", stop_tokens=("<|endoftext|>",),
-           prepend_bos=True, preset="mdlm", tokenizer_shipped=False),
-    Family("bd3lm", ("bd3lm",), ("BD3LM",), "dit", "block_causal", block_key="block_size", block_default=4,
-           stop_tokens=("<|endoftext|>",), prepend_bos=True, preset="bd3lm", tokenizer_shipped=False),
+    Family(
+        "llada",
+        ("llada",),
+        ("LLaDAModelLM",),
+        "llama",
+        "bidirectional",
+        mask_id=126336,
+        mask_token="<|mdm_mask|>",
+        stop_tokens=("<|endoftext|>", "<|eot_id|>"),
+        prepend_bos=True,
+    ),
+    Family(
+        "dream",
+        ("dream",),
+        ("DreamModel",),
+        "qwen2",
+        "bidirectional",
+        shift=True,
+        mask_id=151666,
+        mask_token="<|mask|>",
+        stop_tokens=("<|endoftext|>", "<|im_end|>"),
+        prepend_bos=True,
+    ),
+    Family(
+        "sdar",
+        ("sdar",),
+        ("SDARForCausalLM",),
+        "qwen3",
+        "block_causal",
+        block_key="block_size",
+        block_default=4,
+        mask_id=151669,
+        mask_token="<|MASK|>",
+        stop_tokens=("<|endoftext|>", "<|im_end|>"),
+        preset="bd3lm",
+    ),
+    Family(
+        "fast-dllm-v2",
+        ("fast_dllm_qwen",),
+        ("Fast_dLLM_QwenForCausalLM",),
+        "qwen2",
+        "block_causal",
+        block_key="bd_size",
+        block_default=32,
+        shift=True,
+        mask_id=151665,
+        mask_token="|<MASK>|",
+        stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        preset="fast-dllm",
+    ),
+    Family(
+        "llada2",
+        ("llada2_moe",),
+        ("LLaDA2MoeModelLM",),
+        "glm4_moe",
+        "block_causal",
+        block_key="block_length",
+        block_default=32,
+        mask_id=156895,
+        mask_token="<|mask|>",
+        stop_tokens=("<|endoftext|>", "<|role_end|>"),
+        preset="fast-dllm",
+    ),
+    Family(
+        "mdlm",
+        ("mdlm",),
+        ("MDLM",),
+        "dit",
+        "bidirectional",
+        stop_tokens=("<|endoftext|>",),
+        prepend_bos=True,
+        preset="mdlm",
+        tokenizer_shipped=False,
+    ),
+    Family(
+        "bd3lm",
+        ("bd3lm",),
+        ("BD3LM",),
+        "dit",
+        "block_causal",
+        block_key="block_size",
+        block_default=4,
+        stop_tokens=("<|endoftext|>",),
+        prepend_bos=True,
+        preset="bd3lm",
+        tokenizer_shipped=False,
+    ),
 )
 
 
@@ -82,8 +152,10 @@ def detect(raw: dict[str, Any], where: str | Path = "config.json") -> Family:
     for family in FAMILIES:
         if model_type in family.model_types or any(a in family.architectures for a in archs):
             return family
-    raise PretrainedError(f"{where}: model_type {raw.get('model_type')!r} (architectures {list(archs)}) "
-                          f"is not a supported diffusion LM; supported: {supported()}")
+    raise PretrainedError(
+        f"{where}: model_type {raw.get('model_type')!r} (architectures {list(archs)}) "
+        f"is not a supported diffusion LM; supported: {supported()}"
+    )
 
 
 def mask_id(family: Family, raw: dict[str, Any], vocab_size: int) -> int:
@@ -101,5 +173,7 @@ def block_size(family: Family, raw: dict[str, Any]) -> int:
 def require(raw: dict[str, Any], where: str, field: str, allowed, why: str) -> None:
     """Refuse a config value the native class cannot express, naming the field."""
     if field in raw and raw[field] not in allowed:
-        raise PretrainedError(f"{where}: {field}={raw[field]!r} is not supported ({why}); "
-                              f"supported: {sorted(map(repr, allowed))}")
+        raise PretrainedError(
+            f"{where}: {field}={raw[field]!r} is not supported ({why}); "
+            f"supported: {sorted(map(repr, allowed))}"
+        )

@@ -22,8 +22,14 @@ from unmask.config import ModelConfig
 from unmask.models.pretrained import families as fam
 from unmask.models.pretrained.families import Family, PretrainedError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def is_pretrained_dir(path: str | Path) -> bool:
@@ -65,9 +71,13 @@ def weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     if list(path.glob("*.bin")):
-        raise PretrainedError(f"{path} has only PyTorch .bin weights; unmask reads safetensors "
-                              "(convert them with transformers' save_pretrained)")
-    raise PretrainedError(f"no weights in {path} (expected model.safetensors or model.safetensors.index.json)")
+        raise PretrainedError(
+            f"{path} has only PyTorch .bin weights; unmask reads safetensors "
+            "(convert them with transformers' save_pretrained)"
+        )
+    raise PretrainedError(
+        f"no weights in {path} (expected model.safetensors or model.safetensors.index.json)"
+    )
 
 
 def read_weights(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -85,17 +95,24 @@ def read_weights(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor
     return tensors, origin
 
 
-def assign(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str], where: Path,
-           ignored=None) -> None:
+def assign(
+    model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str], where: Path, ignored=None
+) -> None:
     """Assign `state` into `model` (built on meta); name missing, misshapen and unexpected keys."""
     own = model.state_dict()
-    shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint ({origin.get(k, 'converted')}), model "
-              f"expects {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the checkpoint ({origin.get(k, 'converted')}), model "
+        f"expects {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not (ignored and ignored.search(k))]
     if shapes or missing or unexpected:
-        raise PretrainedError(f"weights in {where} do not fit the model its config.json describes: "
-                              f"wrong shapes {shapes[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise PretrainedError(
+            f"weights in {where} do not fit the model its config.json describes: "
+            f"wrong shapes {shapes[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
 
 
@@ -103,9 +120,9 @@ def assign(model: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, s
 class Pretrained:
     model: nn.Module
     family: Family
-    raw: dict[str, Any]       # config.json
+    raw: dict[str, Any]  # config.json
     max_len: int
-    digest: str               # content digest of the weight files (names + sizes + index)
+    digest: str  # content digest of the weight files (names + sizes + index)
 
 
 def digest(path: Path) -> str:
@@ -119,14 +136,16 @@ def digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = "auto") -> nn.Module:
+def load_pretrained(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto"
+) -> nn.Module:
     """The model in a local HF directory as a Denoiser (see `load_pretrained_full` for metadata)."""
     return load_pretrained_full(path, device=device, dtype=dtype).model
 
 
-def load_pretrained_full(path: str | Path, *, device: str | torch.device = "cpu",
-                         dtype: str | torch.dtype | None = "auto") -> Pretrained:
+def load_pretrained_full(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto"
+) -> Pretrained:
     path = Path(path).expanduser()
     device = torch.device(device)
     raw = fam.read_config(path)
@@ -171,8 +190,13 @@ def _load_native(path: Path, raw, family: Family, block: int, dtype, where):
         native = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     assign(native, convert(family, hf_cfg, tensors), origin, path, IGNORED)
     _rebuild_buffers(native, hf_cfg)
-    cfg = ModelConfig(attention=family.attention, block_size=max(block, 1), dim=hf_cfg.hidden_size,
-                      n_layers=hf_cfg.num_hidden_layers, n_heads=hf_cfg.num_attention_heads)
+    cfg = ModelConfig(
+        attention=family.attention,
+        block_size=max(block, 1),
+        dim=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+    )
     vocab = native.lm_head.out_features
     max_len = int(getattr(hf_cfg, "max_position_embeddings", 0) or 4096)
     return HFDenoiser(native, family, cfg, mask_id=fam.mask_id(family, raw, vocab), max_len=max_len), max_len
@@ -183,7 +207,9 @@ def _rebuild_buffers(native: nn.Module, hf_cfg) -> None:
     for name, module in list(native.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if "rotary" not in type(module).__name__.lower():
-                raise PretrainedError(f"internal: buffer of {name} ({type(module).__name__}) left uninitialised")
+                raise PretrainedError(
+                    f"internal: buffer of {name} ({type(module).__name__}) left uninitialised"
+                )
             parent, _, attr = name.rpartition(".")
             setattr(native.get_submodule(parent) if parent else native, attr, type(module)(config=hf_cfg))
 
@@ -191,8 +217,13 @@ def _rebuild_buffers(native: nn.Module, hf_cfg) -> None:
 CONTEXT_LIMITS = {"dream": 2048}  # the authors' stated context where config.json claims more
 
 
-def load_as_checkpoint(path: str | Path, *, tokenizer: str | Path | None = None,
-                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto"):
+def load_as_checkpoint(
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+):
     """A pretrained directory as a `Loaded` checkpoint (model, config, tokenizer), so every command
     that takes `--checkpoint` takes it. `tokenizer` overrides the directory's own (MDLM/BD3-LM ship none)."""
     from unmask.config import Config, DataConfig, DecodeConfig, NoiseConfig
@@ -202,21 +233,37 @@ def load_as_checkpoint(path: str | Path, *, tokenizer: str | Path | None = None,
     path = Path(path).expanduser()
     pre = load_pretrained_full(path, device=device, dtype=dtype)
     model = pre.model
-    tok = load_tokenizer(tokenizer or path, family=pre.family, mask_id=model.mask_id, model_dir=path,
-                         vocab_size=model.vocab_size)
+    tok = load_tokenizer(
+        tokenizer or path,
+        family=pre.family,
+        mask_id=model.mask_id,
+        model_dir=path,
+        vocab_size=model.vocab_size,
+    )
     if "mask_token_id" not in pre.raw and pre.family.mask_token:  # e.g. Fast-dLLM v2, LLaDA2
         found = tok.token_id(pre.family.mask_token)
         if found is not None:
             model.mask_id = tok.mask_id = found
     if not 0 <= model.mask_id < model.vocab_size:
-        raise PretrainedError(f"{path}: mask id {model.mask_id} is outside the model's vocabulary of "
-                              f"{model.vocab_size} (set mask_token_id in config.json)")
+        raise PretrainedError(
+            f"{path}: mask id {model.mask_id} is outside the model's vocabulary of "
+            f"{model.vocab_size} (set mask_token_id in config.json)"
+        )
     seq_len = min(pre.max_len, CONTEXT_LIMITS.get(pre.family.name, pre.max_len))
     seq_len -= seq_len % model.cfg.block_size
-    schedule = "loglinear" if pre.family.backbone == "dit" else "linear"
-    config = Config(data=DataConfig(corpus="none", seq_len=seq_len, tokenizer=str(tokenizer or path)),
-                    model=model.cfg, noise=NoiseConfig(schedule=schedule),
-                    decode=DecodeConfig(preset=pre.family.preset))
-    state = {"step": 0, "pretrained": {"family": pre.family.name, "path": str(path), "digest": pre.digest,
-                                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}}
+    config = Config(
+        data=DataConfig(corpus="none", seq_len=seq_len, tokenizer=str(tokenizer or path)),
+        model=model.cfg,
+        noise=NoiseConfig(schedule="loglinear"),  # mask rate = t: LLaDA's too
+        decode=DecodeConfig(preset=pre.family.preset),
+    )
+    state = {
+        "step": 0,
+        "pretrained": {
+            "family": pre.family.name,
+            "path": str(path),
+            "digest": pre.digest,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+    }
     return Loaded(model, config, tok, state, path)

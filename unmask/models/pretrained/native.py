@@ -19,15 +19,29 @@ from unmask.models.pretrained.families import Family, PretrainedError, require
 # keys a checkpoint may carry that the native model does not need
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.rotary_emb\..*)$")
 # fields that describe the remote code, not the architecture
-META = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
-        "dtype", "mask_token_id", "block_size", "bd_size", "conplemenrary_mask", "attn_implementation",
-        "fuse_cross_entropy", "use_cache"}
+META = {
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "mask_token_id",
+    "block_size",
+    "bd_size",
+    "conplemenrary_mask",
+    "attn_implementation",
+    "fuse_cross_entropy",
+    "use_cache",
+}
 
 
 def native_config(family: Family, raw: dict[str, Any], where: str) -> PretrainedConfig:
     """The native transformers config for a family's config.json."""
-    build = {"llama": _llada, "qwen2": _qwen(Qwen2Config), "qwen3": _qwen(Qwen3Config),
-             "glm4_moe": _llada2}[family.backbone]
+    build = {"llama": _llada, "qwen2": _qwen(Qwen2Config), "qwen3": _qwen(Qwen3Config), "glm4_moe": _llada2}[
+        family.backbone
+    ]
     cfg = build(raw, where)
     cfg.is_causal = False
     cfg._attn_implementation = "sdpa"
@@ -39,27 +53,48 @@ def _llada(raw: dict[str, Any], where: str) -> LlamaConfig:
     require(raw, where, "block_type", {"llama"}, why)
     require(raw, where, "activation_type", {"silu", "swiglu"}, why)
     require(raw, where, "layer_norm_type", {"rms"}, why)
-    for flag in ("include_bias", "include_qkv_bias", "bias_for_layer_norm", "weight_tying", "scale_logits",
-                 "input_emb_norm", "attention_layer_norm", "alibi", "multi_query_attention"):
+    for flag in (
+        "include_bias",
+        "include_qkv_bias",
+        "bias_for_layer_norm",
+        "weight_tying",
+        "scale_logits",
+        "input_emb_norm",
+        "attention_layer_norm",
+        "alibi",
+        "multi_query_attention",
+    ):
         require(raw, where, flag, {False, None}, why)
     require(raw, where, "rope", {True}, why)
     vocab = raw.get("embedding_size") or raw["vocab_size"]
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=raw["d_model"], intermediate_size=raw["mlp_hidden_size"],
-        num_hidden_layers=raw["n_layers"], num_attention_heads=raw["n_heads"],
+        vocab_size=vocab,
+        hidden_size=raw["d_model"],
+        intermediate_size=raw["mlp_hidden_size"],
+        num_hidden_layers=raw["n_layers"],
+        num_attention_heads=raw["n_heads"],
         num_key_value_heads=raw.get("n_kv_heads") or raw["n_heads"],
-        max_position_embeddings=raw.get("max_sequence_length", 4096), rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        max_position_embeddings=raw.get("max_sequence_length", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
         rope_parameters={"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))},
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        pad_token_id=raw.get("pad_token_id"), eos_token_id=raw.get("eos_token_id"))
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        pad_token_id=raw.get("pad_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+    )
 
 
 def _qwen(cls):
     def build(raw: dict[str, Any], where: str) -> PretrainedConfig:
-        require(raw, where, "use_sliding_window", {False, None}, "sliding-window attention is not bidirectional")
+        require(
+            raw, where, "use_sliding_window", {False, None}, "sliding-window attention is not bidirectional"
+        )
         require(raw, where, "hidden_act", {"silu"}, f"loaded as {cls.__name__}")
         fields = {k: v for k, v in raw.items() if k not in META}
         return cls(**fields)
+
     return build
 
 
@@ -74,19 +109,35 @@ def _llada2(raw: dict[str, Any], where: str) -> Glm4MoeConfig:
     if partial is None:
         partial = raw.get("rotary_dim", head_dim) / head_dim
     return Glm4MoeConfig(
-        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
-        moe_intermediate_size=raw["moe_intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=raw["num_attention_heads"], num_key_value_heads=raw["num_key_value_heads"],
-        head_dim=head_dim, n_routed_experts=raw["num_experts"], n_shared_experts=raw.get("num_shared_experts", 0),
-        num_experts_per_tok=raw["num_experts_per_tok"], n_group=raw.get("n_group", 1),
-        topk_group=raw.get("topk_group", 1), routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
-        first_k_dense_replace=raw.get("first_k_dense_replace", 0), norm_topk_prob=True,
-        use_qk_norm=raw.get("use_qk_norm", False), attention_bias=False, rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        moe_intermediate_size=raw["moe_intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw["num_key_value_heads"],
+        head_dim=head_dim,
+        n_routed_experts=raw["num_experts"],
+        n_shared_experts=raw.get("num_shared_experts", 0),
+        num_experts_per_tok=raw["num_experts_per_tok"],
+        n_group=raw.get("n_group", 1),
+        topk_group=raw.get("topk_group", 1),
+        routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+        first_k_dense_replace=raw.get("first_k_dense_replace", 0),
+        norm_topk_prob=True,
+        use_qk_norm=raw.get("use_qk_norm", False),
+        attention_bias=False,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         max_position_embeddings=raw.get("max_position_embeddings", 32768),
-        rope_parameters={"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0)),
-                         "partial_rotary_factor": float(partial)},
-        tie_word_embeddings=raw.get("tie_word_embeddings", False), pad_token_id=raw.get("pad_token_id"),
-        eos_token_id=raw.get("eos_token_id"))
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(raw.get("rope_theta", 10000.0)),
+            "partial_rotary_factor": float(partial),
+        },
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        pad_token_id=raw.get("pad_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+    )
 
 
 # ---- weight names ---------------------------------------------------------------------------------
@@ -117,7 +168,9 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     return key
 
 
-def convert(family: Family, cfg: PretrainedConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert(
+    family: Family, cfg: PretrainedConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The family's checkpoint tensors under the native class's names and layout."""
     if family.backbone == "llama":
         return {_rename(k, LLADA_RENAMES): v for k, v in tensors.items()}
@@ -136,10 +189,12 @@ def _convert_llada2(cfg: Glm4MoeConfig, tensors: dict[str, torch.Tensor]) -> dic
         if key.endswith(".attention.query_key_value.weight"):  # [(H + 2 Hkv) Dh, D] -> q, k, v
             prefix = key[: -len(".attention.query_key_value.weight")] + ".self_attn."
             if value.shape[0] != q + 2 * kv:
-                raise PretrainedError(f"{key}: shape {tuple(value.shape)}, expected ({q + 2 * kv}, "
-                                      f"{value.shape[-1]}) for {cfg.num_attention_heads} query and "
-                                      f"{cfg.num_key_value_heads} key/value heads of {cfg.head_dim}")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.split([q, kv, kv])):
+                raise PretrainedError(
+                    f"{key}: shape {tuple(value.shape)}, expected ({q + 2 * kv}, "
+                    f"{value.shape[-1]}) for {cfg.num_attention_heads} query and "
+                    f"{cfg.num_key_value_heads} key/value heads of {cfg.head_dim}"
+                )
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.split([q, kv, kv]), strict=True):
                 out[prefix + name + ".weight"] = part
             continue
         match = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
@@ -147,14 +202,25 @@ def _convert_llada2(cfg: Glm4MoeConfig, tensors: dict[str, torch.Tensor]) -> dic
             experts[(match.group(1), int(match.group(2)), match.group(3))] = value
             continue
         out[key.replace(".attention.", ".self_attn.")] = value
-    # routed experts: per-expert gate/up/down -> packed gate_up_proj [E, 2I, D] (gate first), down_proj [E, D, I]
+    # routed experts: per-expert gate/up/down -> packed gate_up_proj [E, 2I, D] (gate first),
+    # down_proj [E, D, I]
     for prefix in sorted({p for p, _, _ in experts}):
         n = cfg.n_routed_experts
-        missing = [f"{prefix}.{e}.{w}.weight" for e in range(n) for w in ("gate_proj", "up_proj", "down_proj")
-                   if (prefix, e, w) not in experts]
+        missing = [
+            f"{prefix}.{e}.{w}.weight"
+            for e in range(n)
+            for w in ("gate_proj", "up_proj", "down_proj")
+            if (prefix, e, w) not in experts
+        ]
         if missing:
-            raise PretrainedError(f"missing expert weights: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+            raise PretrainedError(
+                f"missing expert weights: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+            )
         out[prefix + ".gate_up_proj"] = torch.stack(
-            [torch.cat([experts[(prefix, e, "gate_proj")], experts[(prefix, e, "up_proj")]]) for e in range(n)])
+            [
+                torch.cat([experts[(prefix, e, "gate_proj")], experts[(prefix, e, "up_proj")]])
+                for e in range(n)
+            ]
+        )
         out[prefix + ".down_proj"] = torch.stack([experts[(prefix, e, "down_proj")] for e in range(n)])
     return out

@@ -27,8 +27,11 @@ class PretrainedTokenizer:
         self.mask_id = mask_id
         self.bos_id = hf.bos_token_id
         stops = [self.token_id(t) for t in family.stop_tokens]
-        self.eos_id = hf.eos_token_id if hf.eos_token_id is not None else next((s for s in stops if s is not None),
-                                                                             None)
+        self.eos_id = (
+            hf.eos_token_id
+            if hf.eos_token_id is not None
+            else next((s for s in stops if s is not None), None)
+        )
         self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
         self.vocab_size = len(hf)
         self.stop_ids = tuple(dict.fromkeys(i for i in (self.eos_id, *stops) if i is not None))
@@ -62,8 +65,9 @@ class PretrainedTokenizer:
         if chat:
             if not self.has_chat_template:
                 raise PretrainedError(f"{self.path}: this tokenizer has no chat template; drop --chat")
-            text = self.hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                               add_generation_prompt=True)
+            text = self.hf.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             return self.encode(text)
         ids = self.encode(text)
         return [self.bos_id, *ids] if self.family.prepend_bos and self.bos_id is not None else ids
@@ -93,8 +97,11 @@ def _load_hf(path: Path):
         config = {}
         if (path / "tokenizer_config.json").is_file():
             config = json.loads((path / "tokenizer_config.json").read_text())
-        specials = {k: v for k, v in config.items()
-                    if k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token") and isinstance(v, str)}
+        specials = {
+            k: v
+            for k, v in config.items()
+            if k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token") and isinstance(v, str)
+        }
         hf = PreTrainedTokenizerFast(tokenizer_file=str(file), **specials)
         template = config.get("chat_template")
         if template is None and (path / "chat_template.jinja").is_file():
@@ -105,16 +112,27 @@ def _load_hf(path: Path):
         logging.set_verbosity(verbosity)
 
 
-def load_tokenizer(path: str | Path, *, family: Family, mask_id: int, model_dir: str | Path | None = None,
-                   vocab_size: int | None = None) -> PretrainedTokenizer:
+def load_tokenizer(
+    path: str | Path,
+    *,
+    family: Family,
+    mask_id: int,
+    model_dir: str | Path | None = None,
+    vocab_size: int | None = None,
+) -> PretrainedTokenizer:
     """The tokenizer in `path`; checked against the model's vocabulary size when given."""
     path = Path(path)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        hint = ("; MDLM/BD3-LM checkpoints ship none: pass --tokenizer DIR with a local GPT-2 tokenizer"
-                if not family.tokenizer_shipped else "; pass --tokenizer DIR")
+        hint = (
+            "; MDLM/BD3-LM checkpoints ship none: pass --tokenizer DIR with a local GPT-2 tokenizer"
+            if not family.tokenizer_shipped
+            else "; pass --tokenizer DIR"
+        )
         raise PretrainedError(f"no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)}){hint}")
     tok = PretrainedTokenizer(_load_hf(path), mask_id=mask_id, family=family, path=path)
     if vocab_size is not None and tok.vocab_size > vocab_size:
-        raise PretrainedError(f"tokenizer {path} has {tok.vocab_size} tokens but the model in "
-                              f"{model_dir or path} only {vocab_size}: they do not belong together")
+        raise PretrainedError(
+            f"tokenizer {path} has {tok.vocab_size} tokens but the model in "
+            f"{model_dir or path} only {vocab_size}: they do not belong together"
+        )
     return tok

@@ -1,0 +1,297 @@
+"""Pretrained families: tiny random models in each family's own layout, against independent references."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from pretrained_layouts import BLOCK, FAMILIES, write_family, write_gpt2_like_tokenizer
+
+from unmask.decoding.generate import DecodeError, final_state, generate
+from unmask.decoding.presets import PRESETS, build_decoder, preset_config
+from unmask.decoding.rng import row_generators
+from unmask.decoding.sample import JOINT_PRESETS, sample
+from unmask.models.checkpoint import load_checkpoint
+from unmask.models.pretrained.families import PretrainedError
+from unmask.schedules import LogLinear
+
+SHIFTED = {"dream", "fast-dllm-v2"}
+BLOCK_CAUSAL = [f for f in FAMILIES if f in BLOCK]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    refs = {f: write_family(f, root / f) for f in FAMILIES}
+    write_gpt2_like_tokenizer(root / "gpt2")
+    return root, refs
+
+
+def load(family_dirs, family, **kw):
+    root, _ = family_dirs
+    tok = root / "gpt2" if family in ("mdlm", "bd3lm") else None
+    return load_checkpoint(root / family, tokenizer=tok, dtype="fp32", **kw)
+
+
+def tokens(B=2, T=13, seed=0):
+    return torch.randint(0, 44, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_the_native_reference(family_dirs, family):
+    model = load(family_dirs, family).model
+    x = tokens()
+    with torch.no_grad():
+        ours, ref = model(x).logits, family_dirs[1][family](x)
+    if family in SHIFTED:  # canvas position i is predicted by the model's output at i - 1
+        torch.testing.assert_close(ours[:, 1:], ref[:, :-1], rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", BLOCK_CAUSAL)
+def test_block_causal_cache_equals_full_pass(family_dirs, family):
+    """Real block-causal decoding: prompt prefill, then per block a denoising call against the
+    cache and a clean commit pass; each block's logits equal the uncached pass over everything."""
+    model = load(family_dirs, family).model
+    Lb = model.cfg.block_size
+    x = tokens(T=4 * Lb)
+    canvas = x.clone()
+    canvas[:, 2 * Lb :] = model.mask_id  # blocks 2 and 3 still masked
+    kv = model.new_cache(2, 4 * Lb, "cpu")
+    with torch.no_grad():
+        model(x[:, :Lb], cache=kv)
+        kv.commit(Lb)
+        for b in (1, 2, 3):
+            lo, hi = b * Lb, (b + 1) * Lb
+            noisy = canvas[:, lo:hi]
+            cached = model(noisy, cache=kv).logits
+            full = model(torch.cat([x[:, :lo], noisy], 1)).logits[:, lo:hi]
+            torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+            model(x[:, lo:hi], cache=kv)  # commit the clean block
+            kv.commit(Lb)
+
+
+@pytest.mark.parametrize("family", BLOCK_CAUSAL)
+def test_generate_with_cache_equals_without(family_dirs, family):
+    loaded = load(family_dirs, family)
+    prompt = tokens(T=6)
+    outs = []
+    for cache in ("prefix", "none"):
+        cfg = preset_config("bd3lm", max_new_tokens=12)
+        states = generate(
+            loaded.model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompt,
+            max_new_tokens=12,
+            steps=12,
+            cache=cache,
+            generators=row_generators(0, [0, 1]),
+        )
+        outs.append(final_state(states).tokens)
+    assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "mdlm"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_bidirectional_caches_equal_the_full_pass_on_an_unchanged_canvas(family_dirs, family, cache):
+    model = load(family_dirs, family).model
+    x = tokens(T=16)
+    lo, hi = 8, 12
+    with torch.no_grad():
+        full = model(x).logits
+        kv = model.new_cache(2, 16, "cpu")
+        model(x, cache=kv)
+        if cache == "prefix":
+            kv.commit(lo)
+            part = model(x[:, lo:], cache=kv).logits[:, : hi - lo]
+        else:
+            kv.commit(16)
+            kv.seek(lo)
+            part = model(x[:, lo:hi], cache=kv).logits
+            kv.seek(None)
+    torch.testing.assert_close(part, full[:, lo:hi], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in JOINT_PRESETS])
+def test_every_preset_on_every_family(family_dirs, family, preset):
+    model = load(family_dirs, family).model
+    prompt = tokens(B=2, T=5, seed=1)
+    cfg = preset_config(preset, max_new_tokens=8, steps=4)
+    run = [
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompt,
+                max_new_tokens=8,
+                steps=4,
+                block_len=cfg.block_len if cfg.block_len <= 8 else 8,
+                cache=cfg.cache,
+                generators=row_generators(3, [0, 1]),
+            )
+        )
+        for _ in range(2)
+    ]
+    final = run[0]
+    assert torch.equal(final.tokens[:, :5], prompt)
+    assert final.tokens.shape == (2, 13)
+    if model.subs:  # models whose reference loops keep [MASK] in the softmax may leave one (as LLaDA's does)
+        assert not (final.tokens == model.mask_id).any()
+    assert torch.equal(run[1].tokens, final.tokens)
+
+
+def llada_reference(model, prompt, *, steps, gen_length, block_length, mask_id):
+    """LLaDA's published loop (greedy, low-confidence remasking), written from its description:
+    canvas = prompt + masks; steps split evenly over semi-AR blocks; per step the masked positions
+    of the current block are ranked by the softmax probability of their argmax token (over the
+    full vocabulary, [MASK] included) and the per-step count - the block's masks split evenly,
+    the remainder to the first steps - is committed."""
+    x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), mask_id)], 1)
+    P = prompt.shape[1]
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for b in range(n_blocks):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        n_masked = (x[:, lo:hi] == mask_id).sum(1)
+        counts = torch.stack(
+            [n_masked // per_block + (i < n_masked % per_block).long() for i in range(per_block)], 1
+        )
+        for i in range(per_block):
+            with torch.no_grad():
+                logits = model(x).logits
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+            masked = x == mask_id
+            x0 = torch.where(masked, x0, x)
+            conf = torch.where(masked, p, -torch.inf)
+            conf[:, hi:] = -torch.inf
+            for row in range(x.shape[0]):
+                k = int(counts[row, i])
+                if k:
+                    idx = torch.topk(conf[row], k).indices
+                    x[row, idx] = x0[row, idx]
+    return x
+
+
+@pytest.mark.parametrize("block_len", [8, 16])
+def test_llada_preset_is_token_identical_to_the_reference_loop(family_dirs, block_len):
+    model = load(family_dirs, "llada").model
+    prompt = tokens(B=2, T=7, seed=4)
+    ref = llada_reference(
+        model, prompt.clone(), steps=8, gen_length=16, block_length=block_len, mask_id=model.mask_id
+    )
+    cfg = preset_config("llada", max_new_tokens=16, steps=8, block_len=block_len, eos_fill=False)
+    ours = final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompt,
+            max_new_tokens=16,
+            steps=8,
+            block_len=block_len,
+            eos_fill=False,
+            generators=row_generators(0, [0, 1]),
+        )
+    )
+    assert torch.equal(ours.tokens, ref)
+
+
+def test_chat_sampling_uses_the_template_and_stops_at_end_of_turn(family_dirs):
+    loaded = load(family_dirs, "sdar")
+    tok = loaded.tokenizer
+    ids = tok.prompt_ids("w1 w2", chat=True)
+    assert ids[0] == tok.token_id("<|user|>") and ids[-1] == tok.token_id("<|assistant|>")
+    records = sample(
+        loaded.model, tok, ["w1 w2"], preset_config("bd3lm", max_new_tokens=8), LogLinear(), chat=True
+    )
+    assert records[0]["prompt_tokens"] == len(ids)
+    assert not set(records[0]["token_ids"]) & set(tok.stop_ids)
+
+
+def test_mask_id_from_the_tokenizer_when_the_config_has_none(family_dirs):
+    loaded = load(family_dirs, "fast-dllm-v2")  # its config.json has no mask_token_id
+    assert loaded.model.mask_id == loaded.tokenizer.token_id("|<MASK>|")
+
+
+# ---- bad inputs: each message names the file or field --------------------------------------------
+def copy_family(family_dirs, family, tmp_path):
+    dst = tmp_path / family
+    shutil.copytree(family_dirs[0] / family, dst)
+    return dst
+
+
+def test_missing_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(Exception, match="config.json|model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_family_lists_the_supported(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "sdar", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    raw.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(PretrainedError, match="model_type 'gpt2'.*supported: llada"):
+        load_checkpoint(d)
+
+
+def test_missing_shard_is_named(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "dream", tmp_path)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
+    with pytest.raises(PretrainedError, match="model-00002-of-00002.safetensors"):
+        load_checkpoint(d)
+
+
+def test_wrong_weight_shape_is_named(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "llada", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    raw["mlp_hidden_size"] = 40
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(PretrainedError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"):
+        load_checkpoint(d)
+
+
+def test_unsupported_field_is_refused_by_name(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "llada2", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    raw["use_qkv_bias"] = True
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(PretrainedError, match="use_qkv_bias"):
+        load_checkpoint(d)
+
+
+def test_tokenizer_larger_than_the_model(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "mdlm", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    with pytest.raises(PretrainedError, match="tokenizer"):
+        load_checkpoint(d)  # MDLM ships no tokenizer: the message says to pass --tokenizer
+    big = tmp_path / "big"
+    big.mkdir()
+    vocab = {f"t{i}": i for i in range(raw["vocab_size"] + 10)}
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(big / "tokenizer.json"))
+    (big / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(PretrainedError, match=f"{raw['vocab_size'] + 10} tokens but the model"):
+        load_checkpoint(d, tokenizer=big)
+
+
+def test_prompt_longer_than_the_model_allows(family_dirs):
+    loaded = load(family_dirs, "mdlm")
+    long = " ".join(["w1"] * (loaded.config.data.seq_len + 1))
+    with pytest.raises(DecodeError, match="exceeds the model's maximum"):
+        sample(
+            loaded.model,
+            loaded.tokenizer,
+            [long],
+            preset_config("mdlm", max_new_tokens=4),
+            LogLinear(),
+            max_len=loaded.config.data.seq_len,
+        )
