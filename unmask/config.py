@@ -279,6 +279,9 @@ class DecodeConfig:
     """Ancestral only: global normalization of the unmask rate (top-k + Glob, Conv)."""
     threshold: float = 0.9
     """`threshold` selector: commit every position whose confidence exceeds this."""
+    threshold_floor: Literal["one", "budget"] = "one"
+    """`threshold` selector's minimum per step: `one` = the most confident position, decoding each
+    block until it is done and ignoring `steps` (Fast-dLLM); `budget` = the count `steps` implies."""
     steps: int = 64
     """Denoising steps for `max_new_tokens` tokens; each block gets its share."""
     block_len: int = 0

@@ -59,6 +59,8 @@ def test_contract(kind, preset):
     block = 4 if kind == "block_causal" else (preset_config(preset).block_len or 16)
     n_blocks = max(1, 16 // block)
     per_block = max(1, round(8 * block / 16))
+    if preset_config(preset).select == "threshold" and preset_config(preset).threshold_floor == "one":
+        per_block = block  # Fast-dLLM: >= 1 per step until the block is done, whatever the budget
     assert final.nfe <= per_block * (n_blocks + 1)  # within steps x blocks (+1: prompt's partial block)
     assert model.calls == final.nfe + final.commit_passes  # NFE counts denoiser calls exactly
     again = run(tiny_model(kind, block_size=4), preset, prompt=prompt, **over)[-1]
@@ -177,3 +179,19 @@ def test_compiled_model_decodes_the_same_tokens():
     model.compile_blocks()
     compiled = run(model, "bd3lm", prompt=prompt, max_new_tokens=16, steps=8)[-1]
     assert torch.equal(eager.tokens, compiled.tokens)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_threshold_floors(kind):
+    """floor=one commits >= 1 per step and finishes every block (Fast-dLLM); floor=budget keeps the
+    step budget (>= the counted minimum per step)."""
+    prompt = prompt_batch()
+    one = run(tiny_model(kind, block_size=4), "fast-dllm", prompt=prompt, max_new_tokens=16, steps=2,
+              threshold=1.0)
+    assert not (one[-1].tokens == MASK).any()
+    assert all(int((b.tokens == MASK).sum()) - int((a.tokens == MASK).sum()) >= 3  # one per row per step
+               for a, b in zip(one[1:], one[:-1], strict=True) if a.block == b.block and a.step > b.step)
+    budget = run(tiny_model(kind, block_size=4), "fast-dllm", prompt=prompt, max_new_tokens=16, steps=4,
+                 threshold=1.0, threshold_floor="budget")[-1]
+    assert budget.nfe <= 4 + 1  # the budget (+1: the prompt's partial block)
+    assert not (budget.tokens == MASK).any()

@@ -295,3 +295,41 @@ def test_prompt_longer_than_the_model_allows(family_dirs):
             LogLinear(),
             max_len=loaded.config.data.seq_len,
         )
+
+
+def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, mask_id):
+    """Fast-dLLM's threshold loop (no cache), from its description: per semi-AR block, until no
+    mask is left, commit every masked position whose argmax probability exceeds the threshold, and
+    at least the most confident one."""
+    x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), mask_id)], 1)
+    P = prompt.shape[1]
+    for b in range(gen_length // block_length):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        while (x[:, lo:hi] == mask_id).any():
+            with torch.no_grad():
+                logits = model(x).logits
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+            masked = x == mask_id
+            masked[:, hi:] = False
+            conf = torch.where(masked, p, -torch.inf)
+            for row in range(x.shape[0]):
+                if not masked[row].any():
+                    continue
+                pick = (conf[row] > threshold) & masked[row]
+                pick[conf[row].argmax()] = True
+                x[row, pick] = x0[row, pick]
+    return x
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_fast_dllm_preset_is_token_identical_to_the_reference_loop(family_dirs, family):
+    model = load(family_dirs, family).model
+    prompt = tokens(B=2, T=7, seed=5)
+    ref = fast_dllm_reference(model, prompt.clone(), gen_length=16, block_length=8, threshold=0.05,
+                              mask_id=model.mask_id)
+    cfg = preset_config("fast-dllm", max_new_tokens=16, block_len=8, threshold=0.05, cache="none")
+    ours = final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=16,
+                                steps=cfg.steps, block_len=8, cache="none", eos_fill=cfg.eos_fill,
+                                generators=row_generators(0, [0, 1])))
+    assert torch.equal(ours.tokens, ref)

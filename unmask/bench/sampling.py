@@ -216,8 +216,8 @@ def llada_reference(model, prompt: torch.Tensor, *, gen_length: int, steps: int,
                     block_length: int) -> torch.Tensor:
     """A plain loop written the way the public LLaDA reference decodes (greedy, low-confidence
     remasking): the whole sequence recomputed every step, semi-AR blocks, a fixed number of
-    tokens per step with the remainder to the first steps. The [MASK] logit is excluded, as our
-    SUBS models never predict it."""
+    tokens per step with the remainder to the first steps. The [MASK] logit is excluded for our
+    SUBS models (which never predict it) and kept for pretrained families, as LLaDA's loop does."""
     mask_id = model.mask_id
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt
@@ -235,7 +235,8 @@ def llada_reference(model, prompt: torch.Tensor, *, gen_length: int, steps: int,
         for i in range(steps_per_block):
             mask_index = x == mask_id
             logits = model(x).logits.double()
-            logits[..., mask_id] = -torch.inf
+            if getattr(model, "subs", True):
+                logits[..., mask_id] = -torch.inf
             x0 = logits.argmax(dim=-1)
             p = torch.softmax(logits, dim=-1)
             x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from unmask.cli.flags import add_model_flags
 from unmask.config_io import load_config
 
 
@@ -24,11 +25,12 @@ def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _bench_setup(ns):
-    from unmask.cli.flags import read_prompts
+    from unmask.cli.flags import load_model, read_prompts
     from unmask.data.prompts import file_prompts, heldout_prompts
-    from unmask.models.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(ns.checkpoint)
+    loaded = load_model(ns)
+    if "pretrained" in loaded.state and not ns.prompts_file:
+        raise SystemExit("error: a pretrained directory has no held-out split; pass --prompts-file")
     if ns.prompts_file:
         prompts = file_prompts(loaded.tokenizer, read_prompts(argparse.Namespace(
             prompt=None, prompts_file=ns.prompts_file)), ns.num_prompts)
@@ -157,7 +159,7 @@ def add_bench_commands(sub) -> None:
     bt.set_defaults(func=cmd_bench_train)
 
     def sampling_args(parser, max_new: int, steps) -> None:
-        parser.add_argument("--checkpoint", required=True)
+        add_model_flags(parser)
         parser.add_argument("--num-prompts", type=int, default=8, help="held-out test-document prefixes")
         parser.add_argument("--prompts-file", help="JSONL with a `prompt` field instead of held-out prefixes")
         parser.add_argument("--prompt-tokens", type=int, default=16, help="tokens per prompt (after [BOS])")

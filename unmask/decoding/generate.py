@@ -52,6 +52,12 @@ def _new_cache(model: Transformer, batch: int, max_len: int, device) -> KVCache:
     return model.new_cache(batch, max_len, device)  # sized by the model's key/value heads
 
 
+def _until_done(decoder: Decoder) -> bool:
+    """The selector commits >= 1 position per step and decodes each block until it is done
+    (Fast-dLLM's threshold): at most a block's width of steps, whatever the budget."""
+    return getattr(decoder.select, "until_done", False)
+
+
 def _subs(model) -> bool:
     """Whether decoders exclude [MASK] from proposals (our models, MDLM/BD3-LM) or keep the model's
     full softmax as the LLaDA / Dream / SDAR reference loops do (`model.subs = False`)."""
@@ -162,7 +168,7 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
     cap = P + max_new_tokens
     start = (P // Lb) * Lb  # the first active block holds the prompt's tail, if any
     n_blocks = math.ceil((cap - start) / Lb)
-    block_steps = max(1, round(steps * Lb / max_new_tokens))
+    block_steps = Lb if _until_done(decoder) else max(1, round(steps * Lb / max_new_tokens))
     kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
     call = _Caller(model, decoder)
     commits = 0
@@ -230,9 +236,9 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
         P, tokens, fixed = 0, given, given != model.mask_id
     T = tokens.shape[1]
     region = T - P
-    block_len = block_len or region
+    block_len = min(block_len or region, region)  # a block wider than the canvas is the canvas
     n_blocks = math.ceil(region / block_len)
-    block_steps = max(1, round(steps * block_len / region))
+    block_steps = block_len if _until_done(decoder) else max(1, round(steps * block_len / region))
     call = _Caller(model, decoder)
     state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model), prompt_len=P,
                         window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,

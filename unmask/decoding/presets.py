@@ -28,11 +28,13 @@ PRESETS: dict[str, dict[str, object]] = {
     "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting"),
     # MDLM ancestral inside semi-autoregressive blocks.
     "semi-ar": dict(proposal="sample", select="ancestral", block_len=32),
-    # LLaDA: greedy proposals, low-confidence remasking, fixed count per step, semi-AR blocks.
-    "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32),
-    # Fast-dLLM: confidence threshold, prefix KV cache refreshed at block boundaries.
+    # LLaDA: greedy proposals, low-confidence remasking, fixed count per step, semi-AR blocks;
+    # no EOS-fill (its reference loop has none).
+    "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32, eos_fill=False),
+    # Fast-dLLM: confidence threshold (at least one per step, each block until done), prefix KV
+    # cache refreshed at block boundaries, no EOS-fill.
     "fast-dllm": dict(proposal="greedy", score="prob", select="threshold", threshold=0.9,
-                      block_len=32, cache="prefix"),
+                      threshold_floor="one", block_len=32, cache="prefix", eos_fill=False),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
@@ -73,7 +75,7 @@ def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
         "ancestral": lambda: Ancestral(schedule, normalize=cfg.normalize),
         "first-hitting": FirstHitting,
         "top-n": TopN,
-        "threshold": lambda: Threshold(cfg.threshold),
+        "threshold": lambda: Threshold(cfg.threshold, cfg.threshold_floor),
     }[cfg.select]()
     return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
 

@@ -98,10 +98,21 @@ class TopN:
 
 @dataclass(frozen=True)
 class Threshold:
-    """Fast-dLLM: every position with confidence > tau, and at least the counted minimum."""
+    """Fast-dLLM: every position with confidence > tau, and at least the most confident one
+    (`floor="one"`: a block is decoded until done, whatever the step budget) or at least the
+    count the step budget implies (`floor="budget"`)."""
 
     tau: float
+    floor: str = "one"
     needs_proposals = True
 
+    @property
+    def until_done(self) -> bool:
+        return self.floor == "one"
+
     def __call__(self, c: SelectContext) -> torch.Tensor:
-        return ((c.confidence > self.tau) & c.masked) | TopN()(c)
+        if self.floor == "one":
+            minimum = top_n(c.confidence, c.masked.any(-1).long(), c.masked)
+        else:
+            minimum = TopN()(c)
+        return ((c.confidence > self.tau) & c.masked) | minimum
