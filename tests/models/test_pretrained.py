@@ -333,3 +333,21 @@ def test_fast_dllm_preset_is_token_identical_to_the_reference_loop(family_dirs, 
                                 steps=cfg.steps, block_len=8, cache="none", eos_fill=cfg.eos_fill,
                                 generators=row_generators(0, [0, 1])))
     assert torch.equal(ours.tokens, ref)
+
+
+@pytest.mark.parametrize("family", ["llada", "sdar", "bd3lm", "fast-dllm-v2"])
+def test_eval_ppl_on_a_pretrained_directory(family_dirs, family, tmp_path):
+    from unmask.evaluation.perplexity import heldout_perplexity
+
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text("\n\n".join(" ".join(f"w{i}" for i in torch.randint(0, 40, (80,), generator=g).tolist())
+                                for _ in range(30)))
+    loaded = load(family_dirs, family)
+    kw = dict(loaded=loaded, data=str(text), seq_len=32, mc_samples=2, max_rows=4)
+    if family == "fast-dllm-v2":
+        with pytest.raises(PretrainedError, match="shifted block-causal"):
+            heldout_perplexity(family_dirs[0] / family, **kw)
+        return
+    ppl = heldout_perplexity(family_dirs[0] / family, **kw)
+    assert ppl.bound and ppl.rows == 4 and 1 < ppl.ppl < 10 * 64  # a random model: near-uniform, bounded

@@ -6,18 +6,23 @@ import argparse
 import json
 from dataclasses import asdict
 
+from unmask.cli.flags import add_model_flags
+
 
 def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.evaluation.perplexity import heldout_perplexity
 
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask eval ppl`: {' '.join(rest)}")
-    from unmask.models.checkpoint import load_checkpoint
+    from unmask.cli.flags import load_model
 
-    loaded = load_checkpoint(ns.checkpoint)
+    loaded = load_model(ns)
     soft_model = loaded.config.soft_mask.k > 0
     weights = "EMA" if (loaded.path / "ema.safetensors").is_file() else "raw"  # what load_checkpoint used
-    kw = dict(mc_samples=ns.mc_samples, split=ns.split, max_rows=ns.max_rows, precision=ns.precision)
+    if "pretrained" in loaded.state:
+        weights = f"pretrained {loaded.state['pretrained']['family']}"
+    kw = dict(mc_samples=ns.mc_samples, split=ns.split, max_rows=ns.max_rows, precision=ns.precision,
+              loaded=loaded, data=ns.data, seq_len=ns.seq_len)
     results = {"binary": heldout_perplexity(ns.checkpoint, **kw)}
     if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound
         results["soft"] = heldout_perplexity(ns.checkpoint, soft=True, **kw)
@@ -179,7 +184,9 @@ def add_eval_commands(sub) -> None:
     """`unmask eval ppl | genppl | mauve | repetition | humaneval | winrate`."""
     e = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
     ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
-    ep.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    add_model_flags(ep)
+    ep.add_argument("--data", help="corpus to evaluate on instead of the run's own (needed for pretrained dirs)")
+    ep.add_argument("--seq-len", type=int, default=None, help="row length with --data (default: model's, <= 1024)")
     ep.add_argument("--split", default="test", choices=["validation", "test"])
     ep.add_argument("--mc-samples", type=int, default=None,
                     help="Monte Carlo time samples per row (default: the checkpoint's --eval.mc_samples)")

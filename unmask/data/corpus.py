@@ -260,6 +260,8 @@ def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Toke
               name: str = "split") -> np.ndarray:
     """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode; `name` names the split in errors."""
     bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    if bos is None:  # tokenizers without BOS (SDAR, Fast-dLLM v2): documents start after an [EOS]
+        bos = eos
     n_docs = len(split.offsets) - 1
     if packing == "wrap":
         # [BOS] doc [EOS] for every document, concatenated; the tail shorter than L is dropped.

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unmask.data.corpus import prepare_data
+from unmask.config import replace
+from unmask.data.corpus import DataError, prepare_data
 from unmask.models.checkpoint import load_checkpoint
 from unmask.schedules import build_schedule
 from unmask.training.perplexity import Perplexity, evaluate_perplexity
 
 
 def heldout_perplexity(run_dir: str | Path, *, split: str = "test", mc_samples: int | None = None,
-                       max_rows: int | None = None, soft: bool = False,
-                       precision: str | None = None) -> Perplexity:
-    """`mc_samples`, `max_rows` (0 = all) and `precision` default to the checkpoint's config."""
-    loaded = load_checkpoint(run_dir)
+                       max_rows: int | None = None, soft: bool = False, precision: str | None = None,
+                       loaded=None, data: str | None = None, seq_len: int | None = None) -> Perplexity:
+    """`mc_samples`, `max_rows` (0 = all) and `precision` default to the checkpoint's config.
+    `data` (a corpus: file, folder, `hf:NAME`) replaces the checkpoint's own, as pretrained
+    directories have none; `seq_len` cuts its rows (default: the checkpoint's length, at most 1024)."""
+    loaded = loaded or load_checkpoint(run_dir)
     cfg = loaded.config
-    data = prepare_data(cfg.data, loaded.tokenizer, splits=(split,))
+    data_cfg = cfg.data
+    if data is not None:
+        length = seq_len or min(cfg.data.seq_len, 1024)
+        length -= length % cfg.model.block_size if cfg.model.attention == "block_causal" else 0
+        data_cfg = replace(cfg.data, corpus=data, seq_len=length)
+    elif cfg.data.corpus == "none":
+        raise DataError(f"{run_dir} is a pretrained directory with no corpus of its own: pass --data FILE")
+    data = prepare_data(data_cfg, loaded.tokenizer, splits=(split,))
     max_rows = cfg.eval.max_rows if max_rows is None else max_rows
     rows = data.rows[split][: max_rows or None]
     return evaluate_perplexity(loaded.model, rows, build_schedule(cfg.noise.schedule, cfg.noise.eps),

@@ -19,7 +19,7 @@ from torch import nn
 from unmask.config import ModelConfig
 from unmask.models import masks
 from unmask.models.kv_cache import KVCache
-from unmask.models.pretrained.families import Family
+from unmask.models.pretrained.families import Family, PretrainedError
 from unmask.models.pretrained.hf_cache import BridgeCache
 from unmask.models.transformer import DenoiserOutput
 
@@ -136,9 +136,10 @@ class HFDenoiser(nn.Module):
     ) -> DenoiserOutput:
         """The vectorized block-diffusion pass over `[x_t ; x0]` (both at positions 0..L-1)."""
         if self.cfg.attention != "block_causal" or self.family.shift:
-            raise ValueError(
-                f"{self.family.name}: the [x_t ; x0] NELBO pass needs an unshifted block-causal model"
-            )
+            raise PretrainedError(
+                f"{self.family.name}: the NELBO bound (eval ppl) needs an unshifted block-causal or a "
+                "bidirectional model; a shifted block-causal one predicts a block's first token from the "
+                "previous block, which the [x_t ; x0] pass does not express")
         L = xt.shape[1]
         noisy = self.embed(xt) if xt_embeds is None else xt_embeds
         h = torch.cat([noisy, self.embed(x0)], dim=1)
