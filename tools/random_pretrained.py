@@ -17,9 +17,17 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-LLADA_NAMES = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-               "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",
-               "mlp.down_proj": "ff_out", "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm"}
+LLADA_NAMES = {
+    "self_attn.q_proj": "q_proj",
+    "self_attn.k_proj": "k_proj",
+    "self_attn.v_proj": "v_proj",
+    "self_attn.o_proj": "attn_out",
+    "mlp.gate_proj": "ff_proj",
+    "mlp.up_proj": "up_proj",
+    "mlp.down_proj": "ff_out",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ff_norm",
+}
 
 
 def main() -> None:
@@ -41,33 +49,65 @@ def main() -> None:
     if a.family == "llada":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.kv_heads,
+            tie_word_embeddings=False,
+        )
         model = LlamaForCausalLM(cfg)
-        top = {"model.embed_tokens.weight": "model.transformer.wte.weight",
-               "model.norm.weight": "model.transformer.ln_f.weight", "lm_head.weight": "model.transformer.ff_out.weight"}
+        top = {
+            "model.embed_tokens.weight": "model.transformer.wte.weight",
+            "model.norm.weight": "model.transformer.ln_f.weight",
+            "lm_head.weight": "model.transformer.ff_out.weight",
+        }
         tensors = {}
         for key, value in model.state_dict().items():
             m = re.match(r"model\.layers\.(\d+)\.(.*)\.weight$", key)
             name = top.get(key) or f"model.transformer.blocks.{m.group(1)}.{LLADA_NAMES[m.group(2)]}.weight"
             tensors[name] = value.to(torch.bfloat16).contiguous()
-        config = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": a.hidden, "n_layers": a.layers,
-                  "n_heads": a.heads, "n_kv_heads": a.kv_heads, "mlp_hidden_size": a.intermediate,
-                  "vocab_size": a.vocab, "embedding_size": a.vocab, "max_sequence_length": 4096,
-                  "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "block_type": "llama", "activation_type": "silu",
-                  "weight_tying": False, "include_bias": False, "mask_token_id": mask}
+        config = {
+            "model_type": "llada",
+            "architectures": ["LLaDAModelLM"],
+            "d_model": a.hidden,
+            "n_layers": a.layers,
+            "n_heads": a.heads,
+            "n_kv_heads": a.kv_heads,
+            "mlp_hidden_size": a.intermediate,
+            "vocab_size": a.vocab,
+            "embedding_size": a.vocab,
+            "max_sequence_length": 4096,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            "block_type": "llama",
+            "activation_type": "silu",
+            "weight_tying": False,
+            "include_bias": False,
+            "mask_token_id": mask,
+        }
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        cfg = Qwen3Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                          num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                          head_dim=a.hidden // a.heads, tie_word_embeddings=False, max_position_embeddings=4096)
+        cfg = Qwen3Config(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.kv_heads,
+            head_dim=a.hidden // a.heads,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
+        )
         model = Qwen3ForCausalLM(cfg)
         tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
         config = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures")}
-        config.update(model_type="sdar", architectures=["SDARForCausalLM"], block_size=a.block_size,
-                      mask_token_id=mask)
+        config.update(
+            model_type="sdar", architectures=["SDARForCausalLM"], block_size=a.block_size, mask_token_id=mask
+        )
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1))
     vocab = {f"w{i}": i for i in range(a.vocab - 4)}
@@ -77,9 +117,16 @@ def main() -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<|endoftext|>", "<|startoftext|>", "[UNK]", "<|mask|>"])
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "[UNK]"}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "[UNK]",
+            }
+        )
+    )
     g = torch.Generator().manual_seed(1)
     with open(out / "prompts.jsonl", "w") as f:
         for _ in range(16):

@@ -185,8 +185,9 @@ def add_eval_commands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", required=True)
     ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
     add_model_flags(ep)
-    ep.add_argument("--data", help="corpus to evaluate on instead of the run's own (needed for pretrained dirs)")
-    ep.add_argument("--seq-len", type=int, default=None, help="row length with --data (default: model's, <= 1024)")
+    ep.add_argument("--data", help="corpus to evaluate on instead of the run's own (pretrained dirs need it)")
+    ep.add_argument("--seq-len", type=int, default=None,
+                    help="row length with --data (default: the model's, at most 1024)")
     ep.add_argument("--split", default="test", choices=["validation", "test"])
     ep.add_argument("--mc-samples", type=int, default=None,
                     help="Monte Carlo time samples per row (default: the checkpoint's --eval.mc_samples)")
