@@ -27,6 +27,8 @@ _PUBLIC: dict[str, str] = {
     "DenoiserOutput": "unmask.models.transformer", "KVCache": "unmask.models.kv_cache",
     "load_checkpoint": "unmask.models.checkpoint", "save_checkpoint": "unmask.models.checkpoint",
     "CheckpointError": "unmask.models.checkpoint",
+    "load_pretrained": "unmask.models.pretrained.load", "load_tokenizer": "unmask.models.pretrained.load",
+    "PretrainedError": "unmask.models.pretrained.families",
     "build_schedule": "unmask.schedules",
     # training
     "train": "unmask.training.loop", "Batch": "unmask.training.objectives",
@@ -71,6 +73,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from unmask.evaluation.reference import generative_perplexity, load_reference, mauve_score
     from unmask.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from unmask.models.kv_cache import KVCache
+    from unmask.models.pretrained.families import PretrainedError
+    from unmask.models.pretrained.load import load_pretrained, load_tokenizer
     from unmask.models.transformer import DenoiserOutput, Transformer, build_model
     from unmask.schedules import build_schedule
     from unmask.training.loop import train

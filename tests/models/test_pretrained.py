@@ -351,3 +351,12 @@ def test_eval_ppl_on_a_pretrained_directory(family_dirs, family, tmp_path):
         return
     ppl = heldout_perplexity(family_dirs[0] / family, **kw)
     assert ppl.bound and ppl.rows == 4 and 1 < ppl.ppl < 10 * 64  # a random model: near-uniform, bounded
+
+
+def test_public_load_pretrained_and_load_tokenizer(family_dirs):
+    import unmask
+
+    model = unmask.load_pretrained(family_dirs[0] / "fast-dllm-v2", dtype="fp32")
+    tok = unmask.load_tokenizer(family_dirs[0] / "fast-dllm-v2")
+    assert tok.mask_id == tok.token_id("|<MASK>|") and tok.stop_ids[0] == tok.token_id("<|im_end|>")
+    assert model.cfg.attention == "block_causal" and model.cfg.block_size == BLOCK["fast-dllm-v2"]

@@ -130,6 +130,7 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str
     Hugging Face directory (LLaDA, Dream, SDAR, ...; `tokenizer` and `dtype` apply to those)."""
     from unmask.models.pretrained.load import is_pretrained_dir, load_as_checkpoint
 
+    path = Path(path).expanduser()
     if is_pretrained_dir(path):
         return load_as_checkpoint(path, tokenizer=tokenizer, device=device, dtype=dtype or "auto")
     ckpt = resolve_checkpoint(path)

@@ -228,22 +228,11 @@ def load_as_checkpoint(
     that takes `--checkpoint` takes it. `tokenizer` overrides the directory's own (MDLM/BD3-LM ship none)."""
     from unmask.config import Config, DataConfig, DecodeConfig, NoiseConfig
     from unmask.models.checkpoint import Loaded
-    from unmask.models.pretrained.tokenizer import load_tokenizer
-
     path = Path(path).expanduser()
     pre = load_pretrained_full(path, device=device, dtype=dtype)
     model = pre.model
-    tok = load_tokenizer(
-        tokenizer or path,
-        family=pre.family,
-        mask_id=model.mask_id,
-        model_dir=path,
-        vocab_size=model.vocab_size,
-    )
-    if "mask_token_id" not in pre.raw and pre.family.mask_token:  # e.g. Fast-dLLM v2, LLaDA2
-        found = tok.token_id(pre.family.mask_token)
-        if found is not None:
-            model.mask_id = tok.mask_id = found
+    tok = _tokenizer(path, pre.raw, pre.family, model.vocab_size, tokenizer)
+    model.mask_id = tok.mask_id
     if not 0 <= model.mask_id < model.vocab_size:
         raise PretrainedError(
             f"{path}: mask id {model.mask_id} is outside the model's vocabulary of "
@@ -267,3 +256,26 @@ def load_as_checkpoint(
         },
     }
     return Loaded(model, config, tok, state, path)
+
+
+def _tokenizer(path: Path, raw: dict, family: Family, vocab_size: int | None, tokenizer: str | Path | None):
+    from unmask.models.pretrained.tokenizer import open_tokenizer
+
+    mask = fam.mask_id(family, raw, vocab_size or 0)
+    tok = open_tokenizer(tokenizer or path, family=family, mask_id=mask, model_dir=path,
+                         vocab_size=vocab_size)
+    if "mask_token_id" not in raw and family.mask_token:  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
+        found = tok.token_id(family.mask_token)
+        if found is not None:
+            tok.mask_id = found
+    return tok
+
+
+def load_tokenizer(path: str | Path, *, tokenizer: str | Path | None = None):
+    """The tokenizer of a pretrained directory (or `tokenizer`, for MDLM/BD3-LM), with the family's
+    mask id, BOS/EOS and stop tokens and its chat template."""
+    path = Path(path).expanduser()
+    raw = fam.read_config(path)
+    family = fam.detect(raw, path / "config.json")
+    vocab = int(raw.get("embedding_size") or raw.get("vocab_size") or 0) or None
+    return _tokenizer(path, raw, family, vocab, tokenizer)

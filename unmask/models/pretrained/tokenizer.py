@@ -112,7 +112,7 @@ def _load_hf(path: Path):
         logging.set_verbosity(verbosity)
 
 
-def load_tokenizer(
+def open_tokenizer(
     path: str | Path,
     *,
     family: Family,
