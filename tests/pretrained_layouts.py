@@ -102,8 +102,9 @@ def write_family(family: str, path: Path, seed: int = 0):
 def _native_reference(model, block: int | None):
     model.eval()
 
-    def reference(tokens: torch.Tensor) -> torch.Tensor:
-        mask = additive_block_mask(tokens.shape[1], block) if block else None
+    def reference(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` [B, T] (1 = real token): the padding mask the reference loops pass."""
+        mask = additive_block_mask(tokens.shape[1], block) if block else attention_mask
         with torch.no_grad():
             return model(input_ids=tokens, attention_mask=mask).logits
 

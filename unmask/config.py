@@ -269,12 +269,20 @@ class DecodeConfig:
     """Keep the k most likely tokens (0 = all)."""
     top_p: float = 1.0
     """Nucleus: keep the smallest set of tokens with this much probability (1 = all)."""
-    score: Literal["prob", "max-prob", "margin", "neg-entropy"] = "prob"
-    """Confidence: the proposed token's probability, the max probability, the top-2 margin, or -H."""
+    score: Literal["prob", "max-prob", "margin", "neg-entropy", "random"] = "prob"
+    """Confidence: the proposed token's probability, the max probability, the top-2 margin, -H, or
+    a uniform draw (LLaDA's `random` remasking)."""
     kernel: int = 0
     """Conv decoding: odd width of the locality window (0 = off)."""
-    select: Literal["ancestral", "first-hitting", "top-n", "threshold"] = "ancestral"
-    """Which masked positions to commit per step."""
+    select: Literal["ancestral", "first-hitting", "top-n", "threshold", "dream"] = "ancestral"
+    """Which masked positions to commit per step (`dream`: Dream's count int(R (1 - s/t)) on
+    linspace(1, eps, S+1), the most confident or, with `alg_temp`, sampled)."""
+    alg_temp: float = 0.0
+    """`dream` selector: > 0 samples the positions from softmax(confidence / alg_temp) (Dream's
+    alg_temp) instead of taking the most confident."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance (LLaDA): logits un + (s + 1)(cond - un), the prompt masked in the
+    unconditional copy; 0 = off. Needs `cache none`."""
     normalize: bool = False
     """Ancestral only: global normalization of the unmask rate (top-k + Glob, Conv)."""
     threshold: float = 0.9

@@ -142,13 +142,32 @@ def test_every_preset_on_every_family(family_dirs, family, preset):
     assert torch.equal(run[1].tokens, final.tokens)
 
 
-def llada_reference(model, prompt, *, steps, gen_length, block_length, mask_id):
-    """LLaDA's published loop (greedy, low-confidence remasking), written from its description:
-    canvas = prompt + masks; steps split evenly over semi-AR blocks; per step the masked positions
-    of the current block are ranked by the softmax probability of their argmax token (over the
-    full vocabulary, [MASK] included) and the per-step count - the block's masks split evenly,
-    the remainder to the first steps - is committed."""
+def llada_reference(
+    model,
+    prompt,
+    *,
+    steps,
+    gen_length,
+    block_length,
+    mask_id,
+    attention_mask=None,
+    cfg_scale=0.0,
+    remasking="low_confidence",
+    generator=None,
+):
+    """LLaDA's published loop, written from its description: canvas = prompt + masks; steps split
+    evenly over semi-AR blocks; per step x0 = argmax, ranked by the softmax probability of x0 over
+    the full vocabulary ([MASK] included) or by a uniform draw (`random`), positions right of the
+    block excluded, and the per-step count - the block's masks split evenly, the remainder to the
+    first steps - committed. `attention_mask` [B, P] (left padding) is extended with ones and passed
+    to the model; CFG runs a copy with the prompt masked and uses un + (s + 1)(cond - un)."""
     x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), mask_id)], 1)
+    prompt_index = x != mask_id
+    am = None
+    if attention_mask is not None:
+        am = torch.cat(
+            [attention_mask, torch.ones(prompt.shape[0], gen_length, dtype=attention_mask.dtype)], 1
+        )
     P = prompt.shape[1]
     n_blocks = gen_length // block_length
     per_block = steps // n_blocks
@@ -160,9 +179,19 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, mask_id):
         )
         for i in range(per_block):
             with torch.no_grad():
-                logits = model(x).logits
+                if cfg_scale > 0:
+                    un_x = x.clone()
+                    un_x[prompt_index] = mask_id
+                    both = model(torch.cat([x, un_x]), None if am is None else torch.cat([am, am]))
+                    cond, un = both.chunk(2)
+                    logits = un + (cfg_scale + 1) * (cond - un)
+                else:
+                    logits = model(x, am)
             x0 = logits.argmax(-1)
-            p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+            if remasking == "random":
+                p = torch.rand(x0.shape, generator=generator, dtype=torch.float64)
+            else:
+                p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
             masked = x == mask_id
             x0 = torch.where(masked, x0, x)
             conf = torch.where(masked, p, -torch.inf)
@@ -179,8 +208,14 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, mask_id):
 def test_llada_preset_is_token_identical_to_the_reference_loop(family_dirs, block_len):
     model = load(family_dirs, "llada").model
     prompt = tokens(B=2, T=7, seed=4)
+    native = family_dirs[1]["llada"]  # the independently built LlamaForCausalLM
     ref = llada_reference(
-        model, prompt.clone(), steps=8, gen_length=16, block_length=block_len, mask_id=model.mask_id
+        lambda x, am: native(x, am),
+        prompt.clone(),
+        steps=8,
+        gen_length=16,
+        block_length=block_len,
+        mask_id=model.mask_id,
     )
     cfg = preset_config("llada", max_new_tokens=16, steps=8, block_len=block_len, eos_fill=False)
     ours = final_state(
@@ -326,12 +361,23 @@ def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, m
 def test_fast_dllm_preset_is_token_identical_to_the_reference_loop(family_dirs, family):
     model = load(family_dirs, family).model
     prompt = tokens(B=2, T=7, seed=5)
-    ref = fast_dllm_reference(model, prompt.clone(), gen_length=16, block_length=8, threshold=0.05,
-                              mask_id=model.mask_id)
+    ref = fast_dllm_reference(
+        model, prompt.clone(), gen_length=16, block_length=8, threshold=0.05, mask_id=model.mask_id
+    )
     cfg = preset_config("fast-dllm", max_new_tokens=16, block_len=8, threshold=0.05, cache="none")
-    ours = final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=16,
-                                steps=cfg.steps, block_len=8, cache="none", eos_fill=cfg.eos_fill,
-                                generators=row_generators(0, [0, 1])))
+    ours = final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompt,
+            max_new_tokens=16,
+            steps=cfg.steps,
+            block_len=8,
+            cache="none",
+            eos_fill=cfg.eos_fill,
+            generators=row_generators(0, [0, 1]),
+        )
+    )
     assert torch.equal(ours.tokens, ref)
 
 
@@ -341,8 +387,11 @@ def test_eval_ppl_on_a_pretrained_directory(family_dirs, family, tmp_path):
 
     text = tmp_path / "text.txt"
     g = torch.Generator().manual_seed(0)
-    text.write_text("\n\n".join(" ".join(f"w{i}" for i in torch.randint(0, 40, (80,), generator=g).tolist())
-                                for _ in range(30)))
+    text.write_text(
+        "\n\n".join(
+            " ".join(f"w{i}" for i in torch.randint(0, 40, (80,), generator=g).tolist()) for _ in range(30)
+        )
+    )
     loaded = load(family_dirs, family)
     kw = dict(loaded=loaded, data=str(text), seq_len=32, mc_samples=2, max_rows=4)
     if family == "fast-dllm-v2":
@@ -360,3 +409,150 @@ def test_public_load_pretrained_and_load_tokenizer(family_dirs):
     tok = unmask.load_tokenizer(family_dirs[0] / "fast-dllm-v2")
     assert tok.mask_id == tok.token_id("|<MASK>|") and tok.stop_ids[0] == tok.token_id("<|im_end|>")
     assert model.cfg.attention == "block_causal" and model.cfg.block_size == BLOCK["fast-dllm-v2"]
+
+
+def left_padded(seed=6):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, 44, (n,), generator=g) for n in (7, 4, 5)]
+    P = max(len(r) for r in rows)
+    prompt = torch.full((len(rows), P), 44)  # a pad id; padding is hidden by the mask, never decoded
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        prompt[i, P - len(r) :], mask[i, P - len(r) :] = r, True
+    return prompt, mask
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_llada_unequal_prompts_and_cfg_match_the_reference_with_a_native_model(family_dirs, cfg_scale):
+    """Left-padded batch (attention mask) and classifier-free guidance: our loop on the loaded
+    model vs the reference loop on the independently built native Llama."""
+    native = family_dirs[1]["llada"]
+    model = load(family_dirs, "llada").model
+    prompt, mask = left_padded()
+    ref = llada_reference(
+        lambda x, am: native(x, am),
+        prompt.clone(),
+        steps=8,
+        gen_length=16,
+        block_length=8,
+        mask_id=model.mask_id,
+        attention_mask=mask.long(),
+        cfg_scale=cfg_scale,
+    )
+    cfg = preset_config("llada", max_new_tokens=16, steps=8, block_len=8, cache="none", cfg_scale=cfg_scale)
+    ours = final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompt,
+            max_new_tokens=16,
+            steps=8,
+            block_len=8,
+            cache="none",
+            eos_fill=False,
+            prompt_mask=mask,
+            cfg_scale=cfg_scale,
+            generators=row_generators(0, [0, 1, 2]),
+        )
+    )
+    assert torch.equal(ours.tokens, ref)
+    assert torch.equal(ours.tokens[:, : prompt.shape[1]], prompt)  # pads stay pads
+
+
+def test_left_padding_is_refused_for_block_causal_models(family_dirs):
+    model = load(family_dirs, "sdar").model
+    prompt, mask = left_padded()
+    cfg = preset_config("bd3lm", max_new_tokens=8)
+    with pytest.raises(DecodeError, match="bidirectional"):
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompt,
+                max_new_tokens=8,
+                steps=8,
+                prompt_mask=mask,
+                generators=row_generators(0, [0, 1, 2]),
+            )
+        )
+    with pytest.raises(DecodeError, match="cache none"):
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompt,
+                max_new_tokens=8,
+                steps=8,
+                cfg_scale=1.0,
+                generators=row_generators(0, [0, 1, 2]),
+            )
+        )
+
+
+def test_random_remasking_commits_the_same_counts_in_a_seeded_order(family_dirs):
+    model = load(family_dirs, "llada").model
+    prompt = tokens(B=2, T=6, seed=8)
+    cfg = preset_config("llada", max_new_tokens=16, steps=8, block_len=8, score="random")
+    runs = [
+        list(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompt,
+                max_new_tokens=16,
+                steps=8,
+                block_len=8,
+                eos_fill=False,
+                generators=row_generators(seed, [0, 1]),
+            )
+        )
+        for seed in (0, 0, 1)
+    ]
+    masks = [[int((s.tokens == model.mask_id).sum()) for s in run] for run in runs]
+    assert masks[0] == masks[2] == [32 - 4 * (i + 1) for i in range(8)] + [0]  # 2 per row per step
+    assert torch.equal(runs[0][-1].tokens, runs[1][-1].tokens)  # seeded
+    orders = [torch.stack([(s.tokens != model.mask_id) for s in run]) for run in (runs[0], runs[2])]
+    assert not torch.equal(*orders)  # a different seed, a different order
+
+
+def test_dream_schedule_counts_follow_dreams_timesteps():
+    """int(R (1 - s/t)) with t, s consecutive points of linspace(1, eps, S + 1); all at the last step."""
+    from unmask.decoding.selectors import DreamSchedule, SelectContext
+
+    S, R, eps = 5, 24, 1e-3
+    times = torch.linspace(1, eps, S + 1, dtype=torch.float64)
+    remaining, committed = R, []
+    for k in range(S):
+        masked = torch.zeros(1, 32, dtype=torch.bool)
+        masked[0, :remaining] = True
+        conf = torch.where(masked, torch.rand(1, 32, dtype=torch.float64), -torch.inf)
+        c = SelectContext(
+            conf, torch.ones(1, 32), torch.ones(1, 32), masked, k, S, torch.rand(1, 32).double()
+        )
+        n = int(DreamSchedule(eps=eps)(c).sum())
+        expected = remaining if k == S - 1 else int(remaining * (1 - times[k + 1] / times[k]))
+        assert n == expected
+        committed.append(n)
+        remaining -= n
+    assert remaining == 0 and sum(committed) == R
+
+
+def test_dream_preset_with_alg_temp_is_seeded(family_dirs):
+    model = load(family_dirs, "dream").model
+    prompt = tokens(B=2, T=6, seed=9)
+    cfg = preset_config("dream", max_new_tokens=12, steps=6, alg_temp=0.5)
+    out = [
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompt,
+                max_new_tokens=12,
+                steps=6,
+                eos_fill=False,
+                generators=row_generators(s, [0, 1]),
+            )
+        ).tokens
+        for s in (0, 0)
+    ]
+    assert torch.equal(*out) and not (out[0] == model.mask_id).any()

@@ -93,7 +93,6 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
     from tqdm.auto import tqdm
 
     from unmask.bench.training import matmul_peak
-    from unmask.decoding.presets import preset_config
     from unmask.evaluation.metrics import repetition
     from unmask.evaluation.reference import generative_perplexity, mauve_score, require_samples
     from unmask.schedules import build_schedule
@@ -105,11 +104,11 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
     rows = []
     grid = [(p, s) for p in presets for s in steps]
-    warm = preset_config(presets[0], steps=steps[0], max_new_tokens=max_new_tokens)
+    warm = preset_spec(presets[0], steps=steps[0], max_new_tokens=max_new_tokens)
     run_decode(model, warm, prompts[:batch_size], batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
                schedule=schedule, precision=precision)  # warm-up: one-time costs stay out of the rows
     for preset, n_steps in tqdm(grid, desc="bench sample", unit="run", disable=not progress):
-        cfg = preset_config(preset, steps=n_steps, max_new_tokens=max_new_tokens)
+        cfg = preset_spec(preset, steps=n_steps, max_new_tokens=max_new_tokens)
         r = run_decode(model, cfg, prompts, batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
                        schedule=schedule, precision=precision)
         samples = r.pop("samples")
@@ -127,6 +126,26 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
             "seed": seed, "precision": precision, "peak_rss_mb": _peak_rss_mb(),
             "reference": getattr(reference, "name", None), "featurizer": getattr(featurizer, "name", None),
             "mauve_reference_texts": len(mauve_texts or [])}
+
+
+def preset_spec(spec: str, **fixed) -> Any:
+    """`NAME` or `NAME:field=value:field=value` (e.g. `fast-dllm:cache=dual`) -> its DecodeConfig."""
+    import json
+
+    from unmask.config import ConfigError
+    from unmask.decoding.presets import preset_config
+
+    name, *pairs = spec.split(":")
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--presets {spec!r}: expected NAME:field=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return preset_config(name, **{**overrides, **fixed})
 
 
 def _peak_rss_mb() -> float:

@@ -10,8 +10,8 @@ from unmask.cli.flags import add_model_flags, decode_config, load_model, read_pr
 from unmask.cli.help import config_help
 
 # the names of unmask.decoding.presets.PRESETS, listed here so that --help imports no torch
-PRESET_NAMES = ("mdlm", "first-hitting", "bd3lm", "semi-ar", "llada", "fast-dllm", "topk-glob", "exact-joint",
-                "adjust", "marginal", "conv", "conv-ranked")
+PRESET_NAMES = ("mdlm", "first-hitting", "bd3lm", "semi-ar", "llada", "fast-dllm", "dream", "topk-glob",
+                "exact-joint", "adjust", "marginal", "conv", "conv-ranked")
 
 
 def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:

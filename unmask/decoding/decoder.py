@@ -56,6 +56,8 @@ class Decoder:
             excluded = state.mask_id if state.subs else None
             proposal = self._propose(logits, scored, u_token, excluded)
             confidence[scored] = (self.score(proposal) * gate[scored]).double()
+            if getattr(self.score, "random", False):  # LLaDA's random remasking
+                confidence[scored] = u_select[scored] * gate[scored].double()
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
         chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps,

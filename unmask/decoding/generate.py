@@ -88,10 +88,13 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
              template: torch.Tensor | None = None, max_new_tokens: int = 128, steps: int = 128,
              block_len: int = 0, cache: str = "auto", eos_id: int | None = None,
              eos_fill: bool = True, stop_entropy: float = 0.0, max_len: int | None = None,
-             generators: list[torch.Generator], precision: str = "fp32") -> Iterator[DecodeState]:
+             generators: list[torch.Generator], precision: str = "fp32",
+             prompt_mask: torch.Tensor | None = None, cfg_scale: float = 0.0) -> Iterator[DecodeState]:
     """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
     models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
-    `max_len` is the longest canvas the model allows (None: no limit)."""
+    `max_len` is the longest canvas the model allows (None: no limit). `prompt_mask` [B, P]
+    (True = real token) marks left padding in a batch of unequal prompts (bidirectional models);
+    `cfg_scale` > 0 adds classifier-free guidance (no KV cache)."""
     kind = model.cfg.attention
     if (prompt is None) == (template is None):
         raise DecodeError("pass exactly one of prompt= or template=")
@@ -123,21 +126,60 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
     if too_long:
         raise DecodeError(f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's "
                           f"maximum of {max_len}")
+    if prompt_mask is not None:
+        if kind != "bidirectional" or prompt is None:
+            raise DecodeError("left-padded prompts (prompt_mask) need a bidirectional model and prompt=; "
+                              "block-causal rows are batched by prompt length instead")
+        if prompt_mask.shape != prompt.shape or not prompt_mask.any(-1).all():
+            raise DecodeError(f"prompt_mask must be a bool [B, P] = {tuple(prompt.shape)} with a real token "
+                              f"in every row, got {tuple(prompt_mask.shape)}")
+    if cfg_scale < 0:
+        raise DecodeError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if cfg_scale > 0 and (cache != "none" or prompt is None or kind == "causal"):
+        raise DecodeError("classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
+                          "--decode.cache none (the unconditional copy has no cache of its own)")
     loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
     with torch.inference_mode(), autocast(precision, given.device):
         yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
                         steps=steps, block_len=block_len, cache=cache, eos_id=eos_id,
-                        eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators)
+                        eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators,
+                        prompt_mask=prompt_mask, cfg_scale=cfg_scale)
 
 
 class _Caller:
-    """Calls the model, counting NFE, and reuses the last output when its input is unchanged."""
+    """Calls the model, counting NFE, and reuses the last output when its input is unchanged.
 
-    def __init__(self, model: Transformer, decoder: Decoder):
+    `key_mask` [B, T] hides left padding. With `cfg_scale` s > 0 (classifier-free guidance, as in
+    LLaDA's reference) each call also runs an unconditional copy whose prompt positions are
+    [MASK], in the same batch, and returns `un + (s + 1) (cond - un)`.
+    """
+
+    def __init__(self, model: Transformer, decoder: Decoder, *, key_mask: torch.Tensor | None = None,
+                 cfg_scale: float = 0.0, prompt_len: int = 0):
         self.model, self.decoder = model, decoder
         self.reusable = isinstance(decoder.inputs, BinaryInputs)
         self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.nfe = 0
+        self.key_mask, self.cfg_scale, self.prompt_len = key_mask, cfg_scale, prompt_len
+
+    def _forward(self, inputs: dict[str, torch.Tensor], cache: KVCache | None, start: int) -> torch.Tensor:
+        extra = {} if self.key_mask is None else {"key_mask": self.key_mask}
+        if self.cfg_scale <= 0:
+            return self.model(**inputs, cache=cache, **extra).logits
+        n = max(0, min(self.prompt_len - start, next(iter(inputs.values())).shape[1]))
+        both = {}
+        for name, x in inputs.items():  # the unconditional copy: prompt positions masked
+            un = x.clone()
+            if name == "tokens":
+                un[:, :n] = self.model.mask_id
+            else:
+                masks = torch.full(un.shape[:1] + (n,), self.model.mask_id, device=un.device)
+                un[:, :n] = self.model.embed(masks)
+            both[name] = torch.cat([x, un])
+        if self.key_mask is not None:
+            extra = {"key_mask": torch.cat([self.key_mask, self.key_mask])}
+        cond, un = self.model(**both, cache=cache, **extra).logits.chunk(2)
+        return un + (self.cfg_scale + 1) * (cond - un)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
                  state: DecodeState) -> torch.Tensor:
@@ -145,7 +187,7 @@ class _Caller:
         last = self.last
         if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
             return last[2]
-        logits = self.model(**self.decoder.inputs(self.model, tokens, start, state), cache=cache).logits
+        logits = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
         self.nfe += 1
         self.last = (tokens, key, logits)
         return logits
@@ -161,7 +203,7 @@ def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-                eos_fill, stop_entropy, generators):
+                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
@@ -170,7 +212,7 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
     n_blocks = math.ceil((cap - start) / Lb)
     block_steps = Lb if _until_done(decoder) else max(1, round(steps * Lb / max_new_tokens))
     kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
-    call = _Caller(model, decoder)
+    call = _Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P)
     commits = 0
     if kv is not None and start > 0:
         model(prompt[:, :start], cache=kv)
@@ -224,7 +266,7 @@ def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, voc
 
 
 def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, block_len, cache,
-                 eos_id, eos_fill, stop_entropy, generators):
+                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
     B = given.shape[0]
     device = given.device
     if is_prompt:
@@ -239,7 +281,11 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
     block_len = min(block_len or region, region)  # a block wider than the canvas is the canvas
     n_blocks = math.ceil(region / block_len)
     block_steps = block_len if _until_done(decoder) else max(1, round(steps * block_len / region))
-    call = _Caller(model, decoder)
+    key_mask = None
+    if prompt_mask is not None:
+        generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
+        key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
+    call = _Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P)
     state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model), prompt_len=P,
                         window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
@@ -270,7 +316,7 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
 
 
 def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-             eos_fill, stop_entropy, generators):
+             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
     B, P = prompt.shape
     device = prompt.device
     kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None

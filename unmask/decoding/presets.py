@@ -12,11 +12,12 @@ from unmask.config import ConfigError, DecodeConfig
 from unmask.decoding.decoder import Decoder
 from unmask.decoding.inputs import BinaryInputs, SoftInputs
 from unmask.decoding.proposals import Greedy, Sample
-from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, TokenProb
-from unmask.decoding.selectors import Ancestral, FirstHitting, Threshold, TopN
+from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, Random, TokenProb
+from unmask.decoding.selectors import Ancestral, DreamSchedule, FirstHitting, Threshold, TopN
 from unmask.schedules import NoiseSchedule
 
-SCORES = {"prob": TokenProb, "max-prob": MaxProb, "margin": Margin, "neg-entropy": NegEntropy}
+SCORES = {"prob": TokenProb, "max-prob": MaxProb, "margin": Margin, "neg-entropy": NegEntropy,
+          "random": Random}
 INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -35,6 +36,10 @@ PRESETS: dict[str, dict[str, object]] = {
     # cache refreshed at block boundaries, no EOS-fill.
     "fast-dllm": dict(proposal="greedy", score="prob", select="threshold", threshold=0.9,
                       threshold_floor="one", block_len=32, cache="prefix", eos_fill=False),
+    # Dream (Ye et al. 2025): whole canvas, Dream's count schedule, `entropy` ordering (its README's
+    # choice); --decode.score prob | margin gives maskgit_plus | topk_margin, --decode.select
+    # ancestral gives `origin`, --decode.alg_temp samples the positions.
+    "dream": dict(proposal="greedy", score="neg-entropy", select="dream", block_len=0, eos_fill=False),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
@@ -76,6 +81,7 @@ def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
         "first-hitting": FirstHitting,
         "top-n": TopN,
         "threshold": lambda: Threshold(cfg.threshold, cfg.threshold_floor),
+        "dream": lambda: DreamSchedule(alg_temp=cfg.alg_temp),
     }[cfg.select]()
     return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
 

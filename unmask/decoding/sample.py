@@ -72,7 +72,7 @@ def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *
     return generate(model, build_decoder(cfg, schedule), prompt=prompt, max_new_tokens=cfg.max_new_tokens,
                     steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id,
                     eos_fill=cfg.eos_fill, stop_entropy=cfg.stop_entropy, max_len=max_len,
-                    generators=generators, precision=precision)
+                    generators=generators, precision=precision, cfg_scale=cfg.cfg_scale)
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,

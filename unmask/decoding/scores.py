@@ -74,3 +74,14 @@ class Conv:
         u = F.conv1d(decoded.float()[:, None], ones, padding=self.kernel // 2)[:, 0]  # [B, T]
         s = torch.tanh(u)
         return torch.where(decoded.any(-1, keepdim=True), s, torch.ones_like(s))
+
+
+@dataclass(frozen=True)
+class Random(TokenProb):
+    """A uniform draw per position (LLaDA's `random` remasking): the decoder fills it from the
+    per-row uniforms, so it is reproducible by seed."""
+
+    random = True
+
+    def __call__(self, p: Proposal) -> torch.Tensor:
+        return torch.zeros(p.tokens.shape, dtype=torch.float64, device=p.tokens.device)

@@ -116,3 +116,30 @@ class Threshold:
         else:
             minimum = TopN()(c)
         return ((c.confidence > self.tau) & c.masked) | minimum
+
+
+@dataclass(frozen=True)
+class DreamSchedule:
+    """Dream's `diffusion_generate` count: with t, s = consecutive points of linspace(1, eps, S+1),
+    commit int(R (1 - s/t)) of the R masked positions (all of them at the last step): the most
+    confident, or with `alg_temp` > 0 a draw without replacement from softmax(confidence / alg_temp)
+    (Gumbel-top-k on the per-row uniforms)."""
+
+    eps: float = 1e-3
+    alg_temp: float = 0.0
+    needs_proposals = True
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        remaining = c.masked.sum(-1)
+        if c.step >= c.steps - 1:
+            n = remaining
+        else:
+            t = 1 - (1 - self.eps) * c.step / c.steps
+            s = 1 - (1 - self.eps) * (c.step + 1) / c.steps
+            n = torch.floor(remaining * (1 - s / t)).long()
+        keys = c.confidence
+        if self.alg_temp > 0:
+            gumbel = -torch.log(-torch.log(c.u.clamp(1e-300, 1 - 1e-16)))
+            scaled = c.confidence.masked_fill(~c.masked, -math.inf) / self.alg_temp
+            keys = torch.log_softmax(scaled, -1) + gumbel
+        return top_n(keys, n, c.masked)

@@ -151,17 +151,20 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                embeds: torch.Tensor | None = None) -> DenoiserOutput:
-        """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix."""
+                embeds: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> DenoiserOutput:
+        """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix.
+        `key_mask` [B, >= S] (True = a real token) hides left padding from every query."""
         h = self.embed(tokens) if embeds is None else embeds
         start = cache.write_start if cache is not None else 0
         T = h.shape[1]
         positions = torch.arange(start, start + T, device=h.device)
+        visible = max(start + T, cache.length) if cache is not None else T
         mask = None
         if self.cfg.attention != "bidirectional":
-            visible = max(start + T, cache.length) if cache is not None else T
             keys = torch.arange(visible, device=h.device)
             mask = masks.dense_mask(self.predicate, positions, keys)  # [T, start + T]
+        if key_mask is not None:
+            mask = masks.with_key_mask(mask, key_mask[:, :visible], T)[:, None]  # [B, 1, T, S]
         hidden = self.run(h, positions, mask, cache)
         return DenoiserOutput(self.head(hidden), hidden)
 

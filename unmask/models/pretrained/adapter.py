@@ -96,17 +96,21 @@ class HFDenoiser(nn.Module):
         *,
         cache: KVCache | None = None,
         embeds: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> DenoiserOutput:
         """Logits [B, T, V] for `tokens` [B, T] (or `embeds` [B, T, D]) after the cache's prefix;
-        position i's logits predict the token at i, whatever the family's convention."""
+        position i's logits predict the token at i, whatever the family's convention. `key_mask`
+        [B, >= S] (True = real token) hides left padding, as the reference loops' attention masks do."""
         h = self.embed(tokens) if embeds is None else embeds
         start = cache.write_start if cache is not None else 0
         T = h.shape[1]
         positions = torch.arange(start, start + T, device=h.device)
+        visible = max(start + T, cache.length) if cache is not None else T
         allowed = None
         if self.cfg.attention == "block_causal":
-            visible = max(start + T, cache.length) if cache is not None else T
             allowed = masks.dense_mask(self.predicate, positions, torch.arange(visible, device=h.device))
+        if key_mask is not None:
+            allowed = masks.with_key_mask(allowed, key_mask[:, :visible], T)  # [B, T, S]
         hidden = self.run(h, positions, allowed, cache)
         if self.family.shift:
             hidden = self._shift(hidden, cache, start)

@@ -59,6 +59,7 @@ FAMILIES = (
         mask_token="<|mask|>",
         stop_tokens=("<|endoftext|>", "<|im_end|>"),
         prepend_bos=True,
+        preset="dream",
     ),
     Family(
         "sdar",
