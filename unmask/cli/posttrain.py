@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from unmask.cli.flags import parse_overrides
+from unmask.cli.flags import add_model_flags, parse_overrides
 from unmask.cli.help import config_help
 
 
@@ -24,16 +24,25 @@ def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
 def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
     import torch
 
-    from unmask.data.prompts import heldout_prompts
-    from unmask.models.checkpoint import load_checkpoint
+    from unmask.cli.flags import load_model, read_prompts
+    from unmask.data.prompts import file_prompts, heldout_prompts
     from unmask.training.adjust import generate_trajectories
 
-    loaded = load_checkpoint(ns.checkpoint)
-    if ns.prompt_tokens:
+    loaded = load_model(ns)
+    pretrained = "pretrained" in loaded.state
+    if pretrained and not ns.new_tokens:
+        raise SystemExit("error: pass --new-tokens for a pretrained directory (its context is its own)")
+    if ns.prompts_file:
+        prompts = file_prompts(loaded.tokenizer, read_prompts(argparse.Namespace(
+            prompt=None, prompts_file=ns.prompts_file)), ns.num_trajectories)
+    elif pretrained and ns.prompt_tokens:
+        raise SystemExit("error: a pretrained directory has no corpus: pass --prompts-file")
+    elif ns.prompt_tokens:
         prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_trajectories, ns.prompt_tokens,
                                   split="train")
-    else:  # unconditional: from [BOS]
-        prompts = torch.full((ns.num_trajectories, 1), loaded.tokenizer.bos_id)
+    else:  # unconditional: from [BOS] ([EOS] for tokenizers without one)
+        tok = loaded.tokenizer
+        prompts = torch.full((ns.num_trajectories, 1), tok.bos_id if tok.bos_id is not None else tok.eos_id)
     new = ns.new_tokens or loaded.config.data.seq_len - prompts.shape[1]
     traj = generate_trajectories(loaded.model, prompts, ns.out, new_tokens=new, batch_size=ns.batch_size,
                                  seed=ns.seed)
@@ -41,10 +50,10 @@ def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_posttrain_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.models.checkpoint import load_checkpoint
+    from unmask.cli.flags import load_model
     from unmask.training.adjust import load_trajectories, split_trajectories, train_sampler
 
-    loaded = load_checkpoint(ns.checkpoint)
+    loaded = load_model(ns)
     traj, valid = split_trajectories(load_trajectories(ns.trajectories), ns.valid_fraction)
     r = train_sampler(loaded.model, ns.checkpoint, traj, valid, K=ns.k, out=ns.out, steps=ns.steps,
                       batch_size=ns.batch_size, lr=ns.lr)
@@ -68,7 +77,8 @@ def add_posttrain_commands(sub) -> None:
         pi.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
         pi.set_defaults(func=cmd_posttrain_instruct)
     pd = pt.add_parser("adjust-data", allow_abbrev=False, help="exact one-token-per-forward trajectories")
-    pd.add_argument("--checkpoint", required=True)
+    add_model_flags(pd)
+    pd.add_argument("--prompts-file", help="prompts (one per line or JSONL) instead of held-out prefixes")
     pd.add_argument("--num-trajectories", type=int, default=512)
     pd.add_argument("--out", required=True)
     pd.add_argument("--new-tokens", type=int, default=0, help="default: the training length minus the prompt")
@@ -77,7 +87,7 @@ def add_posttrain_commands(sub) -> None:
     pd.add_argument("--seed", type=int, default=0)
     pd.set_defaults(func=cmd_posttrain_adjust_data)
     pa = pt.add_parser("adjust", allow_abbrev=False, help="train the ADJUST sampler layer")
-    pa.add_argument("--checkpoint", required=True)
+    add_model_flags(pa)
     pa.add_argument("--trajectories", required=True)
     pa.add_argument("--k", type=int, default=4, help="tokens per full forward (longest unroll)")
     pa.add_argument("--out", required=True)

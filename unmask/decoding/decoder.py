@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from unmask.decoding.inputs import BinaryInputs, InputPolicy
-from unmask.decoding.proposals import Distribution, Proposal
+from unmask.decoding.proposals import Distribution, Greedy, Proposal
 from unmask.decoding.scores import TokenProb
 from unmask.decoding.selectors import SelectContext
 from unmask.decoding.state import DecodeState
@@ -53,7 +53,7 @@ class Decoder:
         proposed = window.clone()  # [B, W] proposal per position (the current token elsewhere)
         scored = masked & (gate > 0) if self.select.needs_proposals else torch.zeros_like(masked)
         if scored.any():
-            excluded = state.mask_id if state.subs else None
+            excluded = self._excluded(state)
             proposal = self._propose(logits, scored, u_token, excluded)
             confidence[scored] = (self.score(proposal) * gate[scored]).double()
             if getattr(self.score, "random", False):  # LLaDA's random remasking
@@ -64,11 +64,17 @@ class Decoder:
                                            u_select))
         late = chosen & ~scored
         if late.any():
-            excluded = state.mask_id if state.subs else None
+            excluded = self._excluded(state)
             proposed[late] = self._propose(logits, late, u_token, excluded).tokens
         tokens = state.tokens.clone()
         tokens[:, lo:hi] = torch.where(chosen, proposed, window)
         return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
+
+    def _excluded(self, state: DecodeState) -> int | None:
+        """The token proposals never take: [MASK], except for greedy proposals on models whose
+        reference loops rank by the full softmax (LLaDA, Dream, SDAR: `subs = False`); a sampled
+        [MASK] would be no decision at all."""
+        return None if not state.subs and isinstance(self.propose, Greedy) else state.mask_id
 
     def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor,
                  mask_id: int | None) -> Proposal:

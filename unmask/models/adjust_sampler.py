@@ -65,15 +65,26 @@ def _weights_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def save_sampler(sampler: AdjustSampler, base_path: str | Path, out: Path, *, K: int) -> None:
+def base_identity(base_path: str | Path) -> tuple[Path, str, str]:
+    """(directory, weights label, digest) of the base a sampler belongs to: a run's checkpoint
+    (its EMA or raw weights file, hashed) or a pretrained directory (see `pretrained.load.digest`)."""
+    from unmask.models.pretrained.load import digest, is_pretrained_dir
+
+    if is_pretrained_dir(base_path):
+        path = Path(base_path).expanduser()
+        return path, "pretrained", digest(path)
     base_ckpt = resolve_checkpoint(base_path)
     ema = base_ckpt / "ema.safetensors"
     weights = ema if ema.is_file() else base_ckpt / "model.safetensors"  # what load_checkpoint uses
+    return base_ckpt, weights.name, _weights_digest(weights)
+
+
+def save_sampler(sampler: AdjustSampler, base_path: str | Path, out: Path, *, K: int) -> None:
+    base, weights, digest = base_identity(base_path)
     tmp = out / f".sampler.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in sampler.state_dict().items()}, str(tmp))
     os.replace(tmp, out / "sampler.safetensors")
-    meta = {"k": K, "base": str(base_ckpt), "base_weights": weights.name,
-            "base_digest": _weights_digest(weights)}
+    meta = {"k": K, "base": str(base), "base_weights": weights, "base_digest": digest}
     (out / "sampler.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -84,7 +95,7 @@ def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler
         raise CheckpointError(f"no ADJUST sampler at {path} (expected sampler.json and sampler.safetensors)")
     meta = json.loads((path / "sampler.json").read_text())
     loaded = load_checkpoint(base_path)
-    digest = _weights_digest(loaded.path / meta["base_weights"])
+    digest = base_identity(base_path)[2]
     if digest != meta["base_digest"]:
         raise CheckpointError(f"the sampler at {path} was trained for base {meta['base']} "
                               f"(weights {meta['base_digest']}), not for {base_path} (weights {digest})")

@@ -39,6 +39,10 @@ class HFDenoiser(nn.Module):
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.soft_mask = None
         self.subs = False  # their reference loops keep [MASK] in the softmax (CHECKPOINTS.md §10)
+        # rotary frequencies for modules that add their own attention on top (the ADJUST sampler)
+        head = cfg.dim // cfg.n_heads
+        inv = 1.0 / cfg.rope_base ** (torch.arange(0, head, 2).float() / head)
+        self.register_buffer("inv_freq", inv, persistent=False)
         self._previous: tuple[KVCache | None, int, torch.Tensor] | None = None  # (cache, start, raw hidden)
         self._carry: tuple[KVCache, int, torch.Tensor] | None = None  # (cache, position, hidden)
 
@@ -51,6 +55,10 @@ class HFDenoiser(nn.Module):
     @property
     def head(self) -> nn.Module:
         return self.native.lm_head
+
+    @property
+    def tok_embed(self) -> nn.Module:
+        return self.native.get_input_embeddings()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.native.get_input_embeddings()(tokens)  # [B, T, D]
