@@ -568,14 +568,30 @@ def test_adjust_sampler_trains_on_a_pretrained_directory_and_is_tied_to_its_weig
     prompts = tokens(B=8, T=3, seed=10)
     traj = generate_trajectories(loaded.model, prompts, tmp_path / "traj", new_tokens=8, batch_size=4, seed=0)
     train, valid = split_trajectories(traj, 0.25)
-    r = train_sampler(loaded.model, base_dir, train, valid, K=2, out=tmp_path / "sampler", steps=2, batch_size=4,
-                      eval_every=2, progress=False)
+    r = train_sampler(
+        loaded.model,
+        base_dir,
+        train,
+        valid,
+        K=2,
+        out=tmp_path / "sampler",
+        steps=2,
+        batch_size=4,
+        eval_every=2,
+        progress=False,
+    )
     assert len(r["history"]) == 2
     meta = json.loads((tmp_path / "sampler" / "sampler.json").read_text())
     assert meta["base"] == str(base_dir) and meta["base_weights"] == "pretrained"
     sampler, _, k = load_sampler(tmp_path / "sampler", base_dir)
-    records = sample(loaded.model, loaded.tokenizer, ["w1 w2"], preset_config("adjust", max_new_tokens=8, k=2),
-                     LogLinear(), sampler=sampler)
+    records = sample(
+        loaded.model,
+        loaded.tokenizer,
+        ["w1 w2"],
+        preset_config("adjust", max_new_tokens=8, k=2),
+        LogLinear(),
+        sampler=sampler,
+    )
     assert k == 2 and records[0]["nfe"] <= 8
     other = copy_family(family_dirs, "llada", tmp_path)  # same layout, different weights
     write_family("llada", other, seed=1)
