@@ -179,6 +179,24 @@ class DistConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA adapters (via `peft`) on a frozen pretrained base (`unmask train --init DIR`)."""
+
+    r: int = 0
+    """Adapter rank (0 = no LoRA: only the new modules, e.g. soft-mask scalars, train)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (updates are scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    targets: tuple[str, ...] = ()
+    """Module names to adapt; empty = the attention projections (q/k/v/o_proj; qkv/out for DiT)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "lora.r", f"must be >= 0, got {self.r}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SoftMaskConfig:
     """Soft-masking (Hersche et al. 2026): masked inputs blended with the previous pass's top-k."""
 
@@ -337,6 +355,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 

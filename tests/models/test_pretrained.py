@@ -597,3 +597,144 @@ def test_adjust_sampler_trains_on_a_pretrained_directory_and_is_tied_to_its_weig
     write_family("llada", other, seed=1)
     with pytest.raises(CheckpointError, match="trained for base"):
         load_sampler(tmp_path / "sampler", other)
+
+
+def _continued(family_dirs, tmp_path, **over):
+    from unmask.config import Config, DataConfig, EvalConfig, LoraConfig, SoftMaskConfig, TrainConfig
+
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(
+        "\n\n".join(
+            " ".join(f"w{i}" for i in torch.randint(0, 40, (120,), generator=g).tolist()) for _ in range(8)
+        )
+    )
+    kw = dict(
+        data=DataConfig(
+            corpus=str(text),
+            seq_len=32,
+            valid_fraction=0.2,
+            test_fraction=0.1,
+            cache_dir=str(tmp_path / "cache"),
+        ),
+        train=TrainConfig(
+            steps=4, batch_size=4, eval_every=2, save_every=2, out=str(tmp_path / "run"), warmup=1
+        ),
+        eval=EvalConfig(mc_samples=1, max_rows=4, batch_size=4),
+        soft_mask=SoftMaskConfig(k=3),
+        lora=LoraConfig(r=4),
+    )
+    return Config(**{**kw, **over})
+
+
+def test_soft_mask_and_lora_train_on_a_frozen_pretrained_base(family_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from unmask.training.loop import train
+
+    base_dir = family_dirs[0] / "llada"
+    before = {k: v.clone() for k, v in load(family_dirs, "llada").model.state_dict().items()}
+    result = train(_continued(family_dirs, tmp_path), init=str(base_dir), progress=False)
+    ckpt = result.run_dir / (result.run_dir / "latest").read_text().strip()
+    base = json.loads((ckpt / "base.json").read_text())
+    assert base["path"] == str(base_dir) and base["family"] == "llada"
+    saved = load_file(str(ckpt / "model.safetensors"))  # only the additions, never a copy of the base
+    assert saved and all(k.startswith("soft_mask.") or ".lora_" in k for k in saved)
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items())  # the adapters trained
+    loaded = load_checkpoint(result.run_dir)
+    assert loaded.model.soft_mask is not None
+    state = loaded.model.state_dict()
+    for k, v in before.items():  # the base weights are untouched
+        if k in state and "lora_" not in k:
+            assert torch.equal(state[k], v), k
+    for k, v in saved.items():
+        assert torch.equal(state[k], v)
+    # soft inputs decode on it
+    records = sample(
+        loaded.model,
+        loaded.tokenizer,
+        ["w1 w2"],
+        preset_config("llada", max_new_tokens=8, steps=4, block_len=8, inputs="soft"),
+        LogLinear(),
+    )
+    assert records[0]["nfe"] <= 4
+
+
+def test_a_run_on_a_pretrained_base_refuses_other_base_weights(family_dirs, tmp_path):
+    from unmask.models.checkpoint import CheckpointError
+    from unmask.training.loop import train
+
+    base_dir = copy_family(family_dirs, "llada", tmp_path)
+    result = train(_continued(family_dirs, tmp_path), init=str(base_dir), progress=False)
+    write_family("llada", base_dir, seed=3)  # the base directory now holds other weights
+    with pytest.raises(CheckpointError, match="weights"):
+        load_checkpoint(result.run_dir)
+
+
+def test_training_on_a_pretrained_base_needs_something_to_train(family_dirs, tmp_path):
+    from unmask.config import ConfigError, LoraConfig, SoftMaskConfig
+    from unmask.training.loop import train
+
+    cfg = _continued(family_dirs, tmp_path, soft_mask=SoftMaskConfig(k=0), lora=LoraConfig(r=0))
+    with pytest.raises(ConfigError, match="--soft-mask.k K .* --lora.r R"):
+        train(cfg, init=str(family_dirs[0] / "llada"), progress=False)
+
+
+def test_sft_then_r2ft_with_lora_on_a_pretrained_directory(family_dirs, tmp_path):
+    """`unmask posttrain sft --checkpoint DIR --lora.r 4`, then R2FT on that run: both train adapters
+    on the same frozen base and save only them."""
+    from unmask.cli.main import main
+
+    base_dir = family_dirs[0] / "llada"
+    common = [
+        "--train.steps",
+        "2",
+        "--train.eval_every",
+        "2",
+        "--train.save_every",
+        "2",
+        "--eval.max_rows",
+        "4",
+        "--eval.mc_samples",
+        "1",
+    ]
+    main(
+        [
+            "posttrain",
+            "sft",
+            "--checkpoint",
+            str(base_dir),
+            "--out",
+            str(tmp_path / "sft"),
+            "--lora.r",
+            "4",
+            "--data.seq_len",
+            "64",
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            *common,
+        ]
+    )
+    main(
+        ["posttrain", "r2ft", "--checkpoint", str(tmp_path / "sft"), "--out", str(tmp_path / "r2ft"), *common]
+    )
+    for run in ("sft", "r2ft"):
+        ckpt = tmp_path / run / "ckpt-0000002"
+        assert json.loads((ckpt / "base.json").read_text())["path"] == str(base_dir)
+        assert (ckpt / "model.safetensors").stat().st_size < (
+            base_dir / "model.safetensors"
+        ).stat().st_size / 4
+    assert load_checkpoint(tmp_path / "r2ft").config.instruct.stage == "r2ft"
+
+
+def test_resume_a_run_on_a_pretrained_base(family_dirs, tmp_path):
+    from dataclasses import replace
+
+    from unmask.training.loop import train
+
+    cfg = _continued(family_dirs, tmp_path)
+    train(cfg, init=str(family_dirs[0] / "llada"), progress=False)
+    saved = load_checkpoint(tmp_path / "run").config  # what `unmask train --resume` continues from
+    longer = replace(saved, train=replace(saved.train, steps=6))
+    result = train(longer, resume=True, progress=False)
+    assert result.step == 6 and (result.run_dir / "ckpt-0000006" / "base.json").is_file()

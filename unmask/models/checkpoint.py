@@ -59,6 +59,12 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    base_ref = getattr(model, "base_ref", None)  # additions trained on a frozen pretrained base
+    if base_ref is not None and model_state is None:
+        from unmask.models.pretrained.additions import delta_state, write_base
+
+        model_state = delta_state(model)
+        write_base(tmp, base_ref)
     weights = model.state_dict() if model_state is None else model_state
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
               str(tmp / "model.safetensors"))
@@ -70,7 +76,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
     (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     if model.soft_mask is not None:  # the learned scalars, readable without loading the model
         (tmp / "soft_mask.json").write_text(json.dumps(model.soft_mask.values(), indent=2))
-    tokenizer.save(tmp / "tokenizer.json")
+    if hasattr(tokenizer, "save"):  # a pretrained base's tokenizer stays in its directory
+        tokenizer.save(tmp / "tokenizer.json")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
     for name, path in (move_in or {}).items():
         os.replace(path, tmp / name)
@@ -139,6 +146,8 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, json.JSONDecodeError, ConfigError) as e:
         raise CheckpointError(f"{ckpt}: unreadable config.json/state.json: {e}") from e
+    if (ckpt / "base.json").is_file():
+        return _load_on_base(ckpt, config, state, device=device, dtype=dtype)
     try:
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     except TokenizerError as e:
@@ -150,3 +159,34 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str
         weights = ckpt / "model.safetensors"
     load_state_dict_strict(model, weights)
     return Loaded(model.to(device).eval(), config, tokenizer, state, ckpt)
+
+
+def _load_on_base(ckpt: Path, config: Config, state: dict[str, Any], *, device, dtype) -> Loaded:
+    """A run trained on a frozen pretrained base: the base (checked against its digest) plus the
+    run's additions (soft-mask scalars, LoRA) from the checkpoint."""
+    from unmask.models.pretrained.additions import attach, delta_state, read_base
+    from unmask.models.pretrained.load import load_as_checkpoint
+
+    base = read_base(ckpt)
+    if not Path(base["path"]).is_dir():
+        raise CheckpointError(f"{ckpt} was trained on the pretrained model at {base['path']}, which is gone")
+    loaded = load_as_checkpoint(base["path"], tokenizer=base.get("tokenizer"), device=device,
+                                dtype=dtype or base.get("dtype", "auto"))
+    digest = loaded.state["pretrained"]["digest"]
+    if digest != base["digest"]:
+        raise CheckpointError(f"{ckpt} was trained on {base['path']} with weights {base['digest']}; "
+                              f"the weights there now are {digest}")
+    model = attach(loaded.model, soft_mask_k=config.soft_mask.k, lora=config.lora)
+    try:
+        tensors = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: corrupt or truncated ({e})") from e
+    expected = delta_state(model)
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{ckpt}/model.safetensors does not fit its base + additions: missing "
+                              f"{sorted(set(expected) - set(tensors))[:5]}, unexpected "
+                              f"{sorted(set(tensors) - set(expected))[:5]}")
+    model.load_state_dict(tensors, strict=False)
+    model.base_ref = base
+    state = {**state, "pretrained": loaded.state["pretrained"]}
+    return Loaded(model.eval(), config, loaded.tokenizer, state, ckpt)

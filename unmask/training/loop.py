@@ -37,6 +37,7 @@ from unmask.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from unmask.models.pretrained.load import is_pretrained_dir
 from unmask.models.transformer import Transformer, autocast, build_model
 from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
@@ -123,6 +124,26 @@ def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, c
     return best, best_var
 
 
+def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Module, Any]:
+    """`--init` a pretrained directory: its model, frozen, with the run's trainable additions
+    (soft-mask scalars, LoRA); the run's model config becomes the base's."""
+    from unmask.models.pretrained.additions import attach
+    from unmask.models.pretrained.load import load_as_checkpoint
+
+    if cfg.soft_mask.k == 0 and cfg.lora.r == 0:
+        raise ConfigError(f"--init {init} is a pretrained model: its weights stay frozen, so train something "
+                          "on it: --soft-mask.k K (soft-masking) and/or --lora.r R (LoRA adapters)")
+    if cfg.train.ema > 0 or cfg.dist.strategy == "fsdp":
+        raise ConfigError("training on a pretrained base supports neither --train.ema nor "
+                          "--dist.strategy fsdp")
+    loaded = load_as_checkpoint(init, device=device, dtype="fp32" if device.type == "cpu" else "auto")
+    model = attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora).to(device).train()
+    info = loaded.state["pretrained"]
+    model.base_ref = {"path": info["path"], "digest": info["digest"], "family": info["family"],
+                      "dtype": info["dtype"]}
+    return replace(cfg, model=loaded.model.cfg), model, loaded.tokenizer
+
+
 def _load_init(model: Transformer, base: Transformer, init: str) -> None:
     """Copy `base`'s weights into `model`. The only keys allowed to be missing are those of a
     soft-mask module the base does not have (continued training with soft-masking)."""
@@ -172,16 +193,24 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
 
     start_step, state = 0, {}
     tokenizer = None
+    on_base = None  # a frozen pretrained base with trainable additions (soft-mask, LoRA)
     if resume:
         ckpt = resolve_checkpoint(run_dir)
         saved = config_from_json((ckpt / "config.json").read_text())
         check_resume_compatible(saved, cfg)
         state = json.loads((ckpt / "state.json").read_text())
         start_step = state["step"]
-        tokenizer = load_checkpoint(ckpt).tokenizer
+        resumed = load_checkpoint(ckpt)
+        tokenizer = resumed.tokenizer
+        if (ckpt / "base.json").is_file():
+            on_base = resumed.model.to(device).train()
+    elif init is not None and is_pretrained_dir(init):
+        cfg, on_base, tokenizer = _on_pretrained(cfg, init, device)
     elif init is not None:
         base = load_checkpoint(init, prefer_ema=True)
         tokenizer = base.tokenizer
+        if (base.path / "base.json").is_file():  # a run on a pretrained base: go on training its additions
+            on_base = base.model.to(device).train()
     if d.main:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     d.barrier()
@@ -193,12 +222,15 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         data = prepare_instruct(cfg, tokenizer, verbose=progress)
     data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
     tokenizer = data.tokenizer
-    model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
-                        soft_mask_k=cfg.soft_mask.k).to(device)
-    if init is not None and not resume:
+    if on_base is not None:
+        model = on_base
+    else:
+        model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
+                            soft_mask_k=cfg.soft_mask.k).to(device)
+    if init is not None and not resume and on_base is None:
         _load_init(model, base.model, init)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
-    if resume:  # full weights before any sharding (an FSDP checkpoint's shards are read after it)
+    if resume and on_base is None:  # full weights before any sharding (FSDP shards are read after it)
         load_state_dict_strict(model, ckpt / "model.safetensors")
     if tc.compile:
         model.compile_blocks()
@@ -207,7 +239,8 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     step_module = wrap(objective, d, precision=resolved.precision,
                        checkpoint_activations=cfg.dist.activation_checkpointing)
     soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("soft_mask.")],
+    groups = [{"params": [p for n, p in model.named_parameters()
+                          if not n.startswith("soft_mask.") and p.requires_grad],
                "weight_decay": tc.weight_decay}]
     base_lrs = [tc.lr]
     if soft_params:  # the three scalars: their own group, own lr, no weight decay

@@ -23,7 +23,12 @@ def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str |
     set, `train.out = out` and the stage's defaults (STAGE_DEFAULTS)."""
     if stage not in STAGE_DEFAULTS:
         raise ConfigError(f"unknown post-training stage {stage!r} (use sft or r2ft)")
-    base = load_checkpoint(checkpoint).config
+    from unmask.models.pretrained.load import is_pretrained_dir, pretrained_config
+
+    if is_pretrained_dir(checkpoint):  # its config.json alone: no weights are read here
+        base = pretrained_config(checkpoint)
+    else:
+        base = load_checkpoint(checkpoint).config
     instruct = replace(base.instruct, stage=stage, **({"data": data} if data else {}),
                        **({"template": template} if template else {}))
     return replace(base, instruct=instruct, train=replace(base.train, out=out, **STAGE_DEFAULTS[stage]))

@@ -235,8 +235,8 @@ def load_as_checkpoint(
 ):
     """A pretrained directory as a `Loaded` checkpoint (model, config, tokenizer), so every command
     that takes `--checkpoint` takes it. `tokenizer` overrides the directory's own (MDLM/BD3-LM ship none)."""
-    from unmask.config import Config, DataConfig, DecodeConfig, NoiseConfig
     from unmask.models.checkpoint import Loaded
+
     path = Path(path).expanduser()
     pre = load_pretrained_full(path, device=device, dtype=dtype)
     model = pre.model
@@ -247,14 +247,7 @@ def load_as_checkpoint(
             f"{path}: mask id {model.mask_id} is outside the model's vocabulary of "
             f"{model.vocab_size} (set mask_token_id in config.json)"
         )
-    seq_len = min(pre.max_len, CONTEXT_LIMITS.get(pre.family.name, pre.max_len))
-    seq_len -= seq_len % model.cfg.block_size
-    config = Config(
-        data=DataConfig(corpus="none", seq_len=seq_len, tokenizer=str(tokenizer or path)),
-        model=model.cfg,
-        noise=NoiseConfig(schedule="loglinear"),  # mask rate = t: LLaDA's too
-        decode=DecodeConfig(preset=pre.family.preset),
-    )
+    config = run_config(pre.family, model.cfg, pre.max_len, tokenizer or path)
     state = {
         "step": 0,
         "pretrained": {
@@ -271,8 +264,9 @@ def _tokenizer(path: Path, raw: dict, family: Family, vocab_size: int | None, to
     from unmask.models.pretrained.tokenizer import open_tokenizer
 
     mask = fam.mask_id(family, raw, vocab_size or 0)
-    tok = open_tokenizer(tokenizer or path, family=family, mask_id=mask, model_dir=path,
-                         vocab_size=vocab_size)
+    tok = open_tokenizer(
+        tokenizer or path, family=family, mask_id=mask, model_dir=path, vocab_size=vocab_size
+    )
     if "mask_token_id" not in raw and family.mask_token:  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
         found = tok.token_id(family.mask_token)
         if found is not None:
@@ -288,3 +282,44 @@ def load_tokenizer(path: str | Path, *, tokenizer: str | Path | None = None):
     family = fam.detect(raw, path / "config.json")
     vocab = int(raw.get("embedding_size") or raw.get("vocab_size") or 0) or None
     return _tokenizer(path, raw, family, vocab, tokenizer)
+
+
+def run_config(family: Family, model_cfg: ModelConfig, max_len: int, tokenizer: str | Path):
+    """The unmask `Config` a pretrained directory stands for: its model section, its context
+    (the authors' stated limit where config.json claims more), the mask-rate-t schedule, its preset."""
+    from unmask.config import Config, DataConfig, DecodeConfig, NoiseConfig
+
+    seq_len = min(max_len, CONTEXT_LIMITS.get(family.name, max_len))
+    seq_len -= seq_len % model_cfg.block_size
+    return Config(
+        data=DataConfig(corpus="none", seq_len=seq_len, tokenizer=str(tokenizer)),
+        model=model_cfg,
+        noise=NoiseConfig(schedule="loglinear"),  # mask rate = t: LLaDA's too
+        decode=DecodeConfig(preset=family.preset),
+    )
+
+
+def pretrained_config(path: str | Path):
+    """`run_config` of a pretrained directory from its config.json alone (no weights read)."""
+    path = Path(path).expanduser()
+    raw = fam.read_config(path)
+    family = fam.detect(raw, path / "config.json")
+    where = str(path / "config.json")
+    block = fam.block_size(family, raw)
+    if family.backbone == "dit":
+        from unmask.models.pretrained.dit import dit_config
+
+        return run_config(
+            family, dit_config(raw, where, family.attention, block), int(raw.get("model_length", 1024)), path
+        )
+    from unmask.models.pretrained.native import native_config
+
+    hf = native_config(family, raw, where)
+    cfg = ModelConfig(
+        attention=family.attention,
+        block_size=max(block, 1),
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+    )
+    return run_config(family, cfg, int(getattr(hf, "max_position_embeddings", 0) or 4096), path)
