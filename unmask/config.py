@@ -298,6 +298,11 @@ class DecodeConfig:
     alg_temp: float = 0.0
     """`dream` selector: > 0 samples the positions from softmax(confidence / alg_temp) (Dream's
     alg_temp) instead of taking the most confident."""
+    ban_stop: bool = False
+    """The EOS / end-of-turn logits are -inf (LLaDA's `logits_eos_inf`): answers use the whole budget."""
+    defer_stop: bool = False
+    """EOS / end-of-turn proposals get confidence -inf (LLaDA's `confidence_eos_eot_inf`): committed
+    only where nothing else is left to commit."""
     cfg_scale: float = 0.0
     """Classifier-free guidance (LLaDA): logits un + (s + 1)(cond - un), the prompt masked in the
     unconditional copy; 0 = off. Needs `cache none`."""

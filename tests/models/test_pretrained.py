@@ -10,7 +10,7 @@ from pretrained_layouts import BLOCK, FAMILIES, write_family, write_gpt2_like_to
 from unmask.decoding.generate import DecodeError, final_state, generate
 from unmask.decoding.presets import PRESETS, build_decoder, preset_config
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import JOINT_PRESETS, sample
+from unmask.decoding.sample import JOINT_PRESETS, decode_states, sample
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.pretrained.families import PretrainedError
 from unmask.schedules import LogLinear
@@ -738,3 +738,50 @@ def test_resume_a_run_on_a_pretrained_base(family_dirs, tmp_path):
     longer = replace(saved, train=replace(saved.train, steps=6))
     result = train(longer, resume=True, progress=False)
     assert result.step == 6 and (result.run_dir / "ckpt-0000006" / "base.json").is_file()
+
+
+class EosFirst(torch.nn.Module):
+    """Wraps a model so that the first generated position is almost surely [EOS]."""
+
+    def __init__(self, model, position, eos):
+        super().__init__()
+        self.inner, self.position, self.eos = model, position, eos
+        self.cfg, self.vocab_size, self.mask_id, self.subs = (
+            model.cfg,
+            model.vocab_size,
+            model.mask_id,
+            model.subs,
+        )
+        self.new_cache, self.embed = model.new_cache, model.embed
+
+    def forward(self, tokens=None, *, cache=None, embeds=None, key_mask=None):
+        out = self.inner(tokens, cache=cache, embeds=embeds, key_mask=key_mask)
+        out.logits[:, self.position, self.eos] += 100.0
+        return out
+
+
+def test_stop_token_knobs(family_dirs):
+    """ban_stop: EOS / end of turn never proposed; defer_stop: committed only when nothing else is left."""
+    loaded = load(family_dirs, "llada")
+    tok = loaded.tokenizer
+    prompt = torch.tensor([tok.prompt_ids("w1 w2 w3")])
+    P = prompt.shape[1]
+    model = EosFirst(loaded.model, P, tok.eos_id)
+
+    def run(**over):
+        cfg = preset_config("llada", max_new_tokens=8, steps=8, block_len=8, **over)
+        states = decode_states(
+            model,
+            cfg,
+            prompt,
+            schedule=LogLinear(),
+            generators=row_generators(0, [0]),
+            eos_id=tok.eos_id,
+            stop_ids=tok.stop_ids,
+        )
+        return [int(s.tokens[0, P]) for s in states]  # the first generated position after each step
+
+    plain, banned, deferred = run(), run(ban_stop=True), run(defer_stop=True)
+    assert plain[0] == tok.eos_id  # committed at the first step (the most confident position)
+    assert tok.eos_id not in banned and banned[-1] != model.mask_id
+    assert deferred[-2] == tok.eos_id and all(t == model.mask_id for t in deferred[:-2])  # the last step

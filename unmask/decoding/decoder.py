@@ -58,6 +58,9 @@ class Decoder:
             confidence[scored] = (self.score(proposal) * gate[scored]).double()
             if getattr(self.score, "random", False):  # LLaDA's random remasking
                 confidence[scored] = u_select[scored] * gate[scored].double()
+            if state.deferred:  # e.g. EOS / end of turn: only where nothing else is left
+                late_ids = torch.isin(proposal.tokens, torch.tensor(state.deferred, device=window.device))
+                confidence[scored] = confidence[scored].masked_fill(late_ids, -torch.inf)
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
         chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps,

@@ -89,12 +89,14 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
              block_len: int = 0, cache: str = "auto", eos_id: int | None = None,
              eos_fill: bool = True, stop_entropy: float = 0.0, max_len: int | None = None,
              generators: list[torch.Generator], precision: str = "fp32",
-             prompt_mask: torch.Tensor | None = None, cfg_scale: float = 0.0) -> Iterator[DecodeState]:
+             prompt_mask: torch.Tensor | None = None, cfg_scale: float = 0.0,
+             ban_ids: tuple[int, ...] = (), defer_ids: tuple[int, ...] = ()) -> Iterator[DecodeState]:
     """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
     models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
     `max_len` is the longest canvas the model allows (None: no limit). `prompt_mask` [B, P]
     (True = real token) marks left padding in a batch of unequal prompts (bidirectional models);
-    `cfg_scale` > 0 adds classifier-free guidance (no KV cache)."""
+    `cfg_scale` > 0 adds classifier-free guidance (no KV cache). `ban_ids` are never proposed
+    (their logits are -inf); `defer_ids` proposals rank last (confidence -inf)."""
     kind = model.cfg.attention
     if (prompt is None) == (template is None):
         raise DecodeError("pass exactly one of prompt= or template=")
@@ -143,7 +145,8 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
         yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
                         steps=steps, block_len=block_len, cache=cache, eos_id=eos_id,
                         eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators,
-                        prompt_mask=prompt_mask, cfg_scale=cfg_scale)
+                        prompt_mask=prompt_mask, cfg_scale=cfg_scale, ban_ids=tuple(ban_ids),
+                        defer_ids=tuple(defer_ids))
 
 
 class _Caller:
@@ -155,8 +158,8 @@ class _Caller:
     """
 
     def __init__(self, model: Transformer, decoder: Decoder, *, key_mask: torch.Tensor | None = None,
-                 cfg_scale: float = 0.0, prompt_len: int = 0):
-        self.model, self.decoder = model, decoder
+                 cfg_scale: float = 0.0, prompt_len: int = 0, ban_ids: tuple[int, ...] = ()):
+        self.model, self.decoder, self.ban_ids = model, decoder, list(ban_ids)
         self.reusable = isinstance(decoder.inputs, BinaryInputs)
         self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.nfe = 0
@@ -188,6 +191,8 @@ class _Caller:
         if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
             return last[2]
         logits = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
+        if self.ban_ids:
+            logits[..., self.ban_ids] = -torch.inf
         self.nfe += 1
         self.last = (tokens, key, logits)
         return logits
@@ -203,7 +208,7 @@ def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
+                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
@@ -212,14 +217,15 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
     n_blocks = math.ceil((cap - start) / Lb)
     block_steps = Lb if _until_done(decoder) else max(1, round(steps * Lb / max_new_tokens))
     kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
-    call = _Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P)
+    call = _Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
     commits = 0
     if kv is not None and start > 0:
         model(prompt[:, :start], cache=kv)
         kv.commit(start)
         commits += 1
     state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, subs=_subs(model), prompt_len=P, window=(start, start),
+                        mask_id=model.mask_id, subs=_subs(model), deferred=defer_ids, prompt_len=P,
+                        window=(start, start),
                         block=-1, step=0,
                         steps=block_steps, nfe=0, commit_passes=commits,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
@@ -266,7 +272,7 @@ def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, voc
 
 
 def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, block_len, cache,
-                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
+                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
     B = given.shape[0]
     device = given.device
     if is_prompt:
@@ -285,8 +291,9 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
     if prompt_mask is not None:
         generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
         key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
-    call = _Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P)
-    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model), prompt_len=P,
+    call = _Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
+    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model),
+                        deferred=defer_ids, prompt_len=P,
                         window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
     for block in range(n_blocks):
@@ -316,12 +323,13 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
 
 
 def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale):
+             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
     B, P = prompt.shape
     device = prompt.device
     kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None
     state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, subs=_subs(model), prompt_len=P, window=(P, P), block=-1,
+                        mask_id=model.mask_id, subs=_subs(model), deferred=defer_ids, prompt_len=P,
+                        window=(P, P), block=-1,
                         step=0, steps=1,
                         nfe=0, commit_passes=0, finished=torch.zeros(B, dtype=torch.bool, device=device))
     for i in range(max_new_tokens):

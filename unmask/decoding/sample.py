@@ -60,11 +60,13 @@ JOINT_PRESETS = ("adjust", "marginal")  # k tokens per full forward: decoding.jo
 
 def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *, schedule: NoiseSchedule,
                   generators: list[torch.Generator], eos_id: int | None, max_len: int | None = None,
-                  precision: str = "fp32", sampler=None) -> Iterator[DecodeState]:
+                  precision: str = "fp32", sampler=None,
+                  stop_ids: tuple[int, ...] = ()) -> Iterator[DecodeState]:
     """The decode iterator `cfg` asks for: `generate()` with the preset's decoder, or ADJUST's loop
     for the `adjust` (needs a trained `sampler`) and `marginal` presets."""
     if (cfg.preset == "adjust") != (sampler is not None):
         raise DecodeError("the adjust preset needs --sampler, and --sampler needs --preset adjust")
+    stops = tuple(stop_ids) or ((eos_id,) if eos_id is not None else ())
     if cfg.preset in JOINT_PRESETS:
         refresh = sampler.refresher(model) if sampler is not None else None
         return adjust_generate(model, prompt, max_new_tokens=cfg.max_new_tokens, K=cfg.k, refresh=refresh,
@@ -72,7 +74,8 @@ def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *
     return generate(model, build_decoder(cfg, schedule), prompt=prompt, max_new_tokens=cfg.max_new_tokens,
                     steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id,
                     eos_fill=cfg.eos_fill, stop_entropy=cfg.stop_entropy, max_len=max_len,
-                    generators=generators, precision=precision, cfg_scale=cfg.cfg_scale)
+                    generators=generators, precision=precision, cfg_scale=cfg.cfg_scale,
+                    ban_ids=stops if cfg.ban_stop else (), defer_ids=stops if cfg.defer_stop else ())
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
@@ -102,7 +105,7 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
             state = None
             states = decode_states(model, cfg, ids, schedule=schedule, eos_id=tokenizer.eos_id,
                                    generators=row_generators(seed, [j[0] for j in chunk]), max_len=max_len,
-                                   precision=precision, sampler=sampler)
+                                   precision=precision, sampler=sampler, stop_ids=tokenizer.stop_ids)
             for state in states:
                 if on_state is not None:
                     on_state(state)

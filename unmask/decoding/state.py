@@ -22,6 +22,7 @@ class DecodeState:
     finished: torch.Tensor  # [B] bool: rows that stopped (EOS, entropy collapse, length)
     prev_logits: torch.Tensor | None = None  # [B, W, V] last call's logits for the window (soft inputs)
     subs: bool = True  # SUBS: [MASK] is never proposed (MDLM/BD3-LM); False: the model's full softmax
+    deferred: tuple[int, ...] = ()  # token ids whose proposals get confidence -inf (committed last)
 
     def advance(self, **changes) -> DecodeState:
         return replace(self, **changes)
