@@ -226,9 +226,10 @@ class InstructConfig:
     template: str = "auto"
     """Prompt template from unmask/templates.toml (alpaca, plain, chat, code); auto: code for
     stdlib-functions, alpaca otherwise."""
-    eos: Literal["all", "first"] = "all"
-    """Row tail after the answer: all = [EOS] to the end, every one with loss (LLaDA); first = one
-    [EOS] with loss, then [PAD] (no loss, never masked)."""
+    eos: Literal["tail", "all", "first"] = "tail"
+    """Row tail after the answer: tail = [EOS] to the end, masked like the answer but only the
+    answer and its first [EOS] scored (the Conv/R2FT authors' SFT rows); all = [EOS] to the end,
+    every one scored (LLaDA); first = one [EOS] scored, then [PAD] (never masked)."""
     max_prompt: int = 0
     """Drop pairs whose prompt (with [BOS]) exceeds this many tokens (0 = half the row)."""
     unit: tuple[int, int] = (1, 14)

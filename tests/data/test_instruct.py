@@ -18,6 +18,7 @@ from unmask.data.instruct import (
     encode_pairs,
     function_pairs,
     load_template,
+    maskable_mask,
     read_pairs,
     response_mask,
     split_pairs,
@@ -28,6 +29,8 @@ from unmask.schedules import LogLinear
 from unmask.training.objectives import (
     Batch,
     Negative,
+    corrupt,
+    diffusion_loss,
     diffusion_token_nll,
     draw_negative,
     r2ft_loss,
@@ -142,7 +145,7 @@ def test_bad_json_file_and_missing_file(tmp_path):
 def test_encode_pairs_spans_tails_and_response_mask(tiny_data):
     tok = tiny_data.tokenizer
     pairs = [Pair("def f():\n", "    return 1\n", "a"), Pair("x" * 200, "y", "b"), Pair("q", "z" * 400, "c")]
-    for eos, tail in (("all", tok.eos_id), ("first", tok.pad_id)):
+    for eos, tail in (("tail", tok.eos_id), ("all", tok.eos_id), ("first", tok.pad_id)):
         rows, spans, dropped = encode_pairs(pairs, tok, 48, eos, max_prompt=24)
         assert dropped == 1 and rows.shape == (2, 48)
         p, r = tok.encode(pairs[0].prompt), tok.encode(pairs[0].response)
@@ -151,9 +154,11 @@ def test_encode_pairs_spans_tails_and_response_mask(tiny_data):
         assert rows[0, 0] == tok.bos_id and rows[0, 1:a].tolist() == p and rows[0, a:e].tolist() == r
         assert rows[0, e] == tok.eos_id and (rows[0, e + 1:] == tail).all()
         assert spans[1, 1] == 48 and tok.eos_id not in rows[1].tolist()  # cut response: no [EOS]
-        m = response_mask(spans, 48, eos)
+        m = response_mask(spans, 48, eos)  # scored
         assert not m[0, :a].any() and not m[1, :spans[1, 0]].any() and m[0, a:e + 1].all()
         assert m[0, e + 1:].all() == (eos == "all") and (m[0, e + 1:].any() == (eos == "all"))
+        k = maskable_mask(spans, 48, eos)  # maskable: the [EOS] tail too, except with `first`
+        assert not k[0, :a].any() and k[0, a:e + 1].all() and k[0, e + 1:].all() == (eos != "first")
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
@@ -191,6 +196,7 @@ def test_negative_builder_unit_length_phase_and_one_eos():
         assert n.span == min(n.span, L - n.cut) and (30 <= n.span <= 49 or n.span == L - n.cut)
         y = rejected_span(row, n, eos)
         assert len(y) == n.span and (y == eos).sum() == 1 and y[n.eos_at] == eos
+        assert n.eos_at < n.span - 1  # never the span's last slot
         body = torch.cat([y[:n.eos_at], y[n.eos_at + 1:]])
         expect = [int(row[n.cut - n.unit + (n.phase + j) % n.unit]) for j in range(n.span - 1)]
         assert body.tolist() == expect  # the last g visible tokens, tiled cyclically from the phase
@@ -298,3 +304,52 @@ def test_hf_instruction_data_error_names_the_flag():
         match = r"--instruct.data 'hf:tatsu-lab/alpaca': could not load the Hugging Face dataset"
     with pytest.raises(DataError, match=match):
         read_pairs("hf:tatsu-lab/alpaca")
+
+
+def test_r2ft_chosen_term_is_the_mean_over_the_whole_answer_and_its_eos():
+    """Cut inside the answer: the visible answer prefix contributes log pi = 0 but counts in the
+    mean (the authors' normalisation), so mean_A = sum over [c, e] / |[a, e]|."""
+    V, mask, eos = 5, 4, 3
+    x0 = torch.tensor([[0, 1, 2, 1, 2, 3]])  # answer 2 1 2 at [2, 5), its [EOS] at 5
+    logits = torch.zeros(1, 6, V)
+    logits[0, :, 1] = math.log(2.0)  # p(1) = 2/5, others 1/5
+    model = FixedLogits(logits, mask)
+    neg = Negative(cut=3, unit=1, span=3, phase=0, eos_at=1)
+    out = r2ft_loss(model, Batch(x0, x0 >= 0, torch.tensor([[2, 5]])), InstructConfig(b_a=0.0), eos,
+                    torch.Generator(), [neg])
+    lp_w = (math.log(2 / 5) + math.log(1 / 5) + math.log(1 / 5)) / 4  # positions 3, 4, 5 over |A| = 4
+    lp_l = math.log(1 / 5)
+    assert out.extras["chosen_logp"] == pytest.approx(lp_w, rel=1e-6)
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-(lp_w - lp_l))), rel=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_sft_tail_rows_mask_the_eos_tail_but_score_only_the_answer_and_first_eos(attention):
+    model = tiny_model(attention, block_size=4)
+    x0 = torch.randint(0, MASK, (3, 16), generator=torch.Generator().manual_seed(1))
+    spans = np.array([[3, 9], [5, 12], [2, 6]])
+    maskable = torch.as_tensor(maskable_mask(spans, 16, "tail"))
+    scored = torch.as_tensor(response_mask(spans, 16, "tail"))
+    batch = Batch(x0, maskable, torch.as_tensor(spans), scored)
+    tail_masked = torch.zeros_like(scored)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        nll, _ = diffusion_token_nll(model, batch, LogLinear(), g, (0.5, 1.0))
+        assert (nll[~scored] == 0).all()  # nothing past the first [EOS] is scored
+        xt, masked = corrupt(x0, maskable, torch.full((3, 1), 0.9), LogLinear(), MASK, g)
+        assert not masked[~maskable].any()
+        tail_masked |= masked & maskable & ~scored
+    assert tail_masked.any()  # ... but the tail does get masked, as at inference
+    out = diffusion_loss(model, batch, LogLinear(), torch.Generator(), (0.5, 1.0))
+    assert out.tokens == int(scored.sum())
+
+
+def test_r2ft_runs_inside_a_fresh_warmup_at_a_fraction_of_sfts_lr(checkpoints):
+    from unmask.training.posttrain import R2FT_LR_FRACTION, instruct_config
+
+    sft = instruct_config(checkpoints["bidirectional"], "sft", out="x")
+    r2ft = instruct_config(checkpoints["bidirectional"], "r2ft", out="y")
+    base_lr = instruct_config(checkpoints["bidirectional"], "sft", out="x").train.lr
+    assert r2ft.train.lr == pytest.approx(base_lr * R2FT_LR_FRACTION) and r2ft.train.lr < sft.train.lr
+    assert r2ft.train.steps <= r2ft.train.warmup and r2ft.train.weight_decay > 0
+    assert sft.instruct.eos == "tail"

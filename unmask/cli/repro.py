@@ -84,7 +84,8 @@ def add_repro_commands(sub) -> None:
     rr.add_argument("--samples", type=int, default=128, help="held-out prompts")
     rr.add_argument("--kernel", type=int, default=65, help="Conv window (the paper uses about L/4)")
     rr.add_argument("--no-humaneval", action="store_true", help="skip HumanEval pass@1")
-    rr.add_argument("--eos", choices=["all", "first"], default="all", help="SFT row tail (--instruct.eos)")
+    rr.add_argument("--eos", choices=["tail", "all", "first"], default="tail",
+                    help="SFT row tail (--instruct.eos)")
     rr.add_argument("--out", default="runs/repro-r2ft")
     rr.set_defaults(func=cmd_repro_r2ft)
 

@@ -12,9 +12,12 @@ Sources (`--instruct.data`):
 Templates are data (unmask/templates.toml). The split is decided by a hash of each pair's key
 (file:line, dataset index, or source path + line + name), like the pre-training corpus.
 
-A row is `[BOS] prompt response [EOS] tail` cut to L tokens; the tail is [EOS] (`eos = all`) or
-[PAD] (`eos = first`). `spans[i] = (a, e)`: the response starts at a, its [EOS] is at e (e = L when
-the response was cut). Loss positions: all of `[a, L)` (eos = all) or `[a, e]` (eos = first).
+A row is `[BOS] prompt response [EOS] tail` cut to L tokens; the tail is [EOS] (`eos = tail`,
+`all`) or [PAD] (`eos = first`). `spans[i] = (a, e)`: the response starts at a, its [EOS] is at e
+(e = L when the response was cut). Maskable positions: `[a, L)` (tail, all) or `[a, e]` (first);
+scored positions: `[a, e]` (tail, first) or `[a, L)` (all). So with `tail` the model sees training
+canvases like inference canvases (it must itself decide where the answer ends) while the loss is
+not dominated by padding.
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, eos: str
     """Rows [N, L], spans [N, 2] (response start, its [EOS] position or L), and how many pairs were
     dropped because their prompt ([BOS] included) is longer than `max_prompt` (0: L // 2)."""
     limit = max_prompt or seq_len // 2
-    tail = tokenizer.eos_id if eos == "all" else tokenizer.pad_id
+    tail = tokenizer.pad_id if eos == "first" else tokenizer.eos_id
     prompts = tokenizer.encode_batch([p.prompt for p in pairs])
     responses = tokenizer.encode_batch([p.response for p in pairs])
     rows, spans, dropped = [], [], 0
@@ -257,10 +260,18 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, eos: str
 
 
 def response_mask(spans: np.ndarray, seq_len: int, eos: str) -> np.ndarray:
-    """[N, L] bool: the positions that carry loss (and may be masked) — never the prompt."""
+    """[N, L] bool: the positions that carry loss — never the prompt."""
     pos = np.arange(seq_len)
     after = pos >= spans[:, :1]
     return after if eos == "all" else after & (pos <= spans[:, 1:2])
+
+
+def maskable_mask(spans: np.ndarray, seq_len: int, eos: str) -> np.ndarray:
+    """[N, L] bool: the positions that may be masked: the whole response region, its [EOS] tail
+    included, except with `first` (whose [PAD] tail stays visible)."""
+    pos = np.arange(seq_len)
+    after = pos >= spans[:, :1]
+    return after & (pos <= spans[:, 1:2]) if eos == "first" else after
 
 
 def prepare_instruct(cfg: Config, tokenizer: Tokenizer, splits: tuple[str, ...] = ("train", "validation"),

@@ -33,17 +33,21 @@ from unmask.schedules import build_schedule
 from unmask.training.posttrain import instruct_config
 
 PRESETS = ("llada", "semi-ar", "topk-glob", "conv")
+# The comparison's decoders as in the authors' runs: EOS-fill off everywhere, and the semi-AR
+# baseline with the same top-20 + global-normalization proposals as Conv, so the table separates
+# locality (Conv's gate vs hard blocks) from top-k.
+ARM_SETTINGS = {"semi-ar": {"top_k": 20, "normalize": True}}
 
 
 def _tag(eos: str) -> str:
-    """Run-directory suffix of an `eos` setting (none for the default `all`)."""
-    return "" if eos == "all" else f"-eos-{eos}"
+    """Run-directory suffix of an `eos` setting."""
+    return f"-eos-{eos}"
 
 
 def train_arms(base: str, reference: str, out: str, *, sft_steps: int, r2ft_steps: int, seq_len: int,
                max_prompt: int, eos: str, progress: bool) -> dict[str, str]:
     """The base MDLM and AR reference (cached from `repro bd3lm`), then SFT and SFT + R2FT (run
-    directories `sft`, `r2ft`; with `eos = first`: `sft-eos-first`, `r2ft-eos-first`)."""
+    directories `sft-eos-{eos}`, `r2ft-eos-{eos}`)."""
     tag = _tag(eos)
     for name, run in (("tiny-mdlm", base), ("tiny-ar", reference)):
         cfg = load_config(name)
@@ -61,10 +65,11 @@ def train_arms(base: str, reference: str, out: str, *, sft_steps: int, r2ft_step
 
 def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "runs/repro-bd3lm/tiny-ar",
                out: str = "runs/repro-r2ft", sft_steps: int = 800, r2ft_steps: int = 300, canvas: int = 256,
-               samples: int = 128, kernel: int = 65, humaneval: bool = True, eos: str = "all",
+               samples: int = 128, kernel: int = 65, humaneval: bool = True, eos: str = "tail",
                progress: bool = True) -> dict[str, Any]:
     """{SFT, SFT+R2FT} x PRESETS at S = canvas / 8; `kernel` is Conv's window (the paper's L/4);
-    `eos` is the SFT row tail (all: [EOS] padding with loss, first: one [EOS] then [PAD])."""
+    `eos` is the SFT row tail (tail: [EOS] padding masked but unscored past the first, as the
+    authors; all: every [EOS] scored; first: one [EOS] then [PAD])."""
     from unmask.evaluation.humaneval import evaluate_humaneval
 
     seq_len, max_prompt = canvas + 64, 64
@@ -84,8 +89,8 @@ def repro_r2ft(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "ru
         loaded = load_checkpoint(run)
         schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
         for preset in PRESETS:
-            decode = preset_config(preset, max_new_tokens=canvas, steps=steps,
-                                   **({"kernel": kernel} if preset == "conv" else {}))
+            settings = {**ARM_SETTINGS.get(preset, {}), **({"kernel": kernel} if preset == "conv" else {})}
+            decode = preset_config(preset, max_new_tokens=canvas, steps=steps, eos_fill=False, **settings)
             records = sample(loaded.model, loaded.tokenizer, prompts, decode, schedule, batch_size=16, seed=0)
             texts = [r["text"] for r in records]
             ids = [r["token_ids"] for r in records]

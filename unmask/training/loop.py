@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from unmask.config import Config, ConfigError, replace
 from unmask.config_io import config_from_json
 from unmask.data.corpus import PreparedData, batch_indices, prepare_data
-from unmask.data.instruct import prepare_instruct, response_mask
+from unmask.data.instruct import maskable_mask, prepare_instruct, response_mask
 from unmask.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -167,8 +167,10 @@ def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, d
     if data.spans is None:
         return Batch(x0, x0 != data.tokenizer.pad_id)
     spans = np.asarray(data.spans[split][index])
-    valid = torch.as_tensor(response_mask(spans, x0.shape[1], cfg.instruct.eos), device=device)
-    return Batch(x0, valid, torch.as_tensor(spans, device=device))
+    L, eos = x0.shape[1], cfg.instruct.eos
+    maskable = torch.as_tensor(maskable_mask(spans, L, eos), device=device)
+    scored = torch.as_tensor(response_mask(spans, L, eos), device=device)
+    return Batch(x0, maskable, torch.as_tensor(spans, device=device), scored)
 
 
 def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwrite: bool = False,
@@ -283,12 +285,16 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         nonlocal t_range
         eval_model = ema if ema is not None else model  # what load_checkpoint returns as the model
         n = cfg.eval.max_rows or len(val_rows)
-        loss_positions = (None if data.spans is None else  # instruction rows: the response-only bound
-                          response_mask(data.spans["validation"][:n], val_rows.shape[1], cfg.instruct.eos))
+        loss_positions = maskable = None
+        if data.spans is not None:  # instruction rows: the response-only bound, masked as in training
+            spans, L = data.spans["validation"][:n], val_rows.shape[1]
+            loss_positions = response_mask(spans, L, cfg.instruct.eos)
+            maskable = maskable_mask(spans, L, cfg.instruct.eos)
         ppl = evaluate_perplexity(eval_model, val_rows[:n], schedule, pad_id=tokenizer.pad_id,
                                   byte_lengths=byte_lengths, eps=cfg.noise.eps,
                                   mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
-                                  seed=cfg.eval.seed, precision=tc.precision, loss_positions=loss_positions)
+                                  seed=cfg.eval.seed, precision=tc.precision, loss_positions=loss_positions,
+                                  maskable=maskable)
         record = {"step": step, "val_nats": ppl.nats_per_token, "val_ppl": ppl.ppl,
                   "val_bpb": ppl.bits_per_byte, "val_rows": ppl.rows, "val_mc_samples": ppl.mc_samples,
                   "val_weights": "ema" if ema is not None else "raw"}

@@ -27,8 +27,13 @@ from unmask.schedules import NoiseSchedule, stratified_times
 
 class Batch(NamedTuple):
     x0: torch.Tensor  # [B, L] clean tokens
-    valid: torch.Tensor  # [B, L] bool, False at [PAD] (no loss, never masked); SFT: the response only
+    valid: torch.Tensor  # [B, L] bool, may be masked: False at [PAD]; SFT: the response (+ its tail)
     spans: torch.Tensor | None = None  # [B, 2] instruction rows: (response start, its [EOS] position)
+    scored: torch.Tensor | None = None  # [B, L] bool, carries loss when it differs from `valid`
+
+    @property
+    def loss_positions(self) -> torch.Tensor:
+        return self.valid if self.scored is None else self.scored
 
 
 class LossOutput(NamedTuple):
@@ -139,8 +144,9 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
     t = block_times(B, L // block, t_range, generator).to(x0.device)  # [B, Nb]
     xt, masked = corrupt(x0, valid, t, schedule, model.mask_id, generator, resample=resample)
     soft = soft_p > 0 and float(torch.rand(1, generator=generator)) < soft_p
+    scored = batch.loss_positions
     if rows is not None:
-        x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
+        x0, xt, masked, t, scored = x0[rows], xt[rows], masked[rows], t[rows], scored[rows]
     if soft:
         if model.soft_mask is None:
             raise ValueError("soft-masked training needs a model built with a soft-mask module (k > 0)")
@@ -150,7 +156,7 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
     else:
         logits = denoise(model, xt, x0)
     w = schedule.weight(t).repeat_interleave(block, dim=1)  # [B, L]
-    return torch.where(masked, w * masked_nll(logits, x0, model.mask_id), 0.0), t
+    return torch.where(masked & scored, w * masked_nll(logits, x0, model.mask_id), 0.0), t
 
 
 def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
@@ -161,7 +167,7 @@ def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
     are those rows' and `loss` is their share of the whole batch's mean (divided by all its tokens)."""
     nll, _ = diffusion_token_nll(model, batch, schedule, generator, t_range,
                                  resample=resample, two_pass=two_pass, soft_p=soft_p, rows=rows)
-    tokens = int(batch.valid.sum())
+    tokens = int(batch.loss_positions.sum())
     nats = nll.sum()
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
 
@@ -214,13 +220,14 @@ def draw_negative(start: int, end: int, seq_len: int, cfg: InstructConfig,
                   generator: torch.Generator) -> Negative:
     """R2FT's rule for one row whose answer is [start, end): c uniform inside the answer, g in
     cfg.unit (at most the c - 1 visible tokens after [BOS]), z in cfg.span (cut to the row), a
-    random phase and a random [EOS] position inside the span."""
+    random phase and a random [EOS] position inside the span, never its last slot (a span ending
+    in [EOS] would reject a well-ended answer)."""
     c = _randint(start, max(start, end - 1), generator)
     g = min(_randint(*cfg.unit, generator), c - 1)
     z = min(_randint(*cfg.span, generator), seq_len - c)
     if g < 1 or z < 1:
         raise ValueError(f"R2FT needs a visible token before the cut and room after it ({c=}, {seq_len=})")
-    return Negative(c, g, z, _randint(0, g - 1, generator), _randint(0, z - 1, generator))
+    return Negative(c, g, z, _randint(0, g - 1, generator), _randint(0, max(0, z - 2), generator))
 
 
 def rejected_span(row: torch.Tensor, neg: Negative, eos_id: int) -> torch.Tensor:
@@ -239,9 +246,11 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
 
         loss = -log sigmoid(b_w mean_A log pi(y_w) - b_l mean_R log pi(y_l) - gamma) - b_a mean_A log pi(y_w)
 
-    A = the answer from c on plus its [EOS] (if in the row), R = the rejected span [c, c+z) whose
-    tokens y_l come from `rejected_span`; log pi are the SUBS log-probs of the one forward. The
-    negatives are drawn fresh here unless given. `nats` / `tokens` are the summed loss / rows."""
+    A = the whole answer plus its [EOS] (if in the row): the mean is over all of A, where the visible
+    prefix before c contributes log pi = 0 (SUBS copies visible tokens), as the authors normalise;
+    R = the rejected span [c, c+z) whose tokens y_l come from `rejected_span`; log pi are the SUBS
+    log-probs of the one forward. The negatives are drawn fresh here unless given. `nats` /
+    `tokens` are the summed loss / rows."""
     x0, spans = batch.x0, batch.spans
     if spans is None:
         raise ValueError("r2ft_loss needs instruction rows (Batch.spans)")
@@ -253,7 +262,8 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     B_all, B = B, x0.shape[0]
     cut = torch.tensor([n.cut for n in negatives], device=x0.device)[:, None]  # [B, 1]
     xt = torch.where(pos >= cut, model.mask_id, x0)
-    chosen = (pos >= cut) & (pos <= spans[:, 1:2].clamp(max=L - 1))  # [B, L]
+    answer = (pos >= spans[:, :1]) & (pos <= spans[:, 1:2].clamp(max=L - 1))  # A: [B, L]
+    chosen = answer & (pos >= cut)  # where A is masked: the only positions with log pi != 0
     y_l, rejected = x0.clone(), torch.zeros_like(chosen)
     for b, n in enumerate(negatives):
         y_l[b, n.cut:n.cut + n.span] = rejected_span(x0[b], n, eos_id)
@@ -261,7 +271,7 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     logits = model(xt).logits.float().index_fill(-1, torch.tensor([model.mask_id], device=x0.device),
                                                  -torch.inf)
     logp = logits.log_softmax(-1)  # [B, L, V]; every scored position is masked, so SUBS adds nothing
-    lp_w = (logp.gather(-1, x0[..., None])[..., 0] * chosen).sum(1) / chosen.sum(1)  # [B]
+    lp_w = (logp.gather(-1, x0[..., None])[..., 0] * chosen).sum(1) / answer.sum(1)  # [B], mean over A
     lp_l = (logp.gather(-1, y_l[..., None])[..., 0] * rejected).sum(1) / rejected.sum(1)  # [B]
     margin = cfg.b_w * lp_w - cfg.b_l * lp_l - cfg.gamma
     per_row = -F.logsigmoid(margin) - cfg.b_a * lp_w

@@ -40,12 +40,14 @@ class Perplexity:
 def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, *,
                         pad_id: int, byte_lengths: np.ndarray, eps: float, mc_samples: int = 4,
                         batch_size: int = 16, seed: int = 1234, precision: str = "fp32",
-                        soft: bool = False, loss_positions: np.ndarray | None = None) -> Perplexity:
+                        soft: bool = False, loss_positions: np.ndarray | None = None,
+                        maskable: np.ndarray | None = None) -> Perplexity:
     """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]. `soft` evaluates a
     soft-mask model through its two passes: the second pass's prediction is still a conditional
     p(x0 | x_t) (the soft inputs are a deterministic function of x_t), so the NELBO stays a bound.
     `loss_positions` [N, L] bool limits masking and scoring to those positions (instruction rows: the
-    response given its prompt); default: every non-[PAD] token."""
+    response given its prompt); default: every non-[PAD] token. `maskable` [N, L] widens where masks
+    may fall (an SFT row's [EOS] tail, masked but unscored)."""
     if len(rows) == 0:
         raise ValueError("evaluate_perplexity: no rows to evaluate")
     is_ar = model.cfg.attention == "causal"
@@ -61,6 +63,8 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
             valid = (x0 != pad_id if loss_positions is None
                      else torch.as_tensor(np.asarray(loss_positions[rows_at]), device=device))
             batch = Batch(x0, valid)
+            if maskable is not None:  # masked over `maskable` (e.g. an [EOS] tail), scored on `valid`
+                batch = Batch(x0, torch.as_tensor(np.asarray(maskable[rows_at]), device=device), None, valid)
             g = torch.Generator().manual_seed(seed * 1_000_003 + mc * 10_007 + start)
             with autocast(precision, device):
                 if is_ar:
@@ -69,7 +73,7 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
                     out = diffusion_loss(model, batch, schedule, g, (eps, 1.0), soft_p=1.0 if soft else 0.0)
             nats += out.nats
             tokens += out.tokens
-            scored = batch.valid[:, 1:] if is_ar else batch.valid
+            scored = batch.valid[:, 1:] if is_ar else batch.loss_positions
             scored_ids = (x0[:, 1:] if is_ar else x0)[scored].cpu().numpy()
             n_bytes += int(byte_lengths[scored_ids].sum())
     model.train(was_training)

@@ -13,8 +13,12 @@ from unmask.config import Config, ConfigError, replace
 from unmask.models.checkpoint import load_checkpoint
 
 # Post-training defaults on top of the checkpoint's own config (every field stays overridable).
-# R2FT keeps the SFT run's settings ("same settings", Seo et al. 2025) for a few hundred steps.
-STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50}, "r2ft": {"steps": 300}}
+# From the Conv/R2FT authors' run scripts (ALGORITHMS.md §3): AdamW with weight decay 0.1; R2FT a
+# few hundred steps inside a *fresh* 500-step warm-up, at a small fraction of SFT's learning rate,
+# so its updates stay tiny.
+STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50, "weight_decay": 0.1},
+                  "r2ft": {"steps": 300, "warmup": 500, "weight_decay": 0.1}}
+R2FT_LR_FRACTION = 0.1  # R2FT's lr = this x the SFT checkpoint's lr
 
 
 def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str | None = None,
@@ -31,4 +35,7 @@ def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str |
         base = load_checkpoint(checkpoint).config
     instruct = replace(base.instruct, stage=stage, **({"data": data} if data else {}),
                        **({"template": template} if template else {}))
-    return replace(base, instruct=instruct, train=replace(base.train, out=out, **STAGE_DEFAULTS[stage]))
+    train = replace(base.train, out=out, **STAGE_DEFAULTS[stage])
+    if stage == "r2ft":
+        train = replace(train, lr=base.train.lr * R2FT_LR_FRACTION)
+    return replace(base, instruct=instruct, train=train)
