@@ -97,8 +97,8 @@ class NoiseConfig:
     """Training range [beta, omega] of t (= mask rate for loglinear); evaluation always uses [eps, 1]."""
     clip_search: bool = False
     """Re-choose `clip` at every validation round by minimising per-block loss variance."""
-    clip_widths: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
-    """Interval widths of the search grid."""
+    clip_widths: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    """Interval widths of the search grid (the full range [0, 1] is always a candidate too)."""
     clip_grid_step: float = 0.05
     """Spacing of interval starts in the search grid."""
     clip_search_batches: int = 4

@@ -82,9 +82,10 @@ def stratified_times(n: int, lo: float, hi: float, generator: torch.Generator) -
 
 
 def clip_candidates(widths: tuple[float, ...], step: float) -> list[tuple[float, float]]:
-    """All intervals [beta, beta + width] inside [0, 1] with beta on a grid of `step`."""
+    """All intervals [beta, beta + width] inside [0, 1] with beta on a grid of `step`, plus the
+    full range [0, 1] (BD3-LM's grid: widths 0.5..0.9 by 0.1, starts every 0.05: 35 + 1 = 36)."""
     out = []
     for w in widths:
         n = int(round((1.0 - w) / step + 1e-9))
         out.extend((round(i * step, 6), round(i * step + w, 6)) for i in range(n + 1))
-    return out
+    return out if (0.0, 1.0) in out else [*out, (0.0, 1.0)]

@@ -34,5 +34,30 @@ def test_stratified_times_cover_each_stratum_once():
 
 def test_clip_grid():
     cands = clip_candidates((0.5, 0.9), 0.05)
-    assert (0.0, 0.5) in cands and (0.5, 1.0) in cands and (0.1, 1.0) in cands
-    assert all(0 <= a < b <= 1 for a, b in cands) and len(cands) == 11 + 3
+    assert (0.0, 0.5) in cands and (0.5, 1.0) in cands and (0.1, 1.0) in cands and (0.0, 1.0) in cands
+    assert all(0 <= a < b <= 1 for a, b in cands) and len(cands) == 11 + 3 + 1
+
+
+def test_the_default_clip_grid_is_bd3lms_36_intervals():
+    from unmask.config import NoiseConfig
+
+    cfg = NoiseConfig()
+    cands = clip_candidates(cfg.clip_widths, cfg.clip_grid_step)
+    widths = sorted({round(b - a, 6) for a, b in cands})
+    assert len(cands) == len(set(cands)) == 36 and widths == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert (0.0, 1.0) in cands and (0.45, 0.95) in cands and (0.3, 0.8) in cands  # the reported best two
+
+
+def test_the_full_range_can_win_the_clip_search(monkeypatch):
+    """search_clip evaluates [0, 1] like any other candidate: when its variance is lowest, it wins."""
+    import numpy as np
+
+    from unmask.config import Config
+    from unmask.training import loop
+
+    def fake_losses(model, batch, schedule, g, t_range):  # variance grows as the interval narrows
+        beta, omega = t_range
+        return torch.tensor([[0.0, 1.0 - (omega - max(beta, 1e-3))]])
+    monkeypatch.setattr(loop, "per_block_losses", fake_losses)
+    best, var = loop.search_clip(None, np.zeros((4, 8), dtype=np.int64), LogLinear(), Config(), 0, "cpu")
+    assert best == (0.0, 1.0) and var == pytest.approx(0.5 * 1e-3 ** 2, rel=1e-3)
