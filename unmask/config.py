@@ -206,6 +206,9 @@ class SoftMaskConfig:
     """Per-batch probability of the two-pass soft-masked training step (0.8 language, 0.5 code)."""
     lr: float = 1e-2
     """Learning rate of the three scalars (their own optimizer group, no weight decay)."""
+    init: Literal["ours", "reference"] = "ours"
+    """Initial w_s: ours = 0.05 (soft inputs matter from the first step); reference = 1e-6 (the
+    authors' code: training starts from plain masks and learns how much to blend)."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 0, "soft_mask.k", f"must be >= 1 (or 0 for off), got {self.k}")

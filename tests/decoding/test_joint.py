@@ -55,8 +55,8 @@ def test_kl_is_zero_when_the_sampler_is_the_full_model():
     with torch.no_grad():
         exact = adjust_kl(model, full_model_refresher(model), start, pos, tok)
         assert exact.item() == pytest.approx(0, abs=1e-6)
-        sampler = AdjustSampler(model.cfg)
-        assert adjust_kl(model, sampler.refresher(model), start, pos, tok).item() > 1e-4
+        sampler = AdjustSampler(model.cfg)  # untrained: the marginal baseline, which is not exact
+        assert adjust_kl(model, sampler.refresher(model), start, pos, tok).item() > 1e-6
 
 
 def test_sampler_is_small_and_trains_only_itself():
@@ -72,9 +72,30 @@ def test_sampler_is_small_and_trains_only_itself():
 
 
 def test_unroll_weights():
-    w = unroll_weights(4)
-    assert w.sum().item() == pytest.approx(1.0) and (w[:-1] > w[1:]).all()
+    w = unroll_weights(4)  # J = 1..3: decoding refreshes K - 1 = 3 times per full forward
+    assert len(w) == 3 and w.sum().item() == pytest.approx(1.0) and (w[:-1] > w[1:]).all()
     assert w[0] / w[1] == pytest.approx(np.exp(0.5))
+    with pytest.raises(ValueError, match="K must be >= 2"):
+        unroll_weights(1)
+
+
+def test_the_untrained_sampler_is_the_marginal_baseline_exactly():
+    """Zero output gain: the untrained sampler returns the prior, so its KL is the naive KL and its
+    decoding is token for token the marginal (no-refresh) baseline."""
+    from unmask.decoding.joint import naive_kl
+
+    model = tiny_model("bidirectional")
+    sampler = AdjustSampler(model.cfg)
+    start = torch.cat([prompts(), torch.full((4, 8), MASK)], dim=1)
+    pos = torch.tensor([[3, 5, 8], [4, 9, 10], [10, 3, 7], [6, 7, 8]])
+    tok = torch.randint(0, VOCAB - 1, (4, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = adjust_kl(model, sampler.refresher(model), start, pos, tok)
+        naive = naive_kl(model, start, pos, tok)
+    assert naive.item() > 1e-6 and ours.item() == pytest.approx(naive.item(), rel=1e-6, abs=1e-9)
+    p = prompts()
+    untrained = adjust(model, p, 12, 4, sampler.refresher(model)).tokens
+    assert torch.equal(untrained, adjust(model, p, 12, 4, None).tokens)
 
 
 def exact(model, p, G, seed=0):
@@ -131,7 +152,9 @@ def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoin
     result = train_sampler(model, checkpoints["bidirectional"], traj, traj, K=4, out=tmp_path / "s",
                            steps=30, batch_size=8, lr=3e-3, eval_every=30, progress=False)
     kls = [h["val_kl"] for h in result["history"]]
-    assert kls[-1] < kls[0]
+    naive = result["history"][0]["val_naive_kl"]  # what no refresh costs on the same windows
+    assert kls[0] == pytest.approx(naive, rel=1e-6)  # training starts at the marginal baseline ...
+    assert kls[-1] < kls[0] and "train_naive_kl" in result["history"][-1]  # ... and improves on it
     sampler, same, K = load_sampler(tmp_path / "s", checkpoints["bidirectional"])
     assert K == 4 and result["params"] < result["base_params"]
     with pytest.raises(CheckpointError, match="was trained for base"):
@@ -160,8 +183,8 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
     assert "needs --sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"),
-              "--k", "0", "--out", str(tmp_path / "bad")])
-    assert "--k must be >= 1" in capsys.readouterr().err
+              "--k", "1", "--out", str(tmp_path / "bad")])
+    assert "--k must be >= 2" in capsys.readouterr().err  # K = 1 refreshes nothing: nothing to train
 
 
 def test_bench_runs_adjust_through_the_shared_dispatch():

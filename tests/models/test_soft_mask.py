@@ -158,3 +158,14 @@ def test_cli_continued_training_takes_the_init_config(tiny_data_cfg, tiny_data, 
     main(["eval", "ppl", "--checkpoint", str(tmp_path / "sm"), "--mc-samples", "1", "--max-rows", "4"])
     out = capsys.readouterr().out
     assert "(binary masks) <=" in out and "(soft masks) <=" in out
+
+
+def test_reference_initialisation_of_w_s():
+    """--soft-mask.init reference starts w_s at the authors' ~1e-6 (plain masks at first); ours at 0.05."""
+    from unmask.config import ModelConfig
+    from unmask.models.transformer import build_model
+
+    cfg = ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=4)
+    ref = build_model(cfg, 67, 66, soft_mask_k=3, soft_mask_init="reference").soft_mask.values()["w_s"]
+    ours = build_model(cfg, 67, 66, soft_mask_k=3).soft_mask.values()["w_s"]
+    assert ref == pytest.approx(1e-6, rel=1e-3) and ours == pytest.approx(0.05, rel=1e-6)

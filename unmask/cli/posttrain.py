@@ -58,7 +58,8 @@ def cmd_posttrain_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
     r = train_sampler(loaded.model, ns.checkpoint, traj, valid, K=ns.k, out=ns.out, steps=ns.steps,
                       batch_size=ns.batch_size, lr=ns.lr)
     print(f"sampler ({r['params']:,} parameters, {100 * r['params'] / r['base_params']:.1f}% of the base) "
-          f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f}")
+          f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f} "
+          f"(no refresh: {r['history'][-1]['val_naive_kl']:.4f})")
 
 
 def add_posttrain_commands(sub) -> None:

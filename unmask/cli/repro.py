@@ -6,10 +6,17 @@ import argparse
 
 
 def cmd_repro_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
+    if ns.synthetic:  # the known-answer task: codebook chunks
+        from unmask.repro.synthetic import adjust_codebook_table, repro_adjust_codebook
+
+        print(adjust_codebook_table(repro_adjust_codebook(
+            out=ns.out or "runs/repro-adjust-codebook", trajectories=ns.trajectories, samples=ns.samples,
+            sampler_steps=ns.steps or 300)))
+        return
     from unmask.repro.adjust import adjust_table, repro_adjust
 
-    print(adjust_table(repro_adjust(out=ns.out, trajectories=ns.trajectories, samples=ns.samples,
-                                    steps=ns.steps)))
+    print(adjust_table(repro_adjust(out=ns.out or "runs/repro-adjust", trajectories=ns.trajectories,
+                                    samples=ns.samples, steps=ns.steps or 400)))
 
 
 def cmd_repro_r2ft(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -72,8 +79,10 @@ def add_repro_commands(sub) -> None:
     ra = r.add_parser("adjust", allow_abbrev=False, help="exact vs marginal vs ADJUST, MAUVE vs exact")
     ra.add_argument("--trajectories", type=int, default=512)
     ra.add_argument("--samples", type=int, default=256)
-    ra.add_argument("--steps", type=int, default=400, help="sampler training steps per K")
-    ra.add_argument("--out", default="runs/repro-adjust")
+    ra.add_argument("--steps", type=int, default=0, help="sampler training steps per K (400; 300 synthetic)")
+    ra.add_argument("--out", default=None, help="default runs/repro-adjust (-codebook with --synthetic)")
+    ra.add_argument("--synthetic", action="store_true",
+                    help="the known-answer task: synthetic:codebook, K = 2, 4, 8, chunk validity")
     ra.set_defaults(func=cmd_repro_adjust)
 
     rr = r.add_parser("r2ft", allow_abbrev=False,

@@ -6,6 +6,7 @@ Corpora:
 - a local `.txt` file (one document per file, or one per blank-line-separated paragraph), a
   `.jsonl` file with a `text` field per line, or a directory of those (searched recursively);
 - `hf:NAME[/CONFIG]`: a Hugging Face dataset through the optional `datasets` package.
+- `synthetic:NAME[,key=value...]`: a known-answer task (`codebook`, `markov`; `unmask.data.synthetic`).
 
 Every document gets a stable key (relative path, line number, ...); the train/validation/test
 split is decided by a hash of that key, so it never depends on file order or on other documents.
@@ -180,6 +181,13 @@ def load_corpus(spec: str, *, txt_documents: str = "auto", valid_fraction: float
     if spec == "stdlib" or spec.startswith("stdlib:"):
         modules = tuple(m for m in spec.removeprefix("stdlib").lstrip(":").split(",") if m)
         keyed = [(rel, _read_text(p)) for rel, p in stdlib_files(modules)]
+    elif spec.startswith("synthetic:"):
+        from unmask.data.synthetic import SyntheticError, documents
+
+        try:
+            keyed = documents(spec)
+        except SyntheticError as e:
+            raise DataError(str(e)) from e
     elif spec.startswith("hf:"):
         loaded = _hf_documents(spec)
         if isinstance(loaded, dict):

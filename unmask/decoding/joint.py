@@ -37,9 +37,28 @@ def full_model_refresher(base: Transformer) -> Refresh:
     return refresh
 
 
+def no_refresher(base: Transformer) -> Refresh:
+    """No refresh at all (the marginal baseline): the prior hidden states through the base head."""
+
+    def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return base.head(prior), prior
+
+    return refresh
+
+
 def unroll_weights(K: int) -> torch.Tensor:
-    """P(J = j) for j = 1..K: softmax(0.5^0, ..., 0.5^(K-1)) (short unrolls slightly favoured)."""
-    return torch.softmax(0.5 ** torch.arange(K, dtype=torch.float64), dim=0)
+    """P(J = j) for j = 1..K-1 (decoding refreshes K-1 times per full forward):
+    softmax(0.5^0, ..., 0.5^(K-2)), short unrolls slightly favoured."""
+    if K < 2:
+        raise ValueError(f"an ADJUST sampler refreshes K - 1 times per forward: K must be >= 2, got {K}")
+    return torch.softmax(0.5 ** torch.arange(K - 1, dtype=torch.float64), dim=0)
+
+
+def naive_kl(base: Transformer, start: torch.Tensor, reveal_pos: torch.Tensor,
+             reveal_tok: torch.Tensor) -> torch.Tensor:
+    """What no refresh costs: KL(p_full(. | x^(J)) || p_full(. | x^(0))) over positions still masked
+    in x^(J). A sampler is useful only below it."""
+    return adjust_kl(base, no_refresher(base), start, reveal_pos, reveal_tok)
 
 
 def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_pos: torch.Tensor,

@@ -42,6 +42,9 @@ class AdjustSampler(nn.Module):
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
+        # a zero gain on the output norm: the untrained sampler returns the prior hidden state, so it
+        # equals the no-refresh (marginal) baseline exactly and training can only improve on it
+        nn.init.zeros_(self.norm_out.weight)
 
     def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] (the current state), prior [B, T, D] -> refreshed hidden [B, T, D]."""

@@ -28,6 +28,9 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+W_S_INIT = {"ours": 0.05, "reference": 1e-6}  # SoftMaskConfig.init -> the initial w_s
+
+
 class SoftMask(nn.Module):
     """The three scalars and the blend. `k` is the number of predictions mixed in."""
 

@@ -18,7 +18,7 @@ from torch import nn
 from unmask.config import ModelConfig
 from unmask.models import masks
 from unmask.models.kv_cache import KVCache
-from unmask.models.soft_mask import SoftMask
+from unmask.models.soft_mask import W_S_INIT, SoftMask
 from unmask.precision import resolve_precision
 
 
@@ -104,7 +104,8 @@ class Transformer(nn.Module):
 
     subs = True  # SUBS parameterization: decoders never propose [MASK] (MDLM, BD3-LM)
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0,
+                 soft_mask_w_s: float = W_S_INIT["ours"]):
         super().__init__()
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} outside the vocabulary of size {vocab_size}")
@@ -117,7 +118,7 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
-        self.soft_mask = SoftMask(soft_mask_k, vocab_size) if soft_mask_k else None
+        self.soft_mask = SoftMask(soft_mask_k, vocab_size, w_s=soft_mask_w_s) if soft_mask_k else None
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -213,5 +214,7 @@ def autocast(precision: str, device: torch.device | str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0) -> Transformer:
-    return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k)
+def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0,
+                soft_mask_init: str = "ours") -> Transformer:
+    return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k,
+                       soft_mask_w_s=W_S_INIT[soft_mask_init])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from unmask.config import ConfigError
 from unmask.decoding.generate import generate
-from unmask.decoding.joint import adjust_kl, unroll_weights
+from unmask.decoding.joint import adjust_kl, naive_kl, unroll_weights
 from unmask.decoding.presets import build_decoder, preset_config
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler, save_sampler
@@ -133,7 +133,7 @@ def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: in
     G = traj.positions.shape[1]
     if G < K:
         raise ValueError(f"trajectories of {G} tokens are shorter than the unroll K={K}")
-    J = J or int(rng.choice(np.arange(1, K + 1), p=unroll_weights(K).numpy()))
+    J = J or int(rng.choice(np.arange(1, K), p=unroll_weights(K).numpy()))
     i = rng.integers(0, len(traj.prompts), n)
     s = rng.integers(0, G - J + 1, n)
     start = torch.as_tensor(np.stack([traj.state(a, b) for a, b in zip(i, s, strict=True)]))
@@ -149,34 +149,41 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     """Train an ADJUST sampler on windows of K + 1 consecutive trajectory states; the base stays
     frozen. Validation KL (fixed windows, each J = 1..K) is logged; the sampler is saved to `out`
     with the digest of the base weights it belongs to."""
-    if K < 1:
-        raise ConfigError(f"--k must be >= 1, got {K}")
+    if K < 2:
+        raise ConfigError(f"--k must be >= 2 (a sampler refreshes K - 1 times per full forward), got {K}")
     torch.manual_seed(seed)
     base = base.eval().requires_grad_(False)
     sampler = AdjustSampler(base.cfg)
     opt = torch.optim.AdamW(sampler.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j) for j in range(1, K + 1)]
+    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j) for j in range(1, K)]
+    with torch.no_grad():  # what no refresh costs on the same windows: the bar the sampler must beat
+        val_naive = float(np.mean([naive_kl(base, *w).item() for w in fixed]))
 
-    def validate() -> float:
+    def validate() -> dict[str, float]:
         with torch.no_grad():
-            return float(np.mean([adjust_kl(base, sampler.refresher(base), *w).item() for w in fixed]))
+            kl = float(np.mean([adjust_kl(base, sampler.refresher(base), *w).item() for w in fixed]))
+        return {"val_kl": kl, "val_naive_kl": val_naive}
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "metrics.jsonl").open("w")
-    history = [{"step": 0, "val_kl": validate()}]
+    history = [{"step": 0, **validate()}]
     log.write(json.dumps(history[-1]) + "\n")
     bar = tqdm(range(steps), desc=f"adjust sampler K={K}", unit="step", disable=not progress)
     for step in bar:
-        loss = adjust_kl(base, sampler.refresher(base), *_windows(traj, batch_size, K, rng))
+        window = _windows(traj, batch_size, K, rng)
+        loss = adjust_kl(base, sampler.refresher(base), *window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sampler.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(kl=f"{loss.item():.4f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "train_kl": loss.item(), "val_kl": validate()})
+            with torch.no_grad():
+                train_naive = naive_kl(base, *window).item()
+            history.append({"step": step + 1, "train_kl": loss.item(), "train_naive_kl": train_naive,
+                            **validate()})
             log.write(json.dumps(history[-1]) + "\n")
             log.flush()
     log.close()

@@ -137,7 +137,8 @@ def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Mod
         raise ConfigError("training on a pretrained base supports neither --train.ema nor "
                           "--dist.strategy fsdp")
     loaded = load_as_checkpoint(init, device=device, dtype="fp32" if device.type == "cpu" else "auto")
-    model = attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora).to(device).train()
+    model = attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora,
+                   soft_mask_init=cfg.soft_mask.init).to(device).train()
     info = loaded.state["pretrained"]
     model.base_ref = {"path": info["path"], "digest": info["digest"], "family": info["family"],
                       "dtype": info["dtype"]}
@@ -228,7 +229,7 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         model = on_base
     else:
         model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
-                            soft_mask_k=cfg.soft_mask.k).to(device)
+                            soft_mask_k=cfg.soft_mask.k, soft_mask_init=cfg.soft_mask.init).to(device)
     if init is not None and not resume and on_base is None:
         _load_init(model, base.model, init)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)

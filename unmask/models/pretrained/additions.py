@@ -16,18 +16,19 @@ from torch import nn
 
 from unmask.config import LoraConfig
 from unmask.models.pretrained.families import PretrainedError
-from unmask.models.soft_mask import SoftMask
+from unmask.models.soft_mask import W_S_INIT, SoftMask
 
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DIT_TARGETS = ("attn.qkv", "attn.out")
 
 
-def attach(model: nn.Module, *, soft_mask_k: int, lora: LoraConfig) -> nn.Module:
+def attach(model: nn.Module, *, soft_mask_k: int, lora: LoraConfig,
+           soft_mask_init: str = "ours") -> nn.Module:
     """Freeze `model` and add the trainable modules: SoftMask(k) and LoRA adapters of rank r."""
     model.requires_grad_(False)
     if soft_mask_k:
         device = next(model.parameters()).device
-        model.soft_mask = SoftMask(soft_mask_k, model.vocab_size).to(device)
+        model.soft_mask = SoftMask(soft_mask_k, model.vocab_size, w_s=W_S_INIT[soft_mask_init]).to(device)
     if lora.r:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model
