@@ -1,5 +1,6 @@
 import time
 
+import pytest
 import torch
 
 from unmask.bench.training import bench_train, bench_train_report, matmul_peak
@@ -41,3 +42,15 @@ def test_matmul_peak_keeps_to_its_time_budget():
         assert matmul_peak(dtype, budget_s=0.05) > 0
         # a budget, not a size: even emulated bf16 (~0.6 GFLOP/s) stops within a few budgets
         assert time.perf_counter() - t < 3.0
+
+
+def test_preset_specs_carry_field_overrides():
+    from unmask.bench.sampling import preset_spec
+    from unmask.config import ConfigError
+
+    cfg = preset_spec("fast-dllm:cache=dual:threshold=0.5", steps=8)
+    assert (cfg.preset, cfg.cache, cfg.threshold, cfg.steps) == ("fast-dllm", "dual", 0.5, 8)
+    with pytest.raises(ConfigError, match="NAME:field=value"):
+        preset_spec("fast-dllm:dual")
+    with pytest.raises(ConfigError, match="unknown decode field"):
+        preset_spec("llada:cachee=none")
