@@ -34,7 +34,14 @@ def cmd_repro_soft_mask(ns: argparse.Namespace, rest: list[str]) -> None:
 
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask repro soft-mask`: {' '.join(rest)}")
-    print(soft_mask_table(repro_soft_mask(out=ns.out, steps=ns.steps, samples=ns.samples)))
+    if ns.synthetic:  # the known-answer task: a sparse Markov chain
+        from unmask.repro.synthetic import repro_soft_mask_markov, soft_mask_markov_table
+
+        print(soft_mask_markov_table(repro_soft_mask_markov(out=ns.out or "runs/repro-soft-mask-markov",
+                                                            steps=ns.steps or 300, samples=ns.samples or 64)))
+        return
+    print(soft_mask_table(repro_soft_mask(out=ns.out or "runs/repro-soft-mask", steps=ns.steps or 500,
+                                          samples=ns.samples or 128)))
 
 
 def cmd_repro(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -72,9 +79,11 @@ def add_repro_commands(sub) -> None:
                     help="unconditional samples per arm for the sampling comparison (0 skips it)")
     rb.set_defaults(func=cmd_repro)
     rs = r.add_parser("soft-mask", allow_abbrev=False, help="binary vs soft-masked continued training")
-    rs.add_argument("--steps", type=int, default=500, help="continued-training updates (iso-update)")
-    rs.add_argument("--samples", type=int, default=128, help="held-out prompts for the sample metrics")
-    rs.add_argument("--out", default="runs/repro-soft-mask")
+    rs.add_argument("--steps", type=int, default=0, help="continued-training updates (500; 300 synthetic)")
+    rs.add_argument("--samples", type=int, default=0, help="held-out prompts (128; 64 synthetic)")
+    rs.add_argument("--out", default=None, help="default runs/repro-soft-mask (-markov with --synthetic)")
+    rs.add_argument("--synthetic", action="store_true",
+                    help="the known-answer task: synthetic:markov, forbidden bigrams at 1-16 tokens/step")
     rs.set_defaults(func=cmd_repro_soft_mask)
     ra = r.add_parser("adjust", allow_abbrev=False, help="exact vs marginal vs ADJUST, MAUVE vs exact")
     ra.add_argument("--trajectories", type=int, default=512)
