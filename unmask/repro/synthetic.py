@@ -22,6 +22,16 @@ from unmask.config_io import load_config
 from unmask.models.checkpoint import load_checkpoint
 from unmask.repro.common import train_or_reuse
 
+
+def _train_base(spec: str, out: str, *, seq_len: int, steps: int, progress: bool):
+    """The tiny MDLM of `tiny-mdlm` trained on a synthetic corpus into `out/base` (reused when there)."""
+    cfg = load_config("tiny-mdlm")
+    train = replace(cfg.train, steps=steps, batch_size=32, out=f"{out}/base", eval_every=500, save_every=500)
+    cfg = replace(cfg, data=replace(cfg.data, corpus=spec, seq_len=seq_len, vocab_size=512), train=train)
+    train_or_reuse(cfg, progress=progress)
+    return cfg, cfg.train.out
+
+
 CODEBOOK = "synthetic:codebook,codewords=16,chunk=4,alphabet=24,docs=4000,length=16"
 
 
@@ -45,16 +55,7 @@ def repro_adjust_codebook(
     from unmask.models.adjust_sampler import load_sampler
     from unmask.training.adjust import generate_trajectories, split_trajectories, train_sampler
 
-    cfg = load_config("tiny-mdlm")
-    cfg = replace(
-        cfg,
-        data=replace(cfg.data, corpus=spec, seq_len=32, vocab_size=512),
-        train=replace(
-            cfg.train, steps=train_steps, batch_size=32, out=f"{out}/base", eval_every=500, save_every=500
-        ),
-    )
-    train_or_reuse(cfg, progress=progress)
-    base = f"{out}/base"
+    cfg, base = _train_base(spec, out, seq_len=32, steps=train_steps, progress=progress)
     loaded = load_checkpoint(base)
     model, tok = loaded.model, loaded.tokenizer
     G = cfg.data.seq_len - 1
@@ -189,16 +190,7 @@ def repro_soft_mask_markov(
     from unmask.repro.common import continue_training
     from unmask.schedules import build_schedule
 
-    cfg = load_config("tiny-mdlm")
-    cfg = replace(
-        cfg,
-        data=replace(cfg.data, corpus=spec, seq_len=64, vocab_size=512),
-        train=replace(
-            cfg.train, steps=base_steps, batch_size=32, out=f"{out}/base", eval_every=500, save_every=500
-        ),
-    )
-    train_or_reuse(cfg, progress=progress)
-    base = f"{out}/base"
+    cfg, base = _train_base(spec, out, seq_len=64, steps=base_steps, progress=progress)
     arms = {
         "binary": SoftMaskConfig(),
         "soft k=3 (ours init)": SoftMaskConfig(k=3, p=0.8),

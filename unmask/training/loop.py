@@ -40,7 +40,8 @@ from unmask.models.checkpoint import (
 from unmask.models.pretrained.load import is_pretrained_dir
 from unmask.models.transformer import Transformer, autocast, build_model
 from unmask.precision import resolve_precision
-from unmask.schedules import NoiseSchedule, build_schedule, clip_candidates
+from unmask.schedules import NoiseSchedule, build_schedule
+from unmask.training.clip_search import search_clip
 from unmask.training.distributed import (
     Objective,
     full_model_state,
@@ -57,7 +58,6 @@ from unmask.training.objectives import (
     LossOutput,
     ar_loss,
     diffusion_loss,
-    per_block_losses,
     r2ft_loss,
     sft_loss,
 )
@@ -102,26 +102,6 @@ def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg
     soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
     return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p,
                           rows=rows)
-
-
-def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, cfg: Config,
-                pad_id: int, device: torch.device) -> tuple[tuple[float, float], float]:
-    """The clipped range whose per-(row, block) loss variance on validation batches is smallest."""
-    candidates = clip_candidates(cfg.noise.clip_widths, cfg.noise.clip_grid_step)
-    best, best_var = (0.0, 1.0), math.inf
-    n = min(len(rows), cfg.noise.clip_search_batches * cfg.train.batch_size)
-    with torch.no_grad(), autocast(cfg.train.precision, device):
-        for beta, omega in candidates:
-            losses = []
-            for start in range(0, n, cfg.train.batch_size):
-                x0 = torch.as_tensor(np.asarray(rows[start:start + cfg.train.batch_size]), device=device)
-                g = torch.Generator().manual_seed(cfg.train.seed + start)
-                t_range = (max(beta, cfg.noise.eps), omega)
-                losses.append(per_block_losses(model, Batch(x0, x0 != pad_id), schedule, g, t_range))
-            var = float(torch.cat([x.flatten() for x in losses]).float().var())
-            if var < best_var:
-                best, best_var = (beta, omega), var
-    return best, best_var
 
 
 def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Module, Any]:
