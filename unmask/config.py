@@ -336,8 +336,13 @@ class DecodeConfig:
     inputs: Literal["binary", "soft"] = "binary"
     """What still-masked positions feed the model: the [MASK] embedding, or the soft-mask blend
     of the previous call's predictions (needs a model trained with --soft-mask.k)."""
-    k: int = 4
-    """ADJUST / marginal presets: tokens decoded per full forward."""
+    rounds: int = 1
+    """Commit rounds per full forward (ADJUST's K tokens per forward): the decoder steps this many
+    times on one forward's output, `refresh` updating the distributions in between. `steps`
+    counts rounds, so a block of S steps costs ceil(S / rounds) forwards."""
+    refresh: Literal["none", "sampler", "model"] = "none"
+    """Between two rounds: nothing (the marginal baseline), the ADJUST sampler layer (`--sampler
+    DIR`), or a new full forward (exact, as rounds = 1; a check, it saves nothing)."""
     soft_schedule: Literal["none", "linear", "stepwise"] = "none"
     """Soft inputs: scale w_s by 1, by the masked fraction, or by (masked fraction > 1/2)."""
 
@@ -352,7 +357,7 @@ class DecodeConfig:
         _check(0 <= self.threshold <= 1, "decode.threshold", f"must be in [0, 1], got {self.threshold}")
         _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
-        _check(self.k >= 1, "decode.k", f"must be >= 1, got {self.k}")
+        _check(self.rounds >= 1, "decode.rounds", f"must be >= 1, got {self.rounds}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,6 @@ from conftest import MASK, VOCAB, tiny_model
 from unmask.decoding.generate import DecodeError, completions, generate
 from unmask.decoding.presets import PRESETS, build_decoder, preset_config
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import JOINT_PRESETS
 from unmask.schedules import LogLinear
 
 EOS = 5
@@ -36,7 +35,7 @@ def run(model, preset, *, prompt=None, template=None, seed=0, rows=None, eos=Non
     states = list(generate(model, decoder, prompt=prompt, template=template,
                            max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, block_len=cfg.block_len,
                            cache=cfg.cache, eos_id=eos, eos_fill=cfg.eos_fill,
-                           generators=gens))
+                           generators=gens, rounds=cfg.rounds))
     return states
 
 
@@ -46,7 +45,8 @@ def prompt_batch(B=3, P=6, seed=0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in JOINT_PRESETS])  # joint: test_joint
+# presets that need a trained ADJUST sampler: tests/decoding/test_rounds.py
+@pytest.mark.parametrize("preset", [p for p in PRESETS if PRESETS[p].get("refresh") != "sampler"])
 def test_contract(kind, preset):
     model = CountingModel(tiny_model(kind, block_size=4))
     prompt = prompt_batch()

@@ -7,12 +7,14 @@ import pytest
 import torch
 from conftest import MASK, VOCAB, tiny_model
 
+from unmask.config import ConfigError
 from unmask.decoding.joint import (
-    adjust_generate,
     adjust_kl,
     full_model_refresher,
+    joint_generate,
     unroll_weights,
 )
+from unmask.decoding.refresh import FullModel, Marginal, SamplerRefresh
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler
 from unmask.training.adjust import generate_trajectories, load_trajectories
@@ -94,8 +96,8 @@ def test_the_untrained_sampler_is_the_marginal_baseline_exactly():
         naive = naive_kl(model, start, pos, tok)
     assert naive.item() > 1e-6 and ours.item() == pytest.approx(naive.item(), rel=1e-6, abs=1e-9)
     p = prompts()
-    untrained = adjust(model, p, 12, 4, sampler.refresher(model)).tokens
-    assert torch.equal(untrained, adjust(model, p, 12, 4, None).tokens)
+    untrained = adjust(model, p, 12, 4, SamplerRefresh(sampler)).tokens
+    assert torch.equal(untrained, adjust(model, p, 12, 4, Marginal()).tokens)
 
 
 def exact(model, p, G, seed=0):
@@ -108,57 +110,60 @@ def exact(model, p, G, seed=0):
                                 eos_fill=False, generators=row_generators(seed, range(len(p)))))
 
 
-def adjust(model, p, G, K, refresh, seed=0, block_len=0):
+def adjust(model, p, G, K, refresher, seed=0, block_len=0):
     from unmask.decoding.generate import final_state
 
-    return final_state(adjust_generate(model, p, max_new_tokens=G, K=K, refresh=refresh, block_len=block_len,
-                                       generators=row_generators(seed, range(len(p)))))
+    return final_state(joint_generate(model, p, max_new_tokens=G, K=K, refresher=refresher,
+                                      block_len=block_len, generators=row_generators(seed, range(len(p)))))
 
 
 def test_k1_is_exact_sequential_sampling_and_full_refresh_is_exact_for_any_k():
     model = tiny_model("bidirectional")
     p = prompts()
     reference = exact(model, p, 12)
-    assert torch.equal(adjust(model, p, 12, 1, None).tokens, reference.tokens)
+    assert torch.equal(adjust(model, p, 12, 1, Marginal()).tokens, reference.tokens)
     for K in (2, 4, 8):
-        full = adjust(model, p, 12, K, full_model_refresher(model))
+        full = adjust(model, p, 12, K, FullModel())
         assert torch.equal(full.tokens, reference.tokens)
-        assert full.nfe == -(-12 // K) and full.commit_passes == 12 - full.nfe
+        assert full.nfe == 12 and full.refresh_passes == 0  # each refresh is a full forward
 
 
 def test_marginal_baseline_and_sampler_counts():
     model = tiny_model("bidirectional")
     p = prompts()
-    marginal = adjust(model, p, 12, 4, None)
-    assert not (marginal.tokens == MASK).any() and marginal.nfe == 3 and marginal.commit_passes == 0
+    marginal = adjust(model, p, 12, 4, Marginal())
+    assert not (marginal.tokens == MASK).any() and marginal.nfe == 3 and marginal.refresh_passes == 0
     sampler = AdjustSampler(model.cfg)
-    with_sampler = adjust(model, p, 12, 4, sampler.refresher(model))
-    assert with_sampler.nfe == 3 and with_sampler.commit_passes == 9
-    blocks = adjust(model, p, 12, 4, sampler.refresher(model), block_len=4)
+    with_sampler = adjust(model, p, 12, 4, SamplerRefresh(sampler))
+    assert with_sampler.nfe == 3 and with_sampler.refresh_passes == 9
+    blocks = adjust(model, p, 12, 4, SamplerRefresh(sampler), block_len=4)
     assert blocks.nfe == 3 and not (blocks.tokens == MASK).any()
-    with pytest.raises(ValueError, match="K must be >= 1"):
-        adjust(model, p, 12, 0, None)
+    with pytest.raises(ConfigError, match="--decode.rounds: must be >= 1"):
+        adjust(model, p, 12, 0, Marginal())
 
 
-def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoints, tmp_path):
+@pytest.mark.parametrize("kind", ["bidirectional", "block_causal"])
+def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoints, tmp_path, kind):
     from unmask.models.adjust_sampler import load_sampler
     from unmask.models.checkpoint import CheckpointError, load_checkpoint
     from unmask.training.adjust import train_sampler
 
-    base = load_checkpoint(checkpoints["bidirectional"])
+    base = load_checkpoint(checkpoints[kind])
     model = base.model
     bos = torch.full((24, 1), base.tokenizer.bos_id)
-    traj = generate_trajectories(model, bos, tmp_path / "traj", new_tokens=12, batch_size=12, progress=False)
-    result = train_sampler(model, checkpoints["bidirectional"], traj, traj, K=4, out=tmp_path / "s",
+    traj = generate_trajectories(model, bos, tmp_path / "traj", new_tokens=15, batch_size=12, progress=False)
+    assert (np.sort(traj.positions, 1) == np.arange(1, 16)).all()  # every position revealed once
+    result = train_sampler(model, checkpoints[kind], traj, traj, K=4, out=tmp_path / "s",
                            steps=30, batch_size=8, lr=3e-3, eval_every=30, progress=False)
     kls = [h["val_kl"] for h in result["history"]]
     naive = result["history"][0]["val_naive_kl"]  # what no refresh costs on the same windows
     assert kls[0] == pytest.approx(naive, rel=1e-6)  # training starts at the marginal baseline ...
     assert kls[-1] < kls[0] and "train_naive_kl" in result["history"][-1]  # ... and improves on it
-    sampler, same, K = load_sampler(tmp_path / "s", checkpoints["bidirectional"])
+    sampler, same, K = load_sampler(tmp_path / "s", checkpoints[kind])
     assert K == 4 and result["params"] < result["base_params"]
+    other = "block_causal" if kind == "bidirectional" else "bidirectional"
     with pytest.raises(CheckpointError, match="was trained for base"):
-        load_sampler(tmp_path / "s", checkpoints["block_causal"])
+        load_sampler(tmp_path / "s", checkpoints[other])
 
 
 def test_posttrain_cli(checkpoints, tmp_path, capsys):
@@ -172,11 +177,11 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "10 trajectories of 8 tokens" in out and "validation KL" in out
     sample = ["sample", "--checkpoint", ckpt, "--max-new-tokens", "8", "--num-samples", "2"]
-    main(sample + ["--sampler", str(tmp_path / "s"), "--preset", "adjust", "--decode.k", "2",
+    main(sample + ["--sampler", str(tmp_path / "s"), "--preset", "adjust", "--decode.rounds", "2",
                    "--output", str(tmp_path / "a.jsonl")])
     records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["nfe"] == 4 for r in records)  # 8 tokens, 2 per forward
-    main(sample + ["--preset", "marginal", "--decode.k", "4", "--output", str(tmp_path / "m.jsonl")])
+    main(sample + ["--preset", "marginal", "--decode.rounds", "4", "--output", str(tmp_path / "m.jsonl")])
     assert all(json.loads(x)["nfe"] == 2 for x in (tmp_path / "m.jsonl").read_text().splitlines())
     with pytest.raises(SystemExit):
         main(sample + ["--preset", "adjust"])
@@ -194,7 +199,21 @@ def test_bench_runs_adjust_through_the_shared_dispatch():
 
     model = tiny_model("bidirectional")
     sampler = AdjustSampler(model.cfg)
-    cfg = preset_config("adjust", k=4, max_new_tokens=8)
+    cfg = preset_config("adjust", rounds=4, max_new_tokens=8, steps=8)
     r = run_decode(model, cfg, prompts(), batch_size=2, seed=0, eos_id=None, schedule=LogLinear(),
                    sampler=sampler)
-    assert r["nfe"] == 2 * 2 and r["commit_passes"] == 2 * 6  # per batch: 2 forwards, 6 sampler passes
+    assert r["nfe"] == 2 * 2 and r["refresh_passes"] == 2 * 6  # per batch: 2 forwards, 6 sampler passes
+
+
+def test_block_causal_windows_stay_in_one_block():
+    from unmask.training.adjust import Trajectories, _windows
+
+    rng = np.random.default_rng(0)  # positions 1..15 revealed block by block (blocks of 4 from 0)
+    blocks = [np.arange(1, 4), np.arange(4, 8), np.arange(8, 12), np.arange(12, 16)]
+    order = np.stack([np.concatenate([rng.permutation(b) for b in blocks]) for _ in range(6)])
+    traj = Trajectories(np.zeros((6, 1), dtype=np.int64), order, np.ones_like(order), MASK)
+    for J in (1, 2, 3):
+        _, pos, _ = _windows(traj, 64, 4, np.random.default_rng(J), J=J, block_size=4)
+        assert (pos // 4 == pos[:, :1] // 4).all()
+    with pytest.raises(ValueError, match="cannot fit in a block"):
+        _windows(traj, 4, 8, rng, block_size=4)

@@ -10,7 +10,7 @@ from pretrained_layouts import BLOCK, FAMILIES, write_family, write_gpt2_like_to
 from unmask.decoding.generate import DecodeError, final_state, generate
 from unmask.decoding.presets import PRESETS, build_decoder, preset_config
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import JOINT_PRESETS, decode_states, sample
+from unmask.decoding.sample import decode_states, sample
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.pretrained.families import PretrainedError
 from unmask.schedules import LogLinear
@@ -114,7 +114,7 @@ def test_bidirectional_caches_equal_the_full_pass_on_an_unchanged_canvas(family_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p not in JOINT_PRESETS])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if PRESETS[p].get("refresh") != "sampler"])
 def test_every_preset_on_every_family(family_dirs, family, preset):
     model = load(family_dirs, family).model
     prompt = tokens(B=2, T=5, seed=1)
@@ -130,6 +130,7 @@ def test_every_preset_on_every_family(family_dirs, family, preset):
                 block_len=cfg.block_len if cfg.block_len <= 8 else 8,
                 cache=cfg.cache,
                 generators=row_generators(3, [0, 1]),
+                rounds=cfg.rounds,
             )
         )
         for _ in range(2)
@@ -588,7 +589,7 @@ def test_adjust_sampler_trains_on_a_pretrained_directory_and_is_tied_to_its_weig
         loaded.model,
         loaded.tokenizer,
         ["w1 w2"],
-        preset_config("adjust", max_new_tokens=8, k=2),
+        preset_config("adjust", max_new_tokens=8, steps=8, rounds=2),
         LogLinear(),
         sampler=sampler,
     )

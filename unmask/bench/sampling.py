@@ -56,7 +56,7 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
     from unmask.evaluation.metrics import rep_n, unigram_entropy
 
     timed = TimedModel(model)
-    outs, nfe, commits, row_forwards = [], 0, 0, 0
+    outs, nfe, commits, refreshes, row_forwards = [], 0, 0, 0, 0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -66,6 +66,7 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
         outs.extend(completions(state, eos_id))
         nfe += state.nfe
         commits += state.commit_passes
+        refreshes += state.refresh_passes
         row_forwards += state.nfe * len(chunk)
     seconds = time.perf_counter() - t0
     new_tokens = sum(len(o) for o in outs)
@@ -75,7 +76,7 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
         "overhead_fraction": 1 - timed.seconds / seconds,
         "tokens_per_s": new_tokens / seconds,
         "tokens_per_s_with_prompt": (new_tokens + prompt_tokens) / seconds,
-        "nfe": nfe, "commit_passes": commits, "new_tokens": new_tokens,
+        "nfe": nfe, "commit_passes": commits, "refresh_passes": refreshes, "new_tokens": new_tokens,
         "tokens_per_forward": new_tokens / max(row_forwards, 1),
         "entropy": statistics.mean(unigram_entropy(o) for o in outs),
         "rep4": statistics.mean(rep_n(o, 4) for o in outs),

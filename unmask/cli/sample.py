@@ -28,7 +28,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     if ns.sampler:
         from unmask.models.adjust_sampler import load_sampler
 
-        sampler = load_sampler(ns.sampler, ns.checkpoint)[0]
+        sampler = load_sampler(ns.sampler, ns.checkpoint)[0].to(next(model.parameters()).device)
     if ns.compile:
         model.compile_blocks()
     max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
@@ -85,6 +85,7 @@ def add_sample_command(sub) -> None:
                    help="longest canvas allowed (default: training length for bidirectional models)")
     s.add_argument("--stream", action="store_true", help="show the canvas filling in")
     s.add_argument("--compile", action="store_true", help="torch.compile the model's blocks first")
-    s.add_argument("--sampler", help="ADJUST sampler directory (with --preset adjust)")
+    s.add_argument("--sampler",
+                   help="ADJUST sampler directory (with --preset adjust, or --decode.refresh sampler)")
     s.add_argument("--output", help="write JSONL records here instead of printing text")
     s.set_defaults(func=cmd_sample)

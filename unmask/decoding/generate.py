@@ -14,6 +14,12 @@ One loop serves every model kind and every decoder:
   cached K/V go stale as later tokens change). EOS-fill after each step.
 - causal (AR): one token per call with the exact KV cache; only the decoder's proposal is used.
 
+With `rounds` R > 1 each full forward is followed by R commit rounds (decoder steps), a
+`refresher` updating the distributions in between (ADJUST's sampler, none for the marginal
+baseline, the model itself for the exact check); `steps` counts rounds, so a block of S steps
+costs ceil(S / R) forwards. Rounds compose with every score, gate, selector, input policy and
+cache above.
+
 If a step changes no token, the next step reuses the previous output (no new call, MDLM caching).
 Randomness comes from per-row generators, so a row's output does not depend on its batch-mates.
 The loop runs under `torch.inference_mode()`.
@@ -26,9 +32,11 @@ from collections.abc import Iterator
 
 import torch
 
+from unmask.decoding.caller import Caller
 from unmask.decoding.decoder import Decoder
 from unmask.decoding.inputs import BinaryInputs
 from unmask.decoding.proposals import Distribution
+from unmask.decoding.refresh import Marginal, Refresher, SamplerRefresh, View
 from unmask.decoding.rng import row_uniform
 from unmask.decoding.state import DecodeState
 from unmask.models.kv_cache import KVCache
@@ -42,6 +50,7 @@ CACHES = {
     "bidirectional": {"auto": "none", "none": "none", "prefix": "prefix", "dual": "dual"},
 }
 ENTROPY_WINDOW = 256
+NO_REFRESH = Marginal()
 
 
 class DecodeError(ValueError):
@@ -90,13 +99,15 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
              eos_fill: bool = True, stop_entropy: float = 0.0, max_len: int | None = None,
              generators: list[torch.Generator], precision: str = "fp32",
              prompt_mask: torch.Tensor | None = None, cfg_scale: float = 0.0,
-             ban_ids: tuple[int, ...] = (), defer_ids: tuple[int, ...] = ()) -> Iterator[DecodeState]:
+             ban_ids: tuple[int, ...] = (), defer_ids: tuple[int, ...] = (), rounds: int = 1,
+             refresher: Refresher = NO_REFRESH) -> Iterator[DecodeState]:
     """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
     models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
     `max_len` is the longest canvas the model allows (None: no limit). `prompt_mask` [B, P]
     (True = real token) marks left padding in a batch of unequal prompts (bidirectional models);
     `cfg_scale` > 0 adds classifier-free guidance (no KV cache). `ban_ids` are never proposed
-    (their logits are -inf); `defer_ids` proposals rank last (confidence -inf)."""
+    (their logits are -inf); `defer_ids` proposals rank last (confidence -inf). `rounds` commit
+    rounds follow each full forward, `refresher` updating the logits between them."""
     kind = model.cfg.attention
     if (prompt is None) == (template is None):
         raise DecodeError("pass exactly one of prompt= or template=")
@@ -140,65 +151,45 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
     if cfg_scale > 0 and (cache != "none" or prompt is None or kind == "causal"):
         raise DecodeError("classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
                           "--decode.cache none (the unconditional copy has no cache of its own)")
+    if rounds < 1:
+        raise DecodeError(f"rounds must be >= 1, got {rounds}")
+    if rounds > 1 and kind == "causal":
+        raise DecodeError("commit rounds per forward (rounds > 1, ADJUST) need a diffusion model; a causal "
+                          "model decodes one token per call")
+    if isinstance(refresher, SamplerRefresh) and cfg_scale > 0:
+        raise DecodeError("the ADJUST sampler refreshes the conditional hidden states only; it does not "
+                          "combine with classifier-free guidance (cfg_scale > 0)")
     loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
     with torch.inference_mode(), autocast(precision, given.device):
         yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
                         steps=steps, block_len=block_len, cache=cache, eos_id=eos_id,
                         eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators,
                         prompt_mask=prompt_mask, cfg_scale=cfg_scale, ban_ids=tuple(ban_ids),
-                        defer_ids=tuple(defer_ids))
+                        defer_ids=tuple(defer_ids), rounds=rounds, refresher=refresher)
 
 
-class _Caller:
-    """Calls the model, counting NFE, and reuses the last output when its input is unchanged.
-
-    `key_mask` [B, T] hides left padding. With `cfg_scale` s > 0 (classifier-free guidance, as in
-    LLaDA's reference) each call also runs an unconditional copy whose prompt positions are
-    [MASK], in the same batch, and returns `un + (s + 1) (cond - un)`.
-    """
-
-    def __init__(self, model: Transformer, decoder: Decoder, *, key_mask: torch.Tensor | None = None,
-                 cfg_scale: float = 0.0, prompt_len: int = 0, ban_ids: tuple[int, ...] = ()):
-        self.model, self.decoder, self.ban_ids = model, decoder, list(ban_ids)
-        self.reusable = isinstance(decoder.inputs, BinaryInputs)
-        self.last: tuple[torch.Tensor, int, torch.Tensor] | None = None
-        self.nfe = 0
-        self.key_mask, self.cfg_scale, self.prompt_len = key_mask, cfg_scale, prompt_len
-
-    def _forward(self, inputs: dict[str, torch.Tensor], cache: KVCache | None, start: int) -> torch.Tensor:
-        extra = {} if self.key_mask is None else {"key_mask": self.key_mask}
-        if self.cfg_scale <= 0:
-            return self.model(**inputs, cache=cache, **extra).logits
-        n = max(0, min(self.prompt_len - start, next(iter(inputs.values())).shape[1]))
-        both = {}
-        for name, x in inputs.items():  # the unconditional copy: prompt positions masked
-            un = x.clone()
-            if name == "tokens":
-                un[:, :n] = self.model.mask_id
-            else:
-                masks = torch.full(un.shape[:1] + (n,), self.model.mask_id, device=un.device)
-                un[:, :n] = self.model.embed(masks)
-            both[name] = torch.cat([x, un])
-        if self.key_mask is not None:
-            extra = {"key_mask": torch.cat([self.key_mask, self.key_mask])}
-        cond, un = self.model(**both, cache=cache, **extra).logits.chunk(2)
-        return un + (self.cfg_scale + 1) * (cond - un)
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
-                 state: DecodeState) -> torch.Tensor:
-        """Logits for `tokens` [B, T] placed at canvas position `start`."""
-        last = self.last
-        if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
-            return last[2]
-        logits = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
-        if self.ban_ids:
-            logits[..., self.ban_ids] = -torch.inf
-        self.nfe += 1
-        self.last = (tokens, key, logits)
-        return logits
-
-    def forget(self) -> None:
-        self.last = None
+def _rounds(model, decoder, state: DecodeState, forward, call: Caller, generators, *, rounds: int,
+            refresher: Refresher, after=None) -> Iterator[DecodeState]:
+    """One full forward, then up to `rounds` commit rounds (decoder steps), the view refreshed
+    between two rounds; yields each round's state and returns the last. `forward(state)` -> View."""
+    lo, hi = state.window
+    view = forward(state)
+    for r in range(rounds):
+        logits = view.logits[:, lo - view.start:hi - view.start]  # [B, W, V] the window's
+        state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
+        if after is not None:
+            state = after(state)
+        yield state
+        if r + 1 == rounds or state.step >= state.steps or not state.masked.any():
+            break
+        n = view.logits.shape[1]
+        view = refresher(model, state.tokens[:, view.start:view.start + n], view,
+                         lambda state=state: forward(state))
+        if refresher.cost == "pass":
+            if call.ban_ids:
+                view.logits[..., call.ban_ids] = -torch.inf
+            state = state.advance(refresh_passes=state.refresh_passes + 1)
+    return state
 
 
 def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +199,8 @@ def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
+                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids, rounds,
+                refresher):
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
@@ -217,7 +209,7 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
     n_blocks = math.ceil((cap - start) / Lb)
     block_steps = Lb if _until_done(decoder) else max(1, round(steps * Lb / max_new_tokens))
     kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
-    call = _Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
+    call = Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
     commits = 0
     if kv is not None and start > 0:
         model(prompt[:, :start], cache=kv)
@@ -237,15 +229,16 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
         fixed = torch.cat([state.fixed, state.finished[:, None].expand(B, new)], dim=1)
         state = state.advance(tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0,
                               prev_logits=None)
-        for _ in range(block_steps):
-            if not state.masked.any():
-                break
+
+        def forward(state, block=block, lo=lo, hi=hi) -> View:  # the active block's output
             if kv is not None:
-                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
-            else:
-                logits = call(state.tokens[:, :hi], None, block, 0, state)[:, lo:hi]
-            state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
-            yield state
+                return call(state.tokens[:, lo:hi], kv, block, lo, state)
+            view = call(state.tokens[:, :hi], None, block, 0, state)
+            return View(lo, view.logits[:, lo:hi], view.hidden[:, lo:hi])
+
+        while state.step < block_steps and state.masked.any():
+            state = yield from _rounds(model, decoder, state, forward, call, generators, rounds=rounds,
+                                       refresher=refresher)
         if kv is not None:  # append the finished block's clean K/V
             model(state.tokens[:, lo:hi], cache=kv)
             kv.commit(Lb)
@@ -272,7 +265,8 @@ def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, voc
 
 
 def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, block_len, cache,
-                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
+                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids,
+                 rounds, refresher):
     B = given.shape[0]
     device = given.device
     if is_prompt:
@@ -291,39 +285,43 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
     if prompt_mask is not None:
         generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
         key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
-    call = _Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
+    call = Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
     state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model),
                         deferred=defer_ids, prompt_len=P,
                         window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
                         finished=torch.zeros(B, dtype=torch.bool, device=device))
+    after = (lambda s: _eos_fill(s, eos_id)) if eos_fill and eos_id is not None else None
     for block in range(n_blocks):
         lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
         state = state.advance(window=(lo, hi), block=block, step=0, prev_logits=None)
         kv = _new_cache(model, B, T, device) if cache != "none" else None
         call.forget()
-        for k in range(block_steps):
-            if not state.masked.any():
-                break
+        forwards = [0]  # calls in this block: the first with a cache refreshes it
+
+        def forward(state, block=block, lo=lo, hi=hi, kv=kv, forwards=forwards) -> View:
+            forwards[0] += 1
             if kv is None:
-                logits = call(state.tokens, None, block, 0, state)[:, lo:hi]
-            elif k == 0:  # refresh: a full pass that also fills the cache
-                logits = call(state.tokens, kv, -1, 0, state)[:, lo:hi]
+                return call(state.tokens, None, block, 0, state)
+            if forwards[0] == 1:  # refresh: a full pass that also fills the cache
+                view = call(state.tokens, kv, -1, 0, state)
                 kv.commit(lo if cache == "prefix" else T)
-            elif cache == "prefix":
-                logits = call(state.tokens[:, lo:], kv, block, lo, state)[:, : hi - lo]
-            else:  # dual: rewrite the active block's K/V in place; the suffix stays cached
-                kv.seek(lo)
-                logits = call(state.tokens[:, lo:hi], kv, block, lo, state)
-                kv.seek(None)
-            state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
-            if eos_fill and eos_id is not None:
-                state = _eos_fill(state, eos_id)
-            yield state
+                return view
+            if cache == "prefix":
+                return call(state.tokens[:, lo:], kv, block, lo, state)
+            kv.seek(lo)  # dual: rewrite the active block's K/V in place; the suffix stays cached
+            view = call(state.tokens[:, lo:hi], kv, block, lo, state)
+            kv.seek(None)
+            return view
+
+        while state.step < block_steps and state.masked.any():
+            state = yield from _rounds(model, decoder, state, forward, call, generators, rounds=rounds,
+                                       refresher=refresher, after=after)
     yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
 
 
 def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids):
+             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids, rounds,
+             refresher):
     B, P = prompt.shape
     device = prompt.device
     kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None

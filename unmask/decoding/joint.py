@@ -7,7 +7,8 @@ distributions after each decoded token at the cost of one small layer instead of
     h_j = RMSNorm(Block(Linear([RMSNorm(embed(x^(j))) ; RMSNorm(h_{j-1})]))) + h_{j-1}
     q_j = LM_head(h_j)                    (the frozen base model's embedding and head)
 
-with h_0 the full model's final hidden states (the layer: `unmask.models.adjust_sampler`).
+with h_0 the full model's final hidden states (the layer: `unmask.models.adjust_sampler`; in
+decoding it is one of `generate()`'s refreshers, `unmask.decoding.refresh`).
 Only the sampler trains. Its objective: forward
 KL(p_full(. | x^(J)) || q(. | x^(J))) over the positions still masked in x^(J), after J refreshes
 along the base model's own one-token-per-forward trajectory.
@@ -20,11 +21,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from unmask.decoding.proposals import Distribution, Sample
-from unmask.decoding.rng import row_uniform
+from unmask.decoding.generate import generate
+from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.refresh import Refresher
 from unmask.decoding.state import DecodeState
 from unmask.models.adjust_sampler import Refresh
 from unmask.models.transformer import Transformer
+from unmask.schedules import LogLinear
 
 
 def full_model_refresher(base: Transformer) -> Refresh:
@@ -66,7 +69,8 @@ def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_p
     """Forward KL(p_full || q) averaged over positions still masked after J reveals.
 
     start [B, T]: trajectory states x^(0); reveal_pos / reveal_tok [B, J]: the next J positions the
-    trajectory decoded and their tokens. The base model is frozen (no gradients); the refresh is
+    trajectory decoded and their tokens (on a block-causal base all in one block, whose masked
+    positions are the ones averaged). The base model is frozen (no gradients); the refresh is
     unrolled J times from the full model's hidden states of x^(0), gradients flowing through it.
     """
     with torch.no_grad():
@@ -81,6 +85,10 @@ def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_p
     with torch.no_grad():
         target = base(tokens).logits  # p_full(. | x^(J))
     masked = tokens == base.mask_id  # [B, T]
+    if base.cfg.attention == "block_causal":  # decoding refreshes the active block only: the reveals'
+        L = base.cfg.block_size
+        block = torch.arange(tokens.shape[1], device=tokens.device) // L
+        masked &= block[None, :] == (reveal_pos[:, :1] // L)
     mask_col = torch.tensor([base.mask_id], device=tokens.device)
     log_p = target.float().index_fill(-1, mask_col, -torch.inf).log_softmax(-1)[masked]
     log_q = logits.float().index_fill(-1, mask_col, -torch.inf).log_softmax(-1)[masked]
@@ -88,55 +96,15 @@ def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_p
     return kl.sum(-1).mean()
 
 
-def adjust_generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: int, K: int,
-                    refresh: Refresh | None, generators: list[torch.Generator], block_len: int = 0,
-                    temperature: float = 1.0) -> Iterator[DecodeState]:
-    """ADJUST decoding of a bidirectional model: per full forward, K rounds of (the lowest-entropy
-    masked position of the active block, its token sampled, then every distribution refreshed by
-    `refresh`). `refresh=None` is the marginal baseline (no refresh); K = 1 is exact sequential
-    sampling; the full-model refresher makes any K exact. Whole canvas, or semi-AR blocks of
-    `block_len`. `nfe` counts full forwards; `commit_passes` here counts sampler passes.
-
-    This is its own loop rather than a `generate()` policy: K decisions per forward with a
-    refresh in between do not fit the one-call-one-step contract of `Decoder.step`.
-    """
-    if K < 1:
-        raise ValueError(f"K must be >= 1, got {K}")
-    if model.cfg.attention != "bidirectional":
-        raise ValueError(f"ADJUST decoding needs a bidirectional model, not {model.cfg.attention}")
-    B, P = prompt.shape
-    tokens = torch.cat([prompt, torch.full((B, max_new_tokens), model.mask_id)], dim=1)
-    T = tokens.shape[1]
-    block_len = block_len or max_new_tokens
-    propose = Sample(temperature=temperature)
-    state = DecodeState(tokens=tokens, fixed=tokens != model.mask_id, mask_id=model.mask_id, prompt_len=P,
-                        window=(P, P), block=-1, step=0, steps=max_new_tokens, nfe=0, commit_passes=0,
-                        finished=torch.zeros(B, dtype=torch.bool))
-    rows = torch.arange(B)
-    with torch.inference_mode():
-        for block, lo in enumerate(range(P, T, block_len)):
-            hi = min(lo + block_len, T)
-            state = state.advance(window=(lo, hi), block=block, step=0)
-            while state.masked.any():
-                out = model(state.tokens)
-                logits, hidden = out.logits, out.hidden
-                nfe, passes = state.nfe + 1, state.commit_passes
-                tokens = state.tokens.clone()
-                for r in range(K):
-                    masked = tokens[:, lo:hi] == model.mask_id  # [B, W]
-                    if not masked.any():
-                        break
-                    u = row_uniform(generators, 2 * (hi - lo))[:, : hi - lo]  # one draw per token
-                    dist = Distribution.from_logits(logits[:, lo:hi][masked], model.mask_id)
-                    entropy = torch.full(masked.shape, torch.inf, dtype=torch.float64)
-                    entropy[masked] = dist.entropy()
-                    pos = entropy.argmin(-1)  # [B] lowest-entropy masked position per row
-                    live = masked.any(-1)
-                    chosen = Distribution.from_logits(logits[rows, lo + pos], model.mask_id)
-                    tok = propose(chosen, u[rows, pos]).tokens
-                    tokens[rows[live], lo + pos[live]] = tok[live]
-                    if refresh is not None and r < K - 1 and (tokens[:, lo:hi] == model.mask_id).any():
-                        logits, hidden = refresh(tokens, hidden)
-                        passes += 1
-                state = state.advance(tokens=tokens, step=state.step + 1, nfe=nfe, commit_passes=passes)
-                yield state
+def joint_generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: int, K: int,
+                   refresher: Refresher, generators: list[torch.Generator], block_len: int = 0,
+                   temperature: float = 1.0, cache: str = "auto") -> Iterator[DecodeState]:
+    """ADJUST decoding through the one loop: the `exact-joint` decoder (the lowest-entropy masked
+    position, its token sampled) with K commit rounds per full forward, `refresher` between them
+    (`SamplerRefresh(sampler)`: ADJUST; `Marginal()`: the baseline; `FullModel()`: exact). K = 1
+    is exact sequential sampling. Any model kind; block-causal models keep their exact cache."""
+    cfg = preset_config("exact-joint", max_new_tokens=max_new_tokens, steps=max_new_tokens,
+                        block_len=block_len, temperature=temperature, rounds=K)
+    return generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=max_new_tokens,
+                    steps=max_new_tokens, block_len=block_len, cache=cache, eos_fill=False,
+                    generators=generators, rounds=K, refresher=refresher)

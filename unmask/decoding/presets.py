@@ -45,10 +45,13 @@ PRESETS: dict[str, dict[str, object]] = {
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
     # position, its token sampled (set steps = max_new_tokens, the default).
     "exact-joint": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
-    # ADJUST (Bansal & Sanghavi 2025): k tokens per full forward, distributions refreshed by a
-    # trained sampler layer (unmask sample --sampler DIR); `marginal` is the same without refresh.
-    "adjust": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
-    "marginal": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0),
+    # ADJUST (Bansal & Sanghavi 2025): exact-joint with K = 4 commit rounds per full forward, the
+    # distributions refreshed by a trained sampler layer (unmask sample --sampler DIR) between
+    # rounds; `marginal` is the same without refresh. Any other preset takes --decode.rounds too.
+    "adjust": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4,
+                   refresh="sampler"),
+    "marginal": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4,
+                     refresh="none"),
     # Conv: top-k + Glob with the tanh(u_i) locality gate.
     "conv": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, kernel=33, block_len=0),
     # Conv, ranked variant: sampled token's probability x gate, top-n per step.

@@ -21,8 +21,8 @@ from unmask.config import DecodeConfig
 from unmask.data.corpus import DataError, read_jsonl
 from unmask.data.tokenizer import Tokenizer
 from unmask.decoding.generate import DecodeError, completions, generate
-from unmask.decoding.joint import adjust_generate
 from unmask.decoding.presets import build_decoder
+from unmask.decoding.refresh import build_refresher
 from unmask.decoding.rng import row_generators
 from unmask.decoding.state import DecodeState
 from unmask.models.transformer import Transformer
@@ -55,27 +55,23 @@ def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
     return "".join(out)
 
 
-JOINT_PRESETS = ("adjust", "marginal")  # k tokens per full forward: decoding.joint.adjust_generate
-
-
 def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *, schedule: NoiseSchedule,
                   generators: list[torch.Generator], eos_id: int | None, max_len: int | None = None,
                   precision: str = "fp32", sampler=None,
                   stop_ids: tuple[int, ...] = ()) -> Iterator[DecodeState]:
-    """The decode iterator `cfg` asks for: `generate()` with the preset's decoder, or ADJUST's loop
-    for the `adjust` (needs a trained `sampler`) and `marginal` presets."""
-    if (cfg.preset == "adjust") != (sampler is not None):
-        raise DecodeError("the adjust preset needs --sampler, and --sampler needs --preset adjust")
+    """The decode iterator `cfg` asks for: `generate()` with the preset's decoder and `cfg.rounds`
+    commit rounds per forward, refreshed by `cfg.refresh` (`sampler`: a trained ADJUST `sampler`)."""
+    try:
+        refresher = build_refresher(cfg.refresh, sampler)
+    except ValueError as e:
+        raise DecodeError(str(e)) from None
     stops = tuple(stop_ids) or ((eos_id,) if eos_id is not None else ())
-    if cfg.preset in JOINT_PRESETS:
-        refresh = sampler.refresher(model) if sampler is not None else None
-        return adjust_generate(model, prompt, max_new_tokens=cfg.max_new_tokens, K=cfg.k, refresh=refresh,
-                               generators=generators, block_len=cfg.block_len, temperature=cfg.temperature)
     return generate(model, build_decoder(cfg, schedule), prompt=prompt, max_new_tokens=cfg.max_new_tokens,
                     steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id,
                     eos_fill=cfg.eos_fill, stop_entropy=cfg.stop_entropy, max_len=max_len,
                     generators=generators, precision=precision, cfg_scale=cfg.cfg_scale,
-                    ban_ids=stops if cfg.ban_stop else (), defer_ids=stops if cfg.defer_stop else ())
+                    ban_ids=stops if cfg.ban_stop else (), defer_ids=stops if cfg.defer_stop else (),
+                    rounds=cfg.rounds, refresher=refresher)
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
@@ -84,9 +80,10 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
            on_state: Callable[[DecodeState], None] | None = None,
            sampler=None, chat: bool = False) -> list[dict[str, Any]]:
     """`num_samples` completions of every prompt, as records with text, ids, NFE and timing.
-    The `adjust` preset needs a trained `sampler` (ADJUST); `marginal` decodes k tokens per forward
-    without one. `chat` wraps each prompt in the tokenizer's chat template (pretrained instruct
-    models); completions stop at the tokenizer's first stop token (EOS, end of turn)."""
+    The `adjust` preset (`--decode.refresh sampler`) needs a trained `sampler` (ADJUST); `marginal`
+    decodes `rounds` tokens per forward without one. `chat` wraps each prompt in the tokenizer's
+    chat template (pretrained instruct models); completions stop at the tokenizer's first stop
+    token (EOS, end of turn)."""
     if not prompts:
         raise DecodeError("no prompts given")
     if num_samples < 1 or batch_size < 1:
@@ -116,6 +113,7 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
                     "index": index, "prompt": prompt, "text": tokenizer.decode(out),
                     "token_ids": out, "prompt_tokens": len(prompt_ids), "new_tokens": len(out),
                     "nfe": state.nfe, "commit_passes": state.commit_passes,
+                    "refresh_passes": state.refresh_passes,
                     "batch_seconds": seconds, "batch_size": len(chunk), "seed": seed,
                     "settings": asdict(cfg),
                 }

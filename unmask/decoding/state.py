@@ -23,6 +23,7 @@ class DecodeState:
     prev_logits: torch.Tensor | None = None  # [B, W, V] last call's logits for the window (soft inputs)
     subs: bool = True  # SUBS: [MASK] is never proposed (MDLM/BD3-LM); False: the model's full softmax
     deferred: tuple[int, ...] = ()  # token ids whose proposals get confidence -inf (committed last)
+    refresh_passes: int = 0  # ADJUST sampler passes between commit rounds (not full forwards)
 
     def advance(self, **changes) -> DecodeState:
         return replace(self, **changes)

@@ -39,6 +39,9 @@ class AdjustSampler(nn.Module):
         self.norm_embed, self.norm_prior, self.norm_out = nn.RMSNorm(D), nn.RMSNorm(D), nn.RMSNorm(D)
         self.proj = nn.Linear(2 * D, D, bias=False)
         self.block = Block(replace(base_cfg, attention="bidirectional", dropout=0.0))
+        # on a block-causal base the sampler attends within each block of L' (the view decoding
+        # refreshes is the active block: its hidden states already carry the exact prefix)
+        self.block_size = base_cfg.block_size if base_cfg.attention == "block_causal" else 0
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -46,12 +49,18 @@ class AdjustSampler(nn.Module):
         # equals the no-refresh (marginal) baseline exactly and training can only improve on it
         nn.init.zeros_(self.norm_out.weight)
 
-    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (the current state), prior [B, T, D] -> refreshed hidden [B, T, D]."""
+    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
+        """tokens [B, n] (the current state at canvas positions [start, start + n)), prior [B, n, D]
+        -> refreshed hidden [B, n, D]."""
         x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         angles = positions[:, None].float() * base.inv_freq[None, :]
-        h = self.block(self.proj(x), angles.cos(), angles.sin(), None, None, 0)
+        mask = None
+        if self.block_size:  # [n, n] same block of L'
+            block = positions // self.block_size
+            mask = block[:, None] == block[None, :]
+        h = self.block(self.proj(x), angles.cos(), angles.sin(), mask, None, 0)
         return self.norm_out(h) + prior
 
     def refresher(self, base: Transformer) -> Refresh:

@@ -26,7 +26,8 @@ def repro_adjust(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "
     import time
 
     from unmask.decoding.generate import final_state
-    from unmask.decoding.joint import adjust_generate
+    from unmask.decoding.joint import joint_generate
+    from unmask.decoding.refresh import Marginal, SamplerRefresh
     from unmask.decoding.rng import row_generators
     from unmask.evaluation.reference import generative_perplexity, mauve_score
     from unmask.models.adjust_sampler import load_sampler
@@ -55,21 +56,21 @@ def repro_adjust(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "
         for start in range(0, samples, 64):
             chunk = prompts[start:start + 64]
             gens = row_generators(seed, range(start, start + len(chunk)))
-            state = final_state(adjust_generate(model, chunk, max_new_tokens=G, K=K, refresh=refresh,
+            state = final_state(joint_generate(model, chunk, max_new_tokens=G, K=K, refresher=refresh,
                                                 generators=gens))
             nfe += state.nfe
             texts += [tok.decode(ids) for ids in state.tokens[:, 1:].tolist()]
         return texts, time.perf_counter() - t0, nfe
 
-    exact_texts, exact_seconds, exact_nfe = decode(1, None, seed=1)
+    exact_texts, exact_seconds, exact_nfe = decode(1, Marginal(), seed=1)
     featurizer = default_featurizer(reference)
     ref_lm = load_reference(reference)
     rows = [{"arm": "exact (1 token/forward)", "K": 1, "mauve": None, "seconds": exact_seconds,
              "nfe": exact_nfe, "gen_ppl": generative_perplexity(ref_lm, exact_texts).ppl}]
-    self_check, _, _ = decode(1, None, seed=3)  # a second exact set: MAUVE's ceiling at this size
+    self_check, _, _ = decode(1, Marginal(), seed=3)  # a second exact set: MAUVE's ceiling at this size
     rows[0]["mauve"] = mauve_score(exact_texts, self_check, featurizer, min_samples=min(samples, 100)).score
     for K in (4, 8):
-        for name, refresh in (("marginal", None), ("ADJUST", samplers[K].refresher(model))):
+        for name, refresh in (("marginal", Marginal()), ("ADJUST", SamplerRefresh(samplers[K]))):
             texts, seconds, nfe = decode(K, refresh, seed=2)
             m = mauve_score(exact_texts, texts, featurizer, min_samples=min(samples, 100))
             rows.append({"arm": f"{name} K={K}", "K": K, "seconds": seconds, "nfe": nfe, "mauve": m.score,

@@ -49,7 +49,8 @@ def repro_adjust_codebook(
 ) -> dict[str, Any]:
     from unmask.data.synthetic import validity
     from unmask.decoding.generate import final_state
-    from unmask.decoding.joint import adjust_generate
+    from unmask.decoding.joint import joint_generate
+    from unmask.decoding.refresh import Marginal, SamplerRefresh
     from unmask.decoding.rng import row_generators
     from unmask.evaluation.reference import load_featurizer, mauve_score
     from unmask.models.adjust_sampler import load_sampler
@@ -81,12 +82,12 @@ def repro_adjust_codebook(
         for start in range(0, samples, 64):
             n = min(64, samples - start)
             state = final_state(
-                adjust_generate(
+                joint_generate(
                     model,
                     torch.full((n, 1), tok.bos_id),
                     max_new_tokens=G,
                     K=K,
-                    refresh=refresh,
+                    refresher=refresh,
                     generators=row_generators(seed, range(start, start + n)),
                 )
             )
@@ -95,8 +96,8 @@ def repro_adjust_codebook(
         return texts, time.perf_counter() - t0, nfe
 
     featurizer = load_featurizer("minilm")
-    exact, exact_seconds, exact_nfe = decode(1, None, seed=1)
-    second, _, _ = decode(1, None, seed=3)
+    exact, exact_seconds, exact_nfe = decode(1, Marginal(), seed=1)
+    second, _, _ = decode(1, Marginal(), seed=3)
     rows = [
         {
             "arm": "exact (K=1)",
@@ -108,7 +109,7 @@ def repro_adjust_codebook(
         }
     ]
     for K in Ks:
-        for name, refresh in (("marginal", None), ("ADJUST", samplers[K].refresher(model))):
+        for name, refresh in (("marginal", Marginal()), ("ADJUST", SamplerRefresh(samplers[K]))):
             texts, seconds, nfe = decode(K, refresh, seed=2)
             rows.append(
                 {

@@ -72,17 +72,19 @@ def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: i
     positions = np.zeros((B, new_tokens), dtype=np.int64)
     tokens = np.zeros((B, new_tokens), dtype=np.int64)
     previous = (torch.arange(P + new_tokens) < P).expand(B, -1)  # only the prompt is decoded
+    step = 0  # reveals so far (a block-causal model's state.step restarts with each block)
     for state in generate(model, decoder, prompt=prompts, max_new_tokens=new_tokens, steps=new_tokens,
                           eos_fill=False, generators=generators):
-        current = state.tokens != model.mask_id
+        current = state.tokens[:, :P + new_tokens] != model.mask_id  # [B, <= P + G] (blocks grow)
+        current = torch.cat([current, previous[:, current.shape[1]:]], dim=1)
         new = (current & ~previous).nonzero()  # one per row per step
         if len(new) == 0:  # the loop's closing state repeats the last one
             continue
         if len(new) != B:
             raise RuntimeError(f"exact decoding revealed {len(new)} tokens for {B} rows in one step")
-        positions[new[:, 0].numpy(), state.step - 1] = new[:, 1].numpy()
-        tokens[new[:, 0].numpy(), state.step - 1] = state.tokens[new[:, 0], new[:, 1]].numpy()
-        previous = current
+        positions[new[:, 0].numpy(), step] = new[:, 1].numpy()
+        tokens[new[:, 0].numpy(), step] = state.tokens[new[:, 0], new[:, 1]].numpy()
+        previous, step = current, step + 1
     return positions, tokens
 
 
@@ -128,14 +130,25 @@ def load_trajectories(path: str | Path) -> Trajectories:
 # ADJUST sampler training
 
 
-def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None):
-    """n training windows: start states x^(s) and the next J reveals (J drawn from the unroll law)."""
+def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None,
+             block_size: int = 0):
+    """n training windows: start states x^(s) and the next J reveals (J drawn from the unroll law).
+    With `block_size` (a block-causal base) the J reveals lie in one block, as the rounds of one
+    forward do in decoding."""
     G = traj.positions.shape[1]
     if G < K:
         raise ValueError(f"trajectories of {G} tokens are shorter than the unroll K={K}")
+    if block_size and K > block_size:
+        raise ValueError(f"K={K} rounds cannot fit in a block of {block_size} positions")
     J = J or int(rng.choice(np.arange(1, K), p=unroll_weights(K).numpy()))
     i = rng.integers(0, len(traj.prompts), n)
     s = rng.integers(0, G - J + 1, n)
+    while block_size:  # redraw windows whose reveals cross a block boundary
+        blocks = np.take_along_axis(traj.positions[i], s[:, None] + np.arange(J)[None, :], 1) // block_size
+        bad = (blocks != blocks[:, :1]).any(-1)
+        if not bad.any():
+            break
+        s[bad] = rng.integers(0, G - J + 1, int(bad.sum()))
     start = torch.as_tensor(np.stack([traj.state(a, b) for a, b in zip(i, s, strict=True)]))
     cols = s[:, None] + np.arange(J)[None, :]
     pos = torch.as_tensor(np.take_along_axis(traj.positions[i], cols, 1))
@@ -156,7 +169,8 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     sampler = AdjustSampler(base.cfg)
     opt = torch.optim.AdamW(sampler.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j) for j in range(1, K)]
+    L = base.cfg.block_size if base.cfg.attention == "block_causal" else 0  # the sampler's view: one block
+    fixed = [_windows(valid, 64, K, np.random.default_rng(1000 + j), J=j, block_size=L) for j in range(1, K)]
     with torch.no_grad():  # what no refresh costs on the same windows: the bar the sampler must beat
         val_naive = float(np.mean([naive_kl(base, *w).item() for w in fixed]))
 
@@ -172,7 +186,7 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     log.write(json.dumps(history[-1]) + "\n")
     bar = tqdm(range(steps), desc=f"adjust sampler K={K}", unit="step", disable=not progress)
     for step in bar:
-        window = _windows(traj, batch_size, K, rng)
+        window = _windows(traj, batch_size, K, rng, block_size=L)
         loss = adjust_kl(base, sampler.refresher(base), *window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sampler.parameters(), 1.0)

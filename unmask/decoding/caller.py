@@ -1,0 +1,67 @@
+"""`Caller`: the decode loop's one way to run the model (NFE counting, output reuse, CFG)."""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.decoding.inputs import BinaryInputs
+from unmask.decoding.refresh import View
+from unmask.decoding.state import DecodeState
+from unmask.models.kv_cache import KVCache
+
+
+class Caller:
+    """Calls the model, counting NFE, and reuses the last output when its input is unchanged.
+
+    `key_mask` [B, T] hides left padding. With `cfg_scale` s > 0 (classifier-free guidance, as in
+    LLaDA's reference) each call also runs an unconditional copy whose prompt positions are
+    [MASK], in the same batch, and returns `un + (s + 1) (cond - un)` (the hidden states are the
+    conditional copy's).
+    """
+
+    def __init__(self, model, decoder, *, key_mask: torch.Tensor | None = None,
+                 cfg_scale: float = 0.0, prompt_len: int = 0, ban_ids: tuple[int, ...] = ()):
+        self.model, self.decoder, self.ban_ids = model, decoder, list(ban_ids)
+        self.reusable = isinstance(decoder.inputs, BinaryInputs)
+        self.last: tuple[torch.Tensor, int, View] | None = None
+        self.nfe = 0
+        self.key_mask, self.cfg_scale, self.prompt_len = key_mask, cfg_scale, prompt_len
+
+    def _forward(self, inputs: dict[str, torch.Tensor], cache: KVCache | None,
+                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = {} if self.key_mask is None else {"key_mask": self.key_mask}
+        if self.cfg_scale <= 0:
+            out = self.model(**inputs, cache=cache, **extra)
+            return out.logits, out.hidden
+        n = max(0, min(self.prompt_len - start, next(iter(inputs.values())).shape[1]))
+        both = {}
+        for name, x in inputs.items():  # the unconditional copy: prompt positions masked
+            un = x.clone()
+            if name == "tokens":
+                un[:, :n] = self.model.mask_id
+            else:
+                masks = torch.full(un.shape[:1] + (n,), self.model.mask_id, device=un.device)
+                un[:, :n] = self.model.embed(masks)
+            both[name] = torch.cat([x, un])
+        if self.key_mask is not None:
+            extra = {"key_mask": torch.cat([self.key_mask, self.key_mask])}
+        out = self.model(**both, cache=cache, **extra)
+        cond, un = out.logits.chunk(2)
+        return un + (self.cfg_scale + 1) * (cond - un), out.hidden.chunk(2)[0]
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
+                 state: DecodeState) -> View:
+        """The model's output for `tokens` [B, n] placed at canvas position `start`."""
+        last = self.last
+        if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
+            return last[2]
+        logits, hidden = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
+        if self.ban_ids:
+            logits[..., self.ban_ids] = -torch.inf
+        self.nfe += 1
+        view = View(start, logits, hidden)
+        self.last = (tokens, key, view)
+        return view
+
+    def forget(self) -> None:
+        self.last = None
