@@ -91,7 +91,10 @@ def load_config(path: str | Path) -> Config:
 
 # Keys that older checkpoints' config.json may hold and that no longer exist: dropped on reading a
 # checkpoint (so old runs still load), refused anywhere else like any unknown key.
-RETIRED_KEYS = {("train", "eval_batches")}  # validation now reads [eval] (mc_samples, max_rows)
+RETIRED_KEYS = {
+    ("train", "eval_batches"),  # validation now reads [eval] (mc_samples, max_rows)
+    ("decode", "k"),  # ADJUST's K: now `rounds`, set by the adjust / marginal presets themselves
+}
 
 
 def config_from_json(text: str) -> Config:

@@ -19,6 +19,20 @@ def test_shipped_configs_load_and_are_consistent():
     assert load_config("tiny-bd3lm-16").model.block_size == 16
 
 
+def test_older_checkpoint_configs_load_without_their_retired_keys():
+    from unmask.config_io import config_from_json, to_dict
+
+    old = to_dict(Config())
+    old["decode"]["k"] = 4  # ADJUST's K before `rounds`: must not become 4 rounds for every preset
+    old["train"]["eval_batches"] = 8
+    cfg = config_from_json(json.dumps(old))
+    assert cfg.decode.rounds == 1 and cfg == Config()
+    del old["train"]["eval_batches"]
+    with pytest.raises(ConfigError, match=r"decode.k"):  # only a checkpoint's config.json is lenient
+        from unmask.config_io import from_dict
+        from_dict(Config, old)
+
+
 def test_unknown_key_wrong_type_and_missing_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstepz = 3\n")
