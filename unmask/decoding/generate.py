@@ -1,4 +1,4 @@
-"""THE decode loop: blocks x steps, yielding a `DecodeState` after every denoiser call.
+"""THE decode loop: blocks x steps (x commit rounds), yielding a `DecodeState` after every step.
 
 One loop serves every model kind and every decoder:
 
