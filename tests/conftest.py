@@ -8,6 +8,10 @@ import os
 # (they read these when first imported, so they are set before any test imports them).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `precision auto` picks bf16 on a CPU with native bf16 that measures it faster, fp32 elsewhere; the
+# suite's parity tests compare against fp32 references, so `auto` means fp32 here on every machine
+# (tests of the choice itself set this variable themselves).
+os.environ.setdefault("UNMASK_NATIVE_BF16", "0")
 
 import pytest  # noqa: E402
 import torch
