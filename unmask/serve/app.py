@@ -39,6 +39,23 @@ log = logging.getLogger("unmask.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body generator when the response ends, however it ends.
+
+    When a client disconnects, Starlette cancels the sending task; a generator suspended at a
+    `yield` at that moment is otherwise only closed when garbage-collected, so its `finally`
+    (cancelling the jobs, freeing the request's slot) could wait indefinitely.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -365,6 +382,6 @@ def create_app(
                 metrics.latency.observe(time.perf_counter() - t0)
                 metrics.requests.labels(status).inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStreamingResponse(events(), media_type="text/event-stream")
 
     return app
