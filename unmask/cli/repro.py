@@ -11,7 +11,7 @@ def cmd_repro_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
 
         print(adjust_codebook_table(repro_adjust_codebook(
             out=ns.out or "runs/repro-adjust-codebook", trajectories=ns.trajectories, samples=ns.samples,
-            sampler_steps=ns.steps or 1500)))
+            sampler_steps=ns.steps or 6000)))
         return
     from unmask.repro.adjust import adjust_table, repro_adjust
 
@@ -88,7 +88,7 @@ def add_repro_commands(sub) -> None:
     ra = r.add_parser("adjust", allow_abbrev=False, help="exact vs marginal vs ADJUST, MAUVE vs exact")
     ra.add_argument("--trajectories", type=int, default=512)
     ra.add_argument("--samples", type=int, default=256)
-    ra.add_argument("--steps", type=int, default=0, help="sampler training steps per K (400; 1500 synthetic)")
+    ra.add_argument("--steps", type=int, default=0, help="sampler training steps per K (400; 6000 synthetic)")
     ra.add_argument("--out", default=None, help="default runs/repro-adjust (-codebook with --synthetic)")
     ra.add_argument("--synthetic", action="store_true",
                     help="the known-answer task: synthetic:codebook, K = 2, 4, 8, chunk validity")

@@ -41,7 +41,7 @@ def repro_adjust_codebook(
     spec: str = CODEBOOK,
     train_steps: int = 1500,
     trajectories: int = 512,
-    sampler_steps: int = 1500,
+    sampler_steps: int = 6000,
     samples: int = 256,
     Ks: tuple[int, ...] = (2, 4, 8),
     lr: float = 1e-3,
