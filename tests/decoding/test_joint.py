@@ -10,7 +10,6 @@ from conftest import MASK, VOCAB, tiny_model
 from unmask.config import ConfigError
 from unmask.decoding.joint import (
     adjust_kl,
-    full_model_refresher,
     joint_generate,
     unroll_weights,
 )
@@ -55,10 +54,10 @@ def test_kl_is_zero_when_the_sampler_is_the_full_model():
     pos = torch.tensor([[3, 5], [4, 9], [10, 3], [6, 7]])
     tok = torch.randint(0, VOCAB - 1, (4, 2))
     with torch.no_grad():
-        exact = adjust_kl(model, full_model_refresher(model), start, pos, tok)
+        exact = adjust_kl(model, FullModel(), start, pos, tok)
         assert exact.item() == pytest.approx(0, abs=1e-6)
         sampler = AdjustSampler(model.cfg)  # untrained: the marginal baseline, which is not exact
-        assert adjust_kl(model, sampler.refresher(model), start, pos, tok).item() > 1e-6
+        assert adjust_kl(model, SamplerRefresh(sampler), start, pos, tok).item() > 1e-6
 
 
 def test_sampler_is_small_and_trains_only_itself():
@@ -68,7 +67,7 @@ def test_sampler_is_small_and_trains_only_itself():
     assert n_sampler < 0.6 * model.num_params()  # one layer (+ projection) of a 2-layer model
     start = torch.cat([prompts(), torch.full((4, 8), MASK)], dim=1)
     pos, tok = torch.tensor([[3], [4], [5], [6]]), torch.randint(0, VOCAB - 1, (4, 1))
-    adjust_kl(model, sampler.refresher(model), start, pos, tok).backward()
+    adjust_kl(model, SamplerRefresh(sampler), start, pos, tok).backward()
     assert all(p.grad is not None for p in sampler.parameters())
     assert all(p.grad is None for p in model.parameters())
 
@@ -92,7 +91,7 @@ def test_the_untrained_sampler_is_the_marginal_baseline_exactly():
     pos = torch.tensor([[3, 5, 8], [4, 9, 10], [10, 3, 7], [6, 7, 8]])
     tok = torch.randint(0, VOCAB - 1, (4, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = adjust_kl(model, sampler.refresher(model), start, pos, tok)
+        ours = adjust_kl(model, SamplerRefresh(sampler), start, pos, tok)
         naive = naive_kl(model, start, pos, tok)
     assert naive.item() > 1e-6 and ours.item() == pytest.approx(naive.item(), rel=1e-6, abs=1e-9)
     p = prompts()

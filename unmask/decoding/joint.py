@@ -1,4 +1,4 @@
-"""ADJUST approximate joint sampling (Bansal & Sanghavi, 2025): refreshers, the sampler's loss, decoding.
+"""ADJUST approximate joint sampling (Bansal & Sanghavi, 2025): the sampler's loss, K-per-forward decoding.
 
 One full forward gives every masked position a distribution; decoding several tokens from those
 *marginals* ignores their dependence. ADJUST's sampler layer refreshes the remaining positions'
@@ -7,8 +7,8 @@ distributions after each decoded token at the cost of one small layer instead of
     h_j = RMSNorm(Block(Linear([RMSNorm(embed(x^(j))) ; RMSNorm(h_{j-1})]))) + h_{j-1}
     q_j = LM_head(h_j)                    (the frozen base model's embedding and head)
 
-with h_0 the full model's final hidden states (the layer: `unmask.models.adjust_sampler`; in
-decoding it is one of `generate()`'s refreshers, `unmask.decoding.refresh`).
+with h_0 the full model's final hidden states (the layer: `unmask.models.adjust_sampler`). The loss
+unrolls the same refresher objects `generate()` uses between commit rounds (`unmask.decoding.refresh`).
 Only the sampler trains. Its objective: forward
 KL(p_full(. | x^(J)) || q(. | x^(J))) over the positions still masked in x^(J), after J refreshes
 along the base model's own one-token-per-forward trajectory.
@@ -23,30 +23,10 @@ import torch.nn.functional as F
 
 from unmask.decoding.generate import generate
 from unmask.decoding.presets import build_decoder, preset_config
-from unmask.decoding.refresh import Refresher
+from unmask.decoding.refresh import Marginal, Refresher, View
 from unmask.decoding.state import DecodeState
-from unmask.models.adjust_sampler import Refresh
 from unmask.models.transformer import Transformer
 from unmask.schedules import LogLinear
-
-
-def full_model_refresher(base: Transformer) -> Refresh:
-    """The exact (expensive) refresh: a full forward on the new state. With it the KL is 0."""
-
-    def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = base(tokens)
-        return out.logits, out.hidden
-
-    return refresh
-
-
-def no_refresher(base: Transformer) -> Refresh:
-    """No refresh at all (the marginal baseline): the prior hidden states through the base head."""
-
-    def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return base.head(prior), prior
-
-    return refresh
 
 
 def unroll_weights(K: int) -> torch.Tensor:
@@ -61,27 +41,28 @@ def naive_kl(base: Transformer, start: torch.Tensor, reveal_pos: torch.Tensor,
              reveal_tok: torch.Tensor) -> torch.Tensor:
     """What no refresh costs: KL(p_full(. | x^(J)) || p_full(. | x^(0))) over positions still masked
     in x^(J). A sampler is useful only below it."""
-    return adjust_kl(base, no_refresher(base), start, reveal_pos, reveal_tok)
+    return adjust_kl(base, Marginal(), start, reveal_pos, reveal_tok)
 
 
-def adjust_kl(base: Transformer, refresh: Refresh, start: torch.Tensor, reveal_pos: torch.Tensor,
+def adjust_kl(base: Transformer, refresher: Refresher, start: torch.Tensor, reveal_pos: torch.Tensor,
               reveal_tok: torch.Tensor) -> torch.Tensor:
     """Forward KL(p_full || q) averaged over positions still masked after J reveals.
 
     start [B, T]: trajectory states x^(0); reveal_pos / reveal_tok [B, J]: the next J positions the
     trajectory decoded and their tokens (on a block-causal base all in one block, whose masked
-    positions are the ones averaged). The base model is frozen (no gradients); the refresh is
-    unrolled J times from the full model's hidden states of x^(0), gradients flowing through it.
+    positions are the ones averaged). The base model is frozen (no gradients); the refresher (the
+    decode loop's: `SamplerRefresh`, `Marginal` for the naive KL, `FullModel` for a KL of 0) is
+    unrolled J times from the full model's output for x^(0), gradients flowing through it.
     """
     with torch.no_grad():
-        prior = base(start).hidden  # h_0 [B, T, D]
+        view = View(0, *base(start))  # logits and h_0 [B, T, D] of x^(0)
     rows = torch.arange(start.shape[0], device=start.device)
     tokens = start
-    logits = None
     for j in range(reveal_pos.shape[1]):
         tokens = tokens.clone()
         tokens[rows, reveal_pos[:, j]] = reveal_tok[:, j]  # x^(j+1)
-        logits, prior = refresh(tokens, prior)
+        view = refresher(base, tokens, view, lambda tokens=tokens: View(0, *base(tokens)))
+    logits = view.logits
     with torch.no_grad():
         target = base(tokens).logits  # p_full(. | x^(J))
     masked = tokens == base.mask_id  # [B, T]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,8 +25,6 @@ from unmask.models.checkpoint import (
     resolve_checkpoint,
 )
 from unmask.models.transformer import Block, Transformer
-
-Refresh = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AdjustSampler(nn.Module):
@@ -62,15 +59,6 @@ class AdjustSampler(nn.Module):
             mask = block[:, None] == block[None, :]
         h = self.block(self.proj(x), angles.cos(), angles.sin(), mask, None, 0)
         return self.norm_out(h) + prior
-
-    def refresher(self, base: Transformer) -> Refresh:
-        """(tokens, prior) -> (logits, hidden) through the sampler and the frozen base head."""
-
-        def refresh(tokens: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = self(base, tokens, prior)
-            return base.head(hidden), hidden
-
-        return refresh
 
 
 def _weights_digest(path: Path) -> str:

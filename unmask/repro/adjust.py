@@ -14,7 +14,7 @@ from unmask.config import replace
 from unmask.config_io import load_config
 from unmask.evaluation.reference import load_reference
 from unmask.models.checkpoint import load_checkpoint
-from unmask.repro.common import default_featurizer, train_or_reuse
+from unmask.repro.common import default_featurizer, joint_samples, train_or_reuse
 
 
 def repro_adjust(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "runs/repro-bd3lm/tiny-ar",
@@ -23,12 +23,8 @@ def repro_adjust(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "
     """ADJUST reproduction: exact one-token-per-forward samples of the base MDLM as the reference
     set; marginal and ADJUST at K = 4 and 8 as candidates; MAUVE against the reference, gen-PPL,
     and wall-clock speed-up over exact sampling (unconditional, from [BOS])."""
-    import time
 
-    from unmask.decoding.generate import final_state
-    from unmask.decoding.joint import joint_generate
     from unmask.decoding.refresh import Marginal, SamplerRefresh
-    from unmask.decoding.rng import row_generators
     from unmask.evaluation.reference import generative_perplexity, mauve_score
     from unmask.models.adjust_sampler import load_sampler
     from unmask.training.adjust import generate_trajectories, split_trajectories, train_sampler
@@ -51,16 +47,7 @@ def repro_adjust(*, base: str = "runs/repro-bd3lm/tiny-mdlm", reference: str = "
         samplers[K] = load_sampler(sampler_dir, base)[0]
 
     def decode(K: int, refresh, seed: int) -> tuple[list[str], float, int]:
-        prompts = torch.full((samples, 1), tok.bos_id)
-        texts, nfe, t0 = [], 0, time.perf_counter()
-        for start in range(0, samples, 64):
-            chunk = prompts[start:start + 64]
-            gens = row_generators(seed, range(start, start + len(chunk)))
-            state = final_state(joint_generate(model, chunk, max_new_tokens=G, K=K, refresher=refresh,
-                                                generators=gens))
-            nfe += state.nfe
-            texts += [tok.decode(ids) for ids in state.tokens[:, 1:].tolist()]
-        return texts, time.perf_counter() - t0, nfe
+        return joint_samples(model, tok, samples=samples, new_tokens=G, K=K, refresher=refresh, seed=seed)
 
     exact_texts, exact_seconds, exact_nfe = decode(1, Marginal(), seed=1)
     featurizer = default_featurizer(reference)

@@ -41,3 +41,26 @@ def default_featurizer(ar_run: str | Path):
     except ImportError:
         return load_featurizer(f"ar:{ar_run}")
     return load_featurizer("minilm")
+
+
+def joint_samples(model, tokenizer, *, samples: int, new_tokens: int, K: int, refresher, seed: int,
+                  batch_size: int = 64) -> tuple[list[str], float, int]:
+    """`samples` unconditional ADJUST-style samples from [BOS] (K tokens per full forward,
+    `refresher` between them): their texts, wall seconds and full forwards (NFE summed over batches)."""
+    import time
+
+    import torch
+
+    from unmask.decoding.generate import final_state
+    from unmask.decoding.joint import joint_generate
+    from unmask.decoding.rng import row_generators
+
+    texts, nfe, t0 = [], 0, time.perf_counter()
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        bos = torch.full((n, 1), tokenizer.bos_id)
+        state = final_state(joint_generate(model, bos, max_new_tokens=new_tokens, K=K, refresher=refresher,
+                                           generators=row_generators(seed, range(start, start + n))))
+        nfe += state.nfe
+        texts += [tokenizer.decode(ids) for ids in state.tokens[:, 1:].tolist()]
+    return texts, time.perf_counter() - t0, nfe

@@ -11,7 +11,6 @@ against the naive (no-refresh) KL it must beat.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from unmask.config import replace
 from unmask.config_io import load_config
 from unmask.models.checkpoint import load_checkpoint
-from unmask.repro.common import train_or_reuse
+from unmask.repro.common import joint_samples, train_or_reuse
 
 
 def _train_base(spec: str, out: str, *, seq_len: int, steps: int, progress: bool):
@@ -48,10 +47,7 @@ def repro_adjust_codebook(
     progress: bool = True,
 ) -> dict[str, Any]:
     from unmask.data.synthetic import validity
-    from unmask.decoding.generate import final_state
-    from unmask.decoding.joint import joint_generate
     from unmask.decoding.refresh import Marginal, SamplerRefresh
-    from unmask.decoding.rng import row_generators
     from unmask.evaluation.reference import load_featurizer, mauve_score
     from unmask.models.adjust_sampler import load_sampler
     from unmask.training.adjust import generate_trajectories, split_trajectories, train_sampler
@@ -78,22 +74,7 @@ def repro_adjust_codebook(
         samplers[K] = load_sampler(d, base)[0]
 
     def decode(K: int, refresh, seed: int) -> tuple[list[str], float, int]:
-        texts, nfe, t0 = [], 0, time.perf_counter()
-        for start in range(0, samples, 64):
-            n = min(64, samples - start)
-            state = final_state(
-                joint_generate(
-                    model,
-                    torch.full((n, 1), tok.bos_id),
-                    max_new_tokens=G,
-                    K=K,
-                    refresher=refresh,
-                    generators=row_generators(seed, range(start, start + n)),
-                )
-            )
-            nfe += state.nfe
-            texts += [tok.decode(ids) for ids in state.tokens[:, 1:].tolist()]
-        return texts, time.perf_counter() - t0, nfe
+        return joint_samples(model, tok, samples=samples, new_tokens=G, K=K, refresher=refresh, seed=seed)
 
     featurizer = load_featurizer("minilm")
     exact, exact_seconds, exact_nfe = decode(1, Marginal(), seed=1)

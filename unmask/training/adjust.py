@@ -24,6 +24,7 @@ from unmask.config import ConfigError
 from unmask.decoding.generate import generate
 from unmask.decoding.joint import adjust_kl, naive_kl, unroll_weights
 from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.refresh import SamplerRefresh
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler, save_sampler
 from unmask.models.transformer import Transformer
@@ -167,6 +168,7 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     torch.manual_seed(seed)
     base = base.eval().requires_grad_(False)
     sampler = AdjustSampler(base.cfg)
+    refresh = SamplerRefresh(sampler)
     opt = torch.optim.AdamW(sampler.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     L = base.cfg.block_size if base.cfg.attention == "block_causal" else 0  # the sampler's view: one block
@@ -176,7 +178,7 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
 
     def validate() -> dict[str, float]:
         with torch.no_grad():
-            kl = float(np.mean([adjust_kl(base, sampler.refresher(base), *w).item() for w in fixed]))
+            kl = float(np.mean([adjust_kl(base, refresh, *w).item() for w in fixed]))
         return {"val_kl": kl, "val_naive_kl": val_naive}
 
     out = Path(out)
@@ -187,7 +189,7 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
     bar = tqdm(range(steps), desc=f"adjust sampler K={K}", unit="step", disable=not progress)
     for step in bar:
         window = _windows(traj, batch_size, K, rng, block_size=L)
-        loss = adjust_kl(base, sampler.refresher(base), *window)
+        loss = adjust_kl(base, refresh, *window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sampler.parameters(), 1.0)
         opt.step()
