@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -229,6 +230,62 @@ def bench_cache(model, tokenizer, config, *, prompts: torch.Tensor, max_new_toke
             "nfe": runs["auto"][0]["nfe"], "commit_passes": runs["auto"][0]["commit_passes"],
             "block_size": model.cfg.block_size, "max_new_tokens": max_new_tokens, "steps": steps,
             "batch_size": batch_size, "rows": len(prompts), "repeats": repeats}
+
+
+def bench_invariance(model, config, presets: list[str], *, prompts: torch.Tensor, max_new_tokens: int,
+                     steps: int, batch_size: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """The batch- and cache-invariant inference ops (`unmask.models.invariant`) against the fused
+    kernels, interleaved, per preset: the time ratio, and for each arm how many rows decode
+    differently in a batch of `batch_size` than alone (and, on block-causal and causal models,
+    with the exact cache than without)."""
+    from unmask.decoding.presets import preset_config
+    from unmask.models import invariant
+    from unmask.schedules import build_schedule
+
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    cached = model.cfg.attention != "bidirectional"
+    rows = []
+    for preset in presets:
+        def run(kernels: str, batch=batch_size, cache=None, preset=preset) -> dict[str, Any]:
+            over = {} if cache is None else {"cache": cache}
+            cfg = preset_config(preset, steps=steps, max_new_tokens=max_new_tokens, **over)
+            with invariant.fused() if kernels == "fused" else nullcontext():
+                return run_decode(model, cfg, prompts, batch_size=batch, seed=seed, eos_id=None,
+                                  schedule=schedule)
+
+        runs = interleaved({"invariant": lambda: run("invariant"), "fused": lambda: run("fused")}, repeats)
+        row: dict[str, Any] = {"preset": preset, "cost": ratio(runs, "invariant", "fused")}
+        for kernels in ("invariant", "fused"):
+            batched = runs[kernels][0]["samples"]
+            alone = run(kernels, batch=1)["samples"]
+            row[f"{kernels}_rows_batch_differs"] = sum(a != b for a, b in zip(batched, alone, strict=True))
+            if cached:
+                uncached = run(kernels, cache="none")["samples"]
+                differs = sum(a != b for a, b in zip(batched, uncached, strict=True))
+                row[f"{kernels}_rows_cache_differs"] = differs
+            row[f"{kernels}_seconds"] = statistics.median(r["seconds"] for r in runs[kernels])
+        rows.append(row)
+    return {"rows": rows, "attention": model.cfg.attention, "prompts": len(prompts),
+            "max_new_tokens": max_new_tokens, "steps": steps, "batch_size": batch_size, "repeats": repeats,
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def invariance_table(r: dict[str, Any]) -> str:
+    cached = r["attention"] != "bidirectional"
+    head = ("| preset | invariant s | fused s | cost (median, min-max) "
+            "| rows differing batch/alone: inv, fused |")
+    head += " cached/uncached: inv, fused |" if cached else ""
+    lines = [head, "|" + "---|" * (6 if cached else 5)]
+    for row in r["rows"]:
+        q = row["cost"]
+        line = (f"| {row['preset']} | {row['invariant_seconds']:.3f} | {row['fused_seconds']:.3f} | "
+                f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f}) | "
+                f"{row['invariant_rows_batch_differs']}, {row['fused_rows_batch_differs']} "
+                f"of {r['prompts']} |")
+        if cached:
+            line += f" {row['invariant_rows_cache_differs']}, {row['fused_rows_cache_differs']} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 @torch.inference_mode()

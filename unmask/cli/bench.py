@@ -96,6 +96,18 @@ def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
     _write_bench(ns.out, "cache", r, table)
 
 
+def cmd_bench_invariance(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.sampling import bench_invariance, invariance_table
+
+    if rest:
+        raise SystemExit(f"error: unknown arguments for `unmask bench invariance`: {' '.join(rest)}")
+    loaded, prompts = _bench_setup(ns)
+    r = bench_invariance(loaded.model, loaded.config, ns.presets.split(","), prompts=prompts,
+                         max_new_tokens=ns.max_new_tokens, steps=ns.steps, batch_size=ns.batch_size,
+                         repeats=ns.repeats, seed=ns.seed)
+    _write_bench(ns.out, "invariance", r, invariance_table(r))
+
+
 def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.bench.sampling import bench_llada_reference
 
@@ -149,7 +161,7 @@ def cmd_bench_dist(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | sample | cache | llada-ref | lm-eval | serve | dist`."""
+    """`unmask bench train | sample | cache | invariance | llada-ref | lm-eval | serve | dist`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("train", allow_abbrev=False,
                       help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
@@ -182,6 +194,13 @@ def add_bench_commands(sub) -> None:
     sampling_args(bc, 1024, 256)
     bc.add_argument("--repeats", type=int, default=3)
     bc.set_defaults(func=cmd_bench_cache)
+    bi = b.add_parser("invariance", allow_abbrev=False,
+                      help="batch/cache-invariant inference ops vs fused kernels: cost, rows that differ")
+    sampling_args(bi, 128, 64)
+    bi.add_argument("--presets", default="mdlm,bd3lm,conv,llada")
+    bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--repeats", type=int, default=3)
+    bi.set_defaults(func=cmd_bench_invariance)
     bl = b.add_parser("llada-ref", allow_abbrev=False, help="llada preset vs a plain reference loop")
     sampling_args(bl, 128, 64)
     bl.add_argument("--block-len", type=int, default=32)

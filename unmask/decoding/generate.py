@@ -39,6 +39,7 @@ from unmask.decoding.proposals import Distribution
 from unmask.decoding.refresh import Marginal, Refresher, SamplerRefresh, View
 from unmask.decoding.rng import row_uniform
 from unmask.decoding.state import DecodeState
+from unmask.models import invariant
 from unmask.models.kv_cache import KVCache
 from unmask.models.transformer import Transformer, autocast
 
@@ -78,7 +79,7 @@ def _unigram_entropy(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     counts = torch.zeros(tokens.shape[0], vocab, device=tokens.device).scatter_add_(
         1, tokens, torch.ones_like(tokens, dtype=torch.float32))
     p = counts / tokens.shape[1]
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return -invariant.row_sum(p * p.clamp_min(1e-12).log())
 
 
 def _eos_fill(state: DecodeState, eos_id: int) -> DecodeState:
@@ -194,7 +195,8 @@ def _rounds(model, decoder, state: DecodeState, forward, call: Caller, generator
 
 def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = state.window
-    u = row_uniform(generators, 2 * (hi - lo), state.tokens.device)
+    # only rows with masks left in the window draw: alone, a row whose block is done stops stepping
+    u = row_uniform(generators, 2 * (hi - lo), state.tokens.device, rows=state.masked.any(-1).tolist())
     return u[:, : hi - lo], u[:, hi - lo:]
 
 

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from unmask.models import invariant
+
 
 @dataclass(frozen=True)
 class Distribution:
@@ -34,8 +36,9 @@ class Distribution:
         if mask_id is not None:
             x[..., mask_id] = -torch.inf
         m = x.max(-1, keepdim=True).values
-        lse = (x - m).exp_().sum(-1, keepdim=True).log_().add_(m)  # cheaper than torch.logsumexp on CPU
-        return cls(x, lse.squeeze(-1))
+        # exp-sum-log is cheaper than torch.logsumexp on CPU; the sum is each row's own (batch-invariant)
+        lse = invariant.row_sum((x - m).exp_()).log_().add_(m.squeeze(-1))
+        return cls(x, lse)
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -47,7 +50,7 @@ class Distribution:
         ([MASK], p = 0, logit -inf) contribute 0."""
         probs = self.probs
         plogp = torch.where(probs > 0, probs * (self.logits - self.lse[:, None]), 0.0)
-        return -plogp.sum(-1).double()
+        return -invariant.row_sum(plogp).double()
 
     def prob_of(self, logit: torch.Tensor) -> torch.Tensor:
         """Probabilities (float64) of the given logits [N] or [N, k]."""

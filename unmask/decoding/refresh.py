@@ -24,6 +24,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from unmask.models import invariant
+
 
 class View(NamedTuple):
     """A call's output for canvas positions [start, start + n)."""
@@ -71,7 +73,7 @@ class SamplerRefresh:
 
     def __call__(self, model, tokens: torch.Tensor, view: View, again: Callable[[], View]) -> View:
         hidden = self.sampler(model, tokens, view.hidden, start=view.start)
-        return View(view.start, model.head(hidden), hidden)
+        return View(view.start, invariant.linear(model.head, hidden), hidden)
 
 
 def build_refresher(name: str, sampler=None) -> Refresher:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from unmask.config import ModelConfig, replace
+from unmask.models import invariant
 from unmask.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -57,7 +58,7 @@ class AdjustSampler(nn.Module):
         if self.block_size:  # [n, n] same block of L'
             block = positions // self.block_size
             mask = block[:, None] == block[None, :]
-        h = self.block(self.proj(x), angles.cos(), angles.sin(), mask, None, 0)
+        h = self.block(invariant.linear(self.proj, x), angles.cos(), angles.sin(), mask, None, 0)
         return self.norm_out(h) + prior
 
 

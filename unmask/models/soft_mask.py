@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unmask.models import invariant
+
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
@@ -66,8 +68,9 @@ class SoftMask(nn.Module):
         `scale` multiplies w_s (decoding schedules)."""
         logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
         logp = logits.log_softmax(-1)
-        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # [...]
-        lam = scale * self.w_s * torch.sigmoid(self.w_a * (-entropy - self.w_b))
+        plogp = logp.exp() * logp.nan_to_num(neginf=0.0)
+        entropy = -invariant.row_sum(plogp.reshape(-1, plogp.shape[-1])).reshape(plogp.shape[:-1])  # [...]
+        lam = scale * self.w_s * invariant.sigmoid(self.w_a * (-entropy - self.w_b))
         top_logp, ids = logp.topk(self.k, dim=-1)
         pi = top_logp.softmax(-1)  # renormalised top-k probabilities
         return lam, pi, ids

@@ -12,11 +12,10 @@ import math
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unmask.config import ModelConfig
-from unmask.models import masks
+from unmask.models import invariant, masks
 from unmask.models.kv_cache import KVCache
 from unmask.models.soft_mask import W_S_INIT, SoftMask
 from unmask.precision import resolve_precision
@@ -57,12 +56,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = invariant.linear(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # [B, H, T, Dh]
         if cache is not None:
             k, v = cache.write(layer, k, v)  # [B, H, prefix + T, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(B, T, D)))
+        y = invariant.attention(q, k, v, mask)
+        return self.dropout(invariant.linear(self.out, y.transpose(1, 2).reshape(B, T, D)))
 
 
 class MLP(nn.Module):
@@ -79,13 +79,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+        h = invariant.linear(self.up, x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
+            h = invariant.silu(gate) * value
         else:
-            h = F.gelu(h)
-        return self.dropout(self.down(h))
+            h = invariant.gelu(h)
+        return self.dropout(invariant.linear(self.down, h))
 
 
 class Block(nn.Module):
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         if key_mask is not None:
             mask = masks.with_key_mask(mask, key_mask[:, :visible], T)[:, None]  # [B, 1, T, S]
         hidden = self.run(h, positions, mask, cache)
-        return DenoiserOutput(self.head(hidden), hidden)
+        return DenoiserOutput(invariant.linear(self.head, hidden), hidden)
 
     def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor,
                           xt_embeds: torch.Tensor | None = None) -> DenoiserOutput:
@@ -183,7 +183,7 @@ class Transformer(nn.Module):
         index = torch.arange(2 * L, device=h.device)
         mask = masks.dense_mask(masks.bd3_train(L, self.cfg.block_size), index, index)
         hidden = self.run(h, index % L, mask)[:, :L]
-        return DenoiserOutput(self.head(hidden), hidden)
+        return DenoiserOutput(invariant.linear(self.head, hidden), hidden)
 
     def compile_blocks(self) -> Transformer:
         """torch.compile every block (dynamic shapes: decoding calls vary in length). The entry

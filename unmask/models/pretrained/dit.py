@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.config import ModelConfig
+from unmask.models import invariant
 from unmask.models.pretrained.families import PretrainedError, require
 from unmask.models.transformer import Transformer
 
@@ -33,7 +34,7 @@ class GeluMLP(nn.Module):
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return invariant.linear(self.down, invariant.gelu(invariant.linear(self.up, x), approximate="tanh"))
 
 
 class DiT(Transformer):

@@ -1,0 +1,97 @@
+"""The kernel properties `unmask.models.invariant` builds on, checked on this machine's kernels.
+
+Each op must give a row the same bits whatever else its call holds: more rows (batch-mates, the
+rest of an uncached prefix), more keys beyond the ones the row sees, or a different place in the
+tensor. `tests/decoding/test_invariance.py` reruns this file under every SIMD path and thread count
+the suite exercises.
+"""
+
+import torch
+from torch import nn
+
+from unmask.models import invariant, masks
+
+
+def test_linear_rows_do_not_depend_on_the_call_size():
+    torch.manual_seed(0)
+    for K, N in [(32, 96), (86, 32), (256, 768)]:
+        layer = nn.Linear(K, N, bias=False)
+        x = torch.randn(300, K)
+        with torch.inference_mode():
+            full = invariant.linear(layer, x)
+            for M in list(range(1, 40)) + [63, 64, 65, 129]:
+                for lo in (0, 7):
+                    assert torch.equal(invariant.linear(layer, x[lo:lo + M]), full[lo:lo + M]), (K, N, M, lo)
+            x3 = x[:24].view(3, 8, K)  # [B, T, K] inputs flatten to rows
+            assert torch.equal(invariant.linear(layer, x3[:, 2:5]), full[:24].view(3, 8, N)[:, 2:5])
+
+
+def test_attention_of_a_query_ignores_keys_it_does_not_see_and_batch_mates():
+    torch.manual_seed(0)
+    B, H, Dh = 3, 4, 8
+    for S, L in [(12, 4), (150, 4), (200, 16)]:  # up to four chunks of keys
+        q, k, v = (torch.randn(B, H, S, Dh) for _ in range(3))
+        pos = torch.arange(S)
+        mask = masks.dense_mask(masks.block_causal(L), pos, pos)
+        with torch.inference_mode():
+            full = invariant.attention(q, k, v, mask)
+            for lo in range(0, S, L):
+                hi = min(lo + L, S)  # the cached block: its queries against exactly the visible keys
+                alone = invariant.attention(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[lo:hi, :hi])
+                assert torch.equal(alone, full[:, :, lo:hi]), (S, lo)
+            assert torch.equal(invariant.attention(q[1:2], k[1:2], v[1:2], mask), full[1:2])
+            causal = masks.dense_mask(masks.causal, pos, pos)
+            whole = invariant.attention(q, k, v, causal)
+            for t in [t for t in (0, 1, 63, 64, S - 1) if t < S]:
+                s = slice(0, t + 1)
+                one = invariant.attention(q[:, :, t:t + 1], k[:, :, s], v[:, :, s], causal[t:t + 1, s])
+                assert torch.equal(one, whole[:, :, t:t + 1]), (S, t)
+            reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_key_masks_hide_left_padding_like_sdpa():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[0, :3] = False
+    mask = masks.with_key_mask(None, key_mask, 10)[:, None]  # [B, 1, T, S]
+    with torch.inference_mode():
+        ours = invariant.attention(q, k, v, mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_activations_do_not_depend_on_the_place_in_the_tensor():
+    x = torch.randn(5000) * 4
+    with torch.inference_mode():
+        for name, fn in [("silu", invariant.silu), ("gelu", invariant.gelu), ("sigmoid", invariant.sigmoid),
+                         ("gelu-tanh", lambda x: invariant.gelu(x, "tanh"))]:
+            full = fn(x)
+            for lo in range(0, 40, 3):
+                for n in (1, 2, 3, 5, 7, 8, 13, 17, 33):
+                    assert torch.equal(fn(x[lo:lo + n].clone()), full[lo:lo + n]), (name, lo, n)
+            reference = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                         "sigmoid": torch.sigmoid,
+                         "gelu-tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[name]
+            torch.testing.assert_close(full, reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_row_sums_are_each_rows_own():
+    torch.manual_seed(2)
+    for V in (67, 40_000, 151_000):
+        x = torch.rand(8, V)
+        full = invariant.row_sum(x)
+        for n in (1, 2, 3):
+            assert torch.equal(invariant.row_sum(x[:n]), full[:n]), (V, n)
+        torch.testing.assert_close(full, x.sum(-1))
+
+
+def test_training_keeps_the_fused_kernels():
+    layer = nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    assert not invariant.active(x) or not torch.is_grad_enabled()
+    invariant.linear(layer, x).sum().backward()  # autograd through the ordinary path
+    assert x.grad is not None
+    with torch.inference_mode():
+        assert invariant.active(torch.zeros(1))

@@ -1,0 +1,147 @@
+"""Batch- and path-invariant inference ops: a row's numbers never depend on its call's shape.
+
+The decode loop promises that a row's tokens do not depend on its batch-mates and that the exact
+KV cache changes nothing. Both compare the *same* row computed inside calls of different shapes
+(batch 1 vs N; a cached block of L' queries vs the same queries inside the full uncached prefix),
+and a categorical draw or a ranking flips on a last-bit difference. CPU kernels give such
+differences (measured, docs/results.md, "Batch and cache invariance"):
+
+- fp32 GEMM (MKL): rows of a call with fewer than 12 rows take another kernel (1-3 rows on one
+  thread; 1-11 except multiples of 4 on two), and differ from the same rows in a larger call;
+- SDPA's CPU kernel blocks its keys by the query count, so a cached block's attention differs from
+  the same queries in the uncached pass;
+- vectorised SiLU, GELU and sigmoid compute a tensor's scalar tail differently from its body, so a
+  value depends on where it sits in the tensor;
+- a reduction along rows of a tensor with fewer rows than threads is split between the threads.
+
+So under inference on CPU (no autograd) the models call these instead: GEMMs with at least
+`ROW_FLOOR` rows (small calls padded with zero rows), attention as two GEMMs around a row-wise
+softmax with at least `ROW_FLOOR` queries (so each query's sums run over the same keys in the same
+order however many queries share the call), activations composed of ops whose SIMD and scalar
+paths agree (`exp`, `tanh`, `erf`, IEEE arithmetic), and long row reductions with at least one row
+per thread. Training keeps the fused kernels (autograd on), and so does CUDA, whose kernels are
+not covered by this construction. `tests/models/test_invariant.py` checks each kernel property on
+the machine it runs on, under every SIMD path and thread count the suite exercises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROW_FLOOR = 16  # GEMM calls with this many rows or more share one kernel (>= 12 measured)
+KEY_CHUNK = 64  # attention keys summed per chunk (GEMM reductions this short never split)
+SCORES_BUDGET = 1 << 24  # attention score elements per chunk of queries (64 MiB in fp32)
+GRAIN = 32768  # ATen's parallel grain: smaller reductions never split between threads
+
+
+_FUSED = [False]  # set inside `fused()`
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether the invariant path applies: inference (no autograd) on a CPU tensor."""
+    return not _FUSED[0] and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+@contextmanager
+def fused() -> Iterator[None]:
+    """Inference on the fused kernels (SDPA, MKL at any row count) inside the block: what the
+    invariant path costs is measured against it (`unmask bench invariance`); batch and cache
+    invariance are not promised there."""
+    before = _FUSED[0]
+    _FUSED[0] = True
+    try:
+        yield
+    finally:
+        _FUSED[0] = before
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [M, ...] with zero rows appended up to `rows`."""
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])]) if rows > x.shape[0] else x
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for x [..., K]; on the invariant path every row goes through the large-call GEMM."""
+    if not active(x):
+        return layer(x)
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    M = rows.shape[0]
+    if M >= ROW_FLOOR:
+        return layer(x)
+    return layer(_pad_rows(rows, ROW_FLOOR))[:M].reshape(*x.shape[:-1], -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) | mask) v for q [B, H, T, Dh], k/v [B, H, S, Dh], mask None or bool
+    [T, S] / [B, 1, T, S] (True = attend). Off the invariant path: SDPA.
+
+    A query's sums must not depend on how many keys its call holds beyond the ones it sees (a
+    cached block holds exactly its visible keys; the same query in the uncached pass holds the
+    whole canvas, the rest masked): the keys are cut into chunks of `KEY_CHUNK` absolute positions
+    (the last one zero-padded), each chunk is reduced on its own (one fixed-length sum, one GEMM
+    with K = KEY_CHUNK), and the chunks are added in order, so keys a query does not see add
+    exact zeros."""
+    if not active(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    B, H, T, Dh = q.shape
+    S = k.shape[2]
+    n = -(-S // KEY_CHUNK)  # key chunks
+    Sp = n * KEY_CHUNK
+    if Sp > S:  # zero keys and values; their scores are set to -inf below
+        k = torch.cat([k, k.new_zeros(B, H, Sp - S, Dh)], dim=2)
+        v = torch.cat([v, v.new_zeros(B, H, Sp - S, Dh)], dim=2)
+    q = q * (1.0 / math.sqrt(Dh))
+    kt = k.transpose(-1, -2)  # [B, H, Dh, Sp]: GEMMs of every call see whole chunks of keys
+    rows = max(ROW_FLOOR, SCORES_BUDGET // max(1, B * H * Sp))  # queries per pass of the loop
+    out = []
+    for lo in range(0, T, rows):
+        hi = min(lo + rows, T)
+        nq = max(hi - lo, ROW_FLOOR)  # padded query rows (attending everywhere) are sliced off below
+        qc = q[:, :, lo:hi]
+        if nq > hi - lo:
+            qc = torch.cat([qc, qc.new_zeros(B, H, nq - (hi - lo), Dh)], dim=2)
+        scores = qc @ kt  # [B, H, nq, Sp]
+        if mask is not None:
+            m = mask[..., lo:hi, :]
+            if nq > hi - lo:
+                m = torch.cat([m, m.new_ones(m.shape[:-2] + (nq - (hi - lo), S))], dim=-2)
+            scores[..., :S].masked_fill_(~m, -torch.inf)
+        scores[..., S:] = -torch.inf
+        e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        total = e.view(B, H, nq, n, KEY_CHUNK).sum(-1).cumsum(-1)[..., -1:]  # [B, H, nq, 1]
+        pv = e[..., :KEY_CHUNK] @ v[:, :, :KEY_CHUNK]  # [B, H, nq, Dh], then the chunks in order
+        for c in range(1, n):
+            pv = pv + e[..., c * KEY_CHUNK:(c + 1) * KEY_CHUNK] @ v[:, :, c * KEY_CHUNK:(c + 1) * KEY_CHUNK]
+        out.append((pv / total)[:, :, : hi - lo])
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + torch.exp(-x)) if active(x) else torch.sigmoid(x)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + torch.exp(-x)) if active(x) else F.silu(x)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    if not active(x):
+        return F.gelu(x, approximate=approximate)
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1 + torch.erf(x * (1 / math.sqrt(2))))
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """x [N, V] -> [N] sum over V in each row's own serial order, however few rows there are."""
+    N, V = x.shape
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or N >= threads or N * V < GRAIN:
+        return x.sum(-1)
+    return _pad_rows(x, threads).sum(-1)[:N]
