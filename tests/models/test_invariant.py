@@ -50,6 +50,29 @@ def test_attention_of_a_query_ignores_keys_it_does_not_see_and_batch_mates():
             torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_rows_do_not_depend_on_the_query_count():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 48, 16) for _ in range(3))
+    everything = torch.ones(48, 48, dtype=torch.bool)
+    with torch.inference_mode():
+        full = invariant.attention(q, k, v, everything)
+        for T in range(1, 25):
+            for lo in (0, 5):
+                alone = invariant.attention(q[:, :, lo:lo + T], k, v, everything[lo:lo + T])
+                assert torch.equal(alone, full[:, :, lo:lo + T]), T
+
+
+def test_unmasked_attention_rows_do_not_depend_on_batch_mates():
+    torch.manual_seed(4)
+    for T in (5, 16, 300):
+        q, k, v = (torch.randn(4, 2, T, 8) for _ in range(3))
+        with torch.inference_mode():
+            full = invariant.attention(q, k, v, None)
+            for b in range(4):
+                row = slice(b, b + 1)
+                assert torch.equal(invariant.attention(q[row], k[row], v[row], None), full[row])
+
+
 def test_key_masks_hide_left_padding_like_sdpa():
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))

@@ -14,14 +14,16 @@ differences (measured, docs/results.md, "Batch and cache invariance"):
   value depends on where it sits in the tensor;
 - a reduction along rows of a tensor with fewer rows than threads is split between the threads.
 
-So under inference on CPU (no autograd) the models call these instead: GEMMs with at least
-`ROW_FLOOR` rows (small calls padded with zero rows), attention as two GEMMs around a row-wise
-softmax with at least `ROW_FLOOR` queries (so each query's sums run over the same keys in the same
-order however many queries share the call), activations composed of ops whose SIMD and scalar
-paths agree (`exp`, `tanh`, `erf`, IEEE arithmetic), and long row reductions with at least one row
-per thread. Training keeps the fused kernels (autograd on), and so does CUDA, whose kernels are
-not covered by this construction. `tests/models/test_invariant.py` checks each kernel property on
-the machine it runs on, under every SIMD path and thread count the suite exercises.
+So under inference on CPU (no autograd) the models call these instead: GEMMs whose row count is
+one the large-call kernel serves (`gemm_rows`: small odd calls padded with zero rows), attention as
+GEMMs over fixed chunks of absolute key positions with such query counts (so each query's sums run
+over the same keys in the same order however many queries and keys share the call; unmasked
+attention, which has no cached twin, stays on SDPA, which is batch-invariant), activations composed
+of ops whose SIMD and scalar paths agree (`exp`, `tanh`, `erf`, IEEE arithmetic), and long row
+reductions with at least one row per thread. Training keeps the fused kernels (autograd on), and
+so does CUDA, whose kernels are not covered by this construction. `tests/models/test_invariant.py`
+checks each kernel property on the machine it runs on, under every SIMD path and thread count the
+suite exercises.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROW_FLOOR = 16  # GEMM calls with this many rows or more share one kernel (>= 12 measured)
+ROW_FLOOR = 12  # GEMM calls with at least this many rows, or a multiple of ROW_STEP, share one kernel
+ROW_STEP = 4
 KEY_CHUNK = 64  # attention keys summed per chunk (GEMM reductions this short never split)
 SCORES_BUDGET = 1 << 24  # attention score elements per chunk of queries (64 MiB in fp32)
 GRAIN = 32768  # ATen's parallel grain: smaller reductions never split between threads
@@ -61,6 +64,13 @@ def fused() -> Iterator[None]:
         _FUSED[0] = before
 
 
+def gemm_rows(M: int) -> int:
+    """The row count a GEMM of M rows runs with: M itself when MKL gives those rows the same kernel
+    as any larger call (M >= 12 or a multiple of 4, measured on one and two threads, both SIMD
+    paths), else M rounded up to a multiple of 4."""
+    return M if M >= ROW_FLOOR or M % ROW_STEP == 0 else -(-M // ROW_STEP) * ROW_STEP
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x [M, ...] with zero rows appended up to `rows`."""
     return torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])]) if rows > x.shape[0] else x
@@ -72,9 +82,9 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     M = rows.shape[0]
-    if M >= ROW_FLOOR:
+    if gemm_rows(M) == M:
         return layer(x)
-    return layer(_pad_rows(rows, ROW_FLOOR))[:M].reshape(*x.shape[:-1], -1)
+    return layer(_pad_rows(rows, gemm_rows(M)))[:M].reshape(*x.shape[:-1], -1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -86,8 +96,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     whole canvas, the rest masked): the keys are cut into chunks of `KEY_CHUNK` absolute positions
     (the last one zero-padded), each chunk is reduced on its own (one fixed-length sum, one GEMM
     with K = KEY_CHUNK), and the chunks are added in order, so keys a query does not see add
-    exact zeros."""
-    if not active(q):
+    exact zeros.
+
+    Without a mask every query sees every key of its call, so no cached twin of the call exists
+    (bidirectional canvases; a Fast-dLLM cache is approximate anyway) and only batch invariance is
+    promised: SDPA gives it, computing each (row, head) on its own the same way for any batch."""
+    if not active(q) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     B, H, T, Dh = q.shape
     S = k.shape[2]
@@ -102,7 +116,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     out = []
     for lo in range(0, T, rows):
         hi = min(lo + rows, T)
-        nq = max(hi - lo, ROW_FLOOR)  # padded query rows (attending everywhere) are sliced off below
+        nq = gemm_rows(hi - lo)  # padded query rows (attending everywhere) are sliced off below
         qc = q[:, :, lo:hi]
         if nq > hi - lo:
             qc = torch.cat([qc, qc.new_zeros(B, H, nq - (hi - lo), Dh)], dim=2)
