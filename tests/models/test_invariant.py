@@ -19,7 +19,7 @@ def test_linear_rows_do_not_depend_on_the_call_size():
         x = torch.randn(300, K)
         with torch.inference_mode():
             full = invariant.linear(layer, x)
-            for M in list(range(1, 40)) + [63, 64, 65, 129]:
+            for M in list(range(1, 60)) + [63, 64, 65, 129]:
                 for lo in (0, 7):
                     assert torch.equal(invariant.linear(layer, x[lo:lo + M]), full[lo:lo + M]), (K, N, M, lo)
             x3 = x[:24].view(3, 8, K)  # [B, T, K] inputs flatten to rows
@@ -48,6 +48,14 @@ def test_attention_of_a_query_ignores_keys_it_does_not_see_and_batch_mates():
                 assert torch.equal(one, whole[:, :, t:t + 1]), (S, t)
             reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_the_probed_row_counts():
+    served = invariant._served_rows(torch.get_num_threads())
+    assert served == sorted(served) and served[-1] == invariant.PROBE_ROWS + 1
+    for M in range(1, 2 * invariant.PROBE_ROWS):
+        rows = invariant.gemm_rows(M)
+        assert rows >= M and invariant.gemm_rows(rows) == rows
 
 
 def test_attention_rows_do_not_depend_on_the_query_count():

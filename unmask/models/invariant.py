@@ -15,15 +15,15 @@ differences (measured, docs/results.md, "Batch and cache invariance"):
 - a reduction along rows of a tensor with fewer rows than threads is split between the threads.
 
 So under inference on CPU (no autograd) the models call these instead: GEMMs whose row count is
-one the large-call kernel serves (`gemm_rows`: small odd calls padded with zero rows), attention as
-GEMMs over fixed chunks of absolute key positions with such query counts (so each query's sums run
-over the same keys in the same order however many queries and keys share the call; unmasked
-attention, which has no cached twin, stays on SDPA, which is batch-invariant), activations composed
-of ops whose SIMD and scalar paths agree (`exp`, `tanh`, `erf`, IEEE arithmetic), and long row
-reductions with at least one row per thread. Training keeps the fused kernels (autograd on), and
-so does CUDA, whose kernels are not covered by this construction. `tests/models/test_invariant.py`
-checks each kernel property on the machine it runs on, under every SIMD path and thread count the
-suite exercises.
+one the large-call kernel serves (`gemm_rows`, probed on the machine; other counts are padded with
+zero rows), attention as GEMMs over fixed chunks of absolute key positions with such query counts
+(so each query's sums run over the same keys in the same order however many queries and keys share
+the call; unmasked attention, which has no cached twin, stays on SDPA, which is batch-invariant),
+activations composed of ops whose SIMD and scalar paths agree (`exp`, `tanh`, `erf`, IEEE
+arithmetic), and long row reductions with at least one row per thread. Training keeps the fused
+kernels (autograd on), and so does CUDA, whose kernels are not covered by this construction.
+`tests/models/test_invariant.py` checks each kernel property on the machine it runs on, under every
+SIMD path and thread count the suite exercises.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROW_FLOOR = 12  # GEMM calls with at least this many rows, or a multiple of ROW_STEP, share one kernel
-ROW_STEP = 4
+PROBE_ROWS = 48  # row counts probed for the large-call GEMM kernel; larger calls always use it
 KEY_CHUNK = 64  # attention keys summed per chunk (GEMM reductions this short never split)
 SCORES_BUDGET = 1 << 24  # attention score elements per chunk of queries (64 MiB in fp32)
 GRAIN = 32768  # ATen's parallel grain: smaller reductions never split between threads
@@ -64,11 +63,35 @@ def fused() -> Iterator[None]:
         _FUSED[0] = before
 
 
+_SERVED: dict[int, list[int]] = {}  # thread count -> row counts the large-call kernel serves
+
+
+def _served_rows(threads: int) -> list[int]:
+    """Row counts M <= PROBE_ROWS whose rows come out of `F.linear` and batched `matmul` bit-equal to
+    the same rows in a large call, probed once per thread count (a few ms). On this project's AVX2
+    EPYC: M >= 12 or a multiple of 4 on two threads, M >= 4 on one; the kernel choice is MKL's and
+    differs between CPUs, so it is measured here rather than assumed."""
+    if threads not in _SERVED:
+        g = torch.Generator().manual_seed(0)
+        ok = set(range(1, PROBE_ROWS + 1))
+        with torch.inference_mode():
+            for K, N in ((32, 96), (128, 40)):
+                x, w = torch.randn(4 * PROBE_ROWS, K, generator=g), torch.randn(N, K, generator=g)
+                full = F.linear(x, w)
+                ok = {M for M in ok if torch.equal(F.linear(x[:M], w), full[:M])}
+            q, kt = torch.randn(3, 4 * PROBE_ROWS, 16, generator=g), torch.randn(3, 16, 70, generator=g)
+            full = q @ kt
+            ok = {M for M in ok if torch.equal(q[:, :M] @ kt, full[:, :M])}
+        _SERVED[threads] = sorted(ok) + [PROBE_ROWS + 1]
+    return _SERVED[threads]
+
+
 def gemm_rows(M: int) -> int:
-    """The row count a GEMM of M rows runs with: M itself when MKL gives those rows the same kernel
-    as any larger call (M >= 12 or a multiple of 4, measured on one and two threads, both SIMD
-    paths), else M rounded up to a multiple of 4."""
-    return M if M >= ROW_FLOOR or M % ROW_STEP == 0 else -(-M // ROW_STEP) * ROW_STEP
+    """The row count a GEMM of M rows runs with: the smallest count >= M that the large-call kernel
+    serves on this machine (M itself past PROBE_ROWS); the extra rows are zero padding."""
+    if M > PROBE_ROWS:
+        return M
+    return next(m for m in _served_rows(torch.get_num_threads()) if m >= M)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -112,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         v = torch.cat([v, v.new_zeros(B, H, Sp - S, Dh)], dim=2)
     q = q * (1.0 / math.sqrt(Dh))
     kt = k.transpose(-1, -2)  # [B, H, Dh, Sp]: GEMMs of every call see whole chunks of keys
-    rows = max(ROW_FLOOR, SCORES_BUDGET // max(1, B * H * Sp))  # queries per pass of the loop
+    rows = max(PROBE_ROWS + 1, SCORES_BUDGET // max(1, B * H * Sp))  # queries per pass of the loop
     out = []
     for lo in range(0, T, rows):
         hi = min(lo + rows, T)
