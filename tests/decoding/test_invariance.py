@@ -148,6 +148,62 @@ def test_the_cached_block_sees_bit_identical_logits():
         assert torch.equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny random directories of every pretrained family (tests/pretrained_layouts.py), loaded."""
+    from pretrained_layouts import FAMILIES, write_family, write_gpt2_like_tokenizer
+
+    from unmask.models.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    write_gpt2_like_tokenizer(root / "gpt2")
+    out = {}
+    for family in FAMILIES:
+        write_family(family, root / family)
+        tok = root / "gpt2" if family in ("mdlm", "bd3lm") else None
+        out[family] = load_checkpoint(root / family, tokenizer=tok, dtype="fp32").model
+    return out
+
+
+PRETRAINED = ["llada", "dream", "sdar", "fast-dllm-v2", "llada2", "mdlm", "bd3lm"]
+
+
+@pytest.mark.parametrize("family", PRETRAINED)
+@pytest.mark.parametrize("preset", ["family", "mdlm", "conv"])
+def test_pretrained_families_are_batch_and_cache_invariant(pretrained, family, preset):
+    """The adapters run transformers' own modules; their linears, attention and activations are
+    routed through the invariant ops too."""
+    model = pretrained[family]
+    from unmask.models.pretrained.families import FAMILIES
+
+    name = next(f.preset for f in FAMILIES if f.name == family) if preset == "family" else preset
+    prompt = torch.randint(0, 44, (3, 5), generator=torch.Generator().manual_seed(1))
+    over = {"block_len": 4} if model.cfg.attention == "bidirectional" else {}
+    assert_batch_invariant(model, name, prompt, G=8, steps=4, **over)
+    if model.cfg.attention == "block_causal":
+        cached = decode(model, name, prompt, range(3), cache="auto", G=8, steps=4)
+        uncached = decode(model, name, prompt, range(3), cache="none", G=8, steps=4)
+        assert torch.equal(cached.tokens, uncached.tokens)
+
+
+@pytest.mark.parametrize("family", PRETRAINED)
+def test_pretrained_logits_are_bit_identical_across_batches_and_the_cache(pretrained, family):
+    model = pretrained[family]
+    x = torch.randint(0, 44, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(x).logits
+        for i in range(3):
+            assert torch.equal(model(x[i:i + 1]).logits[0], full[i])
+        if model.cfg.attention == "block_causal":  # prefill, then each block against the cache
+            Lb = model.cfg.block_size
+            kv = model.new_cache(3, 16, "cpu")
+            model(x[:, :Lb], cache=kv)
+            kv.commit(Lb)
+            for lo in range(Lb, 16, Lb):
+                assert torch.equal(model(x[:, lo:lo + Lb], cache=kv).logits, full[:, lo:lo + Lb]), lo
+                kv.commit(Lb)
+
+
 def _paths() -> list[dict[str, str]]:
     """The kernel paths other than this process's: native and `default` SIMD x 1 and 2 threads."""
     here = (os.environ.get("ATEN_CPU_CAPABILITY", ""), str(torch.get_num_threads()))

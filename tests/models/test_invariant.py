@@ -72,8 +72,8 @@ def test_attention_rows_do_not_depend_on_the_query_count():
 
 def test_unmasked_attention_rows_do_not_depend_on_batch_mates():
     torch.manual_seed(4)
-    for T in (5, 16, 300):
-        q, k, v = (torch.randn(4, 2, T, 8) for _ in range(3))
+    for H, Dh, T in [(1, 32, 5), (1, 8, 9), (2, 8, 16), (2, 64, 13), (4, 8, 300)]:
+        q, k, v = (torch.randn(4, H, T, Dh) for _ in range(3))
         with torch.inference_mode():
             full = invariant.attention(q, k, v, None)
             for b in range(4):

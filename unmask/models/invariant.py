@@ -9,7 +9,8 @@ differences (measured, docs/results.md, "Batch and cache invariance"):
 - fp32 GEMM (MKL): rows of a call with fewer than 12 rows take another kernel (1-3 rows on one
   thread; 1-11 except multiples of 4 on two), and differ from the same rows in a larger call;
 - SDPA's CPU kernel blocks its keys by the query count, so a cached block's attention differs from
-  the same queries in the uncached pass;
+  the same queries in the uncached pass, and with few rows x heads it also splits its work
+  differently for a batch of one;
 - vectorised SiLU, GELU and sigmoid compute a tensor's scalar tail differently from its body, so a
   value depends on where it sits in the tensor;
 - a reduction along rows of a tensor with fewer rows than threads is split between the threads.
@@ -18,7 +19,7 @@ So under inference on CPU (no autograd) the models call these instead: GEMMs who
 one the large-call kernel serves (`gemm_rows`, probed on the machine; other counts are padded with
 zero rows), attention as GEMMs over fixed chunks of absolute key positions with such query counts
 (so each query's sums run over the same keys in the same order however many queries and keys share
-the call; unmasked attention, which has no cached twin, stays on SDPA, which is batch-invariant),
+the call),
 activations composed of ops whose SIMD and scalar paths agree (`exp`, `tanh`, `erf`, IEEE
 arithmetic), and long row reductions with at least one row per thread. Training keeps the fused
 kernels (autograd on), and so does CUDA, whose kernels are not covered by this construction.
@@ -101,31 +102,33 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` for x [..., K]; on the invariant path every row goes through the large-call GEMM."""
-    if not active(x):
-        return layer(x)
+    return _gemm(x, layer) if active(x) else layer(x)
+
+
+def _gemm(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(x) for a row-wise GEMM `fn` of x [..., K], its rows padded to a count `gemm_rows` allows."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     M = rows.shape[0]
     if gemm_rows(M) == M:
-        return layer(x)
-    return layer(_pad_rows(rows, gemm_rows(M)))[:M].reshape(*x.shape[:-1], -1)
+        return fn(x)
+    return fn(_pad_rows(rows, gemm_rows(M)))[:M].reshape(*x.shape[:-1], -1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) | mask) v for q [B, H, T, Dh], k/v [B, H, S, Dh], mask None or bool
-    [T, S] / [B, 1, T, S] (True = attend). Off the invariant path: SDPA.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q [B, H, T, Dh], k/v [B, H, S, Dh] (scale 1/sqrt(Dh) by
+    default); mask None, bool (True = attend) or additive float, [T, S] / [B, 1|H, T, S]. Off the
+    invariant path: SDPA.
 
     A query's sums must not depend on how many keys its call holds beyond the ones it sees (a
     cached block holds exactly its visible keys; the same query in the uncached pass holds the
     whole canvas, the rest masked): the keys are cut into chunks of `KEY_CHUNK` absolute positions
     (the last one zero-padded), each chunk is reduced on its own (one fixed-length sum, one GEMM
     with K = KEY_CHUNK), and the chunks are added in order, so keys a query does not see add
-    exact zeros.
-
-    Without a mask every query sees every key of its call, so no cached twin of the call exists
-    (bidirectional canvases; a Fast-dLLM cache is approximate anyway) and only batch invariance is
-    promised: SDPA gives it, computing each (row, head) on its own the same way for any batch."""
-    if not active(q) or mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    exact zeros. Unmasked calls take the same path: SDPA's CPU kernel is not batch-invariant
+    either when rows x heads are few (a batch of one row with one head, measured)."""
+    if not active(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     B, H, T, Dh = q.shape
     S = k.shape[2]
     n = -(-S // KEY_CHUNK)  # key chunks
@@ -133,7 +136,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if Sp > S:  # zero keys and values; their scores are set to -inf below
         k = torch.cat([k, k.new_zeros(B, H, Sp - S, Dh)], dim=2)
         v = torch.cat([v, v.new_zeros(B, H, Sp - S, Dh)], dim=2)
-    q = q * (1.0 / math.sqrt(Dh))
+    q = q * (1.0 / math.sqrt(Dh) if scale is None else scale)
     kt = k.transpose(-1, -2)  # [B, H, Dh, Sp]: GEMMs of every call see whole chunks of keys
     rows = max(PROBE_ROWS + 1, SCORES_BUDGET // max(1, B * H * Sp))  # queries per pass of the loop
     out = []
@@ -146,9 +149,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         scores = qc @ kt  # [B, H, nq, Sp]
         if mask is not None:
             m = mask[..., lo:hi, :]
-            if nq > hi - lo:
-                m = torch.cat([m, m.new_ones(m.shape[:-2] + (nq - (hi - lo), S))], dim=-2)
-            scores[..., :S].masked_fill_(~m, -torch.inf)
+            if nq > hi - lo:  # padded queries attend everywhere
+                pad = m.shape[:-2] + (nq - (hi - lo), S)
+                m = torch.cat([m, m.new_ones(pad) if m.dtype == torch.bool else m.new_zeros(pad)], dim=-2)
+            if m.dtype == torch.bool:
+                scores[..., :S].masked_fill_(~m, -torch.inf)
+            else:
+                scores[..., :S] += m
         scores[..., S:] = -torch.inf
         e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
         total = e.view(B, H, nq, n, KEY_CHUNK).sum(-1).cumsum(-1)[..., -1:]  # [B, H, nq, 1]
@@ -157,6 +164,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             pv = pv + e[..., c * KEY_CHUNK:(c + 1) * KEY_CHUNK] @ v[:, :, c * KEY_CHUNK:(c + 1) * KEY_CHUNK]
         out.append((pv / total)[:, :, : hi - lo])
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """`F.scaled_dot_product_attention`'s signature on `attention` (inference: no dropout)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    if is_causal:
+        T, S = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    return attention(q, k, v, attn_mask, scale)
+
+
+class _Routed(torch.overrides.TorchFunctionMode):
+    """Sends the calls of code we do not own (transformers' modeling files) to the invariant ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and active(args[0]):
+            if func is F.linear:
+                x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3]
+                return _gemm(x, lambda rows: F.linear(rows, weight, bias))
+            if func is F.scaled_dot_product_attention and not kwargs.get("dropout_p"):
+                return _sdpa(*args, **kwargs)
+            if func is F.silu:
+                return silu(args[0])
+            if func in (torch.sigmoid, torch.Tensor.sigmoid):
+                return sigmoid(args[0])
+            if func is F.gelu:
+                return gelu(args[0], kwargs.get("approximate", "none"))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def routed() -> Iterator[None]:
+    """Inside the block, `F.linear`, SDPA, SiLU, sigmoid and GELU calls of any module run the
+    invariant ops on the invariant path (the pretrained adapters wrap transformers' forward)."""
+    with _Routed():
+        yield
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from unmask.config import ModelConfig
-from unmask.models import masks
+from unmask.models import invariant, masks
 from unmask.models.kv_cache import KVCache
 from unmask.models.pretrained.families import Family, PretrainedError
 from unmask.models.pretrained.hf_cache import BridgeCache
@@ -89,13 +89,14 @@ class HFDenoiser(nn.Module):
             allowed = allowed if allowed.dim() == 3 else allowed[None]
             mask = self._additive(allowed[:, None], h.dtype)  # [B|1, 1, T, S]
         position_ids = positions if positions.dim() == 2 else positions[None]
-        out = self.native.model(
-            inputs_embeds=h,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=BridgeCache(cache) if cache is not None else None,
-            use_cache=cache is not None,
-        )
+        with invariant.routed():  # batch- and cache-invariant inference ops inside transformers' forward
+            out = self.native.model(
+                inputs_embeds=h,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=BridgeCache(cache) if cache is not None else None,
+                use_cache=cache is not None,
+            )
         return out.last_hidden_state
 
     def forward(
@@ -122,7 +123,7 @@ class HFDenoiser(nn.Module):
         hidden = self.run(h, positions, allowed, cache)
         if self.family.shift:
             hidden = self._shift(hidden, cache, start)
-        return DenoiserOutput(self.native.lm_head(hidden), hidden)
+        return DenoiserOutput(invariant.linear(self.native.lm_head, hidden), hidden)
 
     def _shift(self, raw: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         """raw [B, T, D] outputs at start..start+T-1 -> the outputs at start-1..start+T-2."""
@@ -158,7 +159,7 @@ class HFDenoiser(nn.Module):
         index = torch.arange(2 * L, device=h.device)
         allowed = masks.dense_mask(masks.bd3_train(L, self.cfg.block_size), index, index)
         hidden = self.run(h, index % L, allowed)[:, :L]
-        return DenoiserOutput(self.native.lm_head(hidden), hidden)
+        return DenoiserOutput(invariant.linear(self.native.lm_head, hidden), hidden)
 
     def num_params(self, *, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

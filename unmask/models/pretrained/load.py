@@ -166,6 +166,10 @@ def load_pretrained_full(
         model, max_len = _load_dit(path, raw, family, block, target, where)
     else:
         model, max_len = _load_native(path, raw, family, block, target, where)
+        if device.type == "cpu" and hasattr(model.native, "set_experts_implementation"):
+            # MoE experts as one F.linear per expert (routed through the invariant ops): the grouped
+            # GEMM groups tokens by expert, so a token's numbers would depend on its batch-mates
+            model.native.set_experts_implementation("eager")
     return Pretrained(model.to(device).eval(), family, raw, max_len, digest(path))
 
 
