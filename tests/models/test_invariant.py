@@ -118,6 +118,29 @@ def test_row_sums_are_each_rows_own():
         torch.testing.assert_close(full, x.sum(-1))
 
 
+def test_routing_reaches_modules_we_do_not_own_only_on_the_invariant_path(monkeypatch):
+    layer = nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        fused = layer(x)
+        with invariant.routed(x):
+            routed = layer(x)  # 3 rows: padded to a row count the large-call kernel serves
+        assert torch.equal(routed, invariant.linear(layer, x))
+        torch.testing.assert_close(routed, fused)
+        with invariant.routed(x):
+            a = nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)),
+                                                           is_causal=True)
+        assert a.shape == (1, 2, 5, 4)
+    padded = []
+    monkeypatch.setattr(invariant, "_gemm", lambda x, fn: padded.append(x.shape) or fn(x))
+    with torch.inference_mode(), invariant.routed(x):
+        layer(x)
+    assert padded == [(3, 8)]
+    with invariant.routed(x.requires_grad_()):  # autograd on: nothing routed
+        layer(x).sum().backward()
+    assert padded == [(3, 8)] and layer.weight.grad is not None
+
+
 def test_training_keeps_the_fused_kernels():
     layer = nn.Linear(8, 4)
     x = torch.randn(2, 8, requires_grad=True)

@@ -198,9 +198,13 @@ class _Routed(torch.overrides.TorchFunctionMode):
 
 
 @contextmanager
-def routed() -> Iterator[None]:
+def routed(x: torch.Tensor) -> Iterator[None]:
     """Inside the block, `F.linear`, SDPA, SiLU, sigmoid and GELU calls of any module run the
-    invariant ops on the invariant path (the pretrained adapters wrap transformers' forward)."""
+    invariant ops when `x` (the forward's input) is on the invariant path (the pretrained adapters
+    wrap transformers' forward); elsewhere (training, CUDA) nothing is routed."""
+    if not active(x):
+        yield
+        return
     with _Routed():
         yield
 

@@ -89,7 +89,7 @@ class HFDenoiser(nn.Module):
             allowed = allowed if allowed.dim() == 3 else allowed[None]
             mask = self._additive(allowed[:, None], h.dtype)  # [B|1, 1, T, S]
         position_ids = positions if positions.dim() == 2 else positions[None]
-        with invariant.routed():  # batch- and cache-invariant inference ops inside transformers' forward
+        with invariant.routed(h):  # batch- and cache-invariant inference ops inside transformers' forward
             out = self.native.model(
                 inputs_embeds=h,
                 attention_mask=mask,
