@@ -125,7 +125,8 @@ def test_routing_reaches_modules_we_do_not_own_only_on_the_invariant_path(monkey
         fused = layer(x)
         with invariant.routed(x):
             routed = layer(x)  # 3 rows: padded to a row count the large-call kernel serves
-        assert torch.equal(routed, invariant.linear(layer, x))
+            by_name = nn.functional.linear(x, layer.weight, bias=layer.bias)
+        assert torch.equal(routed, invariant.linear(layer, x)) and torch.equal(by_name, routed)
         torch.testing.assert_close(routed, fused)
         with invariant.routed(x):
             a = nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)),

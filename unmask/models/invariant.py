@@ -183,9 +183,10 @@ class _Routed(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if args and isinstance(args[0], torch.Tensor) and active(args[0]):
-            if func is F.linear:
-                x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3]
-                return _gemm(x, lambda rows: F.linear(rows, weight, bias))
+            if func is F.linear:  # (input, weight, bias), positional or by name
+                given = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+                weight, bias = given["weight"], given.get("bias")
+                return _gemm(given["input"], lambda rows: F.linear(rows, weight, bias))
             if func is F.scaled_dot_product_attention and not kwargs.get("dropout_p"):
                 return _sdpa(*args, **kwargs)
             if func is F.silu:
