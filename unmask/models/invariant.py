@@ -64,35 +64,44 @@ def fused() -> Iterator[None]:
         _FUSED[0] = before
 
 
-_SERVED: dict[int, list[int]] = {}  # thread count -> row counts the large-call kernel serves
+_SERVED: dict[tuple[int, torch.dtype], list[int]] = {}  # (threads, GEMM dtype) -> served row counts
 
 
-def _served_rows(threads: int) -> list[int]:
-    """Row counts M <= PROBE_ROWS whose rows come out of `F.linear` and batched `matmul` bit-equal to
-    the same rows in a large call, probed once per thread count (a few ms). On this project's AVX2
-    EPYC: M >= 12 or a multiple of 4 on two threads, M >= 4 on one; the kernel choice is MKL's and
-    differs between CPUs, so it is measured here rather than assumed."""
-    if threads not in _SERVED:
+def _served_rows(threads: int, dtype: torch.dtype = torch.float32) -> list[int]:
+    """Row counts M <= PROBE_ROWS whose rows come out of `F.linear` and batched `matmul` in `dtype`
+    bit-equal to the same rows in a large call, probed once per thread count and dtype (a few ms).
+    On this project's AVX2 EPYC in fp32: M >= 12 or a multiple of 4 on two threads, M >= 4 on one;
+    the kernel choice is MKL's (oneDNN's for bf16) and differs between CPUs, so it is measured
+    here rather than assumed."""
+    key = (threads, dtype)
+    if key not in _SERVED:
         g = torch.Generator().manual_seed(0)
         ok = set(range(1, PROBE_ROWS + 1))
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             for K, N in ((32, 96), (128, 40)):
-                x, w = torch.randn(4 * PROBE_ROWS, K, generator=g), torch.randn(N, K, generator=g)
+                x = torch.randn(4 * PROBE_ROWS, K, generator=g).to(dtype)
+                w = torch.randn(N, K, generator=g).to(dtype)
                 full = F.linear(x, w)
                 ok = {M for M in ok if torch.equal(F.linear(x[:M], w), full[:M])}
-            q, kt = torch.randn(3, 4 * PROBE_ROWS, 16, generator=g), torch.randn(3, 16, 70, generator=g)
+            q = torch.randn(3, 4 * PROBE_ROWS, 16, generator=g).to(dtype)
+            kt = torch.randn(3, 16, 70, generator=g).to(dtype)
             full = q @ kt
             ok = {M for M in ok if torch.equal(q[:, :M] @ kt, full[:, :M])}
-        _SERVED[threads] = sorted(ok) + [PROBE_ROWS + 1]
-    return _SERVED[threads]
+        _SERVED[key] = sorted(ok) + [PROBE_ROWS + 1]
+    return _SERVED[key]
 
 
-def gemm_rows(M: int) -> int:
-    """The row count a GEMM of M rows runs with: the smallest count >= M that the large-call kernel
-    serves on this machine (M itself past PROBE_ROWS); the extra rows are zero padding."""
+def gemm_rows(M: int, dtype: torch.dtype = torch.float32) -> int:
+    """The row count a GEMM of M rows in `dtype` runs with: the smallest count >= M that the
+    large-call kernel serves on this machine (M itself past PROBE_ROWS); extra rows are zero padding."""
     if M > PROBE_ROWS:
         return M
-    return next(m for m in _served_rows(torch.get_num_threads()) if m >= M)
+    return next(m for m in _served_rows(torch.get_num_threads(), dtype) if m >= M)
+
+
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM on `x` runs in: CPU autocast's when it is on, else x's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -109,9 +118,10 @@ def _gemm(x: torch.Tensor, fn) -> torch.Tensor:
     """fn(x) for a row-wise GEMM `fn` of x [..., K], its rows padded to a count `gemm_rows` allows."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     M = rows.shape[0]
-    if gemm_rows(M) == M:
+    n = gemm_rows(M, _gemm_dtype(x))
+    if n == M:
         return fn(x)
-    return fn(_pad_rows(rows, gemm_rows(M)))[:M].reshape(*x.shape[:-1], -1)
+    return fn(_pad_rows(rows, n))[:M].reshape(*x.shape[:-1], -1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -142,7 +152,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     out = []
     for lo in range(0, T, rows):
         hi = min(lo + rows, T)
-        nq = gemm_rows(hi - lo)  # padded query rows (attending everywhere) are sliced off below
+        nq = gemm_rows(hi - lo, _gemm_dtype(q))  # padded query rows (attending everywhere) are sliced off
         qc = q[:, :, lo:hi]
         if nq > hi - lo:
             qc = torch.cat([qc, qc.new_zeros(B, H, nq - (hi - lo), Dh)], dim=2)
