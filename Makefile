@@ -28,6 +28,7 @@ test: $(STAMP) chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check unmask tests
+	$(BIN)/ruff format --check unmask tests
 
 bench: $(STAMP)
 	$(BIN)/unmask bench train

@@ -33,8 +33,14 @@ def tiny_model(attention: str = "block_causal", block_size: int = 4, seed: int =
 @pytest.fixture(scope="session")
 def tiny_data_cfg(tmp_path_factory) -> DataConfig:
     cache = tmp_path_factory.mktemp("cache")
-    return DataConfig(corpus="stdlib:json,csv,email,http,urllib,logging", seq_len=32, vocab_size=320,
-                      valid_fraction=0.15, test_fraction=0.15, cache_dir=str(cache))
+    return DataConfig(
+        corpus="stdlib:json,csv,email,http,urllib,logging",
+        seq_len=32,
+        vocab_size=320,
+        valid_fraction=0.15,
+        test_fraction=0.15,
+        cache_dir=str(cache),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +54,12 @@ def checkpoints(tiny_data_cfg, tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
     for kind in ("block_causal", "bidirectional", "causal"):
-        cfg = Config(data=tiny_data_cfg, eval=EvalConfig(max_rows=64),
-                     model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1, n_heads=2),
-                     train=TrainConfig(steps=20, batch_size=8, lr=3e-3, precision="fp32",
-                                       out=str(root / kind)))
+        cfg = Config(
+            data=tiny_data_cfg,
+            eval=EvalConfig(max_rows=64),
+            model=ModelConfig(attention=kind, block_size=4, dim=32, n_layers=1, n_heads=2),
+            train=TrainConfig(steps=20, batch_size=8, lr=3e-3, precision="fp32", out=str(root / kind)),
+        )
         train(cfg, data=tiny_data, progress=False)
         out[kind] = root / kind
     out["ar"] = out["causal"]

@@ -9,8 +9,20 @@ import unmask
 def test_every_public_name_imports():
     for name in unmask.__all__:
         assert getattr(unmask, name) is not None, name
-    wanted = {"generate", "build_decoder", "preset_config", "PRESETS", "DecodeState", "sample", "train",
-              "load_checkpoint", "KVCache", "evaluate_perplexity", "Config", "load_config"}
+    wanted = {
+        "generate",
+        "build_decoder",
+        "preset_config",
+        "PRESETS",
+        "DecodeState",
+        "sample",
+        "train",
+        "load_checkpoint",
+        "KVCache",
+        "evaluate_perplexity",
+        "Config",
+        "load_config",
+    }
     assert wanted <= set(unmask.__all__)
     assert 25 <= len(unmask.__all__) <= 40
 
@@ -32,7 +44,9 @@ def test_unknown_name_is_an_attribute_error():
 
 
 def test_import_and_help_do_not_load_torch():
-    code = ("import sys, unmask, unmask.cli.main as m\n"
-            "p = m.build_parser()\n"
-            "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('unmask'))\n")
+    code = (
+        "import sys, unmask, unmask.cli.main as m\n"
+        "p = m.build_parser()\n"
+        "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if k.startswith('unmask'))\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,32 +16,48 @@ from typing import TYPE_CHECKING, Any
 # name -> the module that defines it, grouped by the layer it belongs to
 _PUBLIC: dict[str, str] = {
     # configuration
-    "Config": "unmask.config", "DecodeConfig": "unmask.config", "ConfigError": "unmask.config",
+    "Config": "unmask.config",
+    "DecodeConfig": "unmask.config",
+    "ConfigError": "unmask.config",
     "load_config": "unmask.config_io",
     # data
-    "prepare_data": "unmask.data.corpus", "load_corpus": "unmask.data.corpus",
+    "prepare_data": "unmask.data.corpus",
+    "load_corpus": "unmask.data.corpus",
     "DataError": "unmask.data.corpus",
     "Tokenizer": "unmask.data.tokenizer",
     # models
-    "Transformer": "unmask.models.transformer", "build_model": "unmask.models.transformer",
-    "DenoiserOutput": "unmask.models.transformer", "KVCache": "unmask.models.kv_cache",
-    "load_checkpoint": "unmask.models.checkpoint", "save_checkpoint": "unmask.models.checkpoint",
+    "Transformer": "unmask.models.transformer",
+    "build_model": "unmask.models.transformer",
+    "DenoiserOutput": "unmask.models.transformer",
+    "KVCache": "unmask.models.kv_cache",
+    "load_checkpoint": "unmask.models.checkpoint",
+    "save_checkpoint": "unmask.models.checkpoint",
     "CheckpointError": "unmask.models.checkpoint",
-    "load_pretrained": "unmask.models.pretrained.load", "load_tokenizer": "unmask.models.pretrained.load",
+    "load_pretrained": "unmask.models.pretrained.load",
+    "load_tokenizer": "unmask.models.pretrained.load",
     "PretrainedError": "unmask.models.pretrained.families",
     "build_schedule": "unmask.schedules",
     # training
-    "train": "unmask.training.loop", "Batch": "unmask.training.objectives",
-    "diffusion_loss": "unmask.training.objectives", "ar_loss": "unmask.training.objectives",
+    "train": "unmask.training.loop",
+    "Batch": "unmask.training.objectives",
+    "diffusion_loss": "unmask.training.objectives",
+    "ar_loss": "unmask.training.objectives",
     # decoding
-    "generate": "unmask.decoding.generate", "DecodeState": "unmask.decoding.state",
-    "Decoder": "unmask.decoding.decoder", "build_decoder": "unmask.decoding.presets",
-    "preset_config": "unmask.decoding.presets", "PRESETS": "unmask.decoding.presets",
-    "sample": "unmask.decoding.sample", "render": "unmask.decoding.sample",
+    "generate": "unmask.decoding.generate",
+    "DecodeState": "unmask.decoding.state",
+    "Decoder": "unmask.decoding.decoder",
+    "build_decoder": "unmask.decoding.presets",
+    "preset_config": "unmask.decoding.presets",
+    "PRESETS": "unmask.decoding.presets",
+    "sample": "unmask.decoding.sample",
+    "render": "unmask.decoding.sample",
     # evaluation
-    "evaluate_perplexity": "unmask.training.perplexity", "Perplexity": "unmask.training.perplexity",
-    "generative_perplexity": "unmask.evaluation.reference", "mauve_score": "unmask.evaluation.reference",
-    "load_reference": "unmask.evaluation.reference", "repetition": "unmask.evaluation.metrics",
+    "evaluate_perplexity": "unmask.training.perplexity",
+    "Perplexity": "unmask.training.perplexity",
+    "generative_perplexity": "unmask.evaluation.reference",
+    "mauve_score": "unmask.evaluation.reference",
+    "load_reference": "unmask.evaluation.reference",
+    "repetition": "unmask.evaluation.metrics",
 }
 
 __all__ = sorted(_PUBLIC)

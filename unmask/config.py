@@ -74,8 +74,11 @@ class ModelConfig:
     """Rotary embedding base."""
 
     def __post_init__(self) -> None:
-        _check(self.dim > 0 and self.dim % self.n_heads == 0, "model.dim",
-               f"must be positive and divisible by n_heads={self.n_heads}, got {self.dim}")
+        _check(
+            self.dim > 0 and self.dim % self.n_heads == 0,
+            "model.dim",
+            f"must be positive and divisible by n_heads={self.n_heads}, got {self.dim}",
+        )
         _check((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "head dim must be even (rotary)")
         _check(self.n_layers >= 1, "model.n_layers", f"must be >= 1, got {self.n_layers}")
         _check(self.block_size >= 1, "model.block_size", f"must be >= 1, got {self.block_size}")
@@ -114,8 +117,11 @@ class NoiseConfig:
         _check(0.0 <= lo < hi <= 1.0, "noise.clip", f"needs 0 <= beta < omega <= 1, got {self.clip}")
         _check(self.clip_search_batches >= 1, "noise.clip_search_batches", "must be >= 1")
         _check(self.resample_tries >= 1, "noise.resample_tries", "must be >= 1")
-        _check(all(0.0 < w <= 1.0 for w in self.clip_widths), "noise.clip_widths",
-               f"widths must be in (0, 1], got {self.clip_widths}")
+        _check(
+            all(0.0 < w <= 1.0 for w in self.clip_widths),
+            "noise.clip_widths",
+            f"widths must be in (0, 1], got {self.clip_widths}",
+        )
         _check(0.0 < self.clip_grid_step <= 0.5, "noise.clip_grid_step", "must be in (0, 0.5]")
 
 
@@ -164,8 +170,11 @@ class TrainConfig:
         _check(self.warmup >= 0, "train.warmup", "must be >= 0")
         _check(0.0 <= self.ema < 1.0, "train.ema", f"must be in [0, 1), got {self.ema}")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _check(self.eval_every >= 0 and self.save_every >= 1, "train.eval_every",
-               "eval_every must be >= 0 and save_every >= 1")
+        _check(
+            self.eval_every >= 0 and self.save_every >= 1,
+            "train.eval_every",
+            "eval_every must be >= 0 and save_every >= 1",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,8 +262,9 @@ class InstructConfig:
             lo, hi = getattr(self, name)
             _check(1 <= lo <= hi, f"instruct.{name}", f"needs 1 <= low <= high, got {(lo, hi)}")
         _check(self.max_prompt >= 0, "instruct.max_prompt", f"must be >= 0, got {self.max_prompt}")
-        _check(self.b_w >= 0 and self.b_l >= 0 and self.b_a >= 0, "instruct.b_w",
-               "b_w, b_l and b_a must be >= 0")
+        _check(
+            self.b_w >= 0 and self.b_l >= 0 and self.b_a >= 0, "instruct.b_w", "b_w, b_l and b_a must be >= 0"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,8 +362,11 @@ class DecodeConfig:
         _check(self.temperature > 0, "decode.temperature", f"must be > 0, got {self.temperature}")
         _check(self.top_k >= 0, "decode.top_k", f"must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.kernel == 0 or (self.kernel > 0 and self.kernel % 2 == 1), "decode.kernel",
-               f"must be 0 (off) or a positive odd width, got {self.kernel}")
+        _check(
+            self.kernel == 0 or (self.kernel > 0 and self.kernel % 2 == 1),
+            "decode.kernel",
+            f"must be 0 (off) or a positive odd width, got {self.kernel}",
+        )
         _check(0 <= self.threshold <= 1, "decode.threshold", f"must be in [0, 1], got {self.threshold}")
         _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
@@ -374,20 +387,34 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
-        _check(self.instruct.stage != "r2ft" or self.model.attention == "bidirectional", "instruct.stage",
-               "r2ft needs a bidirectional (MDLM) model: its one forward masks everything after the cut, "
-               "which a block-causal model's clean-context pass cannot express without showing later "
-               "blocks the answer")
-        _check(self.instruct.stage == "none" or self.model.attention != "causal", "instruct.stage",
-               "sft/r2ft are diffusion post-training; an AR model has no masked positions")
-        _check(self.soft_mask.k <= self.data.vocab_size, "soft_mask.k",
-               f"must be <= the vocabulary size {self.data.vocab_size}, got {self.soft_mask.k}")
-        _check(self.soft_mask.k == 0 or self.model.attention != "causal", "soft_mask.k",
-               "soft-masking needs a diffusion model (bidirectional or block_causal attention)")
+        _check(
+            self.instruct.stage != "r2ft" or self.model.attention == "bidirectional",
+            "instruct.stage",
+            "r2ft needs a bidirectional (MDLM) model: its one forward masks everything after the cut, "
+            "which a block-causal model's clean-context pass cannot express without showing later "
+            "blocks the answer",
+        )
+        _check(
+            self.instruct.stage == "none" or self.model.attention != "causal",
+            "instruct.stage",
+            "sft/r2ft are diffusion post-training; an AR model has no masked positions",
+        )
+        _check(
+            self.soft_mask.k <= self.data.vocab_size,
+            "soft_mask.k",
+            f"must be <= the vocabulary size {self.data.vocab_size}, got {self.soft_mask.k}",
+        )
+        _check(
+            self.soft_mask.k == 0 or self.model.attention != "causal",
+            "soft_mask.k",
+            "soft-masking needs a diffusion model (bidirectional or block_causal attention)",
+        )
         if self.model.attention == "block_causal":
-            _check(self.data.seq_len % self.model.block_size == 0, "model.block_size",
-                   f"data.seq_len={self.data.seq_len} is not divisible by block_size="
-                   f"{self.model.block_size}")
+            _check(
+                self.data.seq_len % self.model.block_size == 0,
+                "model.block_size",
+                f"data.seq_len={self.data.seq_len} is not divisible by block_size={self.model.block_size}",
+            )
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -30,12 +30,18 @@ def _coerce(value: Any, tp: Any, flag: str) -> Any:
         _check(isinstance(value, bool), flag, f"expected true/false, got {value!r}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), flag,
-               f"expected an integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            flag,
+            f"expected an integer, got {value!r}",
+        )
         return value
     if tp is float:
-        _check(isinstance(value, int | float) and not isinstance(value, bool), flag,
-               f"expected a number, got {value!r}")
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            flag,
+            f"expected a number, got {value!r}",
+        )
         return float(value)
     if tp is str:
         _check(isinstance(value, str), flag, f"expected a string, got {value!r}")
@@ -52,8 +58,10 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = prefix.rstrip(".") or "top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
-                          f"(in {where}; known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} "
+            f"(in {where}; known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

@@ -67,8 +67,7 @@ def native_cpu_bf16() -> bool:
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
 
 
-def matmul_flops(dtype: torch.dtype, *, budget_s: float = 0.1, n: int = 256,
-                 device: str = "cpu") -> float:
+def matmul_flops(dtype: torch.dtype, *, budget_s: float = 0.1, n: int = 256, device: str = "cpu") -> float:
     """FLOP/s of an n x n matmul in `dtype`, repeated for about `budget_s` seconds (at least once
     after one warm-up), so the probe costs the same time on a fast or a slow machine."""
     a = torch.randn(n, n, device=device).to(dtype)
@@ -96,9 +95,12 @@ def resolve_precision(requested: str, device_type: str = "cpu") -> Resolved:
     emulated bf16 warns; Python shows a warning once per place that asks)."""
     native = native_cpu_bf16()
     if requested == "bf16" and device_type == "cpu" and not native:
-        warnings.warn(f"bf16 on a CPU without native bf16 ({cpu_model()}: no AMX / AVX-512 BF16) is "
-                      f"emulated: a bf16 matmul measured {1 / bf16_speedup():.0f}x slower than fp32 "
-                      "here; precision auto (the default) picks fp32", stacklevel=2)
+        warnings.warn(
+            f"bf16 on a CPU without native bf16 ({cpu_model()}: no AMX / AVX-512 BF16) is "
+            f"emulated: a bf16 matmul measured {1 / bf16_speedup():.0f}x slower than fp32 "
+            "here; precision auto (the default) picks fp32",
+            stacklevel=2,
+        )
     return _resolve(requested, device_type, native)
 
 
@@ -111,8 +113,10 @@ def _resolve(requested: str, device_type: str, native: bool) -> Resolved:
     if device_type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Resolved("bf16", "asked for" if requested == "bf16" else "auto: the GPU supports bf16")
-        return Resolved("fp32" if requested == "auto" else "bf16",
-                        "auto: this GPU has no bf16" if requested == "auto" else "asked for")
+        return Resolved(
+            "fp32" if requested == "auto" else "bf16",
+            "auto: this GPU has no bf16" if requested == "auto" else "asked for",
+        )
     if requested == "bf16":
         return Resolved("bf16", "asked for" + ("" if native else ", emulated on this CPU"))
     if not native:

@@ -8,9 +8,11 @@ from unmask.config import Config, DataConfig, ModelConfig, TrainConfig
 
 
 def _cfg() -> Config:
-    return Config(data=DataConfig(seq_len=32, vocab_size=300),
-                  model=ModelConfig(attention="block_causal", block_size=8, dim=32, n_layers=1, n_heads=2),
-                  train=TrainConfig(batch_size=2))
+    return Config(
+        data=DataConfig(seq_len=32, vocab_size=300),
+        model=ModelConfig(attention="block_causal", block_size=8, dim=32, n_layers=1, n_heads=2),
+        train=TrainConfig(batch_size=2),
+    )
 
 
 def test_bench_train_without_native_bf16_times_the_emulated_arm_once(monkeypatch):
@@ -28,9 +30,11 @@ def test_bench_train_without_native_bf16_times_the_emulated_arm_once(monkeypatch
 
 def test_bench_train_interleaves_every_arm_with_native_bf16(monkeypatch):
     monkeypatch.setenv("UNMASK_NATIVE_BF16", "1")
-    cfg = Config(data=DataConfig(seq_len=16, vocab_size=300),
-                 model=ModelConfig(attention="causal", dim=32, n_layers=1, n_heads=2),
-                 train=TrainConfig(batch_size=2))
+    cfg = Config(
+        data=DataConfig(seq_len=16, vocab_size=300),
+        model=ModelConfig(attention="causal", dim=32, n_layers=1, n_heads=2),
+        train=TrainConfig(batch_size=2),
+    )
     r = bench_train(cfg, repeats=1)
     assert set(r["arms"]) == {"fp32", "bf16"} and r["bf16_emulated"] is False
     assert set(r["ratios"]["bf16 over fp32"]) == {"median", "min", "max"}

@@ -30,6 +30,7 @@ def test_older_checkpoint_configs_load_without_their_retired_keys():
     del old["train"]["eval_batches"]
     with pytest.raises(ConfigError, match=r"decode.k"):  # only a checkpoint's config.json is lenient
         from unmask.config_io import from_dict
+
         from_dict(Config, old)
 
 
@@ -61,11 +62,25 @@ def test_cli_overrides_are_checked(capsys):
 
 def test_train_then_eval_from_the_command_line(tiny_data_cfg, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data", tiny_data_cfg.corpus, "--out", str(out),
-            f"--data.cache_dir={tiny_data_cfg.cache_dir}", "--data.seq_len=32", "--data.vocab_size=320",
-            "--data.valid_fraction=0.15", "--data.test_fraction=0.15", "--model.dim=32",
-            "--model.n_layers=1", "--model.block_size", "4", "--train.steps=3", "--train.batch_size=4",
-            "--eval.max_rows=8"]
+    args = [
+        "train",
+        "--data",
+        tiny_data_cfg.corpus,
+        "--out",
+        str(out),
+        f"--data.cache_dir={tiny_data_cfg.cache_dir}",
+        "--data.seq_len=32",
+        "--data.vocab_size=320",
+        "--data.valid_fraction=0.15",
+        "--data.test_fraction=0.15",
+        "--model.dim=32",
+        "--model.n_layers=1",
+        "--model.block_size",
+        "4",
+        "--train.steps=3",
+        "--train.batch_size=4",
+        "--eval.max_rows=8",
+    ]
     assert "checkpoint:" in run(args, capsys)
     res = json.loads(run(["eval", "ppl", "--checkpoint", str(out), "--mc-samples", "2", "--json"], capsys))
     assert res["bound"] and res["mc_samples"] == 2 and res["ppl"] > 1

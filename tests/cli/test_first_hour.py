@@ -21,8 +21,10 @@ from unmask.models.checkpoint import CheckpointError, load_checkpoint
 from unmask.precision import resolve_precision
 from unmask.training.loop import train
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
-         "every jolly baker who mixes dough at dawn").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
+    "every jolly baker who mixes dough at dawn"
+).split()
 
 
 def book(path, paragraphs=120, seed=0):
@@ -30,8 +32,9 @@ def book(path, paragraphs=120, seed=0):
     import random
 
     rng = random.Random(seed)
-    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 90)))
-                       for _ in range(paragraphs))
+    text = "\n\n".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 90))) for _ in range(paragraphs)
+    )
     path.write_text(text)
     return path
 
@@ -44,12 +47,14 @@ def help_text(capsys, *argv) -> str:
 
 # ------------------------------------------------------------------------------------------------ help
 
+
 def test_train_and_posttrain_help_list_every_config_field_and_the_shorthands(capsys):
     for argv in (["train"], ["posttrain", "sft"], ["posttrain", "r2ft"]):
         text = help_text(capsys, *argv)
         for section in dataclasses.fields(Config):
-            for f in dataclasses.fields(section.type if isinstance(section.type, type) else
-                                        type(getattr(Config(), section.name))):
+            for f in dataclasses.fields(
+                section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
+            ):
                 assert f"--{section.name}.{f.name}=" in text, (argv, section.name, f.name)
         assert "--train.lr=0.0003" in text and "Peak learning rate" in text  # default and doc
     text = help_text(capsys, "train")
@@ -68,12 +73,24 @@ def test_sample_help_lists_preset_max_new_tokens_and_every_decode_field(capsys):
 
 
 def test_sample_preset_and_max_new_tokens_flags_work(checkpoints, capsys):
-    main(["sample", "--checkpoint", str(checkpoints["block_causal"]), "--preset", "bd3lm",
-          "--max-new-tokens", "8", "--prompt", "def"])
+    main(
+        [
+            "sample",
+            "--checkpoint",
+            str(checkpoints["block_causal"]),
+            "--preset",
+            "bd3lm",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "def",
+        ]
+    )
     assert "(nfe " in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------- precision
+
 
 def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
     monkeypatch.setenv("UNMASK_NATIVE_BF16", "0")
@@ -98,16 +115,31 @@ def test_training_saves_the_resolved_precision(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UNMASK_NATIVE_BF16", "0")
     cfg = small_cfg(tmp_path, steps=2, precision="auto")
     train(cfg)
-    assert json.loads((tmp_path / "run/latest").parent.joinpath(
-        (tmp_path / "run/latest").read_text(), "config.json").read_text())["train"]["precision"] == "fp32"
+    assert (
+        json.loads(
+            (tmp_path / "run/latest")
+            .parent.joinpath((tmp_path / "run/latest").read_text(), "config.json")
+            .read_text()
+        )["train"]["precision"]
+        == "fp32"
+    )
     assert "precision: fp32 (auto: this CPU has no native bf16" in capsys.readouterr().err
 
 
 def test_env_reports_machine_precision_and_extras(capsys):
     main(["env", "--json"])
     info = json.loads(capsys.readouterr().out)
-    assert {"torch", "python", "cpu", "cpu_features", "torch_threads", "precision_auto", "extras", "caches",
-            "matmul_gflops_256"} <= set(info)
+    assert {
+        "torch",
+        "python",
+        "cpu",
+        "cpu_features",
+        "torch_threads",
+        "precision_auto",
+        "extras",
+        "caches",
+        "matmul_gflops_256",
+    } <= set(info)
     assert info["matmul_gflops_256"]["fp32"] > 0 and "mauve-text" in info["extras"]
     main(["env", "--no-probe"])
     assert "precision_auto" in capsys.readouterr().out
@@ -119,11 +151,22 @@ def test_env_reports_machine_precision_and_extras(capsys):
 def small_cfg(tmp_path, *, corpus=None, steps=4, out="run", **train_kw) -> Config:
     corpus = corpus or str(book(tmp_path / "book.txt"))
     data = DataConfig(corpus=corpus, seq_len=32, vocab_size=300, cache_dir=str(tmp_path / "cache"))
-    return Config(data=data,
-                  model=ModelConfig(attention="block_causal", block_size=4, dim=32, n_layers=1, n_heads=2),
-                  train=TrainConfig(**{"steps": steps, "batch_size": 4, "eval_every": 0, "warmup": 0,
-                                       "precision": "fp32", "out": str(tmp_path / out), **train_kw}),
-                  eval=EvalConfig(max_rows=16, mc_samples=2))
+    return Config(
+        data=data,
+        model=ModelConfig(attention="block_causal", block_size=4, dim=32, n_layers=1, n_heads=2),
+        train=TrainConfig(
+            **{
+                "steps": steps,
+                "batch_size": 4,
+                "eval_every": 0,
+                "warmup": 0,
+                "precision": "fp32",
+                "out": str(tmp_path / out),
+                **train_kw,
+            }
+        ),
+        eval=EvalConfig(max_rows=16, mc_samples=2),
+    )
 
 
 def test_a_single_text_file_splits_into_three_non_empty_splits(tmp_path):
@@ -131,16 +174,44 @@ def test_a_single_text_file_splits_into_three_non_empty_splits(tmp_path):
     splits = load_corpus(str(path))
     assert all(splits[s] for s in ("train", "validation", "test"))
     assert sum(map(len, splits.values())) >= 3
-    assert "".join("".join(d.split()) for s in splits.values() for d in s).__len__() == \
-        len("".join(path.read_text().split()))  # nothing lost: every character is in some document
+    assert "".join("".join(d.split()) for s in splits.values() for d in s).__len__() == len(
+        "".join(path.read_text().split())
+    )  # nothing lost: every character is in some document
 
 
 def test_readme_train_command_on_one_text_file(tmp_path, capsys):
     path = book(tmp_path / "my_corpus.txt")
-    main(["train", "--data", str(path), "--model.block_size", "4", "--out", str(tmp_path / "mine"),
-          "--data.seq_len", "32", "--data.vocab_size", "300", "--data.cache_dir", str(tmp_path / "c"),
-          "--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.steps", "2",
-          "--train.batch_size", "2", "--train.precision", "fp32", "--eval.max_rows", "8"])
+    main(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--model.block_size",
+            "4",
+            "--out",
+            str(tmp_path / "mine"),
+            "--data.seq_len",
+            "32",
+            "--data.vocab_size",
+            "300",
+            "--data.cache_dir",
+            str(tmp_path / "c"),
+            "--model.dim",
+            "32",
+            "--model.n_layers",
+            "1",
+            "--model.n_heads",
+            "2",
+            "--train.steps",
+            "2",
+            "--train.batch_size",
+            "2",
+            "--train.precision",
+            "fp32",
+            "--eval.max_rows",
+            "8",
+        ]
+    )
     err = capsys.readouterr().err
     assert "train documents" in err and "validation:" in err and "rows of 32" in err  # sizes printed
 
@@ -173,6 +244,7 @@ def test_an_empty_held_out_split_gets_a_document(tmp_path):
 
 # ------------------------------------------------------------------------------- validation number
 
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_training_validation_equals_eval_ppl_on_the_saved_checkpoint(tmp_path, ema, capsys):
     cfg = small_cfg(tmp_path, steps=6, ema=ema)
@@ -191,6 +263,7 @@ def test_training_validation_equals_eval_ppl_on_the_saved_checkpoint(tmp_path, e
 
 
 # ------------------------------------------------------------------------- run dirs and checkpoints
+
 
 def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
     cfg = small_cfg(tmp_path, steps=2)
@@ -220,18 +293,51 @@ def test_every_saved_step_stays_loadable_and_only_the_newest_keep_optimizer_stat
 
 # ------------------------------------------------------------------------------------- interrupts
 
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, sig):
     path = book(tmp_path / "book.txt")
     run = tmp_path / "run"
-    argv = ["train", "--data", str(path), "--out", str(run), "--data.seq_len", "32",
-            "--data.vocab_size", "300", "--data.cache_dir", str(tmp_path / "c"), "--model.block_size", "4",
-            "--model.dim", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.steps", "100000",
-            "--train.batch_size", "2",
-            "--train.save_every", "100000", "--train.eval_every", "0", "--train.precision", "fp32",
-            "--eval.max_rows", "8"]
-    proc = subprocess.Popen([sys.executable, "-m", "unmask", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    argv = [
+        "train",
+        "--data",
+        str(path),
+        "--out",
+        str(run),
+        "--data.seq_len",
+        "32",
+        "--data.vocab_size",
+        "300",
+        "--data.cache_dir",
+        str(tmp_path / "c"),
+        "--model.block_size",
+        "4",
+        "--model.dim",
+        "32",
+        "--model.n_layers",
+        "1",
+        "--model.n_heads",
+        "2",
+        "--train.steps",
+        "100000",
+        "--train.batch_size",
+        "2",
+        "--train.save_every",
+        "100000",
+        "--train.eval_every",
+        "0",
+        "--train.precision",
+        "fp32",
+        "--eval.max_rows",
+        "8",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unmask", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         log = run / "metrics.jsonl"

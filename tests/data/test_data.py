@@ -36,8 +36,9 @@ def test_split_is_by_stable_hash_of_the_document_key(tmp_path):
 
 def test_txt_blank_line_documents_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(f"para {i}" for i in range(300)))
-    paras = load_corpus(str(tmp_path / "a.txt"), txt_documents="blank_lines",
-                        valid_fraction=0.2, test_fraction=0.2)
+    paras = load_corpus(
+        str(tmp_path / "a.txt"), txt_documents="blank_lines", valid_fraction=0.2, test_fraction=0.2
+    )
     assert sum(len(v) for v in paras.values()) == 300
     lines = [json.dumps({"text": f"row {i}"}) for i in range(300)]
     (tmp_path / "b.jsonl").write_text("\n".join(lines))
@@ -99,7 +100,7 @@ def test_pad_packing_and_token_cache(tiny_data_cfg, tiny_data, tmp_path):
     assert rows.shape == (2, 16)
     n = len(tok.encode("a short doc"))
     assert rows[0, 0] == tok.bos_id and rows[0, n + 1] == tok.eos_id
-    assert (rows[0, n + 2:] == tok.pad_id).all() and not (rows[1] == tok.pad_id).any()
+    assert (rows[0, n + 2 :] == tok.pad_id).all() and not (rows[1] == tok.pad_id).any()
 
 
 def test_batch_indices_are_a_seeded_epoch_permutation():

@@ -97,9 +97,11 @@ def test_stdlib_functions_are_valid_pairs_with_a_stable_split():
 
 
 def test_alpaca_and_chat_files_with_templates(tmp_path):
-    records = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
-               {"instruction": "Translate.", "input": "hola", "output": "hello"},
-               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]}]
+    records = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Translate.", "input": "hola", "output": "hello"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]},
+    ]
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     as_json = tmp_path / "data.json"
@@ -117,15 +119,18 @@ def test_alpaca_and_chat_files_with_templates(tmp_path):
         read_pairs(str(jsonl), "nope")
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"instruction": "x", "output": "y"', r"data.jsonl:2: not valid JSON"),
-    ('{"instruction": "x"}', r"data.jsonl:2: missing string field `output`"),
-    ('{"output": "y"}', r"data.jsonl:2: missing string field `instruction`"),
-    ('{"instruction": "x", "output": "  "}', r"data.jsonl:2: empty response \(`output`\)"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', r"data.jsonl:2: the last message must be"),
-    ('{"messages": [{"role": "user"}]}', r"data.jsonl:2: `messages` must be"),
-    ('[1, 2]', r"data.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"instruction": "x", "output": "y"', r"data.jsonl:2: not valid JSON"),
+        ('{"instruction": "x"}', r"data.jsonl:2: missing string field `output`"),
+        ('{"output": "y"}', r"data.jsonl:2: missing string field `instruction`"),
+        ('{"instruction": "x", "output": "  "}', r"data.jsonl:2: empty response \(`output`\)"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', r"data.jsonl:2: the last message must be"),
+        ('{"messages": [{"role": "user"}]}', r"data.jsonl:2: `messages` must be"),
+        ("[1, 2]", r"data.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_bad_instruction_lines_are_named(tmp_path, line, message):
     path = tmp_path / "data.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n' + line + "\n")
@@ -152,13 +157,13 @@ def test_encode_pairs_spans_tails_and_response_mask(tiny_data):
         a, e = spans[0]
         assert a == 1 + len(p) and e == a + len(r)
         assert rows[0, 0] == tok.bos_id and rows[0, 1:a].tolist() == p and rows[0, a:e].tolist() == r
-        assert rows[0, e] == tok.eos_id and (rows[0, e + 1:] == tail).all()
+        assert rows[0, e] == tok.eos_id and (rows[0, e + 1 :] == tail).all()
         assert spans[1, 1] == 48 and tok.eos_id not in rows[1].tolist()  # cut response: no [EOS]
         m = response_mask(spans, 48, eos)  # scored
-        assert not m[0, :a].any() and not m[1, :spans[1, 0]].any() and m[0, a:e + 1].all()
-        assert m[0, e + 1:].all() == (eos == "all") and (m[0, e + 1:].any() == (eos == "all"))
+        assert not m[0, :a].any() and not m[1, : spans[1, 0]].any() and m[0, a : e + 1].all()
+        assert m[0, e + 1 :].all() == (eos == "all") and (m[0, e + 1 :].any() == (eos == "all"))
         k = maskable_mask(spans, 48, eos)  # maskable: the [EOS] tail too, except with `first`
-        assert not k[0, :a].any() and k[0, a:e + 1].all() and k[0, e + 1:].all() == (eos != "first")
+        assert not k[0, :a].any() and k[0, a : e + 1].all() and k[0, e + 1 :].all() == (eos != "first")
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
@@ -197,7 +202,7 @@ def test_negative_builder_unit_length_phase_and_one_eos():
         y = rejected_span(row, n, eos)
         assert len(y) == n.span and (y == eos).sum() == 1 and y[n.eos_at] == eos
         assert n.eos_at < n.span - 1  # never the span's last slot
-        body = torch.cat([y[:n.eos_at], y[n.eos_at + 1:]])
+        body = torch.cat([y[: n.eos_at], y[n.eos_at + 1 :]])
         expect = [int(row[n.cut - n.unit + (n.phase + j) % n.unit]) for j in range(n.span - 1)]
         assert body.tolist() == expect  # the last g visible tokens, tiled cyclically from the phase
         seen_g.add(n.unit)
@@ -274,24 +279,67 @@ def test_posttrain_sft_then_r2ft_cli(checkpoints, tmp_path, capsys):
     from unmask.cli.main import main
     from unmask.models.checkpoint import load_checkpoint
 
-    common = ["--data.seq_len", "256", "--instruct.max_prompt", "224", "--train.batch_size", "4",
-              "--eval.max_rows", "8", "--train.precision", "fp32"]
+    common = [
+        "--data.seq_len",
+        "256",
+        "--instruct.max_prompt",
+        "224",
+        "--train.batch_size",
+        "4",
+        "--eval.max_rows",
+        "8",
+        "--train.precision",
+        "fp32",
+    ]
     sft, r2ft = tmp_path / "sft", tmp_path / "r2ft"
-    main(["posttrain", "sft", "--checkpoint", str(checkpoints["bidirectional"]),
-          "--data", "stdlib-functions:json,csv,email",
-          "--out", str(sft), "--train.steps", "3", *common])
+    main(
+        [
+            "posttrain",
+            "sft",
+            "--checkpoint",
+            str(checkpoints["bidirectional"]),
+            "--data",
+            "stdlib-functions:json,csv,email",
+            "--out",
+            str(sft),
+            "--train.steps",
+            "3",
+            *common,
+        ]
+    )
     cfg = load_checkpoint(sft).config
     assert cfg.instruct.stage == "sft" and cfg.instruct.data == "stdlib-functions:json,csv,email"
-    main(["posttrain", "r2ft", "--checkpoint", str(sft), "--out", str(r2ft), "--train.steps", "2",
-          "--instruct.span", "5", "9"])
+    main(
+        [
+            "posttrain",
+            "r2ft",
+            "--checkpoint",
+            str(sft),
+            "--out",
+            str(r2ft),
+            "--train.steps",
+            "2",
+            "--instruct.span",
+            "5",
+            "9",
+        ]
+    )
     records = [json.loads(x) for x in (r2ft / "metrics.jsonl").read_text().splitlines()]
     assert {"chosen_logp", "rejected_logp", "margin", "accuracy"} <= set(records[0])
     assert load_checkpoint(r2ft).config.instruct.span == (5, 9)
     assert "checkpoint:" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main(["posttrain", "r2ft", "--checkpoint", str(checkpoints["block_causal"]),
-              "--out", str(tmp_path / "x"),
-              *common])
+        main(
+            [
+                "posttrain",
+                "r2ft",
+                "--checkpoint",
+                str(checkpoints["block_causal"]),
+                "--out",
+                str(tmp_path / "x"),
+                *common,
+            ]
+        )
     assert e.value.code == 2 and "bidirectional" in capsys.readouterr().err
 
 
@@ -315,8 +363,14 @@ def test_r2ft_chosen_term_is_the_mean_over_the_whole_answer_and_its_eos():
     logits[0, :, 1] = math.log(2.0)  # p(1) = 2/5, others 1/5
     model = FixedLogits(logits, mask)
     neg = Negative(cut=3, unit=1, span=3, phase=0, eos_at=1)
-    out = r2ft_loss(model, Batch(x0, x0 >= 0, torch.tensor([[2, 5]])), InstructConfig(b_a=0.0), eos,
-                    torch.Generator(), [neg])
+    out = r2ft_loss(
+        model,
+        Batch(x0, x0 >= 0, torch.tensor([[2, 5]])),
+        InstructConfig(b_a=0.0),
+        eos,
+        torch.Generator(),
+        [neg],
+    )
     lp_w = (math.log(2 / 5) + math.log(1 / 5) + math.log(1 / 5)) / 4  # positions 3, 4, 5 over |A| = 4
     lp_l = math.log(1 / 5)
     assert out.extras["chosen_logp"] == pytest.approx(lp_w, rel=1e-6)

@@ -15,9 +15,15 @@ def ctx(masked, confidence=None, gate=None, mass=None, step=0, steps=4, seed=0):
     B, W = masked.shape
     g = torch.Generator().manual_seed(seed)
     conf = confidence if confidence is not None else torch.rand(B, W, generator=g, dtype=torch.float64)
-    return SelectContext(conf.masked_fill(~masked, -math.inf), gate if gate is not None else torch.ones(B, W),
-                         mass if mass is not None else torch.ones(B, W, dtype=torch.float64), masked,
-                         step, steps, torch.rand(B, W, generator=g, dtype=torch.float64))
+    return SelectContext(
+        conf.masked_fill(~masked, -math.inf),
+        gate if gate is not None else torch.ones(B, W),
+        mass if mass is not None else torch.ones(B, W, dtype=torch.float64),
+        masked,
+        step,
+        steps,
+        torch.rand(B, W, generator=g, dtype=torch.float64),
+    )
 
 
 def dist_of(p: torch.Tensor, mask_id: int = -1) -> Distribution:
@@ -27,8 +33,9 @@ def dist_of(p: torch.Tensor, mask_id: int = -1) -> Distribution:
 
 
 def close(a, b):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                          atol=1e-6)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_candidates_top_k_and_top_p():
@@ -46,8 +53,10 @@ def test_candidates_top_k_and_top_p():
     assert ids is None and close(vals, [[0.15, 0.3, 0.5, 0.05, 0.0]])
     prop = Greedy(top_k=2)(d, torch.zeros(1, dtype=torch.float64))
     assert prop.tokens.item() == 2 and prop.kept_mass.item() == pytest.approx(0.8)
-    drawn = Sample(top_k=2)(dist_of(p.expand(4000, 4)), torch.rand(4000, dtype=torch.float64,
-                                                                   generator=torch.Generator().manual_seed(0)))
+    drawn = Sample(top_k=2)(
+        dist_of(p.expand(4000, 4)),
+        torch.rand(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+    )
     freq = torch.bincount(drawn.tokens, minlength=4).double() / 4000
     assert freq[0] == freq[3] == 0 and freq[2] == pytest.approx(0.5 / 0.8, abs=0.03)
 
@@ -120,8 +129,8 @@ def test_global_normalization_preserves_the_unmask_mass_of_mdlm():
     assert torch.allclose(norm_A.sum(-1), plain_A.sum(-1))  # sum_i A_i = #masked * (a_s - a_t)
     # With equal gates and masses the per-position unmask probability equals MDLM's exactly.
     flat_A, _ = Ancestral(sched, normalize=True).weights(
-        ctx(masked, gate=torch.full((3, 32), 0.3), mass=torch.full((3, 32), 0.6, dtype=torch.float64),
-            step=1))
+        ctx(masked, gate=torch.full((3, 32), 0.3), mass=torch.full((3, 32), 0.6, dtype=torch.float64), step=1)
+    )
     assert torch.allclose(flat_A, plain_A)
     t, s = 1 - 1 / 4, 1 - 2 / 4
     a_t, a_s = 1 - (1 - 1e-3) * t, 1 - (1 - 1e-3) * s
@@ -140,8 +149,9 @@ def test_counted_selectors():
     masked = torch.tensor([[True, True, False, True, True, True], [True] * 6])
     assert step_count(masked, 0, 3).tolist() == [2, 2]
     assert step_count(masked, 2, 3).tolist() == [5, 6]
-    conf = torch.tensor([[0.9, 0.1, 0.99, 0.5, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]],
-                        dtype=torch.float64)
+    conf = torch.tensor(
+        [[0.9, 0.1, 0.99, 0.5, 0.95, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], dtype=torch.float64
+    )
     top = TopN()(ctx(masked, conf, step=0, steps=3))
     assert top[0].tolist() == [True, False, False, False, True, False]
     assert top[1].tolist() == [False, False, False, False, True, True]

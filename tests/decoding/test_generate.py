@@ -32,10 +32,22 @@ def run(model, preset, *, prompt=None, template=None, seed=0, rows=None, eos=Non
     decoder = build_decoder(cfg, LogLinear())
     given = prompt if prompt is not None else template
     gens = row_generators(seed, rows if rows is not None else range(given.shape[0]))
-    states = list(generate(model, decoder, prompt=prompt, template=template,
-                           max_new_tokens=cfg.max_new_tokens, steps=cfg.steps, block_len=cfg.block_len,
-                           cache=cfg.cache, eos_id=eos, eos_fill=cfg.eos_fill,
-                           generators=gens, rounds=cfg.rounds))
+    states = list(
+        generate(
+            model,
+            decoder,
+            prompt=prompt,
+            template=template,
+            max_new_tokens=cfg.max_new_tokens,
+            steps=cfg.steps,
+            block_len=cfg.block_len,
+            cache=cfg.cache,
+            eos_id=eos,
+            eos_fill=cfg.eos_fill,
+            generators=gens,
+            rounds=cfg.rounds,
+        )
+    )
     return states
 
 
@@ -87,8 +99,17 @@ def test_cached_logits_equal_uncached_during_real_decoding():
     out = {}
     for cache in ("auto", "none"):
         rec = Recording(build_decoder(preset_config("bd3lm"), LogLinear()))
-        states = list(generate(model, rec, prompt=prompt, max_new_tokens=16, steps=16, cache=cache,
-                               generators=row_generators(0, range(2))))
+        states = list(
+            generate(
+                model,
+                rec,
+                prompt=prompt,
+                max_new_tokens=16,
+                steps=16,
+                cache=cache,
+                generators=row_generators(0, range(2)),
+            )
+        )
         out[cache] = (states[-1], rec.logits)
     assert torch.equal(out["auto"][0].tokens, out["none"][0].tokens)
     assert out["auto"][0].commit_passes == 1 + 5 and out["none"][0].commit_passes == 0
@@ -97,15 +118,22 @@ def test_cached_logits_equal_uncached_during_real_decoding():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,preset", [("block_causal", "bd3lm"), ("bidirectional", "mdlm"),
-                                         ("bidirectional", "conv"), ("bidirectional", "fast-dllm"),
-                                         ("causal", "mdlm")])
+@pytest.mark.parametrize(
+    "kind,preset",
+    [
+        ("block_causal", "bd3lm"),
+        ("bidirectional", "mdlm"),
+        ("bidirectional", "conv"),
+        ("bidirectional", "fast-dllm"),
+        ("causal", "mdlm"),
+    ],
+)
 def test_batched_output_equals_per_row_output(kind, preset):
     model = tiny_model(kind, block_size=4)
     prompt = prompt_batch(3, 5)
     batched = run(model, preset, prompt=prompt, max_new_tokens=12, steps=6)[-1].tokens
     for i in range(3):
-        alone = run(model, preset, prompt=prompt[i:i + 1], rows=[i], max_new_tokens=12, steps=6)[-1]
+        alone = run(model, preset, prompt=prompt[i : i + 1], rows=[i], max_new_tokens=12, steps=6)[-1]
         assert torch.equal(alone.tokens[0], batched[i])
 
 
@@ -165,6 +193,7 @@ def test_bad_inputs():
     with pytest.raises(DecodeError, match="cache='dual' does not apply to a block_causal model"):
         list(generate(tiny_model(), dec, prompt=prompt_batch(1, 4), cache="dual", generators=gens))
     from unmask.config import ConfigError
+
     with pytest.raises(ConfigError, match="--decode.kernel: must be 0 .off. or a positive odd width"):
         preset_config("conv", kernel=64)
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
@@ -186,12 +215,23 @@ def test_threshold_floors(kind):
     """floor=one commits >= 1 per step and finishes every block (Fast-dLLM); floor=budget keeps the
     step budget (>= the counted minimum per step)."""
     prompt = prompt_batch()
-    one = run(tiny_model(kind, block_size=4), "fast-dllm", prompt=prompt, max_new_tokens=16, steps=2,
-              threshold=1.0)
+    one = run(
+        tiny_model(kind, block_size=4), "fast-dllm", prompt=prompt, max_new_tokens=16, steps=2, threshold=1.0
+    )
     assert not (one[-1].tokens == MASK).any()
-    assert all(int((b.tokens == MASK).sum()) - int((a.tokens == MASK).sum()) >= 3  # one per row per step
-               for a, b in zip(one[1:], one[:-1], strict=True) if a.block == b.block and a.step > b.step)
-    budget = run(tiny_model(kind, block_size=4), "fast-dllm", prompt=prompt, max_new_tokens=16, steps=4,
-                 threshold=1.0, threshold_floor="budget")[-1]
+    assert all(
+        int((b.tokens == MASK).sum()) - int((a.tokens == MASK).sum()) >= 3  # one per row per step
+        for a, b in zip(one[1:], one[:-1], strict=True)
+        if a.block == b.block and a.step > b.step
+    )
+    budget = run(
+        tiny_model(kind, block_size=4),
+        "fast-dllm",
+        prompt=prompt,
+        max_new_tokens=16,
+        steps=4,
+        threshold=1.0,
+        threshold_floor="budget",
+    )[-1]
     assert budget.nfe <= 4 + 1  # the budget (+1: the prompt's partial block)
     assert not (budget.tokens == MASK).any()

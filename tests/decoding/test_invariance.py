@@ -57,11 +57,23 @@ def decode(model, preset, prompt, rows, *, cache=None, G=16, steps=8, **over):
     if model.soft_mask is not None:
         over.setdefault("inputs", "soft")
     cfg = preset_config(preset, max_new_tokens=G, steps=steps, **over)
-    state = final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=G,
-                                 steps=steps, block_len=cfg.block_len, cache=cache or cfg.cache,
-                                 eos_id=EOS, eos_fill=cfg.eos_fill, generators=row_generators(0, rows),
-                                 rounds=cfg.rounds, refresher=refresher_for(model, preset),
-                                 cfg_scale=over.get("cfg_scale", 0.0)))
+    state = final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompt,
+            max_new_tokens=G,
+            steps=steps,
+            block_len=cfg.block_len,
+            cache=cache or cfg.cache,
+            eos_id=EOS,
+            eos_fill=cfg.eos_fill,
+            generators=row_generators(0, rows),
+            rounds=cfg.rounds,
+            refresher=refresher_for(model, preset),
+            cfg_scale=over.get("cfg_scale", 0.0),
+        )
+    )
     return state
 
 
@@ -73,7 +85,7 @@ def assert_batch_invariant(model, preset, prompt, **over):
     batched = decode(model, preset, prompt, range(len(prompt)), **over)
     assert not (batched.tokens == model.mask_id).all(), "decoding did nothing"
     for i in range(len(prompt)):
-        alone = decode(model, preset, prompt[i:i + 1], [i], **over)
+        alone = decode(model, preset, prompt[i : i + 1], [i], **over)
         assert_same_row(alone.tokens[0], batched.tokens[i])
 
 
@@ -115,7 +127,7 @@ def test_long_canvases_and_large_vocabularies(kind, preset):
     uncached = decode(model, preset, prompt, range(2), cache="none", G=72, steps=36)
     assert torch.equal(cached.tokens, uncached.tokens)
     for i in range(2):
-        alone = decode(model, preset, prompt[i:i + 1], [i], cache="auto", G=72, steps=36)
+        alone = decode(model, preset, prompt[i : i + 1], [i], cache="auto", G=72, steps=36)
         assert_same_row(alone.tokens[0], cached.tokens[i])
 
 
@@ -140,8 +152,17 @@ def test_the_cached_block_sees_bit_identical_logits():
             return step(state, x, *u)
 
         object.__setattr__(decoder, "step", recording)
-        final_state(generate(model, decoder, prompt=prompts(2), max_new_tokens=16, steps=16, cache=cache,
-                             generators=row_generators(0, range(2))))
+        final_state(
+            generate(
+                model,
+                decoder,
+                prompt=prompts(2),
+                max_new_tokens=16,
+                steps=16,
+                cache=cache,
+                generators=row_generators(0, range(2)),
+            )
+        )
         seen[cache] = logits
     assert len(seen["auto"]) == len(seen["none"]) > 0
     for a, b in zip(seen["auto"], seen["none"], strict=True):
@@ -193,14 +214,14 @@ def test_pretrained_logits_are_bit_identical_across_batches_and_the_cache(pretra
     with torch.inference_mode():
         full = model(x).logits
         for i in range(3):
-            assert torch.equal(model(x[i:i + 1]).logits[0], full[i])
+            assert torch.equal(model(x[i : i + 1]).logits[0], full[i])
         if model.cfg.attention == "block_causal":  # prefill, then each block against the cache
             Lb = model.cfg.block_size
             kv = model.new_cache(3, 16, "cpu")
             model(x[:, :Lb], cache=kv)
             kv.commit(Lb)
             for lo in range(Lb, 16, Lb):
-                assert torch.equal(model(x[:, lo:lo + Lb], cache=kv).logits, full[:, lo:lo + Lb]), lo
+                assert torch.equal(model(x[:, lo : lo + Lb], cache=kv).logits, full[:, lo : lo + Lb]), lo
                 kv.commit(Lb)
 
 
@@ -218,16 +239,31 @@ def _paths() -> list[dict[str, str]]:
 
 
 @pytest.mark.skipif(os.environ.get("UNMASK_KERNEL_PATH") == "1", reason="already a rerun")
-@pytest.mark.parametrize("path", _paths(),
-                         ids=lambda p: f"{p['ATEN_CPU_CAPABILITY'] or 'native'}-{p['OMP_NUM_THREADS']}t")
+@pytest.mark.parametrize(
+    "path", _paths(), ids=lambda p: f"{p['ATEN_CPU_CAPABILITY'] or 'native'}-{p['OMP_NUM_THREADS']}t"
+)
 def test_every_kernel_path(path):
     tests = Path(__file__).resolve().parents[1]
     env = {**os.environ, **path, "UNMASK_KERNEL_PATH": "1"}
     if not path["ATEN_CPU_CAPABILITY"]:
         env.pop("ATEN_CPU_CAPABILITY")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          str(tests / "decoding" / "test_invariance.py"),
-                          str(tests / "models" / "test_invariant.py")],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=tests.parent)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            str(tests / "decoding" / "test_invariance.py"),
+            str(tests / "models" / "test_invariant.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tests.parent,
+    )
     assert run.returncode == 0, f"under {path}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
     assert " passed" in run.stdout

@@ -37,13 +37,14 @@ def test_trajectories_rebuild_the_exact_states_and_resume(tmp_path):
             logp = logits.index_fill(-1, torch.tensor([MASK]), -torch.inf).log_softmax(-1)
         ent = -(logp.exp() * logp.nan_to_num(neginf=0)).sum(-1)
         ent[state != MASK] = torch.inf
-        chosen = ent.gather(1, torch.as_tensor(traj.positions[:, s:s + 1]))[:, 0]
+        chosen = ent.gather(1, torch.as_tensor(traj.positions[:, s : s + 1]))[:, 0]
         assert torch.allclose(chosen, ent.min(-1).values, rtol=0, atol=1e-5)  # ties allowed
     first = sorted(p.name for p in tmp_path.glob("traj-*.npz"))
     (tmp_path / first[1]).unlink()  # an interrupted run: the second shard is missing
     again = generate_trajectories(model, prompts(), tmp_path, new_tokens=8, batch_size=2, progress=False)
-    assert np.array_equal(again.tokens, traj.tokens) and np.array_equal(load_trajectories(tmp_path).positions,
-                                                                         traj.positions)
+    assert np.array_equal(again.tokens, traj.tokens) and np.array_equal(
+        load_trajectories(tmp_path).positions, traj.positions
+    )
     with pytest.raises(ValueError, match="other settings"):
         generate_trajectories(model, prompts(), tmp_path, new_tokens=6, batch_size=2, progress=False)
 
@@ -105,15 +106,33 @@ def exact(model, p, G, seed=0):
     from unmask.schedules import LogLinear
 
     cfg = preset_config("exact-joint", max_new_tokens=G, steps=G)
-    return final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=p, max_new_tokens=G, steps=G,
-                                eos_fill=False, generators=row_generators(seed, range(len(p)))))
+    return final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=p,
+            max_new_tokens=G,
+            steps=G,
+            eos_fill=False,
+            generators=row_generators(seed, range(len(p))),
+        )
+    )
 
 
 def adjust(model, p, G, K, refresher, seed=0, block_len=0):
     from unmask.decoding.generate import final_state
 
-    return final_state(joint_generate(model, p, max_new_tokens=G, K=K, refresher=refresher,
-                                      block_len=block_len, generators=row_generators(seed, range(len(p)))))
+    return final_state(
+        joint_generate(
+            model,
+            p,
+            max_new_tokens=G,
+            K=K,
+            refresher=refresher,
+            block_len=block_len,
+            generators=row_generators(seed, range(len(p))),
+        )
+    )
 
 
 def test_k1_is_exact_sequential_sampling_and_full_refresh_is_exact_for_any_k():
@@ -152,8 +171,19 @@ def test_training_lowers_validation_kl_and_sampler_is_tied_to_its_base(checkpoin
     bos = torch.full((24, 1), base.tokenizer.bos_id)
     traj = generate_trajectories(model, bos, tmp_path / "traj", new_tokens=15, batch_size=12, progress=False)
     assert (np.sort(traj.positions, 1) == np.arange(1, 16)).all()  # every position revealed once
-    result = train_sampler(model, checkpoints[kind], traj, traj, K=4, out=tmp_path / "s",
-                           steps=30, batch_size=8, lr=3e-3, eval_every=30, progress=False)
+    result = train_sampler(
+        model,
+        checkpoints[kind],
+        traj,
+        traj,
+        K=4,
+        out=tmp_path / "s",
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        eval_every=30,
+        progress=False,
+    )
     kls = [h["val_kl"] for h in result["history"]]
     naive = result["history"][0]["val_naive_kl"]  # what no refresh costs on the same windows
     assert kls[0] == pytest.approx(naive, rel=1e-6)  # training starts at the marginal baseline ...
@@ -169,15 +199,56 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
     from unmask.cli.main import main
 
     ckpt = str(checkpoints["bidirectional"])
-    main(["posttrain", "adjust-data", "--checkpoint", ckpt, "--num-trajectories", "10", "--new-tokens", "8",
-          "--batch-size", "5", "--out", str(tmp_path / "traj")])
-    main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"), "--k", "2",
-          "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "s")])
+    main(
+        [
+            "posttrain",
+            "adjust-data",
+            "--checkpoint",
+            ckpt,
+            "--num-trajectories",
+            "10",
+            "--new-tokens",
+            "8",
+            "--batch-size",
+            "5",
+            "--out",
+            str(tmp_path / "traj"),
+        ]
+    )
+    main(
+        [
+            "posttrain",
+            "adjust",
+            "--checkpoint",
+            ckpt,
+            "--trajectories",
+            str(tmp_path / "traj"),
+            "--k",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "10 trajectories of 8 tokens" in out and "validation KL" in out
     sample = ["sample", "--checkpoint", ckpt, "--max-new-tokens", "8", "--num-samples", "2"]
-    main(sample + ["--sampler", str(tmp_path / "s"), "--preset", "adjust", "--decode.rounds", "2",
-                   "--output", str(tmp_path / "a.jsonl")])
+    main(
+        sample
+        + [
+            "--sampler",
+            str(tmp_path / "s"),
+            "--preset",
+            "adjust",
+            "--decode.rounds",
+            "2",
+            "--output",
+            str(tmp_path / "a.jsonl"),
+        ]
+    )
     records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["nfe"] == 4 for r in records)  # 8 tokens, 2 per forward
     main(sample + ["--preset", "marginal", "--decode.rounds", "4", "--output", str(tmp_path / "m.jsonl")])
@@ -186,8 +257,20 @@ def test_posttrain_cli(checkpoints, tmp_path, capsys):
         main(sample + ["--preset", "adjust"])
     assert "needs --sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["posttrain", "adjust", "--checkpoint", ckpt, "--trajectories", str(tmp_path / "traj"),
-              "--k", "1", "--out", str(tmp_path / "bad")])
+        main(
+            [
+                "posttrain",
+                "adjust",
+                "--checkpoint",
+                ckpt,
+                "--trajectories",
+                str(tmp_path / "traj"),
+                "--k",
+                "1",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
     assert "--k must be >= 2" in capsys.readouterr().err  # K = 1 refreshes nothing: nothing to train
 
 
@@ -199,8 +282,9 @@ def test_bench_runs_adjust_through_the_shared_dispatch():
     model = tiny_model("bidirectional")
     sampler = AdjustSampler(model.cfg)
     cfg = preset_config("adjust", rounds=4, max_new_tokens=8, steps=8)
-    r = run_decode(model, cfg, prompts(), batch_size=2, seed=0, eos_id=None, schedule=LogLinear(),
-                   sampler=sampler)
+    r = run_decode(
+        model, cfg, prompts(), batch_size=2, seed=0, eos_id=None, schedule=LogLinear(), sampler=sampler
+    )
     assert r["nfe"] == 2 * 2 and r["refresh_passes"] == 2 * 6  # per batch: 2 forwards, 6 sampler passes
 
 

@@ -38,9 +38,21 @@ MARGINAL = Marginal()
 
 def run(model, preset, *, rounds=1, refresher=MARGINAL, G=12, steps=12, **over):
     cfg = preset_config(preset, max_new_tokens=G, steps=steps, **over)
-    return final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompts(), max_new_tokens=G,
-                                steps=steps, block_len=cfg.block_len, cache=cfg.cache, eos_fill=False,
-                                generators=row_generators(0, range(3)), rounds=rounds, refresher=refresher))
+    return final_state(
+        generate(
+            model,
+            build_decoder(cfg, LogLinear()),
+            prompt=prompts(),
+            max_new_tokens=G,
+            steps=steps,
+            block_len=cfg.block_len,
+            cache=cfg.cache,
+            eos_fill=False,
+            generators=row_generators(0, range(3)),
+            rounds=rounds,
+            refresher=refresher,
+        )
+    )
 
 
 def soft_model():
@@ -96,8 +108,10 @@ def test_rounds_one_is_the_plain_loop_and_untrained_sampler_is_marginal():
             untrained = run(model, "exact-joint", rounds=K, refresher=SamplerRefresh(sampler))
             assert torch.equal(untrained.tokens, marginal.tokens)
             assert untrained.nfe == marginal.nfe and untrained.refresh_passes > 0
-        assert torch.equal(run(model, "exact-joint", rounds=1, refresher=SamplerRefresh(sampler)).tokens,
-                           run(model, "exact-joint").tokens)
+        assert torch.equal(
+            run(model, "exact-joint", rounds=1, refresher=SamplerRefresh(sampler)).tokens,
+            run(model, "exact-joint").tokens,
+        )
 
 
 @pytest.mark.parametrize("K", [2, 4])
@@ -106,14 +120,30 @@ def test_block_causal_adjust_is_the_same_with_and_without_the_cache(K):
     sampler = trained_like(model)
     out = {}
     for cache in ("auto", "none"):
-        out[cache] = final_state(joint_generate(model, prompts(), max_new_tokens=13, K=K,
-                                                refresher=SamplerRefresh(sampler), cache=cache,
-                                                generators=row_generators(0, range(3))))
+        out[cache] = final_state(
+            joint_generate(
+                model,
+                prompts(),
+                max_new_tokens=13,
+                K=K,
+                refresher=SamplerRefresh(sampler),
+                cache=cache,
+                generators=row_generators(0, range(3)),
+            )
+        )
     assert torch.equal(out["auto"].tokens, out["none"].tokens)
     assert out["auto"].nfe == out["none"].nfe and out["auto"].refresh_passes == out["none"].refresh_passes > 0
     # the refresh does something: a sampler that changes the logits changes the samples
-    marginal = final_state(joint_generate(model, prompts(), max_new_tokens=13, K=K, refresher=Marginal(),
-                                          generators=row_generators(0, range(3))))
+    marginal = final_state(
+        joint_generate(
+            model,
+            prompts(),
+            max_new_tokens=13,
+            K=K,
+            refresher=Marginal(),
+            generators=row_generators(0, range(3)),
+        )
+    )
     assert not torch.equal(out["auto"].tokens, marginal.tokens)
 
 
@@ -127,8 +157,8 @@ def test_sampler_on_a_block_causal_base_attends_within_blocks():
     with torch.no_grad():
         whole = sampler(model, tokens, prior)
         for lo in (0, 4, 8):
-            alone = sampler(model, tokens[:, lo:lo + 4], prior[:, lo:lo + 4], start=lo)
-            torch.testing.assert_close(whole[:, lo:lo + 4], alone, rtol=1e-5, atol=1e-5)
+            alone = sampler(model, tokens[:, lo : lo + 4], prior[:, lo : lo + 4], start=lo)
+            torch.testing.assert_close(whole[:, lo : lo + 4], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_rounds_and_refreshers_are_named():
@@ -143,6 +173,15 @@ def test_bad_rounds_and_refreshers_are_named():
         build_refresher("none", AdjustSampler(model.cfg))
     cfg = preset_config("adjust", max_new_tokens=8)
     with pytest.raises(DecodeError, match="classifier-free guidance"):
-        final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=prompts(), max_new_tokens=8,
-                             cfg_scale=1.0, generators=row_generators(0, range(3)), rounds=2,
-                             refresher=SamplerRefresh(AdjustSampler(model.cfg))))
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=prompts(),
+                max_new_tokens=8,
+                cfg_scale=1.0,
+                generators=row_generators(0, range(3)),
+                rounds=2,
+                refresher=SamplerRefresh(AdjustSampler(model.cfg)),
+            )
+        )

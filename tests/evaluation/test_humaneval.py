@@ -83,8 +83,9 @@ def test_evaluate_humaneval_end_to_end(checkpoints):
 
     loaded = load_checkpoint(checkpoints["bidirectional"])
     cfg = preset_config("conv", max_new_tokens=8, steps=2, kernel=5)
-    r = evaluate_humaneval(loaded.model, loaded.tokenizer, cfg, LogLinear(), num_samples=2, ks=(1, 2),
-                           timeout=10, limit=2)
+    r = evaluate_humaneval(
+        loaded.model, loaded.tokenizer, cfg, LogLinear(), num_samples=2, ks=(1, 2), timeout=10, limit=2
+    )
     assert r["problems"] == 2 and r["passed"] + r["failed"] + r["timeouts"] == 4
     assert 0 <= r["pass@1"] <= r["pass@2"] <= 1 and len(r["per_problem"]) == 2
     with pytest.raises(HarnessError, match="time limit"):
@@ -112,7 +113,7 @@ def test_response_nll_scores_only_the_response(checkpoints):
     logits, _ = ref.forward(torch.tensor([ids]))
     logp = logits[0, :-1].float().log_softmax(-1)
     nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-    assert response_nll(ref, prompt, response) == pytest.approx(float(nll[k - 1:].mean()), rel=1e-5)
+    assert response_nll(ref, prompt, response) == pytest.approx(float(nll[k - 1 :].mean()), rel=1e-5)
     assert response_nll(ref, prompt, "") is None
     scores = judge_scores("ref-nll", [prompt] * 3, [response, "", "\n    "], ref=ref)
     assert scores[1] == scores[2] == -math.inf and scores[0] > -math.inf  # empty / blank responses lose

@@ -62,7 +62,7 @@ def test_mauve_self_is_one_and_shuffled_is_low(ar_ref, tiny_data):
     pool = rows.reshape(-1).tolist()
     random.Random(0).shuffle(pool)
     L = rows.shape[1]
-    shuffled = [tiny_data.tokenizer.decode(pool[i:i + L]) for i in range(0, len(pool), L)]
+    shuffled = [tiny_data.tokenizer.decode(pool[i : i + L]) for i in range(0, len(pool), L)]
     feat = ARFeaturizer(load_reference(ar_ref))
     assert mauve_score(docs, docs, feat, min_samples=100).score > 0.99
     # A 20-step dim-32 AR model is a weak featuriser: shuffling must still cost MAUVE.

@@ -21,7 +21,12 @@ def test_linear_rows_do_not_depend_on_the_call_size():
             full = invariant.linear(layer, x)
             for M in list(range(1, 60)) + [63, 64, 65, 129]:
                 for lo in (0, 7):
-                    assert torch.equal(invariant.linear(layer, x[lo:lo + M]), full[lo:lo + M]), (K, N, M, lo)
+                    assert torch.equal(invariant.linear(layer, x[lo : lo + M]), full[lo : lo + M]), (
+                        K,
+                        N,
+                        M,
+                        lo,
+                    )
             x3 = x[:24].view(3, 8, K)  # [B, T, K] inputs flatten to rows
             assert torch.equal(invariant.linear(layer, x3[:, 2:5]), full[:24].view(3, 8, N)[:, 2:5])
 
@@ -44,8 +49,8 @@ def test_attention_of_a_query_ignores_keys_it_does_not_see_and_batch_mates():
             whole = invariant.attention(q, k, v, causal)
             for t in [t for t in (0, 1, 63, 64, S - 1) if t < S]:
                 s = slice(0, t + 1)
-                one = invariant.attention(q[:, :, t:t + 1], k[:, :, s], v[:, :, s], causal[t:t + 1, s])
-                assert torch.equal(one, whole[:, :, t:t + 1]), (S, t)
+                one = invariant.attention(q[:, :, t : t + 1], k[:, :, s], v[:, :, s], causal[t : t + 1, s])
+                assert torch.equal(one, whole[:, :, t : t + 1]), (S, t)
             reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-6)
 
@@ -67,8 +72,8 @@ def test_attention_rows_do_not_depend_on_the_query_count():
         full = invariant.attention(q, k, v, everything)
         for T in range(1, 25):
             for lo in (0, 5):
-                alone = invariant.attention(q[:, :, lo:lo + T], k, v, everything[lo:lo + T])
-                assert torch.equal(alone, full[:, :, lo:lo + T]), T
+                alone = invariant.attention(q[:, :, lo : lo + T], k, v, everything[lo : lo + T])
+                assert torch.equal(alone, full[:, :, lo : lo + T]), T
 
 
 def test_unmasked_attention_rows_do_not_depend_on_batch_mates():
@@ -97,15 +102,22 @@ def test_key_masks_hide_left_padding_like_sdpa():
 def test_activations_do_not_depend_on_the_place_in_the_tensor():
     x = torch.randn(5000) * 4
     with torch.inference_mode():
-        for name, fn in [("silu", invariant.silu), ("gelu", invariant.gelu), ("sigmoid", invariant.sigmoid),
-                         ("gelu-tanh", lambda x: invariant.gelu(x, "tanh"))]:
+        for name, fn in [
+            ("silu", invariant.silu),
+            ("gelu", invariant.gelu),
+            ("sigmoid", invariant.sigmoid),
+            ("gelu-tanh", lambda x: invariant.gelu(x, "tanh")),
+        ]:
             full = fn(x)
             for lo in range(0, 40, 3):
                 for n in (1, 2, 3, 5, 7, 8, 13, 17, 33):
-                    assert torch.equal(fn(x[lo:lo + n].clone()), full[lo:lo + n]), (name, lo, n)
-            reference = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-                         "sigmoid": torch.sigmoid,
-                         "gelu-tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[name]
+                    assert torch.equal(fn(x[lo : lo + n].clone()), full[lo : lo + n]), (name, lo, n)
+            reference = {
+                "silu": torch.nn.functional.silu,
+                "gelu": torch.nn.functional.gelu,
+                "sigmoid": torch.sigmoid,
+                "gelu-tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+            }[name]
             torch.testing.assert_close(full, reference(x), rtol=1e-5, atol=1e-6)
 
 
@@ -130,8 +142,9 @@ def test_routing_reaches_modules_we_do_not_own_only_on_the_invariant_path(monkey
         assert torch.equal(routed, invariant.linear(layer, x)) and torch.equal(by_name, routed)
         torch.testing.assert_close(routed, fused)
         with invariant.routed(x):
-            a = nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)),
-                                                           is_causal=True)
+            a = nn.functional.scaled_dot_product_attention(
+                *(torch.randn(1, 2, 5, 4) for _ in range(3)), is_causal=True
+            )
         assert a.shape == (1, 2, 5, 4)
     padded = []
     monkeypatch.setattr(invariant, "_gemm", lambda x, fn: padded.append(x.shape) or fn(x))

@@ -14,8 +14,9 @@ def test_block_causal_structure():
 
 def test_block_size_one_is_causal_and_full_block_is_bidirectional():
     idx = torch.arange(6)
-    assert torch.equal(masks.dense_mask(masks.block_causal(1), idx, idx),
-                       masks.dense_mask(masks.causal, idx, idx))
+    assert torch.equal(
+        masks.dense_mask(masks.block_causal(1), idx, idx), masks.dense_mask(masks.causal, idx, idx)
+    )
     assert masks.dense_mask(masks.block_causal(6), idx, idx).all()
 
 

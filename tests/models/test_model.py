@@ -35,8 +35,8 @@ def test_cached_logits_equal_uncached(attention, block):
     for start in range(0, 16, step):
         # Denoise the block twice (scratch writes) before committing: the prefix stays fixed.
         model(torch.full((2, step), MASK), cache=cache)
-        out = model(x[:, start:start + step], cache=cache).logits
-        assert torch.allclose(out, full[:, start:start + step], atol=1e-5)
+        out = model(x[:, start : start + step], cache=cache).logits
+        assert torch.allclose(out, full[:, start : start + step], atol=1e-5)
         cache.commit(step)
 
 

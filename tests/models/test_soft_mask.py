@@ -50,7 +50,8 @@ def test_blend_weights_and_decoded_positions():
     embeds = model.soft_mask.blend(model.tok_embed, xt, masked, logits, MASK)
     assert torch.equal(embeds[~masked], model.tok_embed(xt)[~masked])  # lam = 0 where decoded
     expected = (1 - lam)[:, None] * model.tok_embed.weight[MASK] + lam[:, None] * (
-        pi[..., None] * model.tok_embed(ids)).sum(-2)
+        pi[..., None] * model.tok_embed(ids)
+    ).sum(-2)
     assert torch.allclose(embeds[masked], expected, atol=1e-6)
 
 
@@ -80,9 +81,16 @@ def test_soft_step_is_drawn_per_batch_with_probability_p():
     assert 8 < soft_steps < 32
 
 
-@pytest.mark.parametrize("attention,preset", [("block_causal", "bd3lm"), ("bidirectional", "conv"),
-                                              ("bidirectional", "fast-dllm"), ("bidirectional", "mdlm"),
-                                              ("block_causal", "llada")])
+@pytest.mark.parametrize(
+    "attention,preset",
+    [
+        ("block_causal", "bd3lm"),
+        ("bidirectional", "conv"),
+        ("bidirectional", "fast-dllm"),
+        ("bidirectional", "mdlm"),
+        ("block_causal", "llada"),
+    ],
+)
 @pytest.mark.parametrize("schedule", ["none", "linear", "stepwise"])
 def test_soft_inputs_compose_with_presets(attention, preset, schedule):
     model = sm_model(attention)
@@ -90,9 +98,18 @@ def test_soft_inputs_compose_with_presets(attention, preset, schedule):
 
     def run(inputs, rows=range(2), p=prompt):
         cfg = preset_config(preset, inputs=inputs, soft_schedule=schedule, max_new_tokens=12, steps=6)
-        return final_state(generate(model, build_decoder(cfg, LogLinear()), prompt=p, max_new_tokens=12,
-                                    steps=6, block_len=cfg.block_len, cache=cfg.cache,
-                                    generators=row_generators(0, rows)))
+        return final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=p,
+                max_new_tokens=12,
+                steps=6,
+                block_len=cfg.block_len,
+                cache=cfg.cache,
+                generators=row_generators(0, rows),
+            )
+        )
 
     soft = run("soft")
     assert not (soft.tokens == MASK).any() and torch.equal(soft.tokens[:, :5], prompt)
@@ -107,20 +124,29 @@ def test_soft_inputs_need_a_soft_mask_model():
     assert model.soft_mask is None
     cfg = preset_config("mdlm", inputs="soft")
     with pytest.raises(DecodeError, match="need a model trained with soft-masking"):
-        final_state(generate(model, build_decoder(cfg, LogLinear()),
-                             prompt=torch.zeros(1, 2, dtype=torch.long),
-                             generators=row_generators(0, range(1))))
+        final_state(
+            generate(
+                model,
+                build_decoder(cfg, LogLinear()),
+                prompt=torch.zeros(1, 2, dtype=torch.long),
+                generators=row_generators(0, range(1)),
+            )
+        )
 
 
 def test_continued_training_and_checkpoint_round_trip(tiny_data_cfg, tiny_data, tmp_path):
-    base = Config(data=tiny_data_cfg,
-                  model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
-                  train=TrainConfig(steps=2, batch_size=4, precision="fp32",
-                                    out=str(tmp_path / "base")))
+    base = Config(
+        data=tiny_data_cfg,
+        model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
+        train=TrainConfig(steps=2, batch_size=4, precision="fp32", out=str(tmp_path / "base")),
+    )
     train(base, data=tiny_data, progress=False)
-    sm = Config(data=tiny_data_cfg, model=base.model, soft_mask=SoftMaskConfig(k=3, p=1.0),
-                train=TrainConfig(steps=6, batch_size=4, precision="fp32", warmup=0,
-                                  out=str(tmp_path / "sm")))
+    sm = Config(
+        data=tiny_data_cfg,
+        model=base.model,
+        soft_mask=SoftMaskConfig(k=3, p=1.0),
+        train=TrainConfig(steps=6, batch_size=4, precision="fp32", warmup=0, out=str(tmp_path / "sm")),
+    )
     train(sm, init=str(tmp_path / "base"), data=tiny_data, progress=False)
     loaded = load_checkpoint(tmp_path / "sm", prefer_ema=False)
     values = json.loads((loaded.path / "soft_mask.json").read_text())
@@ -146,13 +172,27 @@ def test_bad_soft_mask_settings():
 def test_cli_continued_training_takes_the_init_config(tiny_data_cfg, tiny_data, tmp_path, capsys):
     from unmask.cli.main import main
 
-    base = Config(data=tiny_data_cfg, model=ModelConfig(attention="bidirectional", dim=32, n_layers=1,
-                                                        n_heads=2),
-                  train=TrainConfig(steps=1, batch_size=4, precision="fp32",
-                                    out=str(tmp_path / "base")))
+    base = Config(
+        data=tiny_data_cfg,
+        model=ModelConfig(attention="bidirectional", dim=32, n_layers=1, n_heads=2),
+        train=TrainConfig(steps=1, batch_size=4, precision="fp32", out=str(tmp_path / "base")),
+    )
     train(base, data=tiny_data, progress=False)
-    main(["train", "--init", str(tmp_path / "base"), "--soft-mask.k", "3", "--soft-mask.p", "0.8",
-          "--train.steps", "2", "--out", str(tmp_path / "sm")])
+    main(
+        [
+            "train",
+            "--init",
+            str(tmp_path / "base"),
+            "--soft-mask.k",
+            "3",
+            "--soft-mask.p",
+            "0.8",
+            "--train.steps",
+            "2",
+            "--out",
+            str(tmp_path / "sm"),
+        ]
+    )
     loaded = load_checkpoint(tmp_path / "sm")
     assert loaded.config.model == base.model and loaded.model.soft_mask.k == 3
     main(["eval", "ppl", "--checkpoint", str(tmp_path / "sm"), "--mc-samples", "1", "--max-rows", "4"])

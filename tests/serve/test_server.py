@@ -393,9 +393,12 @@ def test_a_pretrained_directory_is_served_with_its_familys_decoder(tmp_path):
     write_family("sdar", tmp_path / "sdar")
     srv = run_in_thread(build_app(tmp_path / "sdar", model_name="tiny-sdar", device="cpu", dtype="fp32"))
     try:
-        r = client(srv).completions.create(model="tiny-sdar", prompt="w1 w2 w3", max_tokens=8, seed=2,
-                                           extra_body={"steps": 8})
+        r = client(srv).completions.create(
+            model="tiny-sdar", prompt="w1 w2 w3", max_tokens=8, seed=2, extra_body={"steps": 8}
+        )
     finally:
         srv.stop()
-    assert r.choices[0].text == alone(tmp_path / "sdar", "w1 w2 w3", preset="bd3lm", seed=2, max_new_tokens=8,
-                                      steps=8)[0]
+    assert (
+        r.choices[0].text
+        == alone(tmp_path / "sdar", "w1 w2 w3", preset="bd3lm", seed=2, max_new_tokens=8, steps=8)[0]
+    )

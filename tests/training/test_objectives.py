@@ -21,7 +21,7 @@ def naive_bd3_logits(model, xt, x0):
     L, Lb = x0.shape[1], model.cfg.block_size
     outs = []
     for b in range(L // Lb):
-        seq = torch.cat([x0[:, : b * Lb], xt[:, b * Lb:(b + 1) * Lb]], dim=1)
+        seq = torch.cat([x0[:, : b * Lb], xt[:, b * Lb : (b + 1) * Lb]], dim=1)
         outs.append(model(seq).logits[:, -Lb:])
     return torch.cat(outs, dim=1)
 
@@ -51,6 +51,7 @@ def test_vectorized_bd3_loss_equals_naive_loss():
     # Recompute by hand with the same random draws and the naive per-block logits.
     g = torch.Generator().manual_seed(3)
     from unmask.training.objectives import block_times
+
     t = block_times(3, 4, (1e-3, 1.0), g)
     xt, masked = corrupt(x0, batch.valid, t, sched, MASK, g)
     nll = masked_nll(naive_bd3_logits(model, xt, x0), x0, MASK)
@@ -109,8 +110,9 @@ def test_resample_keeps_block_mask_rates_in_range():
     x0 = torch.randint(0, VOCAB - 1, (8, 64))
     valid = torch.ones_like(x0, dtype=torch.bool)
     t = torch.full((8, 4), 0.5)
-    _, masked = corrupt(x0, valid, t, LogLinear(), MASK, torch.Generator().manual_seed(0),
-                        resample=(0.45, 0.55, 200))
+    _, masked = corrupt(
+        x0, valid, t, LogLinear(), MASK, torch.Generator().manual_seed(0), resample=(0.45, 0.55, 200)
+    )
     frac = masked.view(8, 4, 16).float().mean(-1)
     assert ((frac >= 0.45) & (frac <= 0.55)).all()
 

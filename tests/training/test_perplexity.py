@@ -15,8 +15,7 @@ BYTES = np.ones(VOCAB, dtype=np.int64)
 def test_ar_perplexity_is_exact_next_token_perplexity():
     model = tiny_model("causal")
     rows = np.random.default_rng(0).integers(0, VOCAB - 1, (5, 12))
-    res = evaluate_perplexity(model, rows, LogLinear(), pad_id=-1, byte_lengths=BYTES, eps=1e-3,
-                              batch_size=2)
+    res = evaluate_perplexity(model, rows, LogLinear(), pad_id=-1, byte_lengths=BYTES, eps=1e-3, batch_size=2)
     x = torch.as_tensor(rows)
     with torch.no_grad():
         logits = model(x[:, :-1]).logits
@@ -40,5 +39,11 @@ def test_diffusion_bound_is_seeded_and_mc_samples_average():
 
 def test_empty_rows_is_an_error():
     with pytest.raises(ValueError, match="no rows"):
-        evaluate_perplexity(tiny_model(), np.zeros((0, 8), dtype=np.int64), LogLinear(), pad_id=-1,
-                            byte_lengths=BYTES, eps=1e-3)
+        evaluate_perplexity(
+            tiny_model(),
+            np.zeros((0, 8), dtype=np.int64),
+            LogLinear(),
+            pad_id=-1,
+            byte_lengths=BYTES,
+            eps=1e-3,
+        )

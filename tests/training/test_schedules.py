@@ -58,7 +58,8 @@ def test_the_full_range_can_win_the_clip_search(monkeypatch):
     def fake_losses(model, batch, schedule, g, t_range):  # variance grows as the interval narrows
         beta, omega = t_range
         return torch.tensor([[0.0, 1.0 - (omega - max(beta, 1e-3))]])
+
     monkeypatch.setattr(clip_search, "per_block_losses", fake_losses)
     rows = np.zeros((4, 8), dtype=np.int64)
     best, var = clip_search.search_clip(None, rows, LogLinear(), Config(), 0, "cpu")
-    assert best == (0.0, 1.0) and var == pytest.approx(0.5 * 1e-3 ** 2, rel=1e-3)
+    assert best == (0.0, 1.0) and var == pytest.approx(0.5 * 1e-3**2, rel=1e-3)

@@ -10,12 +10,23 @@ from unmask.training.loop import train
 
 
 def tiny_config(data_cfg, out, attention="block_causal", dropout=0.0, **train_kw) -> Config:
-    train_cfg = dict(steps=30, batch_size=8, lr=3e-3, warmup=5, eval_every=0, save_every=100,
-                     precision="fp32", out=str(out))
+    train_cfg = dict(
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        warmup=5,
+        eval_every=0,
+        save_every=100,
+        precision="fp32",
+        out=str(out),
+    )
     train_cfg.update(train_kw)
-    return Config(data=data_cfg, model=ModelConfig(attention=attention, block_size=8, dim=32,
-                                                   n_layers=2, n_heads=4, dropout=dropout),
-                  train=TrainConfig(**train_cfg), eval=EvalConfig(max_rows=64))
+    return Config(
+        data=data_cfg,
+        model=ModelConfig(attention=attention, block_size=8, dim=32, n_layers=2, n_heads=4, dropout=dropout),
+        train=TrainConfig(**train_cfg),
+        eval=EvalConfig(max_rows=64),
+    )
 
 
 def losses(run_dir):
@@ -34,11 +45,9 @@ def test_thirty_steps_lower_the_loss(tiny_data_cfg, tiny_data, tmp_path, attenti
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_data_cfg, tiny_data, tmp_path):
-    full = tiny_config(tiny_data_cfg, tmp_path / "full", steps=12, save_every=6, ema=0.5,
-                       dropout=0.1)
+    full = tiny_config(tiny_data_cfg, tmp_path / "full", steps=12, save_every=6, ema=0.5, dropout=0.1)
     train(full, data=tiny_data, progress=False)
-    part = tiny_config(tiny_data_cfg, tmp_path / "part", steps=6, save_every=6, ema=0.5,
-                       dropout=0.1)
+    part = tiny_config(tiny_data_cfg, tmp_path / "part", steps=6, save_every=6, ema=0.5, dropout=0.1)
     train(part, data=tiny_data, progress=False)
     train(replace(part, train=replace(part.train, steps=12)), resume=True, data=tiny_data, progress=False)
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
@@ -56,14 +65,21 @@ def test_resume_and_init_errors(tiny_data_cfg, tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"--train.lr"):
         train(changed, resume=True, data=tiny_data, progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        train(replace(cfg, train=replace(cfg.train, out=str(tmp_path / "none"))), resume=True,
-              data=tiny_data, progress=False)
+        train(
+            replace(cfg, train=replace(cfg.train, out=str(tmp_path / "none"))),
+            resume=True,
+            data=tiny_data,
+            progress=False,
+        )
 
 
 def test_clip_search_runs_and_is_saved(tiny_data_cfg, tiny_data, tmp_path):
-    cfg = replace(tiny_config(tiny_data_cfg, tmp_path / "run", steps=4, eval_every=2),
-                  noise=NoiseConfig(clip_search=True, clip_search_batches=1, clip_widths=(0.5, 0.9),
-                                    clip_grid_step=0.25))
+    cfg = replace(
+        tiny_config(tiny_data_cfg, tmp_path / "run", steps=4, eval_every=2),
+        noise=NoiseConfig(
+            clip_search=True, clip_search_batches=1, clip_widths=(0.5, 0.9), clip_grid_step=0.25
+        ),
+    )
     result = train(cfg, data=tiny_data, progress=False)
     loaded = load_checkpoint(tmp_path / "run")
     assert tuple(loaded.state["t_range"]) == result.t_range
@@ -111,9 +127,14 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_data_cfg, tiny_data, t
 
     monkeypatch.setattr(ck.torch, "save", killed)  # dies after the weights, before the rename
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path / "run", step=5, model=before.model, config=cfg,
-                        tokenizer=before.tokenizer,
-                        optimizer=torch.optim.SGD(before.model.parameters(), lr=1))
+        save_checkpoint(
+            tmp_path / "run",
+            step=5,
+            model=before.model,
+            config=cfg,
+            tokenizer=before.tokenizer,
+            optimizer=torch.optim.SGD(before.model.parameters(), lr=1),
+        )
     after = load_checkpoint(tmp_path / "run")
     assert after.state["step"] == 2 and after.path == before.path
 

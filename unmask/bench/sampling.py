@@ -48,8 +48,18 @@ class TimedModel(torch.nn.Module):
         return self.inner.embed(tokens)
 
 
-def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int, eos_id: int | None,
-               schedule, precision: str = "fp32", sampler=None) -> dict[str, Any]:
+def run_decode(
+    model,
+    cfg,
+    prompts: torch.Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    eos_id: int | None,
+    schedule,
+    precision: str = "fp32",
+    sampler=None,
+) -> dict[str, Any]:
     """Decode every prompt with `cfg`; time the whole run and the part inside the model."""
     from unmask.decoding.generate import completions, final_state
     from unmask.decoding.rng import row_generators
@@ -60,10 +70,19 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
     outs, nfe, commits, refreshes, row_forwards = [], 0, 0, 0, 0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        state = final_state(decode_states(
-            timed, cfg, chunk, schedule=schedule, eos_id=eos_id, precision=precision, sampler=sampler,
-            generators=row_generators(seed, range(start, start + len(chunk)))))
+        chunk = prompts[start : start + batch_size]
+        state = final_state(
+            decode_states(
+                timed,
+                cfg,
+                chunk,
+                schedule=schedule,
+                eos_id=eos_id,
+                precision=precision,
+                sampler=sampler,
+                generators=row_generators(seed, range(start, start + len(chunk))),
+            )
+        )
         outs.extend(completions(state, eos_id))
         nfe += state.nfe
         commits += state.commit_passes
@@ -73,11 +92,16 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
     new_tokens = sum(len(o) for o in outs)
     prompt_tokens = prompts.numel()
     return {
-        "seconds": seconds, "model_seconds": timed.seconds, "flops_per_s": timed.flops / seconds,
+        "seconds": seconds,
+        "model_seconds": timed.seconds,
+        "flops_per_s": timed.flops / seconds,
         "overhead_fraction": 1 - timed.seconds / seconds,
         "tokens_per_s": new_tokens / seconds,
         "tokens_per_s_with_prompt": (new_tokens + prompt_tokens) / seconds,
-        "nfe": nfe, "commit_passes": commits, "refresh_passes": refreshes, "new_tokens": new_tokens,
+        "nfe": nfe,
+        "commit_passes": commits,
+        "refresh_passes": refreshes,
+        "new_tokens": new_tokens,
         "tokens_per_forward": new_tokens / max(row_forwards, 1),
         "entropy": statistics.mean(unigram_entropy(o) for o in outs),
         "rep4": statistics.mean(rep_n(o, 4) for o in outs),
@@ -85,10 +109,24 @@ def run_decode(model, cfg, prompts: torch.Tensor, *, batch_size: int, seed: int,
     }
 
 
-def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int], *, prompts: torch.Tensor,
-                 max_new_tokens: int, batch_size: int, seed: int = 0, precision: str = "fp32",
-                 reference=None, featurizer=None, mauve_texts: list[str] | None = None,
-                 min_samples: int = 100, progress: bool = True) -> dict[str, Any]:
+def bench_sample(
+    model,
+    tokenizer,
+    config,
+    presets: list[str],
+    steps: list[int],
+    *,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    precision: str = "fp32",
+    reference=None,
+    featurizer=None,
+    mauve_texts: list[str] | None = None,
+    min_samples: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Every preset x step budget on the same prompts: speed beside quality, one row each.
     Quality: unigram entropy and repetition always; gen-PPL with a `reference` LM; MAUVE against
     `mauve_texts` with a `featurizer`."""
@@ -107,12 +145,28 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
     rows = []
     grid = [(p, s) for p in presets for s in steps]
     warm = preset_spec(presets[0], steps=steps[0], max_new_tokens=max_new_tokens)
-    run_decode(model, warm, prompts[:batch_size], batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
-               schedule=schedule, precision=precision)  # warm-up: one-time costs stay out of the rows
+    run_decode(
+        model,
+        warm,
+        prompts[:batch_size],
+        batch_size=batch_size,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+        schedule=schedule,
+        precision=precision,
+    )  # warm-up: one-time costs stay out of the rows
     for preset, n_steps in tqdm(grid, desc="bench sample", unit="run", disable=not progress):
         cfg = preset_spec(preset, steps=n_steps, max_new_tokens=max_new_tokens)
-        r = run_decode(model, cfg, prompts, batch_size=batch_size, seed=seed, eos_id=tokenizer.eos_id,
-                       schedule=schedule, precision=precision)
+        r = run_decode(
+            model,
+            cfg,
+            prompts,
+            batch_size=batch_size,
+            seed=seed,
+            eos_id=tokenizer.eos_id,
+            schedule=schedule,
+            precision=precision,
+        )
         samples = r.pop("samples")
         texts = [tokenizer.decode(s) for s in samples]
         r |= {f"token_{k}": v for k, v in repetition(samples).items()}
@@ -123,11 +177,20 @@ def bench_sample(model, tokenizer, config, presets: list[str], steps: list[int],
         if featurizer is not None:
             r["mauve"] = mauve_score(mauve_texts, texts, featurizer, min_samples=min_samples).score
         rows.append({"preset": preset, "steps": n_steps, **r})
-    return {"rows": rows, "matmul_peak_flops": peak, "prompts": len(prompts),
-            "prompt_tokens": prompts.shape[1], "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "seed": seed, "precision": precision, "peak_rss_mb": _peak_rss_mb(),
-            "reference": getattr(reference, "name", None), "featurizer": getattr(featurizer, "name", None),
-            "mauve_reference_texts": len(mauve_texts or [])}
+    return {
+        "rows": rows,
+        "matmul_peak_flops": peak,
+        "prompts": len(prompts),
+        "prompt_tokens": prompts.shape[1],
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "precision": precision,
+        "peak_rss_mb": _peak_rss_mb(),
+        "reference": getattr(reference, "name", None),
+        "featurizer": getattr(featurizer, "name", None),
+        "mauve_reference_texts": len(mauve_texts or []),
+    }
 
 
 def preset_spec(spec: str, **fixed) -> Any:
@@ -160,14 +223,22 @@ def _peak_rss_mb() -> float:
 
 
 def sample_table(rows: list[dict[str, Any]]) -> str:
-    cols = [("preset", "{}"), ("steps", "{}"), ("nfe", "{}"), ("tokens_per_forward", "{:.2f}"),
-            ("tokens_per_s", "{:.1f}"), ("tokens_per_s_with_prompt", "{:.1f}"),
-            ("overhead_fraction", "{:.1%}"),
-            ("gen_ppl", "{:.1f}"), ("mauve", "{:.3f}"), ("entropy", "{:.2f}"), ("token_rep4", "{:.3f}"),
-            ("token_longest_repeat", "{:.1f}")]
+    cols = [
+        ("preset", "{}"),
+        ("steps", "{}"),
+        ("nfe", "{}"),
+        ("tokens_per_forward", "{:.2f}"),
+        ("tokens_per_s", "{:.1f}"),
+        ("tokens_per_s_with_prompt", "{:.1f}"),
+        ("overhead_fraction", "{:.1%}"),
+        ("gen_ppl", "{:.1f}"),
+        ("mauve", "{:.3f}"),
+        ("entropy", "{:.2f}"),
+        ("token_rep4", "{:.3f}"),
+        ("token_longest_repeat", "{:.1f}"),
+    ]
     cols = [(k, f) for k, f in cols if any(k in r for r in rows)]
-    lines = ["| " + " | ".join(k.replace("_", " ") for k, _ in cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(k.replace("_", " ") for k, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f.format(r[k]) if k in r else "" for k, f in cols) + " |")
     return "\n".join(lines)
@@ -186,8 +257,10 @@ def plot_sample_results(rows: list[dict[str, Any]], out_dir) -> list:
     quality = "gen_ppl" if all("gen_ppl" in r for r in rows) else "token_rep4"
     label = {"gen_ppl": "gen-PPL (lower is better)", "token_rep4": "rep-4 (lower is better)"}[quality]
     paths = []
-    for x, xlabel, name in (("nfe", "NFE (denoiser calls)", "quality_vs_nfe.png"),
-                            ("tokens_per_s", "output tokens / s", "quality_vs_speed.png")):
+    for x, xlabel, name in (
+        ("nfe", "NFE (denoiser calls)", "quality_vs_nfe.png"),
+        ("tokens_per_s", "output tokens / s", "quality_vs_speed.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for preset in dict.fromkeys(r["preset"] for r in rows):
             pts = sorted((r[x], r[quality]) for r in rows if r["preset"] == preset)
@@ -208,8 +281,18 @@ def plot_sample_results(rows: list[dict[str, Any]], out_dir) -> list:
     return paths
 
 
-def bench_cache(model, tokenizer, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int,
-                batch_size: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+def bench_cache(
+    model,
+    tokenizer,
+    config,
+    *,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    steps: int,
+    batch_size: int,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
     """BD3-LM decoding with the exact KV cache vs recomputing the whole prefix every call."""
     from unmask.decoding.presets import preset_config
     from unmask.schedules import build_schedule
@@ -220,20 +303,39 @@ def bench_cache(model, tokenizer, config, *, prompts: torch.Tensor, max_new_toke
     arms = {}
     for cache in ("auto", "none"):
         cfg = preset_config("bd3lm", cache=cache, steps=steps, max_new_tokens=max_new_tokens)
-        arms[cache] = (lambda cfg=cfg: run_decode(model, cfg, prompts, batch_size=batch_size, seed=seed,
-                                                  eos_id=None, schedule=schedule))
+        arms[cache] = lambda cfg=cfg: run_decode(
+            model, cfg, prompts, batch_size=batch_size, seed=seed, eos_id=None, schedule=schedule
+        )
     runs = interleaved(arms, repeats)
     same = all(a["samples"] == b["samples"] for a, b in zip(runs["auto"], runs["none"], strict=True))
-    return {"speedup": ratio(runs, "none", "auto"), "identical_tokens": same,
-            "cached_seconds": statistics.median(r["seconds"] for r in runs["auto"]),
-            "recompute_seconds": statistics.median(r["seconds"] for r in runs["none"]),
-            "nfe": runs["auto"][0]["nfe"], "commit_passes": runs["auto"][0]["commit_passes"],
-            "block_size": model.cfg.block_size, "max_new_tokens": max_new_tokens, "steps": steps,
-            "batch_size": batch_size, "rows": len(prompts), "repeats": repeats}
+    return {
+        "speedup": ratio(runs, "none", "auto"),
+        "identical_tokens": same,
+        "cached_seconds": statistics.median(r["seconds"] for r in runs["auto"]),
+        "recompute_seconds": statistics.median(r["seconds"] for r in runs["none"]),
+        "nfe": runs["auto"][0]["nfe"],
+        "commit_passes": runs["auto"][0]["commit_passes"],
+        "block_size": model.cfg.block_size,
+        "max_new_tokens": max_new_tokens,
+        "steps": steps,
+        "batch_size": batch_size,
+        "rows": len(prompts),
+        "repeats": repeats,
+    }
 
 
-def bench_invariance(model, config, presets: list[str], *, prompts: torch.Tensor, max_new_tokens: int,
-                     steps: int, batch_size: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+def bench_invariance(
+    model,
+    config,
+    presets: list[str],
+    *,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    steps: int,
+    batch_size: int,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The batch- and cache-invariant inference ops (`unmask.models.invariant`) against the fused
     kernels, interleaved, per preset: the time ratio, and for each arm how many rows decode
     differently in a batch of `batch_size` than alone (and, on block-causal and causal models,
@@ -246,12 +348,14 @@ def bench_invariance(model, config, presets: list[str], *, prompts: torch.Tensor
     cached = model.cfg.attention != "bidirectional"
     rows = []
     for preset in presets:
+
         def run(kernels: str, batch=batch_size, cache=None, preset=preset) -> dict[str, Any]:
             over = {} if cache is None else {"cache": cache}
             cfg = preset_config(preset, steps=steps, max_new_tokens=max_new_tokens, **over)
             with invariant.fused() if kernels == "fused" else nullcontext():
-                return run_decode(model, cfg, prompts, batch_size=batch, seed=seed, eos_id=None,
-                                  schedule=schedule)
+                return run_decode(
+                    model, cfg, prompts, batch_size=batch, seed=seed, eos_id=None, schedule=schedule
+                )
 
         runs = interleaved({"invariant": lambda: run("invariant"), "fused": lambda: run("fused")}, repeats)
         row: dict[str, Any] = {"preset": preset, "cost": ratio(runs, "invariant", "fused")}
@@ -265,23 +369,34 @@ def bench_invariance(model, config, presets: list[str], *, prompts: torch.Tensor
                 row[f"{kernels}_rows_cache_differs"] = differs
             row[f"{kernels}_seconds"] = statistics.median(r["seconds"] for r in runs[kernels])
         rows.append(row)
-    return {"rows": rows, "attention": model.cfg.attention, "prompts": len(prompts),
-            "max_new_tokens": max_new_tokens, "steps": steps, "batch_size": batch_size, "repeats": repeats,
-            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "rows": rows,
+        "attention": model.cfg.attention,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "steps": steps,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def invariance_table(r: dict[str, Any]) -> str:
     cached = r["attention"] != "bidirectional"
-    head = ("| preset | invariant s | fused s | cost (median, min-max) "
-            "| rows differing batch/alone: inv, fused |")
+    head = (
+        "| preset | invariant s | fused s | cost (median, min-max) | rows differing batch/alone: inv, fused |"
+    )
     head += " cached/uncached: inv, fused |" if cached else ""
     lines = [head, "|" + "---|" * (6 if cached else 5)]
     for row in r["rows"]:
         q = row["cost"]
-        line = (f"| {row['preset']} | {row['invariant_seconds']:.3f} | {row['fused_seconds']:.3f} | "
-                f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f}) | "
-                f"{row['invariant_rows_batch_differs']}, {row['fused_rows_batch_differs']} "
-                f"of {r['prompts']} |")
+        line = (
+            f"| {row['preset']} | {row['invariant_seconds']:.3f} | {row['fused_seconds']:.3f} | "
+            f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f}) | "
+            f"{row['invariant_rows_batch_differs']}, {row['fused_rows_batch_differs']} "
+            f"of {r['prompts']} |"
+        )
         if cached:
             line += f" {row['invariant_rows_cache_differs']}, {row['fused_rows_cache_differs']} |"
         lines.append(line)
@@ -289,8 +404,9 @@ def invariance_table(r: dict[str, Any]) -> str:
 
 
 @torch.inference_mode()
-def llada_reference(model, prompt: torch.Tensor, *, gen_length: int, steps: int,
-                    block_length: int) -> torch.Tensor:
+def llada_reference(
+    model, prompt: torch.Tensor, *, gen_length: int, steps: int, block_length: int
+) -> torch.Tensor:
     """A plain loop written the way the public LLaDA reference decodes (greedy, low-confidence
     remasking): the whole sequence recomputed every step, semi-AR blocks, a fixed number of
     tokens per step with the remainder to the first steps. The [MASK] logit is excluded for our
@@ -328,15 +444,17 @@ def llada_reference(model, prompt: torch.Tensor, *, gen_length: int, steps: int,
     return x
 
 
-def bench_llada_reference(model, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int,
-                          block_len: int, repeats: int = 3) -> dict[str, Any]:
+def bench_llada_reference(
+    model, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int, block_len: int, repeats: int = 3
+) -> dict[str, Any]:
     """Our `llada` preset vs `llada_reference` on the same checkpoint and prompts."""
     from unmask.decoding.presets import preset_config
     from unmask.schedules import build_schedule
 
     schedule = build_schedule(config.noise.schedule, config.noise.eps)
-    cfg = preset_config("llada", steps=steps, max_new_tokens=max_new_tokens, block_len=block_len,
-                        eos_fill=False)
+    cfg = preset_config(
+        "llada", steps=steps, max_new_tokens=max_new_tokens, block_len=block_len, eos_fill=False
+    )
     B = len(prompts)
 
     def ours():
@@ -346,12 +464,18 @@ def bench_llada_reference(model, config, *, prompts: torch.Tensor, max_new_token
     def reference():
         t = time.perf_counter()
         x = llada_reference(model, prompts, gen_length=max_new_tokens, steps=steps, block_length=block_len)
-        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1]:].tolist()}
+        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1] :].tolist()}
 
     runs = interleaved({"ours": ours, "reference": reference}, repeats)
     identical = all(a["tokens"] == b["tokens"] for a, b in zip(runs["ours"], runs["reference"], strict=True))
-    return {"speedup": ratio(runs, "reference", "ours"), "identical_tokens": identical,
-            "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
-            "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
-            "max_new_tokens": max_new_tokens, "steps": steps, "block_len": block_len, "rows": B,
-            "repeats": repeats}
+    return {
+        "speedup": ratio(runs, "reference", "ours"),
+        "identical_tokens": identical,
+        "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
+        "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
+        "max_new_tokens": max_new_tokens,
+        "steps": steps,
+        "block_len": block_len,
+        "rows": B,
+        "repeats": repeats,
+    }

@@ -57,13 +57,23 @@ def matmul_peak(dtype: torch.dtype, *, budget_s: float = 1.0, max_n: int = 2048)
 
 def machine_info() -> dict[str, Any]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
-    return {"commit": commit, "cpu": cpu_model(), "native_bf16": native_cpu_bf16(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "commit": commit,
+        "cpu": cpu_model(),
+        "native_bf16": native_cpu_bf16(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def _train_step(cfg: Config, precision: str, two_pass: bool) -> tuple[Callable[[], None], int]:
@@ -116,50 +126,73 @@ def bench_train(cfg: Config, *, repeats: int = 5) -> dict[str, Any]:
             t = time.perf_counter()
             step()
             return {"seconds": time.perf_counter() - t}
+
         return run
 
-    runs = interleaved({name: timed(step) for name, step in steps.items() if name != bf16 or not emulated},
-                       repeats)
+    runs = interleaved(
+        {name: timed(step) for name, step in steps.items() if name != bf16 or not emulated}, repeats
+    )
     if emulated:  # once, after its warm-up step above: enough to show the cost, short enough to wait for
         runs[bf16] = [timed(steps[bf16])()]
     per_arm = {}
     for name, (precision, _) in arms.items():
         sec = statistics.median(r["seconds"] for r in runs[name])
-        per_arm[name] = {"sec_per_step": sec, "tokens_per_s": tokens / sec,
-                         "flops_per_step": flops[name], "flops_per_s": flops[name] / sec,
-                         "fraction_of_peak": flops[name] / sec / peak[precision]}
-    ratios = {f"{bf16} over fp32": ratio(runs, "fp32", bf16) if not emulated else
-              {"median": runs["fp32"][0]["seconds"] / runs[bf16][0]["seconds"]} | {"pairs": 1}}
+        per_arm[name] = {
+            "sec_per_step": sec,
+            "tokens_per_s": tokens / sec,
+            "flops_per_step": flops[name],
+            "flops_per_s": flops[name] / sec,
+            "fraction_of_peak": flops[name] / sec / peak[precision],
+        }
+    ratios = {
+        f"{bf16} over fp32": ratio(runs, "fp32", bf16)
+        if not emulated
+        else {"median": runs["fp32"][0]["seconds"] / runs[bf16][0]["seconds"]} | {"pairs": 1}
+    }
     if cfg.model.objective == "bd3lm":
-        ratios[f"vectorized over two-pass ({compute})"] = ratio(runs, f"{compute} two-pass",
-                                                                 f"{compute} vectorized")
-    return {"machine": machine_info(), "bf16_emulated": emulated,
-            "model": cfg.model.__dict__ | {"objective": cfg.model.objective},
-            "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
-            "vocab_size": cfg.data.vocab_size, "repeats": repeats,
-            "params": build_model(cfg.model, cfg.data.vocab_size, 0).num_params(),
-            "matmul_peak_flops": peak, "arms": per_arm, "ratios": ratios}
+        ratios[f"vectorized over two-pass ({compute})"] = ratio(
+            runs, f"{compute} two-pass", f"{compute} vectorized"
+        )
+    return {
+        "machine": machine_info(),
+        "bf16_emulated": emulated,
+        "model": cfg.model.__dict__ | {"objective": cfg.model.objective},
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": cfg.data.vocab_size,
+        "repeats": repeats,
+        "params": build_model(cfg.model, cfg.data.vocab_size, 0).num_params(),
+        "matmul_peak_flops": peak,
+        "arms": per_arm,
+        "ratios": ratios,
+    }
 
 
 def bench_train_report(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}, "
-             f"commit {m['commit']}",
-             f"model: {r['model']['objective']} dim {r['model']['dim']} x {r['model']['n_layers']} "
-             f"layers, {r['params'] / 1e6:.2f}M params; batch {r['batch_size']} x {r['seq_len']}",
-             f"matmul peak: fp32 {r['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, "
-             f"bf16 {r['matmul_peak_flops']['bf16'] / 1e9:.0f} GFLOP/s", "",
-             "| arm | s/step | tokens/s | GFLOP/step | GFLOP/s | of peak (same dtype) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU {m['gpu']}, commit {m['commit']}",
+        f"model: {r['model']['objective']} dim {r['model']['dim']} x {r['model']['n_layers']} "
+        f"layers, {r['params'] / 1e6:.2f}M params; batch {r['batch_size']} x {r['seq_len']}",
+        f"matmul peak: fp32 {r['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {r['matmul_peak_flops']['bf16'] / 1e9:.0f} GFLOP/s",
+        "",
+        "| arm | s/step | tokens/s | GFLOP/step | GFLOP/s | of peak (same dtype) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, a in r["arms"].items():
-        lines.append(f"| {name} | {a['sec_per_step']:.3f} | {a['tokens_per_s']:,.0f} "
-                     f"| {a['flops_per_step'] / 1e9:.1f} | {a['flops_per_s'] / 1e9:.0f} "
-                     f"| {100 * a['fraction_of_peak']:.0f}% |")
+        lines.append(
+            f"| {name} | {a['sec_per_step']:.3f} | {a['tokens_per_s']:,.0f} "
+            f"| {a['flops_per_step'] / 1e9:.1f} | {a['flops_per_s'] / 1e9:.0f} "
+            f"| {100 * a['fraction_of_peak']:.0f}% |"
+        )
     lines.append("")
     for name, q in r["ratios"].items():
         if "min" in q:
-            lines.append(f"{name}: {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
-                         f"{r['repeats']} interleaved pairs)")
+            lines.append(
+                f"{name}: {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
+                f"{r['repeats']} interleaved pairs)"
+            )
         else:
             lines.append(f"{name}: {q['median']:.3f}x (one timed step: this CPU has no native bf16)")
     return "\n".join(lines)

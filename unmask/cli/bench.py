@@ -32,8 +32,11 @@ def _bench_setup(ns):
     if "pretrained" in loaded.state and not ns.prompts_file:
         raise SystemExit("error: a pretrained directory has no held-out split; pass --prompts-file")
     if ns.prompts_file:
-        prompts = file_prompts(loaded.tokenizer, read_prompts(argparse.Namespace(
-            prompt=None, prompts_file=ns.prompts_file)), ns.num_prompts)
+        prompts = file_prompts(
+            loaded.tokenizer,
+            read_prompts(argparse.Namespace(prompt=None, prompts_file=ns.prompts_file)),
+            ns.num_prompts,
+        )
     else:
         prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
     return loaded, prompts
@@ -67,13 +70,25 @@ def cmd_bench_sample(ns: argparse.Namespace, rest: list[str]) -> None:
         chars = 4 * ns.max_new_tokens  # about as long as the samples (a few characters per token)
         from unmask.data.corpus import text_pieces
 
-        mauve_texts = text_pieces(ns.mauve_reference or f"{loaded.config.data.corpus}@test",
-                                      len(prompts), chars, loaded.config.data)
-    result = bench_sample(loaded.model, loaded.tokenizer, loaded.config, ns.presets.split(","),
-                          [int(s) for s in ns.steps.split(",")], prompts=prompts,
-                          max_new_tokens=ns.max_new_tokens, batch_size=ns.batch_size, seed=ns.seed,
-                          precision=ns.precision, reference=reference, featurizer=featurizer,
-                          mauve_texts=mauve_texts, min_samples=ns.min_samples)
+        mauve_texts = text_pieces(
+            ns.mauve_reference or f"{loaded.config.data.corpus}@test", len(prompts), chars, loaded.config.data
+        )
+    result = bench_sample(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        ns.presets.split(","),
+        [int(s) for s in ns.steps.split(",")],
+        prompts=prompts,
+        max_new_tokens=ns.max_new_tokens,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        precision=ns.precision,
+        reference=reference,
+        featurizer=featurizer,
+        mauve_texts=mauve_texts,
+        min_samples=ns.min_samples,
+    )
     settings = {k: v for k, v in vars(ns).items() if k != "func"}
     _write_bench(ns.out, "results", {"settings": settings, **result}, sample_table(result["rows"]))
     if ns.out:
@@ -85,14 +100,23 @@ def cmd_bench_cache(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.bench.sampling import bench_cache
 
     loaded, prompts = _bench_setup(ns)
-    r = bench_cache(loaded.model, loaded.tokenizer, loaded.config, prompts=prompts,
-                    max_new_tokens=ns.max_new_tokens, steps=ns.steps, batch_size=ns.batch_size,
-                    repeats=ns.repeats)
+    r = bench_cache(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        prompts=prompts,
+        max_new_tokens=ns.max_new_tokens,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        repeats=ns.repeats,
+    )
     q = r["speedup"]
-    table = (f"BD3-LM L'={r['block_size']}, {r['max_new_tokens']} new tokens, {r['steps']} steps, "
-             f"batch {r['batch_size']}: exact cache {r['cached_seconds']:.2f}s vs recompute "
-             f"{r['recompute_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
-             f"{r['repeats']} interleaved pairs); identical tokens: {r['identical_tokens']}")
+    table = (
+        f"BD3-LM L'={r['block_size']}, {r['max_new_tokens']} new tokens, {r['steps']} steps, "
+        f"batch {r['batch_size']}: exact cache {r['cached_seconds']:.2f}s vs recompute "
+        f"{r['recompute_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}, "
+        f"{r['repeats']} interleaved pairs); identical tokens: {r['identical_tokens']}"
+    )
     _write_bench(ns.out, "cache", r, table)
 
 
@@ -102,9 +126,17 @@ def cmd_bench_invariance(ns: argparse.Namespace, rest: list[str]) -> None:
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask bench invariance`: {' '.join(rest)}")
     loaded, prompts = _bench_setup(ns)
-    r = bench_invariance(loaded.model, loaded.config, ns.presets.split(","), prompts=prompts,
-                         max_new_tokens=ns.max_new_tokens, steps=ns.steps, batch_size=ns.batch_size,
-                         repeats=ns.repeats, seed=ns.seed)
+    r = bench_invariance(
+        loaded.model,
+        loaded.config,
+        ns.presets.split(","),
+        prompts=prompts,
+        max_new_tokens=ns.max_new_tokens,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        repeats=ns.repeats,
+        seed=ns.seed,
+    )
     _write_bench(ns.out, "invariance", r, invariance_table(r))
 
 
@@ -112,13 +144,22 @@ def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.bench.sampling import bench_llada_reference
 
     loaded, prompts = _bench_setup(ns)
-    r = bench_llada_reference(loaded.model, loaded.config, prompts=prompts, max_new_tokens=ns.max_new_tokens,
-                              steps=ns.steps, block_len=ns.block_len, repeats=ns.repeats)
+    r = bench_llada_reference(
+        loaded.model,
+        loaded.config,
+        prompts=prompts,
+        max_new_tokens=ns.max_new_tokens,
+        steps=ns.steps,
+        block_len=ns.block_len,
+        repeats=ns.repeats,
+    )
     q = r["speedup"]
-    table = (f"llada preset vs reference loop, {r['max_new_tokens']} new tokens, {r['steps']} steps, blocks "
-             f"of {r['block_len']}, {r['rows']} rows: ours {r['ours_seconds']:.2f}s vs reference "
-             f"{r['reference_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
-             f"identical tokens: {r['identical_tokens']}")
+    table = (
+        f"llada preset vs reference loop, {r['max_new_tokens']} new tokens, {r['steps']} steps, blocks "
+        f"of {r['block_len']}, {r['rows']} rows: ours {r['ours_seconds']:.2f}s vs reference "
+        f"{r['reference_seconds']:.2f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
+        f"identical tokens: {r['identical_tokens']}"
+    )
     _write_bench(ns.out, "llada_reference", r, table)
 
 
@@ -130,8 +171,14 @@ def cmd_bench_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
     items = ns.checkpoints.split(",")
     checkpoints = dict(item.split("=", 1) if "=" in item else (item, item) for item in items)
     tasks = {"loglikelihood": ns.mc_task, "generate_until": ns.gen_task, "loglikelihood_rolling": ns.ppl_task}
-    result = bench_lm_eval(checkpoints, tasks, include_path=ns.include_path, limit=ns.limit or None,
-                           model_args=ns.model_args, mc_counts=tuple(int(m) for m in ns.mc.split(",")))
+    result = bench_lm_eval(
+        checkpoints,
+        tasks,
+        include_path=ns.include_path,
+        limit=ns.limit or None,
+        model_args=ns.model_args,
+        mc_counts=tuple(int(m) for m in ns.mc.split(",")),
+    )
     _write_bench(ns.out, "lm_eval", result, lm_eval_table(result))
 
 
@@ -145,9 +192,15 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
     loaded = load_checkpoint(ns.checkpoint)
     ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
     prompts = [loaded.tokenizer.decode(row[1:].tolist()) for row in ids]
-    result = bench_serve(ns.checkpoint, prompts, clients=tuple(int(c) for c in ns.clients.split(",")),
-                         requests=ns.requests, max_tokens=ns.max_tokens, preset=ns.preset,
-                         steps=ns.steps or None)
+    result = bench_serve(
+        ns.checkpoint,
+        prompts,
+        clients=tuple(int(c) for c in ns.clients.split(",")),
+        requests=ns.requests,
+        max_tokens=ns.max_tokens,
+        preset=ns.preset,
+        steps=ns.steps or None,
+    )
     _write_bench(ns.out, "serve", result, serve_table(result))
     if ns.out:
         print(f"plot: {plot_serve(result, ns.out)}")
@@ -163,8 +216,11 @@ def cmd_bench_dist(ns: argparse.Namespace, rest: list[str]) -> None:
 def add_bench_commands(sub) -> None:
     """`unmask bench train | sample | cache | invariance | llada-ref | lm-eval | serve | dist`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
-    bt = b.add_parser("train", allow_abbrev=False,
-                      help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak")
+    bt = b.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="training speed: fp32 vs bf16, vectorized vs two-pass, vs matmul peak",
+    )
     bt.add_argument("--config", default="small-bd3lm")
     bt.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per arm")
     bt.add_argument("--json", help="also write the results to this JSON file")
@@ -194,8 +250,11 @@ def add_bench_commands(sub) -> None:
     sampling_args(bc, 1024, 256)
     bc.add_argument("--repeats", type=int, default=3)
     bc.set_defaults(func=cmd_bench_cache)
-    bi = b.add_parser("invariance", allow_abbrev=False,
-                      help="batch/cache-invariant inference ops vs fused kernels: cost, rows that differ")
+    bi = b.add_parser(
+        "invariance",
+        allow_abbrev=False,
+        help="batch/cache-invariant inference ops vs fused kernels: cost, rows that differ",
+    )
     sampling_args(bi, 128, 64)
     bi.add_argument("--presets", default="mdlm,bd3lm,conv,llada")
     bi.add_argument("--seed", type=int, default=0)
@@ -206,8 +265,11 @@ def add_bench_commands(sub) -> None:
     bl.add_argument("--block-len", type=int, default=32)
     bl.add_argument("--repeats", type=int, default=3)
     bl.set_defaults(func=cmd_bench_llada)
-    be = b.add_parser("lm-eval", allow_abbrev=False,
-                      help="lm-eval local tasks per checkpoint: metric and time per request type; MC error")
+    be = b.add_parser(
+        "lm-eval",
+        allow_abbrev=False,
+        help="lm-eval local tasks per checkpoint: metric and time per request type; MC error",
+    )
     be.add_argument("--checkpoints", required=True, help="NAME=PATH,... (or PATH,...)")
     be.add_argument("--include-path", default="tests/evaluation/lm_eval_tasks", help="folder of task YAMLs")
     be.add_argument("--mc-task", default="unmask_mc")
@@ -218,8 +280,9 @@ def add_bench_commands(sub) -> None:
     be.add_argument("--mc", default="1,4,16,64", help="Monte Carlo counts for the standard-error table")
     be.add_argument("--out", help="folder for the JSON and markdown results")
     be.set_defaults(func=cmd_bench_lm_eval)
-    bv = b.add_parser("serve", allow_abbrev=False,
-                      help="unmask serve: throughput/latency vs concurrent clients")
+    bv = b.add_parser(
+        "serve", allow_abbrev=False, help="unmask serve: throughput/latency vs concurrent clients"
+    )
     bv.add_argument("--checkpoint", required=True)
     bv.add_argument("--clients", default="1,4,16,64")
     bv.add_argument("--requests", type=int, default=64, help="requests at each concurrency")
@@ -230,8 +293,11 @@ def add_bench_commands(sub) -> None:
     bv.add_argument("--prompt-tokens", type=int, default=16)
     bv.add_argument("--out", help="folder for the JSON, markdown and plot")
     bv.set_defaults(func=cmd_bench_serve)
-    bd = b.add_parser("dist", allow_abbrev=False,
-                      help="1 process vs N with DDP / FSDP: s/step and memory per rank; + config overrides")
+    bd = b.add_parser(
+        "dist",
+        allow_abbrev=False,
+        help="1 process vs N with DDP / FSDP: s/step and memory per rank; + config overrides",
+    )
     bd.add_argument("--config", default="tiny-bd3lm")
     bd.add_argument("--steps", type=int, default=20)
     bd.add_argument("--nproc", type=int, default=2)

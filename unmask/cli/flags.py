@@ -17,12 +17,13 @@ def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
     a ConfigError from validation) make tyro print the problem and exit 2."""
     import tyro
 
-    return tyro.cli(Config, default=default, args=args, prog=prog,
-                    config=(tyro.conf.FlagConversionOff,))
+    return tyro.cli(Config, default=default, args=args, prog=prog, config=(tyro.conf.FlagConversionOff,))
 
 
-SHORTHANDS = ("--data PATH     = --data.corpus PATH (stdlib, a .txt/.jsonl file or directory, hf:NAME)",
-              "--out DIR       = --train.out DIR (the run directory)")
+SHORTHANDS = (
+    "--data PATH     = --data.corpus PATH (stdlib, a .txt/.jsonl file or directory, hf:NAME)",
+    "--out DIR       = --train.out DIR (the run directory)",
+)
 
 
 def shorthands(args: list[str]) -> list[str]:
@@ -33,7 +34,7 @@ def shorthands(args: list[str]) -> list[str]:
             if a == short:
                 a = full
             elif a.startswith(short + "="):
-                a = full + a[len(short):]
+                a = full + a[len(short) :]
         out.append(a)
     return out
 
@@ -60,8 +61,9 @@ def _split_preset(rest: list[str]) -> tuple[str | None, list[str]]:
     return preset, out
 
 
-def decode_config(rest: list[str], prog: str, *, preset: str | None = None,
-                  max_new_tokens: int | None = None) -> DecodeConfig:
+def decode_config(
+    rest: list[str], prog: str, *, preset: str | None = None, max_new_tokens: int | None = None
+) -> DecodeConfig:
     """`--preset NAME` then `--decode.field=value` overrides (any preset field). `preset` and
     `max_new_tokens` are the values of those flags where a command declares them itself."""
     from unmask.decoding.presets import preset_config
@@ -72,8 +74,9 @@ def decode_config(rest: list[str], prog: str, *, preset: str | None = None,
         rest = [f"--decode.max_new_tokens={max_new_tokens}", *rest]
     import tyro
 
-    return tyro.cli(_DecodeFlags, default=_DecodeFlags(base), args=rest, prog=prog,
-                    config=(tyro.conf.FlagConversionOff,)).decode
+    return tyro.cli(
+        _DecodeFlags, default=_DecodeFlags(base), args=rest, prog=prog, config=(tyro.conf.FlagConversionOff,)
+    ).decode
 
 
 def read_prompts(ns: argparse.Namespace) -> list[str]:
@@ -91,24 +94,33 @@ def read_prompts(ns: argparse.Namespace) -> list[str]:
     return prompts or [""]  # no prompt: unconditional, from [BOS]
 
 
-CHECKPOINT_HELP = ("run or checkpoint directory, or a pretrained Hugging Face directory "
-                   "(LLaDA, Dream, SDAR, ...)")
+CHECKPOINT_HELP = (
+    "run or checkpoint directory, or a pretrained Hugging Face directory (LLaDA, Dream, SDAR, ...)"
+)
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--checkpoint plus what loading a pretrained directory needs: --tokenizer, --device, --dtype."""
     parser.add_argument("--checkpoint", required=required, help=CHECKPOINT_HELP)
-    parser.add_argument("--tokenizer",
-                        help="tokenizer directory for pretrained models that ship none (MDLM/BD3-LM)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer directory for pretrained models that ship none (MDLM/BD3-LM)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="weights of a pretrained directory: auto = bf16 on GPUs (and CPUs with "
-                        "native bf16)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights of a pretrained directory: auto = bf16 on GPUs (and CPUs with native bf16)",
+    )
 
 
 def load_model(ns: argparse.Namespace):
     """`load_checkpoint` with the flags of `add_model_flags`."""
     from unmask.models.checkpoint import load_checkpoint
 
-    return load_checkpoint(ns.checkpoint, tokenizer=getattr(ns, "tokenizer", None),
-                           device=getattr(ns, "device", "cpu"), dtype=getattr(ns, "dtype", "auto"))
+    return load_checkpoint(
+        ns.checkpoint,
+        tokenizer=getattr(ns, "tokenizer", None),
+        device=getattr(ns, "device", "cpu"),
+        dtype=getattr(ns, "dtype", "auto"),
+    )

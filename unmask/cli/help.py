@@ -19,8 +19,13 @@ def field_docs() -> dict[str, dict[str, str]]:
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         own = docs.setdefault(cls.name, {})
         for a, b in zip(cls.body, cls.body[1:], strict=False):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 own[a.target.id] = " ".join(b.value.value.split())
     return docs
 
@@ -43,8 +48,10 @@ def config_help(sections: tuple[str, ...] | None = None, shorthands: tuple[str, 
     lines = []
     if shorthands:
         lines += ["shorthands:", *(f"  {s}" for s in shorthands), ""]
-    lines.append("config fields (--section.field=value or --section.field value; the defaults shown are "
-                 "the built-in ones, a --config file or checkpoint changes them):")
+    lines.append(
+        "config fields (--section.field=value or --section.field value; the defaults shown are "
+        "the built-in ones, a --config file or checkpoint changes them):"
+    )
     for name in names:
         lines += section_help(name, getattr(cfg, name))
     return "\n".join(lines)

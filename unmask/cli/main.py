@@ -33,13 +33,20 @@ def user_errors() -> tuple[type[Exception], ...]:
     from unmask.models.checkpoint import CheckpointError
     from unmask.models.pretrained.families import PretrainedError
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError, DecodeError, ReferenceModelError,
-            HarnessError, PretrainedError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TokenizerError,
+        DecodeError,
+        ReferenceModelError,
+        HarnessError,
+        PretrainedError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unmask", description=__doc__.splitlines()[0],
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="unmask", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     add_train_command(sub)
     add_eval_commands(sub)

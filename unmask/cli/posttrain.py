@@ -17,8 +17,10 @@ def cmd_posttrain_instruct(ns: argparse.Namespace, rest: list[str]) -> None:
     cfg = parse_overrides(base, rest, f"unmask posttrain {ns.what}")
     result = train(cfg, init=ns.checkpoint, resume=ns.resume, overwrite=ns.overwrite)
     if os.environ.get("RANK", "0") == "0":
-        print(f"checkpoint: {result.run_dir} (step {result.step}, "
-              f"response-only val ppl <= {result.val_ppl:.2f})")
+        print(
+            f"checkpoint: {result.run_dir} (step {result.step}, "
+            f"response-only val ppl <= {result.val_ppl:.2f})"
+        )
 
 
 def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -33,19 +35,24 @@ def cmd_posttrain_adjust_data(ns: argparse.Namespace, rest: list[str]) -> None:
     if pretrained and not ns.new_tokens:
         raise SystemExit("error: pass --new-tokens for a pretrained directory (its context is its own)")
     if ns.prompts_file:
-        prompts = file_prompts(loaded.tokenizer, read_prompts(argparse.Namespace(
-            prompt=None, prompts_file=ns.prompts_file)), ns.num_trajectories)
+        prompts = file_prompts(
+            loaded.tokenizer,
+            read_prompts(argparse.Namespace(prompt=None, prompts_file=ns.prompts_file)),
+            ns.num_trajectories,
+        )
     elif pretrained and ns.prompt_tokens:
         raise SystemExit("error: a pretrained directory has no corpus: pass --prompts-file")
     elif ns.prompt_tokens:
-        prompts = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_trajectories, ns.prompt_tokens,
-                                  split="train")
+        prompts = heldout_prompts(
+            loaded.tokenizer, loaded.config.data, ns.num_trajectories, ns.prompt_tokens, split="train"
+        )
     else:  # unconditional: from [BOS] ([EOS] for tokenizers without one)
         tok = loaded.tokenizer
         prompts = torch.full((ns.num_trajectories, 1), tok.bos_id if tok.bos_id is not None else tok.eos_id)
     new = ns.new_tokens or loaded.config.data.seq_len - prompts.shape[1]
-    traj = generate_trajectories(loaded.model, prompts, ns.out, new_tokens=new, batch_size=ns.batch_size,
-                                 seed=ns.seed)
+    traj = generate_trajectories(
+        loaded.model, prompts, ns.out, new_tokens=new, batch_size=ns.batch_size, seed=ns.seed
+    )
     print(f"{len(traj.prompts)} trajectories of {new} tokens in {ns.out}")
 
 
@@ -55,24 +62,44 @@ def cmd_posttrain_adjust(ns: argparse.Namespace, rest: list[str]) -> None:
 
     loaded = load_model(ns)
     traj, valid = split_trajectories(load_trajectories(ns.trajectories), ns.valid_fraction)
-    r = train_sampler(loaded.model, ns.checkpoint, traj, valid, K=ns.k, out=ns.out, steps=ns.steps,
-                      batch_size=ns.batch_size, lr=ns.lr)
-    print(f"sampler ({r['params']:,} parameters, {100 * r['params'] / r['base_params']:.1f}% of the base) "
-          f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f} "
-          f"(no refresh: {r['history'][-1]['val_naive_kl']:.4f})")
+    r = train_sampler(
+        loaded.model,
+        ns.checkpoint,
+        traj,
+        valid,
+        K=ns.k,
+        out=ns.out,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        lr=ns.lr,
+    )
+    print(
+        f"sampler ({r['params']:,} parameters, {100 * r['params'] / r['base_params']:.1f}% of the base) "
+        f"in {ns.out}; validation KL {r['history'][0]['val_kl']:.4f} -> {r['history'][-1]['val_kl']:.4f} "
+        f"(no refresh: {r['history'][-1]['val_naive_kl']:.4f})"
+    )
 
 
 def add_posttrain_commands(sub) -> None:
     pt = sub.add_parser("posttrain", help="post-training").add_subparsers(dest="what", required=True)
-    for stage, text in (("sft", "instruction SFT: diffusion loss on response tokens only"),
-                        ("r2ft", "rejective fine-tuning against rule-made repetition negatives")):
-        pi = pt.add_parser(stage, allow_abbrev=False, help=text + "; any --section.field=value",
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=config_help() + "\n(the checkpoint's own config replaces these defaults)")
+    for stage, text in (
+        ("sft", "instruction SFT: diffusion loss on response tokens only"),
+        ("r2ft", "rejective fine-tuning against rule-made repetition negatives"),
+    ):
+        pi = pt.add_parser(
+            stage,
+            allow_abbrev=False,
+            help=text + "; any --section.field=value",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=config_help() + "\n(the checkpoint's own config replaces these defaults)",
+        )
         pi.add_argument("--checkpoint", required=True, help="the model to post-train (run or checkpoint dir)")
         pi.add_argument("--out", required=True, help="run directory of the new model")
-        pi.add_argument("--data", help="pairs: stdlib-functions, Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
-                                       "(default: the checkpoint's --instruct.data)")
+        pi.add_argument(
+            "--data",
+            help="pairs: stdlib-functions, Alpaca .json/.jsonl, chat .jsonl, hf:NAME "
+            "(default: the checkpoint's --instruct.data)",
+        )
         pi.add_argument("--template", help="prompt template (alpaca, plain, chat, code; default auto)")
         pi.add_argument("--resume", action="store_true", help="continue the run in --out")
         pi.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

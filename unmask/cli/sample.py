@@ -10,8 +10,21 @@ from unmask.cli.flags import add_model_flags, decode_config, load_model, read_pr
 from unmask.cli.help import config_help
 
 # the names of unmask.decoding.presets.PRESETS, listed here so that --help imports no torch
-PRESET_NAMES = ("mdlm", "first-hitting", "bd3lm", "semi-ar", "llada", "fast-dllm", "dream", "topk-glob",
-                "exact-joint", "adjust", "marginal", "conv", "conv-ranked")
+PRESET_NAMES = (
+    "mdlm",
+    "first-hitting",
+    "bd3lm",
+    "semi-ar",
+    "llada",
+    "fast-dllm",
+    "dream",
+    "topk-glob",
+    "exact-joint",
+    "adjust",
+    "marginal",
+    "conv",
+    "conv-ranked",
+)
 
 
 def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
@@ -21,8 +34,9 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     cfg = decode_config(rest, "unmask sample", preset=ns.preset, max_new_tokens=ns.max_new_tokens)
     loaded = load_model(ns)
     if ns.preset is None and "pretrained" in loaded.state and "--preset" not in rest:  # the family's decoder
-        cfg = decode_config(rest, "unmask sample", preset=loaded.config.decode.preset,
-                            max_new_tokens=ns.max_new_tokens)
+        cfg = decode_config(
+            rest, "unmask sample", preset=loaded.config.decode.preset, max_new_tokens=ns.max_new_tokens
+        )
     model, tok = loaded.model, loaded.tokenizer
     sampler = None
     if ns.sampler:
@@ -44,14 +58,26 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
         live.start()
 
         def on_state(state):
-            live.update(Panel(render(state, tok), title=f"block {state.block} step {state.step} "
-                                                       f"nfe {state.nfe}"))
+            live.update(
+                Panel(render(state, tok), title=f"block {state.block} step {state.step} nfe {state.nfe}")
+            )
+
     try:
-        records = sample(model, tok, prompts, cfg, build_schedule(loaded.config.noise.schedule,
-                                                                   loaded.config.noise.eps),
-                         num_samples=ns.num_samples, batch_size=ns.batch_size, seed=ns.seed,
-                         max_len=max_len, precision=ns.precision, on_state=on_state, sampler=sampler,
-                         chat=ns.chat)
+        records = sample(
+            model,
+            tok,
+            prompts,
+            cfg,
+            build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps),
+            num_samples=ns.num_samples,
+            batch_size=ns.batch_size,
+            seed=ns.seed,
+            max_len=max_len,
+            precision=ns.precision,
+            on_state=on_state,
+            sampler=sampler,
+            chat=ns.chat,
+        )
     finally:
         if live is not None:
             live.stop()
@@ -66,11 +92,18 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_sample_command(sub) -> None:
-    s = sub.add_parser("sample", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="decode text; --preset NAME then any --decode.field=value",
-                       epilog=config_help(("decode",)) + "\n(the preset's values replace these defaults)")
-    s.add_argument("--preset", default=None, help=f"decoder preset ({', '.join(PRESET_NAMES)}; default: "
-                                                     "mdlm, or a pretrained family's own)")
+    s = sub.add_parser(
+        "sample",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="decode text; --preset NAME then any --decode.field=value",
+        epilog=config_help(("decode",)) + "\n(the preset's values replace these defaults)",
+    )
+    s.add_argument(
+        "--preset",
+        default=None,
+        help=f"decoder preset ({', '.join(PRESET_NAMES)}; default: mdlm, or a pretrained family's own)",
+    )
     s.add_argument("--max-new-tokens", type=int, default=None, help="= --decode.max_new_tokens")
     add_model_flags(s)
     s.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
@@ -79,13 +112,22 @@ def add_sample_command(sub) -> None:
     s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
-    s.add_argument("--max-len", type=int, default=0,
-                   help="longest canvas allowed (default: training length for bidirectional models)")
+    s.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 on GPUs and CPUs with native bf16, else fp32",
+    )
+    s.add_argument(
+        "--max-len",
+        type=int,
+        default=0,
+        help="longest canvas allowed (default: training length for bidirectional models)",
+    )
     s.add_argument("--stream", action="store_true", help="show the canvas filling in")
     s.add_argument("--compile", action="store_true", help="torch.compile the model's blocks first")
-    s.add_argument("--sampler",
-                   help="ADJUST sampler directory (with --preset adjust, or --decode.refresh sampler)")
+    s.add_argument(
+        "--sampler", help="ADJUST sampler directory (with --preset adjust, or --decode.refresh sampler)"
+    )
     s.add_argument("--output", help="write JSONL records here instead of printing text")
     s.set_defaults(func=cmd_sample)

@@ -44,8 +44,12 @@ def add_serve_command(sub) -> None:
     s = sub.add_parser("serve", allow_abbrev=False, help="OpenAI-compatible server and live page")
     s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     s.add_argument("--tokenizer", help="tokenizer dir for pretrained models that ship none (MDLM/BD3-LM)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights of a pretrained directory (auto: bf16 on GPUs)")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights of a pretrained directory (auto: bf16 on GPUs)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")

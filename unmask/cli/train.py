@@ -19,16 +19,32 @@ def launch(nproc: int, argv: list[str]) -> None:
 
     if not any(a.startswith("--dist.strategy") for a in argv):
         argv = [*argv, "--dist.strategy", "ddp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "unmask",
-           *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "unmask",
+        *argv,
+    ]
     raise SystemExit(subprocess.run(cmd).returncode)
 
 
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
     if ns.nproc > 1:  # the same command, without --nproc, under torchrun
-        launch(ns.nproc, ["train", *(["--config", ns.config] if ns.config else []),
-                          *(["--init", ns.init] if ns.init else []), *(["--resume"] if ns.resume else []),
-                          *(["--overwrite"] if ns.overwrite else []), *rest])
+        launch(
+            ns.nproc,
+            [
+                "train",
+                *(["--config", ns.config] if ns.config else []),
+                *(["--init", ns.init] if ns.init else []),
+                *(["--resume"] if ns.resume else []),
+                *(["--overwrite"] if ns.overwrite else []),
+                *rest,
+            ],
+        )
     from unmask.training.loop import train
 
     if ns.config:
@@ -52,14 +68,25 @@ def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_train_command(sub) -> None:
-    t = sub.add_parser("train", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="train a model; any --section.field=value overrides the config",
-                       epilog=config_help(shorthands=SHORTHANDS))
+    t = sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model; any --section.field=value overrides the config",
+        epilog=config_help(shorthands=SHORTHANDS),
+    )
     t.add_argument("--config", help="TOML config file or shipped name (e.g. tiny-bd3lm)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (with its saved config unless --config is given)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (with its saved config unless --config is given)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine: relaunches itself under torchrun (--dist.strategy ddp)")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine: relaunches itself under torchrun (--dist.strategy ddp)",
+    )
     t.add_argument("--init", help="start from this checkpoint's weights and tokenizer")
     t.set_defaults(func=cmd_train)

@@ -122,8 +122,11 @@ def text_chunks(text: str, min_chars: int) -> list[str]:
 
 
 def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    )
     if not files:
         raise DataError(f"corpus {root}: no .txt or .jsonl files found")
     if txt_documents == "auto":
@@ -155,14 +158,17 @@ def load_hf_dataset(spec: str, flag: str = "corpus"):
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{flag} {spec!r} needs the optional `datasets` package: "
-                        "pip install 'unmask[hf]'") from e
+        raise DataError(
+            f"{flag} {spec!r} needs the optional `datasets` package: pip install 'unmask[hf]'"
+        ) from e
     name, _, config = spec.removeprefix("hf:").partition("/")
     try:
         return datasets.load_dataset(name, config or None)
     except Exception as e:  # offline, unknown name, ...: datasets raises many kinds
-        raise DataError(f"{flag} {spec!r}: could not load the Hugging Face dataset "
-                        f"(offline or unknown name?): {type(e).__name__}: {e}") from e
+        raise DataError(
+            f"{flag} {spec!r}: could not load the Hugging Face dataset "
+            f"(offline or unknown name?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
@@ -173,8 +179,9 @@ def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
     return [(f"{i}", t) for i, t in enumerate(first["text"]) if t.strip()]
 
 
-def load_corpus(spec: str, *, txt_documents: str = "auto", valid_fraction: float = 0.01,
-                test_fraction: float = 0.01) -> dict[str, list[str]]:
+def load_corpus(
+    spec: str, *, txt_documents: str = "auto", valid_fraction: float = 0.01, test_fraction: float = 0.01
+) -> dict[str, list[str]]:
     """Read a corpus and split it deterministically into train/validation/test documents: by a hash
     of each document's key, and where that leaves a held-out split empty of a corpus with at least
     three documents, the training document whose key hashes lowest moves there."""
@@ -196,8 +203,7 @@ def load_corpus(spec: str, *, txt_documents: str = "auto", valid_fraction: float
     else:
         path = Path(spec)
         if not path.exists():
-            raise DataError(f"corpus {spec!r}: no such file or directory (and not `stdlib` or "
-                            "`hf:NAME`)")
+            raise DataError(f"corpus {spec!r}: no such file or directory (and not `stdlib` or `hf:NAME`)")
         keyed = _local_documents(path, txt_documents)
     keyed_splits: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for key, text in keyed:
@@ -215,9 +221,11 @@ def _checked(spec: str, splits: dict[str, list[str]]) -> dict[str, list[str]]:
         raise DataError(f"corpus {spec!r} has no non-empty documents")
     for s in SPLITS:
         if not splits[s]:
-            raise DataError(f"corpus {spec!r}: the {s} split is empty ({sum(map(len, splits.values()))} "
-                            "documents in all, at least 3 are needed); give a bigger corpus, or split a "
-                            ".txt file into more documents (--data.txt_documents chunks or blank_lines)")
+            raise DataError(
+                f"corpus {spec!r}: the {s} split is empty ({sum(map(len, splits.values()))} "
+                "documents in all, at least 3 are needed); give a bigger corpus, or split a "
+                ".txt file into more documents (--data.txt_documents chunks or blank_lines)"
+            )
     return splits
 
 
@@ -264,8 +272,9 @@ def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: 
 # packing
 
 
-def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer,
-              name: str = "split") -> np.ndarray:
+def pack_rows(
+    split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer, name: str = "split"
+) -> np.ndarray:
     """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode; `name` names the split in errors."""
     bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     if bos is None:  # tokenizers without BOS (SDAR, Fast-dLLM v2): documents start after an [EOS]
@@ -284,15 +293,17 @@ def pack_rows(split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Toke
         stream[body] = split.tokens
         n_rows = len(stream) // seq_len
         if n_rows == 0:
-            raise DataError(f"the {name} split has {len(stream)} tokens ({n_docs} documents with their "
-                            f"[BOS]/[EOS]), fewer than one row of --data.seq_len {seq_len}; lower "
-                            f"--data.seq_len, raise --data.valid_fraction / --data.test_fraction, or "
-                            f"give a bigger corpus")
+            raise DataError(
+                f"the {name} split has {len(stream)} tokens ({n_docs} documents with their "
+                f"[BOS]/[EOS]), fewer than one row of --data.seq_len {seq_len}; lower "
+                f"--data.seq_len, raise --data.valid_fraction / --data.test_fraction, or "
+                f"give a bigger corpus"
+            )
         return stream[: n_rows * seq_len].reshape(n_rows, seq_len)
     if packing == "pad":
         rows = np.full((n_docs, seq_len), pad, dtype=np.int64)
         for d in range(n_docs):
-            doc = np.concatenate([[bos], split.tokens[split.offsets[d]:split.offsets[d + 1]], [eos]])
+            doc = np.concatenate([[bos], split.tokens[split.offsets[d] : split.offsets[d + 1]], [eos]])
             rows[d, : min(len(doc), seq_len)] = doc[:seq_len]
         return rows
     raise DataError(f"unknown packing {packing!r} (use wrap or pad)")
@@ -319,16 +330,25 @@ def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -
     (all its documents)."""
     corpus, _, split = spec.partition("@")
     data = data or DataConfig()
-    docs = load_corpus(corpus, txt_documents=data.txt_documents, valid_fraction=data.valid_fraction,
-                       test_fraction=data.test_fraction) if split else None
+    docs = (
+        load_corpus(
+            corpus,
+            txt_documents=data.txt_documents,
+            valid_fraction=data.valid_fraction,
+            test_fraction=data.test_fraction,
+        )
+        if split
+        else None
+    )
     if split:
         if split not in docs:
             raise DataError(f"{spec}: unknown split {split!r} (use train, validation or test)")
         texts = docs[split]
     else:
-        texts = [t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values()
-                 for t in part]
-    pieces = [t[i:i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
+        texts = [
+            t for part in load_corpus(corpus, valid_fraction=0.01, test_fraction=0.01).values() for t in part
+        ]
+    pieces = [t[i : i + chars] for t in texts for i in range(0, len(t) - chars + 1, chars)]
     return [p for p in pieces if p.strip()][:n]
 
 
@@ -363,31 +383,48 @@ def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
     return tok
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None,
-                 splits: tuple[str, ...] = SPLITS, *, verbose: bool = False) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer: Tokenizer | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    *,
+    verbose: bool = False,
+) -> PreparedData:
     """Corpus -> tokenizer (given, loaded or trained) -> cached token streams -> packed rows."""
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
-    docs = load_corpus(cfg.corpus, txt_documents=cfg.txt_documents,
-                       valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction)
-    say(f"corpus {cfg.corpus}: " + ", ".join(f"{len(docs[s])} {s} documents" for s in SPLITS)
-        + f" ({time.perf_counter() - t0:.1f}s)")
+    docs = load_corpus(
+        cfg.corpus,
+        txt_documents=cfg.txt_documents,
+        valid_fraction=cfg.valid_fraction,
+        test_fraction=cfg.test_fraction,
+    )
+    say(
+        f"corpus {cfg.corpus}: "
+        + ", ".join(f"{len(docs[s])} {s} documents" for s in SPLITS)
+        + f" ({time.perf_counter() - t0:.1f}s)"
+    )
     if tokenizer is None:
         t0 = time.perf_counter()
         tokenizer = build_tokenizer(cfg, docs["train"])
-        say(f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
-            f" cached under {cfg.cache_dir})")
+        say(
+            f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
+            f" cached under {cfg.cache_dir})"
+        )
         if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
-            print(f"note: the BPE vocabulary has {tokenizer.vocab_size} ids, fewer than the "
-                  f"--data.vocab_size {cfg.vocab_size} asked for: the training split "
-                  f"({sum(map(len, docs['train'])):,} characters) has no more merges to learn",
-                  file=sys.stderr)
+            print(
+                f"note: the BPE vocabulary has {tokenizer.vocab_size} ids, fewer than the "
+                f"--data.vocab_size {cfg.vocab_size} asked for: the training split "
+                f"({sum(map(len, docs['train'])):,} characters) has no more merges to learn",
+                file=sys.stderr,
+            )
     rows = {}
     for split in splits:
         t0 = time.perf_counter()
-        tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir),
-                                f"{corpus_key(cfg)}|{split}")
+        tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir), f"{corpus_key(cfg)}|{split}")
         rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer, name=split)
-        say(f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
-            f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)")
+        say(
+            f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
+            f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)"
+        )
     return PreparedData(tokenizer, rows)

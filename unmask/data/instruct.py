@@ -81,8 +81,10 @@ def load_template(name: str, data: str = "") -> Template:
         name = "code" if data.startswith("stdlib-functions") else "alpaca"
     known = templates()
     if name not in known:
-        raise DataError(f"--instruct.template: unknown template {name!r} (known: {', '.join(sorted(known))}; "
-                        f"add one to {TEMPLATES_FILE})")
+        raise DataError(
+            f"--instruct.template: unknown template {name!r} (known: {', '.join(sorted(known))}; "
+            f"add one to {TEMPLATES_FILE})"
+        )
     return known[name]
 
 
@@ -93,7 +95,7 @@ def load_template(name: str, data: str = "") -> Template:
 def _strip_indent(lines: list[str], indent: str) -> str:
     """Remove the definition's own indentation from every line that starts with it (lines inside
     multi-line strings that are indented less are left alone)."""
-    return "".join(ln[len(indent):] if ln.startswith(indent) else ln for ln in lines)
+    return "".join(ln[len(indent) :] if ln.startswith(indent) else ln for ln in lines)
 
 
 def function_pairs(source: str, key: str) -> list[Pair]:
@@ -141,20 +143,28 @@ def record_pair(record: Any, where: str, template: Template) -> Pair:
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
+                for m in msgs
+            )
+        ):
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
         if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant's reply, got role "
-                            f"{msgs[-1]['role']!r}")
+            raise DataError(
+                f"{where}: the last message must be the assistant's reply, got role {msgs[-1]['role']!r}"
+            )
         prompt, response = template.chat(msgs[:-1]), msgs[-1]["content"]
         field = "messages[-1].content"
     else:
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str):
-                raise DataError(f"{where}: missing string field `{name}` (Alpaca records need "
-                                "`instruction` and `output`; chat records need `messages`)")
+                raise DataError(
+                    f"{where}: missing string field `{name}` (Alpaca records need "
+                    "`instruction` and `output`; chat records need `messages`)"
+                )
         extra = record.get("input", "")
         if not isinstance(extra, str):
             raise DataError(f"{where}: field `input` must be a string")
@@ -206,8 +216,9 @@ def read_pairs(spec: str, template: str = "auto") -> list[Pair]:
         else:
             path = Path(spec)
             if not path.is_file():
-                raise DataError(f"--instruct.data {spec!r}: no such file (and not `stdlib-functions` "
-                                "or `hf:NAME`)")
+                raise DataError(
+                    f"--instruct.data {spec!r}: no such file (and not `stdlib-functions` or `hf:NAME`)"
+                )
             records = _file_records(path)
         pairs = [record_pair(r, where, tmpl) for where, r in records]
     if template != "auto" and spec.startswith("stdlib-functions"):
@@ -227,16 +238,18 @@ def split_pairs(pairs: list[Pair], valid_fraction: float, test_fraction: float) 
 
 def load_pairs(cfg: Config) -> dict[str, list[Pair]]:
     """The configured pairs, split by key hash with the data config's fractions."""
-    return split_pairs(read_pairs(cfg.instruct.data, cfg.instruct.template), cfg.data.valid_fraction,
-                       cfg.data.test_fraction)
+    return split_pairs(
+        read_pairs(cfg.instruct.data, cfg.instruct.template), cfg.data.valid_fraction, cfg.data.test_fraction
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # rows
 
 
-def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, eos: str,
-                 max_prompt: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_pairs(
+    pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, eos: str, max_prompt: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows [N, L], spans [N, 2] (response start, its [EOS] position or L), and how many pairs were
     dropped because their prompt ([BOS] included) is longer than `max_prompt` (0: L // 2)."""
     limit = max_prompt or seq_len // 2
@@ -274,21 +287,32 @@ def maskable_mask(spans: np.ndarray, seq_len: int, eos: str) -> np.ndarray:
     return after & (pos <= spans[:, 1:2]) if eos == "first" else after
 
 
-def prepare_instruct(cfg: Config, tokenizer: Tokenizer, splits: tuple[str, ...] = ("train", "validation"),
-                     *, verbose: bool = False) -> PreparedData:
+def prepare_instruct(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    splits: tuple[str, ...] = ("train", "validation"),
+    *,
+    verbose: bool = False,
+) -> PreparedData:
     """Rows and spans of the configured pairs, per split (errors if a split ends up empty)."""
     pairs = load_pairs(cfg)
     rows, spans = {}, {}
     for split in splits:
-        r, s, dropped = encode_pairs(pairs[split], tokenizer, cfg.data.seq_len, cfg.instruct.eos,
-                                     cfg.instruct.max_prompt)
+        r, s, dropped = encode_pairs(
+            pairs[split], tokenizer, cfg.data.seq_len, cfg.instruct.eos, cfg.instruct.max_prompt
+        )
         if len(r) == 0:
-            raise DataError(f"--instruct.data {cfg.instruct.data!r}: no {split} pairs fit rows of "
-                            f"{cfg.data.seq_len} tokens ({len(pairs[split])} pairs, {dropped} with a prompt "
-                            "too long); raise --data.seq_len or --instruct.max_prompt")
+            raise DataError(
+                f"--instruct.data {cfg.instruct.data!r}: no {split} pairs fit rows of "
+                f"{cfg.data.seq_len} tokens ({len(pairs[split])} pairs, {dropped} with a prompt "
+                "too long); raise --data.seq_len or --instruct.max_prompt"
+            )
         rows[split], spans[split] = r, s
         if verbose:
             cut = int((s[:, 1] >= cfg.data.seq_len).sum())
-            print(f"{split}: {len(r)} pairs ({dropped} dropped: prompt too long; {cut} responses cut at "
-                  f"{cfg.data.seq_len} tokens)", flush=True)
+            print(
+                f"{split}: {len(r)} pairs ({dropped} dropped: prompt too long; {cut} responses cut at "
+                f"{cfg.data.seq_len} tokens)",
+                flush=True,
+            )
     return PreparedData(tokenizer, rows, spans)

@@ -10,8 +10,12 @@ from unmask.data.corpus import load_corpus
 
 def heldout_prompts(tokenizer, data_cfg, n: int, prompt_tokens: int, split: str = "test") -> torch.Tensor:
     """[n, 1 + prompt_tokens]: [BOS] + the first tokens of held-out documents (the default set)."""
-    docs = load_corpus(data_cfg.corpus, txt_documents=data_cfg.txt_documents,
-                       valid_fraction=data_cfg.valid_fraction, test_fraction=data_cfg.test_fraction)[split]
+    docs = load_corpus(
+        data_cfg.corpus,
+        txt_documents=data_cfg.txt_documents,
+        valid_fraction=data_cfg.valid_fraction,
+        test_fraction=data_cfg.test_fraction,
+    )[split]
     rows = [ids[:prompt_tokens] for ids in tokenizer.encode_batch(docs) if len(ids) >= prompt_tokens]
     if not rows:
         raise ValueError(f"no {split} document has {prompt_tokens} tokens for a prompt")

@@ -26,11 +26,11 @@ class SyntheticError(ValueError):
 
 @dataclass(frozen=True)
 class Codebook:
-    codewords: int = 16   # distinct words
-    chunk: int = 4        # symbols per word
-    alphabet: int = 24    # distinct symbols
-    docs: int = 2000      # documents
-    length: int = 32      # chunks per document
+    codewords: int = 16  # distinct words
+    chunk: int = 4  # symbols per word
+    alphabet: int = 24  # distinct symbols
+    docs: int = 2000  # documents
+    length: int = 32  # chunks per document
     seed: int = 0
 
     def words(self) -> np.ndarray:
@@ -53,8 +53,10 @@ class Codebook:
         valid_words = {tuple(w) for w in self.words().tolist()}
         best = (0, 0)
         for offset in range(self.chunk):
-            chunks = [tuple(symbols[i:i + self.chunk]) for i in range(offset, len(symbols) - self.chunk + 1,
-                                                                       self.chunk)]
+            chunks = [
+                tuple(symbols[i : i + self.chunk])
+                for i in range(offset, len(symbols) - self.chunk + 1, self.chunk)
+            ]
             score = (sum(c in valid_words for c in chunks), len(chunks))
             if score[1] and (best[1] == 0 or score[0] / score[1] > best[0] / best[1]):
                 best = score
@@ -63,10 +65,10 @@ class Codebook:
 
 @dataclass(frozen=True)
 class Markov:
-    vocab: int = 64       # distinct symbols
-    succ: int = 3         # allowed successors per symbol
+    vocab: int = 64  # distinct symbols
+    succ: int = 3  # allowed successors per symbol
     docs: int = 2000
-    length: int = 96      # symbols per document
+    length: int = 96  # symbols per document
     seed: int = 0
 
     def successors(self) -> np.ndarray:
@@ -97,7 +99,7 @@ def _symbols(text: str, prefix: str) -> list[int]:
     """Symbol ids of the words of `text`; any other word counts as an invalid symbol (-1)."""
     out = []
     for w in text.split():
-        body = w[len(prefix):]
+        body = w[len(prefix) :]
         out.append(int(body) if w.startswith(prefix) and body.isdigit() else -1)
     return out
 
@@ -116,16 +118,19 @@ def parse(spec: str):
     for opt in options:
         key, sep, value = opt.partition("=")
         if not sep or key not in known:
-            raise SyntheticError(f"corpus {spec!r}: option {opt!r} is not key=value with key in "
-                                 f"{sorted(known)}")
+            raise SyntheticError(
+                f"corpus {spec!r}: option {opt!r} is not key=value with key in {sorted(known)}"
+            )
         try:
             values[key] = int(value)
         except ValueError as e:
             raise SyntheticError(f"corpus {spec!r}: {key}={value!r} is not an integer") from e
     task = cls(**values)
-    if isinstance(task, Codebook) and task.alphabet ** task.chunk < task.codewords:
-        raise SyntheticError(f"corpus {spec!r}: {task.alphabet}^{task.chunk} symbol strings cannot make "
-                             f"{task.codewords} distinct codewords")
+    if isinstance(task, Codebook) and task.alphabet**task.chunk < task.codewords:
+        raise SyntheticError(
+            f"corpus {spec!r}: {task.alphabet}^{task.chunk} symbol strings cannot make "
+            f"{task.codewords} distinct codewords"
+        )
     if isinstance(task, Markov) and not 1 <= task.succ <= task.vocab:
         raise SyntheticError(f"corpus {spec!r}: succ must be in [1, vocab={task.vocab}], got {task.succ}")
     return task

@@ -31,7 +31,8 @@ class Tokenizer:
             hf.add_special_tokens(missing)
         self.hf = hf
         self.mask_id, self.bos_id, self.eos_id, self.pad_id = (
-            hf.token_to_id(SPECIALS[k]) for k in ("mask", "bos", "eos", "pad"))
+            hf.token_to_id(SPECIALS[k]) for k in ("mask", "bos", "eos", "pad")
+        )
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 
     # -- construction -------------------------------------------------------------------------
@@ -56,8 +57,9 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise TokenizerError(f"no tokenizer.json at {path} (expected a local HF tokenizer "
-                                 "directory or file)")
+            raise TokenizerError(
+                f"no tokenizer.json at {path} (expected a local HF tokenizer directory or file)"
+            )
         try:
             return cls(HFTokenizer.from_file(str(file)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
@@ -92,8 +94,10 @@ class Tokenizer:
         """`[BOS] + tokens`; our own models have no chat template (post-trained ones use the
         instruct templates of `unmask.data.instruct`)."""
         if chat:
-            raise TokenizerError("this checkpoint's tokenizer has no chat template; --chat is for pretrained "
-                                 "instruct models (LLaDA-Instruct, Dream-Instruct, SDAR-Chat, ...)")
+            raise TokenizerError(
+                "this checkpoint's tokenizer has no chat template; --chat is for pretrained "
+                "instruct models (LLaDA-Instruct, Dream-Instruct, SDAR-Chat, ...)"
+            )
         return [self.bos_id, *self.encode(text)]
 
     def byte_lengths(self) -> np.ndarray:

@@ -19,16 +19,25 @@ class Caller:
     conditional copy's).
     """
 
-    def __init__(self, model, decoder, *, key_mask: torch.Tensor | None = None,
-                 cfg_scale: float = 0.0, prompt_len: int = 0, ban_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        model,
+        decoder,
+        *,
+        key_mask: torch.Tensor | None = None,
+        cfg_scale: float = 0.0,
+        prompt_len: int = 0,
+        ban_ids: tuple[int, ...] = (),
+    ):
         self.model, self.decoder, self.ban_ids = model, decoder, list(ban_ids)
         self.reusable = isinstance(decoder.inputs, BinaryInputs)
         self.last: tuple[torch.Tensor, int, View] | None = None
         self.nfe = 0
         self.key_mask, self.cfg_scale, self.prompt_len = key_mask, cfg_scale, prompt_len
 
-    def _forward(self, inputs: dict[str, torch.Tensor], cache: KVCache | None,
-                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, inputs: dict[str, torch.Tensor], cache: KVCache | None, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         extra = {} if self.key_mask is None else {"key_mask": self.key_mask}
         if self.cfg_scale <= 0:
             out = self.model(**inputs, cache=cache, **extra)
@@ -49,8 +58,9 @@ class Caller:
         cond, un = out.logits.chunk(2)
         return un + (self.cfg_scale + 1) * (cond - un), out.hidden.chunk(2)[0]
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int,
-                 state: DecodeState) -> View:
+    def __call__(
+        self, tokens: torch.Tensor, cache: KVCache | None, key: int, start: int, state: DecodeState
+    ) -> View:
         """The model's output for `tokens` [B, n] placed at canvas position `start`."""
         last = self.last
         if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):

@@ -35,8 +35,9 @@ class Decoder:
     select: Selector
     inputs: InputPolicy = BinaryInputs()
 
-    def step(self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor,
-             u_select: torch.Tensor) -> DecodeState:
+    def step(
+        self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
+    ) -> DecodeState:
         """logits [B, W, V] for the window; u_* [B, W] float64 per-row uniforms.
 
         Proposals are made lazily: first where the selector needs them (masked positions the Conv
@@ -63,8 +64,9 @@ class Decoder:
                 confidence[scored] = confidence[scored].masked_fill(late_ids, -torch.inf)
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
-        chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps,
-                                           u_select))
+        chosen = self.select(
+            SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps, u_select)
+        )
         late = chosen & ~scored
         if late.any():
             excluded = self._excluded(state)
@@ -79,7 +81,8 @@ class Decoder:
         [MASK] would be no decision at all."""
         return None if not state.subs and isinstance(self.propose, Greedy) else state.mask_id
 
-    def _propose(self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor,
-                 mask_id: int | None) -> Proposal:
+    def _propose(
+        self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int | None
+    ) -> Proposal:
         rows = logits[at]  # [N, V]: a fresh tensor (advanced indexing copies), so no second copy
         return self.propose(Distribution.from_logits(rows, mask_id, copy=False), u[at])

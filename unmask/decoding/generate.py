@@ -77,7 +77,8 @@ def _subs(model) -> bool:
 def _unigram_entropy(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, n] -> [B] entropy (nats) of each row's empirical token distribution."""
     counts = torch.zeros(tokens.shape[0], vocab, device=tokens.device).scatter_add_(
-        1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+        1, tokens, torch.ones_like(tokens, dtype=torch.float32)
+    )
     p = counts / tokens.shape[1]
     return -invariant.row_sum(p * p.clamp_min(1e-12).log())
 
@@ -94,14 +95,29 @@ def _eos_fill(state: DecodeState, eos_id: int) -> DecodeState:
     return state.advance(tokens=torch.where(fill, eos_id, tokens))
 
 
-def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | None = None,
-             template: torch.Tensor | None = None, max_new_tokens: int = 128, steps: int = 128,
-             block_len: int = 0, cache: str = "auto", eos_id: int | None = None,
-             eos_fill: bool = True, stop_entropy: float = 0.0, max_len: int | None = None,
-             generators: list[torch.Generator], precision: str = "fp32",
-             prompt_mask: torch.Tensor | None = None, cfg_scale: float = 0.0,
-             ban_ids: tuple[int, ...] = (), defer_ids: tuple[int, ...] = (), rounds: int = 1,
-             refresher: Refresher = NO_REFRESH) -> Iterator[DecodeState]:
+def generate(
+    model: Transformer,
+    decoder: Decoder,
+    *,
+    prompt: torch.Tensor | None = None,
+    template: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    steps: int = 128,
+    block_len: int = 0,
+    cache: str = "auto",
+    eos_id: int | None = None,
+    eos_fill: bool = True,
+    stop_entropy: float = 0.0,
+    max_len: int | None = None,
+    generators: list[torch.Generator],
+    precision: str = "fp32",
+    prompt_mask: torch.Tensor | None = None,
+    cfg_scale: float = 0.0,
+    ban_ids: tuple[int, ...] = (),
+    defer_ids: tuple[int, ...] = (),
+    rounds: int = 1,
+    refresher: Refresher = NO_REFRESH,
+) -> Iterator[DecodeState]:
     """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
     models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
     `max_len` is the longest canvas the model allows (None: no limit). `prompt_mask` [B, P]
@@ -117,66 +133,110 @@ def generate(model: Transformer, decoder: Decoder, *, prompt: torch.Tensor | Non
     if max_new_tokens < 1:
         raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if cache not in CACHES[kind]:
-        raise DecodeError(f"cache={cache!r} does not apply to a {kind} model; use one of "
-                          f"{', '.join(CACHES[kind])}")
+        raise DecodeError(
+            f"cache={cache!r} does not apply to a {kind} model; use one of {', '.join(CACHES[kind])}"
+        )
     cache = CACHES[kind][cache]
     given = prompt if prompt is not None else template
     if given.dim() != 2 or given.shape[1] == 0:
-        raise DecodeError(f"{'prompt' if prompt is not None else 'template'} must be [B, n] with n >= 1 "
-                          f"(use [BOS] for unconditional generation), got shape {tuple(given.shape)}")
+        raise DecodeError(
+            f"{'prompt' if prompt is not None else 'template'} must be [B, n] with n >= 1 "
+            f"(use [BOS] for unconditional generation), got shape {tuple(given.shape)}"
+        )
     if len(generators) != given.shape[0]:
         raise DecodeError(f"need one generator per row: {len(generators)} for {given.shape[0]} rows")
     if not isinstance(decoder.inputs, BinaryInputs) and getattr(model, "soft_mask", None) is None:
-        raise DecodeError("soft inputs (--decode.inputs soft) need a model trained with soft-masking "
-                          "(--soft-mask.k); this checkpoint has no soft-mask module")
+        raise DecodeError(
+            "soft inputs (--decode.inputs soft) need a model trained with soft-masking "
+            "(--soft-mask.k); this checkpoint has no soft-mask module"
+        )
     if template is not None:
         if kind != "bidirectional":
             raise DecodeError(f"infilling templates need a bidirectional model, not {kind}")
         if not (template == model.mask_id).any(-1).all():
             raise DecodeError("every template row needs at least one [MASK] to fill")
     new = max_new_tokens if prompt is not None else 0
-    too_long = given.shape[1] >= max_len or (kind == "bidirectional" and given.shape[1] + new > max_len) \
-        if max_len is not None else False
+    too_long = (
+        given.shape[1] >= max_len or (kind == "bidirectional" and given.shape[1] + new > max_len)
+        if max_len is not None
+        else False
+    )
     if too_long:
-        raise DecodeError(f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's "
-                          f"maximum of {max_len}")
+        raise DecodeError(
+            f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's maximum of {max_len}"
+        )
     if prompt_mask is not None:
         if kind != "bidirectional" or prompt is None:
-            raise DecodeError("left-padded prompts (prompt_mask) need a bidirectional model and prompt=; "
-                              "block-causal rows are batched by prompt length instead")
+            raise DecodeError(
+                "left-padded prompts (prompt_mask) need a bidirectional model and prompt=; "
+                "block-causal rows are batched by prompt length instead"
+            )
         if prompt_mask.shape != prompt.shape or not prompt_mask.any(-1).all():
-            raise DecodeError(f"prompt_mask must be a bool [B, P] = {tuple(prompt.shape)} with a real token "
-                              f"in every row, got {tuple(prompt_mask.shape)}")
+            raise DecodeError(
+                f"prompt_mask must be a bool [B, P] = {tuple(prompt.shape)} with a real token "
+                f"in every row, got {tuple(prompt_mask.shape)}"
+            )
     if cfg_scale < 0:
         raise DecodeError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if cfg_scale > 0 and (cache != "none" or prompt is None or kind == "causal"):
-        raise DecodeError("classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
-                          "--decode.cache none (the unconditional copy has no cache of its own)")
+        raise DecodeError(
+            "classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
+            "--decode.cache none (the unconditional copy has no cache of its own)"
+        )
     if rounds < 1:
         raise DecodeError(f"rounds must be >= 1, got {rounds}")
     if rounds > 1 and kind == "causal":
-        raise DecodeError("commit rounds per forward (rounds > 1, ADJUST) need a diffusion model; a causal "
-                          "model decodes one token per call")
+        raise DecodeError(
+            "commit rounds per forward (rounds > 1, ADJUST) need a diffusion model; a causal "
+            "model decodes one token per call"
+        )
     if isinstance(refresher, SamplerRefresh) and cfg_scale > 0:
-        raise DecodeError("the ADJUST sampler refreshes the conditional hidden states only; it does not "
-                          "combine with classifier-free guidance (cfg_scale > 0)")
+        raise DecodeError(
+            "the ADJUST sampler refreshes the conditional hidden states only; it does not "
+            "combine with classifier-free guidance (cfg_scale > 0)"
+        )
     loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
     with torch.inference_mode(), autocast(precision, given.device):
-        yield from loop(model, decoder, given, prompt is not None, max_new_tokens=max_new_tokens,
-                        steps=steps, block_len=block_len, cache=cache, eos_id=eos_id,
-                        eos_fill=eos_fill, stop_entropy=stop_entropy, generators=generators,
-                        prompt_mask=prompt_mask, cfg_scale=cfg_scale, ban_ids=tuple(ban_ids),
-                        defer_ids=tuple(defer_ids), rounds=rounds, refresher=refresher)
+        yield from loop(
+            model,
+            decoder,
+            given,
+            prompt is not None,
+            max_new_tokens=max_new_tokens,
+            steps=steps,
+            block_len=block_len,
+            cache=cache,
+            eos_id=eos_id,
+            eos_fill=eos_fill,
+            stop_entropy=stop_entropy,
+            generators=generators,
+            prompt_mask=prompt_mask,
+            cfg_scale=cfg_scale,
+            ban_ids=tuple(ban_ids),
+            defer_ids=tuple(defer_ids),
+            rounds=rounds,
+            refresher=refresher,
+        )
 
 
-def _rounds(model, decoder, state: DecodeState, forward, call: Caller, generators, *, rounds: int,
-            refresher: Refresher, after=None) -> Iterator[DecodeState]:
+def _rounds(
+    model,
+    decoder,
+    state: DecodeState,
+    forward,
+    call: Caller,
+    generators,
+    *,
+    rounds: int,
+    refresher: Refresher,
+    after=None,
+) -> Iterator[DecodeState]:
     """One full forward, then up to `rounds` commit rounds (decoder steps), the view refreshed
     between two rounds; yields each round's state and returns the last. `forward(state)` -> View."""
     lo, hi = state.window
     view = forward(state)
     for r in range(rounds):
-        logits = view.logits[:, lo - view.start:hi - view.start]  # [B, W, V] the window's
+        logits = view.logits[:, lo - view.start : hi - view.start]  # [B, W, V] the window's
         state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
         if after is not None:
             state = after(state)
@@ -184,8 +244,9 @@ def _rounds(model, decoder, state: DecodeState, forward, call: Caller, generator
         if r + 1 == rounds or state.step >= state.steps or not state.masked.any():
             break
         n = view.logits.shape[1]
-        view = refresher(model, state.tokens[:, view.start:view.start + n], view,
-                         lambda state=state: forward(state))
+        view = refresher(
+            model, state.tokens[:, view.start : view.start + n], view, lambda state=state: forward(state)
+        )
         if refresher.cost == "pass":
             if call.ban_ids:
                 view.logits[..., call.ban_ids] = -torch.inf
@@ -197,12 +258,30 @@ def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tenso
     lo, hi = state.window
     # only rows with masks left in the window draw: alone, a row whose block is done stops stepping
     u = row_uniform(generators, 2 * (hi - lo), state.tokens.device, rows=state.masked.any(-1).tolist())
-    return u[:, : hi - lo], u[:, hi - lo:]
+    return u[:, : hi - lo], u[:, hi - lo :]
 
 
-def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-                eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids, rounds,
-                refresher):
+def _block_loop(
+    model,
+    decoder,
+    prompt,
+    _,
+    *,
+    max_new_tokens,
+    steps,
+    block_len,
+    cache,
+    eos_id,
+    eos_fill,
+    stop_entropy,
+    generators,
+    prompt_mask,
+    cfg_scale,
+    ban_ids,
+    defer_ids,
+    rounds,
+    refresher,
+):
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
@@ -217,20 +296,30 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
         model(prompt[:, :start], cache=kv)
         kv.commit(start)
         commits += 1
-    state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, subs=_subs(model), deferred=defer_ids, prompt_len=P,
-                        window=(start, start),
-                        block=-1, step=0,
-                        steps=block_steps, nfe=0, commit_passes=commits,
-                        finished=torch.zeros(B, dtype=torch.bool, device=device))
+    state = DecodeState(
+        tokens=prompt,
+        fixed=torch.ones_like(prompt, dtype=torch.bool),
+        mask_id=model.mask_id,
+        subs=_subs(model),
+        deferred=defer_ids,
+        prompt_len=P,
+        window=(start, start),
+        block=-1,
+        step=0,
+        steps=block_steps,
+        nfe=0,
+        commit_passes=commits,
+        finished=torch.zeros(B, dtype=torch.bool, device=device),
+    )
     for block in range(n_blocks):
         lo, hi = start + block * Lb, start + (block + 1) * Lb
         new = hi - state.tokens.shape[1]
         fill = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, model.mask_id)
         tokens = torch.cat([state.tokens, fill[:, None].expand(B, new)], dim=1)
         fixed = torch.cat([state.fixed, state.finished[:, None].expand(B, new)], dim=1)
-        state = state.advance(tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0,
-                              prev_logits=None)
+        state = state.advance(
+            tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0, prev_logits=None
+        )
 
         def forward(state, block=block, lo=lo, hi=hi) -> View:  # the active block's output
             if kv is not None:
@@ -239,8 +328,9 @@ def _block_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, 
             return View(lo, view.logits[:, lo:hi], view.hidden[:, lo:hi])
 
         while state.step < block_steps and state.masked.any():
-            state = yield from _rounds(model, decoder, state, forward, call, generators, rounds=rounds,
-                                       refresher=refresher)
+            state = yield from _rounds(
+                model, decoder, state, forward, call, generators, rounds=rounds, refresher=refresher
+            )
         if kv is not None:  # append the finished block's clean K/V
             model(state.tokens[:, lo:hi], cache=kv)
             kv.commit(Lb)
@@ -266,16 +356,39 @@ def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, voc
     return state.advance(finished=finished)
 
 
-def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, block_len, cache,
-                 eos_id, eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids,
-                 rounds, refresher):
+def _canvas_loop(
+    model,
+    decoder,
+    given,
+    is_prompt,
+    *,
+    max_new_tokens,
+    steps,
+    block_len,
+    cache,
+    eos_id,
+    eos_fill,
+    stop_entropy,
+    generators,
+    prompt_mask,
+    cfg_scale,
+    ban_ids,
+    defer_ids,
+    rounds,
+    refresher,
+):
     B = given.shape[0]
     device = given.device
     if is_prompt:
         P = given.shape[1]
         tokens = torch.cat([given, torch.full((B, max_new_tokens), model.mask_id, device=device)], dim=1)
-        fixed = torch.cat([torch.ones_like(given, dtype=torch.bool),
-                           torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+        fixed = torch.cat(
+            [
+                torch.ones_like(given, dtype=torch.bool),
+                torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device),
+            ],
+            dim=1,
+        )
     else:
         P, tokens, fixed = 0, given, given != model.mask_id
     T = tokens.shape[1]
@@ -288,10 +401,21 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
         generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
         key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
     call = Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
-    state = DecodeState(tokens=tokens, fixed=fixed, mask_id=model.mask_id, subs=_subs(model),
-                        deferred=defer_ids, prompt_len=P,
-                        window=(P, P), block=-1, step=0, steps=block_steps, nfe=0, commit_passes=0,
-                        finished=torch.zeros(B, dtype=torch.bool, device=device))
+    state = DecodeState(
+        tokens=tokens,
+        fixed=fixed,
+        mask_id=model.mask_id,
+        subs=_subs(model),
+        deferred=defer_ids,
+        prompt_len=P,
+        window=(P, P),
+        block=-1,
+        step=0,
+        steps=block_steps,
+        nfe=0,
+        commit_passes=0,
+        finished=torch.zeros(B, dtype=torch.bool, device=device),
+    )
     after = (lambda s: _eos_fill(s, eos_id)) if eos_fill and eos_id is not None else None
     for block in range(n_blocks):
         lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
@@ -316,22 +440,59 @@ def _canvas_loop(model, decoder, given, is_prompt, *, max_new_tokens, steps, blo
             return view
 
         while state.step < block_steps and state.masked.any():
-            state = yield from _rounds(model, decoder, state, forward, call, generators, rounds=rounds,
-                                       refresher=refresher, after=after)
+            state = yield from _rounds(
+                model,
+                decoder,
+                state,
+                forward,
+                call,
+                generators,
+                rounds=rounds,
+                refresher=refresher,
+                after=after,
+            )
     yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
 
 
-def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cache, eos_id,
-             eos_fill, stop_entropy, generators, prompt_mask, cfg_scale, ban_ids, defer_ids, rounds,
-             refresher):
+def _ar_loop(
+    model,
+    decoder,
+    prompt,
+    _,
+    *,
+    max_new_tokens,
+    steps,
+    block_len,
+    cache,
+    eos_id,
+    eos_fill,
+    stop_entropy,
+    generators,
+    prompt_mask,
+    cfg_scale,
+    ban_ids,
+    defer_ids,
+    rounds,
+    refresher,
+):
     B, P = prompt.shape
     device = prompt.device
     kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None
-    state = DecodeState(tokens=prompt, fixed=torch.ones_like(prompt, dtype=torch.bool),
-                        mask_id=model.mask_id, subs=_subs(model), deferred=defer_ids, prompt_len=P,
-                        window=(P, P), block=-1,
-                        step=0, steps=1,
-                        nfe=0, commit_passes=0, finished=torch.zeros(B, dtype=torch.bool, device=device))
+    state = DecodeState(
+        tokens=prompt,
+        fixed=torch.ones_like(prompt, dtype=torch.bool),
+        mask_id=model.mask_id,
+        subs=_subs(model),
+        deferred=defer_ids,
+        prompt_len=P,
+        window=(P, P),
+        block=-1,
+        step=0,
+        steps=1,
+        nfe=0,
+        commit_passes=0,
+        finished=torch.zeros(B, dtype=torch.bool, device=device),
+    )
     for i in range(max_new_tokens):
         if kv is not None:
             feed = state.tokens if i == 0 else state.tokens[:, -1:]
@@ -344,9 +505,15 @@ def _ar_loop(model, decoder, prompt, _, *, max_new_tokens, steps, block_len, cac
         nxt = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, proposal.tokens)
         n = state.tokens.shape[1]
         finished = state.finished | ((nxt == eos_id) if eos_id is not None else False)
-        state = state.advance(tokens=torch.cat([state.tokens, nxt[:, None]], dim=1),
-                              fixed=torch.cat([state.fixed, state.finished[:, None]], dim=1),
-                              window=(n, n + 1), block=i, step=1, nfe=state.nfe + 1, finished=finished)
+        state = state.advance(
+            tokens=torch.cat([state.tokens, nxt[:, None]], dim=1),
+            fixed=torch.cat([state.fixed, state.finished[:, None]], dim=1),
+            window=(n, n + 1),
+            block=i,
+            step=1,
+            nfe=state.nfe + 1,
+            finished=finished,
+        )
         yield state
         if finished.all():
             break
@@ -368,7 +535,7 @@ def completions(state: DecodeState, stop: int | tuple[int, ...] | None) -> list[
     ([EOS], or any of several: a chat model's end of turn)."""
     stops = set() if stop is None else {stop} if isinstance(stop, int) else set(stop)
     out = []
-    for row in state.tokens[:, state.prompt_len:].tolist():
+    for row in state.tokens[:, state.prompt_len :].tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
         out.append(row[:cut])
     return out

@@ -47,11 +47,10 @@ class SoftInputs:
             return {"tokens": tokens}
         lo, hi = state.window
         a, b = max(lo, start), min(hi, start + tokens.shape[1])  # the window's part of the slice
-        in_window = tokens[:, a - start:b - start] == model.mask_id  # [B, b - a]
+        in_window = tokens[:, a - start : b - start] == model.mask_id  # [B, b - a]
         soft = torch.zeros_like(tokens, dtype=torch.bool)
-        soft[:, a - start:b - start] = in_window
-        logits = state.prev_logits[:, a - lo:b - lo][in_window]  # [N, V], row-major like soft
+        soft[:, a - start : b - start] = in_window
+        logits = state.prev_logits[:, a - lo : b - lo][in_window]  # [N, V], row-major like soft
         fraction = (state.tokens[:, lo:hi] == model.mask_id).float().mean(-1)  # [B] per row
         scale = self.scale(fraction)[in_window.nonzero(as_tuple=True)[0]]  # [N]
-        return {"embeds": model.soft_mask.blend(model.tok_embed, tokens, soft, logits, model.mask_id,
-                                                scale)}
+        return {"embeds": model.soft_mask.blend(model.tok_embed, tokens, soft, logits, model.mask_id, scale)}

@@ -37,15 +37,21 @@ def unroll_weights(K: int) -> torch.Tensor:
     return torch.softmax(0.5 ** torch.arange(K - 1, dtype=torch.float64), dim=0)
 
 
-def naive_kl(base: Transformer, start: torch.Tensor, reveal_pos: torch.Tensor,
-             reveal_tok: torch.Tensor) -> torch.Tensor:
+def naive_kl(
+    base: Transformer, start: torch.Tensor, reveal_pos: torch.Tensor, reveal_tok: torch.Tensor
+) -> torch.Tensor:
     """What no refresh costs: KL(p_full(. | x^(J)) || p_full(. | x^(0))) over positions still masked
     in x^(J). A sampler is useful only below it."""
     return adjust_kl(base, Marginal(), start, reveal_pos, reveal_tok)
 
 
-def adjust_kl(base: Transformer, refresher: Refresher, start: torch.Tensor, reveal_pos: torch.Tensor,
-              reveal_tok: torch.Tensor) -> torch.Tensor:
+def adjust_kl(
+    base: Transformer,
+    refresher: Refresher,
+    start: torch.Tensor,
+    reveal_pos: torch.Tensor,
+    reveal_tok: torch.Tensor,
+) -> torch.Tensor:
     """Forward KL(p_full || q) averaged over positions still masked after J reveals.
 
     start [B, T]: trajectory states x^(0); reveal_pos / reveal_tok [B, J]: the next J positions the
@@ -77,15 +83,40 @@ def adjust_kl(base: Transformer, refresher: Refresher, start: torch.Tensor, reve
     return kl.sum(-1).mean()
 
 
-def joint_generate(model: Transformer, prompt: torch.Tensor, *, max_new_tokens: int, K: int,
-                   refresher: Refresher, generators: list[torch.Generator], block_len: int = 0,
-                   temperature: float = 1.0, cache: str = "auto") -> Iterator[DecodeState]:
+def joint_generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    K: int,
+    refresher: Refresher,
+    generators: list[torch.Generator],
+    block_len: int = 0,
+    temperature: float = 1.0,
+    cache: str = "auto",
+) -> Iterator[DecodeState]:
     """ADJUST decoding through the one loop: the `exact-joint` decoder (the lowest-entropy masked
     position, its token sampled) with K commit rounds per full forward, `refresher` between them
     (`SamplerRefresh(sampler)`: ADJUST; `Marginal()`: the baseline; `FullModel()`: exact). K = 1
     is exact sequential sampling. Any model kind; block-causal models keep their exact cache."""
-    cfg = preset_config("exact-joint", max_new_tokens=max_new_tokens, steps=max_new_tokens,
-                        block_len=block_len, temperature=temperature, rounds=K)
-    return generate(model, build_decoder(cfg, LogLinear()), prompt=prompt, max_new_tokens=max_new_tokens,
-                    steps=max_new_tokens, block_len=block_len, cache=cache, eos_fill=False,
-                    generators=generators, rounds=K, refresher=refresher)
+    cfg = preset_config(
+        "exact-joint",
+        max_new_tokens=max_new_tokens,
+        steps=max_new_tokens,
+        block_len=block_len,
+        temperature=temperature,
+        rounds=K,
+    )
+    return generate(
+        model,
+        build_decoder(cfg, LogLinear()),
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        steps=max_new_tokens,
+        block_len=block_len,
+        cache=cache,
+        eos_fill=False,
+        generators=generators,
+        rounds=K,
+        refresher=refresher,
+    )

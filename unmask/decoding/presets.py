@@ -16,8 +16,13 @@ from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, Random, To
 from unmask.decoding.selectors import Ancestral, DreamSchedule, FirstHitting, Threshold, TopN
 from unmask.schedules import NoiseSchedule
 
-SCORES = {"prob": TokenProb, "max-prob": MaxProb, "margin": Margin, "neg-entropy": NegEntropy,
-          "random": Random}
+SCORES = {
+    "prob": TokenProb,
+    "max-prob": MaxProb,
+    "margin": Margin,
+    "neg-entropy": NegEntropy,
+    "random": Random,
+}
 INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -34,8 +39,16 @@ PRESETS: dict[str, dict[str, object]] = {
     "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32, eos_fill=False),
     # Fast-dLLM: confidence threshold (at least one per step, each block until done), prefix KV
     # cache refreshed at block boundaries, no EOS-fill.
-    "fast-dllm": dict(proposal="greedy", score="prob", select="threshold", threshold=0.9,
-                      threshold_floor="one", block_len=32, cache="prefix", eos_fill=False),
+    "fast-dllm": dict(
+        proposal="greedy",
+        score="prob",
+        select="threshold",
+        threshold=0.9,
+        threshold_floor="one",
+        block_len=32,
+        cache="prefix",
+        eos_fill=False,
+    ),
     # Dream (Ye et al. 2025): whole canvas, Dream's count schedule, `entropy` ordering (its README's
     # choice); --decode.score prob | margin gives maskgit_plus | topk_margin, --decode.select
     # ancestral gives `origin`, --decode.alg_temp samples the positions.
@@ -48,15 +61,16 @@ PRESETS: dict[str, dict[str, object]] = {
     # ADJUST (Bansal & Sanghavi 2025): exact-joint with K = 4 commit rounds per full forward, the
     # distributions refreshed by a trained sampler layer (unmask sample --sampler DIR) between
     # rounds; `marginal` is the same without refresh. Any other preset takes --decode.rounds too.
-    "adjust": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4,
-                   refresh="sampler"),
-    "marginal": dict(proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4,
-                     refresh="none"),
+    "adjust": dict(
+        proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4, refresh="sampler"
+    ),
+    "marginal": dict(
+        proposal="sample", score="neg-entropy", select="top-n", block_len=0, rounds=4, refresh="none"
+    ),
     # Conv: top-k + Glob with the tanh(u_i) locality gate.
     "conv": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, kernel=33, block_len=0),
     # Conv, ranked variant: sampled token's probability x gate, top-n per step.
-    "conv-ranked": dict(proposal="sample", top_k=20, score="prob", select="top-n", kernel=33,
-                        block_len=0),
+    "conv-ranked": dict(proposal="sample", top_k=20, score="prob", select="top-n", kernel=33, block_len=0),
 }
 
 
@@ -87,5 +101,3 @@ def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
         "dream": lambda: DreamSchedule(alg_temp=cfg.alg_temp),
     }[cfg.select]()
     return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
-
-

@@ -79,6 +79,8 @@ class SamplerRefresh:
 def build_refresher(name: str, sampler=None) -> Refresher:
     """`none` | `model` | `sampler` (which needs a trained ADJUST `sampler`)."""
     if (name == "sampler") != (sampler is not None):
-        raise ValueError("--decode.refresh sampler needs --sampler DIR (a trained ADJUST sampler), and "
-                         "--sampler needs --decode.refresh sampler (the adjust preset)")
+        raise ValueError(
+            "--decode.refresh sampler needs --sampler DIR (a trained ADJUST sampler), and "
+            "--sampler needs --decode.refresh sampler (the adjust preset)"
+        )
     return {"none": Marginal, "model": FullModel}[name]() if sampler is None else SamplerRefresh(sampler)

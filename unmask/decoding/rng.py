@@ -10,12 +10,18 @@ def row_generators(seed: int, rows: range | list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in rows]
 
 
-def row_uniform(generators: list[torch.Generator], n: int, device: torch.device | str = "cpu",
-                rows: list[bool] | None = None) -> torch.Tensor:
+def row_uniform(
+    generators: list[torch.Generator],
+    n: int,
+    device: torch.device | str = "cpu",
+    rows: list[bool] | None = None,
+) -> torch.Tensor:
     """[B, n] float64 uniforms in [0, 1), row b from generators[b]. With `rows`, only the rows marked
     True draw (the others get zeros and their streams do not move): a row that has nothing left to
     decide must not consume draws that it would not consume decoded alone."""
     draw = [True] * len(generators) if rows is None else rows
-    u = [torch.rand(n, generator=g, dtype=torch.float64) if d else torch.zeros(n, dtype=torch.float64)
-         for g, d in zip(generators, draw, strict=True)]
+    u = [
+        torch.rand(n, generator=g, dtype=torch.float64) if d else torch.zeros(n, dtype=torch.float64)
+        for g, d in zip(generators, draw, strict=True)
+    ]
     return torch.stack(u).to(device)

@@ -40,7 +40,7 @@ MASK_GLYPH = "░"
 
 def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
     """The row's canvas as text, still-masked positions shown as a shaded block."""
-    ids = state.tokens[row, state.prompt_len:].tolist()
+    ids = state.tokens[row, state.prompt_len :].tolist()
     out, run = [], []
     for t in ids:
         if t == tokenizer.mask_id:
@@ -55,10 +55,19 @@ def render(state: DecodeState, tokenizer: Tokenizer, row: int = 0) -> str:
     return "".join(out)
 
 
-def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *, schedule: NoiseSchedule,
-                  generators: list[torch.Generator], eos_id: int | None, max_len: int | None = None,
-                  precision: str = "fp32", sampler=None,
-                  stop_ids: tuple[int, ...] = ()) -> Iterator[DecodeState]:
+def decode_states(
+    model: Transformer,
+    cfg: DecodeConfig,
+    prompt: torch.Tensor,
+    *,
+    schedule: NoiseSchedule,
+    generators: list[torch.Generator],
+    eos_id: int | None,
+    max_len: int | None = None,
+    precision: str = "fp32",
+    sampler=None,
+    stop_ids: tuple[int, ...] = (),
+) -> Iterator[DecodeState]:
     """The decode iterator `cfg` asks for: `generate()` with the preset's decoder and `cfg.rounds`
     commit rounds per forward, refreshed by `cfg.refresh` (`sampler`: a trained ADJUST `sampler`)."""
     try:
@@ -66,19 +75,44 @@ def decode_states(model: Transformer, cfg: DecodeConfig, prompt: torch.Tensor, *
     except ValueError as e:
         raise DecodeError(str(e)) from None
     stops = tuple(stop_ids) or ((eos_id,) if eos_id is not None else ())
-    return generate(model, build_decoder(cfg, schedule), prompt=prompt, max_new_tokens=cfg.max_new_tokens,
-                    steps=cfg.steps, block_len=cfg.block_len, cache=cfg.cache, eos_id=eos_id,
-                    eos_fill=cfg.eos_fill, stop_entropy=cfg.stop_entropy, max_len=max_len,
-                    generators=generators, precision=precision, cfg_scale=cfg.cfg_scale,
-                    ban_ids=stops if cfg.ban_stop else (), defer_ids=stops if cfg.defer_stop else (),
-                    rounds=cfg.rounds, refresher=refresher)
+    return generate(
+        model,
+        build_decoder(cfg, schedule),
+        prompt=prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        steps=cfg.steps,
+        block_len=cfg.block_len,
+        cache=cfg.cache,
+        eos_id=eos_id,
+        eos_fill=cfg.eos_fill,
+        stop_entropy=cfg.stop_entropy,
+        max_len=max_len,
+        generators=generators,
+        precision=precision,
+        cfg_scale=cfg.cfg_scale,
+        ban_ids=stops if cfg.ban_stop else (),
+        defer_ids=stops if cfg.defer_stop else (),
+        rounds=cfg.rounds,
+        refresher=refresher,
+    )
 
 
-def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: DecodeConfig,
-           schedule: NoiseSchedule, *, num_samples: int = 1, batch_size: int = 8, seed: int = 0,
-           max_len: int | None = None, precision: str = "fp32",
-           on_state: Callable[[DecodeState], None] | None = None,
-           sampler=None, chat: bool = False) -> list[dict[str, Any]]:
+def sample(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    cfg: DecodeConfig,
+    schedule: NoiseSchedule,
+    *,
+    num_samples: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_len: int | None = None,
+    precision: str = "fp32",
+    on_state: Callable[[DecodeState], None] | None = None,
+    sampler=None,
+    chat: bool = False,
+) -> list[dict[str, Any]]:
     """`num_samples` completions of every prompt, as records with text, ids, NFE and timing.
     The `adjust` preset (`--decode.refresh sampler`) needs a trained `sampler` (ADJUST); `marginal`
     decodes `rounds` tokens per forward without one. `chat` wraps each prompt in the tokenizer's
@@ -89,32 +123,51 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompts: list[str], cfg: De
     if num_samples < 1 or batch_size < 1:
         raise DecodeError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     device = next(model.parameters()).device
-    jobs = [(i, p, tokenizer.prompt_ids(p, chat=chat))
-            for i, p in enumerate(q for q in prompts for _ in range(num_samples))]
+    jobs = [
+        (i, p, tokenizer.prompt_ids(p, chat=chat))
+        for i, p in enumerate(q for q in prompts for _ in range(num_samples))
+    ]
     records: dict[int, dict[str, Any]] = {}
     by_length = sorted(jobs, key=lambda j: (len(j[2]), j[0]))
     for _, group in groupby(by_length, key=lambda j: len(j[2])):
         group = list(group)
         for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
+            chunk = group[start : start + batch_size]
             ids = torch.tensor([j[2] for j in chunk], device=device)
             t0 = time.perf_counter()
             state = None
-            states = decode_states(model, cfg, ids, schedule=schedule, eos_id=tokenizer.eos_id,
-                                   generators=row_generators(seed, [j[0] for j in chunk]), max_len=max_len,
-                                   precision=precision, sampler=sampler, stop_ids=tokenizer.stop_ids)
+            states = decode_states(
+                model,
+                cfg,
+                ids,
+                schedule=schedule,
+                eos_id=tokenizer.eos_id,
+                generators=row_generators(seed, [j[0] for j in chunk]),
+                max_len=max_len,
+                precision=precision,
+                sampler=sampler,
+                stop_ids=tokenizer.stop_ids,
+            )
             for state in states:
                 if on_state is not None:
                     on_state(state)
             seconds = time.perf_counter() - t0
-            for (index, prompt, prompt_ids), out in zip(chunk, completions(state, tokenizer.stop_ids),
-                                                        strict=True):
+            for (index, prompt, prompt_ids), out in zip(
+                chunk, completions(state, tokenizer.stop_ids), strict=True
+            ):
                 records[index] = {
-                    "index": index, "prompt": prompt, "text": tokenizer.decode(out),
-                    "token_ids": out, "prompt_tokens": len(prompt_ids), "new_tokens": len(out),
-                    "nfe": state.nfe, "commit_passes": state.commit_passes,
+                    "index": index,
+                    "prompt": prompt,
+                    "text": tokenizer.decode(out),
+                    "token_ids": out,
+                    "prompt_tokens": len(prompt_ids),
+                    "new_tokens": len(out),
+                    "nfe": state.nfe,
+                    "commit_passes": state.commit_passes,
                     "refresh_passes": state.refresh_passes,
-                    "batch_seconds": seconds, "batch_size": len(chunk), "seed": seed,
+                    "batch_seconds": seconds,
+                    "batch_size": len(chunk),
+                    "seed": seed,
                     "settings": asdict(cfg),
                 }
     return [records[i] for i in sorted(records)]
@@ -142,7 +195,9 @@ def sample_token_ids(records: list[dict[str, Any]], tokenizer: Tokenizer | None)
                 raise DataError(f"sample {i} has no `token_ids`; pass --checkpoint to tokenize its text")
             ids = tokenizer.encode(rec["text"])
         elif tokenizer is not None and tokenizer.decode(ids) != rec["text"]:
-            raise DataError(f"sample {i}: its token_ids do not decode to its text with this tokenizer "
-                            "(the samples were made with a different tokenizer)")
+            raise DataError(
+                f"sample {i}: its token_ids do not decode to its text with this tokenizer "
+                "(the samples were made with a different tokenizer)"
+            )
         out.append(list(ids))
     return out

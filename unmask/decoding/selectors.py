@@ -39,8 +39,9 @@ def top_n(values: torch.Tensor, n: torch.Tensor, eligible: torch.Tensor) -> torc
     """[B, W] bool: the n[b] largest `values` of each row among `eligible` positions."""
     values = values.masked_fill(~eligible, -math.inf)
     order = values.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(values.shape[-1], device=values.device)
-                                             .expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order)
+    )
     return (ranks < n[:, None]) & eligible
 
 

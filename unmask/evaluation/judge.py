@@ -26,8 +26,9 @@ from unmask.evaluation.reference import ReferenceLM, ReferenceModelError, token_
 TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-def response_token_nlls(ref: ReferenceLM, prompt: str, response: str, *,
-                        window: int | None = None) -> np.ndarray:
+def response_token_nlls(
+    ref: ReferenceLM, prompt: str, response: str, *, window: int | None = None
+) -> np.ndarray:
     """-log p(token | prompt, earlier response tokens) of each response token under `ref` (sliding
     windows): the response's tokens are those after the longest common prefix of encode(prompt)
     and encode(prompt + response). Empty for an empty or whitespace-only response (it says nothing)."""
@@ -40,7 +41,7 @@ def response_token_nlls(ref: ReferenceLM, prompt: str, response: str, *,
     if len(ids) <= k:
         return np.zeros(0)
     window = window or ref.max_len
-    return token_nlls(ref, ids, window, max(1, window // 2))[k - 1:]  # nll[i - 1] scores ids[i]
+    return token_nlls(ref, ids, window, max(1, window // 2))[k - 1 :]  # nll[i - 1] scores ids[i]
 
 
 def response_nll(ref: ReferenceLM, prompt: str, response: str, *, window: int | None = None) -> float | None:
@@ -68,8 +69,14 @@ def answer_f1(response: str, answer: str) -> float:
 JUDGES = ("ref-nll", "answer-f1")
 
 
-def judge_scores(judge: str, prompts: list[str], texts: list[str], *, ref: ReferenceLM | None = None,
-                 answers: list[str] | None = None) -> list[float]:
+def judge_scores(
+    judge: str,
+    prompts: list[str],
+    texts: list[str],
+    *,
+    ref: ReferenceLM | None = None,
+    answers: list[str] | None = None,
+) -> list[float]:
     """One score per response (higher is better)."""
     if judge == "ref-nll":
         if ref is None:
@@ -95,8 +102,10 @@ class WinRate:
 def win_rate(scores_a: list[float], scores_b: list[float], judge: str) -> WinRate:
     """How often response A beats response B to the same prompt."""
     if not scores_a or len(scores_a) != len(scores_b):
-        raise ReferenceModelError(f"win rate needs two equally long, non-empty lists of responses "
-                                  f"(got {len(scores_a)} and {len(scores_b)})")
+        raise ReferenceModelError(
+            f"win rate needs two equally long, non-empty lists of responses "
+            f"(got {len(scores_a)} and {len(scores_b)})"
+        )
     wins = sum(a > b for a, b in zip(scores_a, scores_b, strict=True))
     ties = sum(a == b for a, b in zip(scores_a, scores_b, strict=True))
     n = len(scores_a)

@@ -18,13 +18,13 @@ def unigram_entropy(ids: list[int]) -> float:
 def rep_n(ids: list[int], n: int) -> float:
     """Fraction of a sample's n-grams that repeat an earlier n-gram of the same sample:
     1 - #distinct n-grams / #n-grams (0 when it has no n-gram)."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def distinct_n(samples: list[list], n: int) -> float:
     """Distinct n-grams across all samples / all n-grams (1 = no n-gram repeats anywhere)."""
-    grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+    grams = [tuple(s[i : i + n]) for s in samples for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -34,7 +34,7 @@ def longest_repeated_span(seq: list) -> int:
     def repeats(length: int) -> bool:
         seen = set()
         for i in range(len(seq) - length + 1):
-            gram = tuple(seq[i:i + length])
+            gram = tuple(seq[i : i + length])
             if gram in seen:
                 return True
             seen.add(gram)

@@ -17,9 +17,18 @@ from unmask.schedules import build_schedule
 from unmask.training.perplexity import Perplexity, evaluate_perplexity
 
 
-def heldout_perplexity(run_dir: str | Path, *, split: str = "test", mc_samples: int | None = None,
-                       max_rows: int | None = None, soft: bool = False, precision: str | None = None,
-                       loaded=None, data: str | None = None, seq_len: int | None = None) -> Perplexity:
+def heldout_perplexity(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    mc_samples: int | None = None,
+    max_rows: int | None = None,
+    soft: bool = False,
+    precision: str | None = None,
+    loaded=None,
+    data: str | None = None,
+    seq_len: int | None = None,
+) -> Perplexity:
     """`mc_samples`, `max_rows` (0 = all) and `precision` default to the checkpoint's config.
     `data` (a corpus: file, folder, `hf:NAME`) replaces the checkpoint's own, as pretrained
     directories have none; `seq_len` cuts its rows (default: the checkpoint's length, at most 1024)."""
@@ -35,9 +44,16 @@ def heldout_perplexity(run_dir: str | Path, *, split: str = "test", mc_samples: 
     data = prepare_data(data_cfg, loaded.tokenizer, splits=(split,))
     max_rows = cfg.eval.max_rows if max_rows is None else max_rows
     rows = data.rows[split][: max_rows or None]
-    return evaluate_perplexity(loaded.model, rows, build_schedule(cfg.noise.schedule, cfg.noise.eps),
-                               pad_id=loaded.tokenizer.pad_id,
-                               byte_lengths=loaded.tokenizer.byte_lengths(), eps=cfg.noise.eps,
-                               mc_samples=cfg.eval.mc_samples if mc_samples is None else mc_samples,
-                               batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                               precision=precision or cfg.train.precision, soft=soft)
+    return evaluate_perplexity(
+        loaded.model,
+        rows,
+        build_schedule(cfg.noise.schedule, cfg.noise.eps),
+        pad_id=loaded.tokenizer.pad_id,
+        byte_lengths=loaded.tokenizer.byte_lengths(),
+        eps=cfg.noise.eps,
+        mc_samples=cfg.eval.mc_samples if mc_samples is None else mc_samples,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.eval.seed,
+        precision=precision or cfg.train.precision,
+        soft=soft,
+    )

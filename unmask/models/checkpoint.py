@@ -42,12 +42,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, config: Config,
-                    tokenizer: Tokenizer, ema: Transformer | None = None,
-                    optimizer: torch.optim.Optimizer | None = None,
-                    state: dict[str, Any] | None = None, keep_optimizer: int = 1,
-                    model_state: dict[str, torch.Tensor] | None = None,
-                    move_in: dict[str, Path] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    step: int,
+    model: Transformer,
+    config: Config,
+    tokenizer: Tokenizer,
+    ema: Transformer | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, Any] | None = None,
+    keep_optimizer: int = 1,
+    model_state: dict[str, torch.Tensor] | None = None,
+    move_in: dict[str, Path] | None = None,
+) -> Path:
     """Write `run_dir/ckpt-{step}` atomically and point `latest` at it. Every checkpoint's weights
     stay; only the newest `keep_optimizer` keep their optimizer state (the bulk of a checkpoint:
     `optimizer.pt`, or the sharded `dist/` of an FSDP run). `model_state` replaces
@@ -66,11 +74,12 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, confi
         model_state = delta_state(model)
         write_base(tmp, base_ref)
     weights = model.state_dict() if model_state is None else model_state
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
-              str(tmp / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     if ema is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
-                  str(tmp / "ema.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
+            str(tmp / "ema.safetensors"),
+        )
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2))
@@ -101,8 +110,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return ckpt
     if (path / "model.safetensors").is_file():
         return path
-    raise CheckpointError(f"no checkpoint at {path} (expected a run directory with `latest` or a "
-                          "checkpoint directory with model.safetensors)")
+    raise CheckpointError(
+        f"no checkpoint at {path} (expected a run directory with `latest` or a "
+        "checkpoint directory with model.safetensors)"
+    )
 
 
 def load_state_dict_strict(module: torch.nn.Module, file: Path) -> None:
@@ -114,11 +125,16 @@ def load_state_dict_strict(module: torch.nn.Module, file: Path) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    shapes = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(tensors)
+        if tensors[k].shape != own[k].shape
+    )
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{file} does not match the model: missing keys {missing}, "
-                              f"unexpected keys {unexpected}, shape mismatches {shapes}")
+        raise CheckpointError(
+            f"{file} does not match the model: missing keys {missing}, "
+            f"unexpected keys {unexpected}, shape mismatches {shapes}"
+        )
     module.load_state_dict(tensors, strict=True)
 
 
@@ -131,8 +147,14 @@ class Loaded:
     path: Path  # the checkpoint directory
 
 
-def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str | Path | None = None,
-                    device: str | torch.device = "cpu", dtype: str | None = None) -> Loaded:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    prefer_ema: bool = True,
+    tokenizer: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+) -> Loaded:
     """Rebuild model + config + tokenizer from a run or checkpoint directory, or from a pretrained
     Hugging Face directory (LLaDA, Dream, SDAR, ...; `tokenizer` and `dtype` apply to those)."""
     from unmask.models.pretrained.load import is_pretrained_dir, load_as_checkpoint
@@ -152,8 +174,7 @@ def load_checkpoint(path: str | Path, *, prefer_ema: bool = True, tokenizer: str
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     except TokenizerError as e:
         raise CheckpointError(str(e)) from e
-    model = build_model(config.model, tokenizer.vocab_size, tokenizer.mask_id,
-                        soft_mask_k=config.soft_mask.k)
+    model = build_model(config.model, tokenizer.vocab_size, tokenizer.mask_id, soft_mask_k=config.soft_mask.k)
     weights = ckpt / "ema.safetensors"
     if not (prefer_ema and weights.is_file()):
         weights = ckpt / "model.safetensors"
@@ -170,12 +191,15 @@ def _load_on_base(ckpt: Path, config: Config, state: dict[str, Any], *, device, 
     base = read_base(ckpt)
     if not Path(base["path"]).is_dir():
         raise CheckpointError(f"{ckpt} was trained on the pretrained model at {base['path']}, which is gone")
-    loaded = load_as_checkpoint(base["path"], tokenizer=base.get("tokenizer"), device=device,
-                                dtype=dtype or base.get("dtype", "auto"))
+    loaded = load_as_checkpoint(
+        base["path"], tokenizer=base.get("tokenizer"), device=device, dtype=dtype or base.get("dtype", "auto")
+    )
     digest = loaded.state["pretrained"]["digest"]
     if digest != base["digest"]:
-        raise CheckpointError(f"{ckpt} was trained on {base['path']} with weights {base['digest']}; "
-                              f"the weights there now are {digest}")
+        raise CheckpointError(
+            f"{ckpt} was trained on {base['path']} with weights {base['digest']}; "
+            f"the weights there now are {digest}"
+        )
     model = attach(loaded.model, soft_mask_k=config.soft_mask.k, lora=config.lora)
     try:
         tensors = load_file(str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
@@ -183,9 +207,11 @@ def _load_on_base(ckpt: Path, config: Config, state: dict[str, Any], *, device, 
         raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: corrupt or truncated ({e})") from e
     expected = delta_state(model)
     if set(tensors) != set(expected):
-        raise CheckpointError(f"{ckpt}/model.safetensors does not fit its base + additions: missing "
-                              f"{sorted(set(expected) - set(tensors))[:5]}, unexpected "
-                              f"{sorted(set(tensors) - set(expected))[:5]}")
+        raise CheckpointError(
+            f"{ckpt}/model.safetensors does not fit its base + additions: missing "
+            f"{sorted(set(expected) - set(tensors))[:5]}, unexpected "
+            f"{sorted(set(tensors) - set(expected))[:5]}"
+        )
     model.load_state_dict(tensors, strict=False)
     model.base_ref = base
     state = {**state, "pretrained": loaded.state["pretrained"]}

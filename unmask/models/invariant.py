@@ -124,8 +124,9 @@ def _gemm(x: torch.Tensor, fn) -> torch.Tensor:
     return fn(_pad_rows(rows, n))[:M].reshape(*x.shape[:-1], -1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, H, T, Dh], k/v [B, H, S, Dh] (scale 1/sqrt(Dh) by
     default); mask None, bool (True = attend) or additive float, [T, S] / [B, 1|H, T, S]. Off the
     invariant path: SDPA.
@@ -171,7 +172,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         total = e.view(B, H, nq, n, KEY_CHUNK).sum(-1).cumsum(-1)[..., -1:]  # [B, H, nq, 1]
         pv = e[..., :KEY_CHUNK] @ v[:, :, :KEY_CHUNK]  # [B, H, nq, Dh], then the chunks in order
         for c in range(1, n):
-            pv = pv + e[..., c * KEY_CHUNK:(c + 1) * KEY_CHUNK] @ v[:, :, c * KEY_CHUNK:(c + 1) * KEY_CHUNK]
+            pv = (
+                pv
+                + e[..., c * KEY_CHUNK : (c + 1) * KEY_CHUNK] @ v[:, :, c * KEY_CHUNK : (c + 1) * KEY_CHUNK]
+            )
         out.append((pv / total)[:, :, : hi - lo])
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 

@@ -20,8 +20,17 @@ import torch
 class KVCache:
     """Per-layer K/V buffers `[B, H, max_len, Dh]`; `length` positions are committed."""
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
-                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch, n_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -65,6 +74,5 @@ class KVCache:
     def commit(self, n: int) -> None:
         """Make the next `n` written positions part of the committed prefix."""
         if n < 0 or self.length + n > self.max_len:
-            raise ValueError(f"cannot commit {n} positions at length {self.length} "
-                             f"(max_len={self.max_len})")
+            raise ValueError(f"cannot commit {n} positions at length {self.length} (max_len={self.max_len})")
         self.length += n

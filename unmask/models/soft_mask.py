@@ -36,8 +36,7 @@ W_S_INIT = {"ours": 0.05, "reference": 1e-6}  # SoftMaskConfig.init -> the initi
 class SoftMask(nn.Module):
     """The three scalars and the blend. `k` is the number of predictions mixed in."""
 
-    def __init__(self, k: int, vocab_size: int, *, w_s: float = 0.05, w_a: float = 6.66,
-                 w_b: float = -0.75):
+    def __init__(self, k: int, vocab_size: int, *, w_s: float = 0.05, w_a: float = 6.66, w_b: float = -0.75):
         super().__init__()
         if not 1 <= k <= vocab_size:
             raise ValueError(f"soft-mask k must be in [1, V={vocab_size}], got {k}")
@@ -62,8 +61,9 @@ class SoftMask(nn.Module):
         with torch.no_grad():
             return {"k": self.k, "w_s": float(self.w_s), "w_a": float(self.w_a), "w_b": float(self.w_b)}
 
-    def mix(self, logits: torch.Tensor, mask_id: int, scale: float | torch.Tensor = 1.0
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mix(
+        self, logits: torch.Tensor, mask_id: int, scale: float | torch.Tensor = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From logits [..., V]: lam [...], top-k weights pi [..., k] (sum 1) and ids [..., k].
         `scale` multiplies w_s (decoding schedules)."""
         logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
@@ -75,8 +75,15 @@ class SoftMask(nn.Module):
         pi = top_logp.softmax(-1)  # renormalised top-k probabilities
         return lam, pi, ids
 
-    def blend(self, embedding: nn.Embedding, tokens: torch.Tensor, soft: torch.Tensor,
-              logits: torch.Tensor, mask_id: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    def blend(
+        self,
+        embedding: nn.Embedding,
+        tokens: torch.Tensor,
+        soft: torch.Tensor,
+        logits: torch.Tensor,
+        mask_id: int,
+        scale: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
         """Input embeddings [B, T, D] for `tokens` [B, T]: the N positions where `soft` [B, T] is
         True (row-major order) get the blend built from `logits` [N, V] (scaled by `scale`, a
         float or [N]); every other position its token embedding. Nothing larger than [N, k, D]."""

@@ -30,8 +30,13 @@ class Denoiser(Protocol):
     vocab_size: int
     mask_id: int
 
-    def __call__(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                 embeds: torch.Tensor | None = None) -> DenoiserOutput: ...
+    def __call__(
+        self,
+        tokens: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        embeds: torch.Tensor | None = None,
+    ) -> DenoiserOutput: ...
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
@@ -53,8 +58,15 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
         B, T, D = x.shape
         qkv = invariant.linear(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
@@ -104,8 +116,15 @@ class Transformer(nn.Module):
 
     subs = True  # SUBS parameterization: decoders never propose [MASK] (MDLM, BD3-LM)
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0,
-                 soft_mask_w_s: float = W_S_INIT["ours"]):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        mask_id: int,
+        *,
+        soft_mask_k: int = 0,
+        soft_mask_w_s: float = W_S_INIT["ours"],
+    ):
         super().__init__()
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} outside the vocabulary of size {vocab_size}")
@@ -139,11 +158,22 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` positions."""
-        return KVCache(self.cfg.n_layers, batch, self.cfg.n_heads, self.cfg.dim // self.cfg.n_heads, max_len,
-                       device=device)
+        return KVCache(
+            self.cfg.n_layers,
+            batch,
+            self.cfg.n_heads,
+            self.cfg.dim // self.cfg.n_heads,
+            max_len,
+            device=device,
+        )
 
-    def run(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-            cache: KVCache | None = None) -> torch.Tensor:
+    def run(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Blocks + final norm on input embeddings `h` [B, T, D] at `positions` [T]; mask [T, S]."""
         angles = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
         cos, sin = angles.cos(), angles.sin()
@@ -151,8 +181,14 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, mask, cache, i)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                embeds: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> DenoiserOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        embeds: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> DenoiserOutput:
         """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix.
         `key_mask` [B, >= S] (True = a real token) hides left padding from every query."""
         h = self.embed(tokens) if embeds is None else embeds
@@ -169,14 +205,16 @@ class Transformer(nn.Module):
         hidden = self.run(h, positions, mask, cache)
         return DenoiserOutput(invariant.linear(self.head, hidden), hidden)
 
-    def forward_bd3_train(self, xt: torch.Tensor, x0: torch.Tensor,
-                          xt_embeds: torch.Tensor | None = None) -> DenoiserOutput:
+    def forward_bd3_train(
+        self, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
+    ) -> DenoiserOutput:
         """One pass over `[x_t ; x0]` (2L tokens, both halves at positions 0..L-1) with the BD3-LM
         training mask; logits for the noisy half only: [B, L, V]. `xt_embeds` [B, L, D] replaces
         the noisy half's token embeddings (soft-masking)."""
         if self.cfg.attention != "block_causal":
-            raise ValueError("forward_bd3_train needs a block_causal model, got "
-                             f"attention={self.cfg.attention!r}")
+            raise ValueError(
+                f"forward_bd3_train needs a block_causal model, got attention={self.cfg.attention!r}"
+            )
         L = xt.shape[1]
         noisy = self.embed(xt) if xt_embeds is None else xt_embeds
         h = torch.cat([noisy, self.embed(x0)], dim=1)  # [B, 2L, D]
@@ -214,7 +252,9 @@ def autocast(precision: str, device: torch.device | str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0,
-                soft_mask_init: str = "ours") -> Transformer:
-    return Transformer(cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k,
-                       soft_mask_w_s=W_S_INIT[soft_mask_init])
+def build_model(
+    cfg: ModelConfig, vocab_size: int, mask_id: int, *, soft_mask_k: int = 0, soft_mask_init: str = "ours"
+) -> Transformer:
+    return Transformer(
+        cfg, vocab_size, mask_id, soft_mask_k=soft_mask_k, soft_mask_w_s=W_S_INIT[soft_mask_init]
+    )

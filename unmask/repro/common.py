@@ -43,8 +43,9 @@ def default_featurizer(ar_run: str | Path):
     return load_featurizer("minilm")
 
 
-def joint_samples(model, tokenizer, *, samples: int, new_tokens: int, K: int, refresher, seed: int,
-                  batch_size: int = 64) -> tuple[list[str], float, int]:
+def joint_samples(
+    model, tokenizer, *, samples: int, new_tokens: int, K: int, refresher, seed: int, batch_size: int = 64
+) -> tuple[list[str], float, int]:
     """`samples` unconditional ADJUST-style samples from [BOS] (K tokens per full forward,
     `refresher` between them): their texts, wall seconds and full forwards (NFE summed over batches)."""
     import time
@@ -59,8 +60,16 @@ def joint_samples(model, tokenizer, *, samples: int, new_tokens: int, K: int, re
     for start in range(0, samples, batch_size):
         n = min(batch_size, samples - start)
         bos = torch.full((n, 1), tokenizer.bos_id)
-        state = final_state(joint_generate(model, bos, max_new_tokens=new_tokens, K=K, refresher=refresher,
-                                           generators=row_generators(seed, range(start, start + n))))
+        state = final_state(
+            joint_generate(
+                model,
+                bos,
+                max_new_tokens=new_tokens,
+                K=K,
+                refresher=refresher,
+                generators=row_generators(seed, range(start, start + n)),
+            )
+        )
         nfe += state.nfe
         texts += [tokenizer.decode(ids) for ids in state.tokens[:, 1:].tolist()]
     return texts, time.perf_counter() - t0, nfe

@@ -64,8 +64,9 @@ def split_trajectories(traj: Trajectories, valid_fraction: float) -> tuple[Traje
     return part(slice(0, cut)), part(slice(cut, None))
 
 
-def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: int,
-                        generators: list[torch.Generator]) -> tuple[np.ndarray, np.ndarray]:
+def record_trajectories(
+    model: Transformer, prompts: torch.Tensor, new_tokens: int, generators: list[torch.Generator]
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode `prompts` [B, P] exactly (one token per forward); reveal order and tokens [B, G]."""
     cfg = preset_config("exact-joint", max_new_tokens=new_tokens, steps=new_tokens)
     decoder = build_decoder(cfg, LogLinear())
@@ -74,10 +75,17 @@ def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: i
     tokens = np.zeros((B, new_tokens), dtype=np.int64)
     previous = (torch.arange(P + new_tokens) < P).expand(B, -1)  # only the prompt is decoded
     step = 0  # reveals so far (a block-causal model's state.step restarts with each block)
-    for state in generate(model, decoder, prompt=prompts, max_new_tokens=new_tokens, steps=new_tokens,
-                          eos_fill=False, generators=generators):
-        current = state.tokens[:, :P + new_tokens] != model.mask_id  # [B, <= P + G] (blocks grow)
-        current = torch.cat([current, previous[:, current.shape[1]:]], dim=1)
+    for state in generate(
+        model,
+        decoder,
+        prompt=prompts,
+        max_new_tokens=new_tokens,
+        steps=new_tokens,
+        eos_fill=False,
+        generators=generators,
+    ):
+        current = state.tokens[:, : P + new_tokens] != model.mask_id  # [B, <= P + G] (blocks grow)
+        current = torch.cat([current, previous[:, current.shape[1] :]], dim=1)
         new = (current & ~previous).nonzero()  # one per row per step
         if len(new) == 0:  # the loop's closing state repeats the last one
             continue
@@ -89,13 +97,26 @@ def record_trajectories(model: Transformer, prompts: torch.Tensor, new_tokens: i
     return positions, tokens
 
 
-def generate_trajectories(model: Transformer, prompts: torch.Tensor, out: str | Path, *, new_tokens: int,
-                          batch_size: int = 32, seed: int = 0, progress: bool = True) -> Trajectories:
+def generate_trajectories(
+    model: Transformer,
+    prompts: torch.Tensor,
+    out: str | Path,
+    *,
+    new_tokens: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> Trajectories:
     """Trajectories for every prompt row (shards of `batch_size`, resumable), then all of them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"new_tokens": new_tokens, "batch_size": batch_size, "seed": seed, "rows": len(prompts),
-            "mask_id": model.mask_id}
+    meta = {
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "rows": len(prompts),
+        "mask_id": model.mask_id,
+    }
     meta_file = out / "meta.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
         raise ValueError(f"{out} holds trajectories made with other settings: {meta_file.read_text()}")
@@ -105,10 +126,11 @@ def generate_trajectories(model: Transformer, prompts: torch.Tensor, out: str | 
         shard = out / f"traj-{start:07d}.npz"
         if shard.exists():
             continue
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         with torch.inference_mode():
-            pos, tok = record_trajectories(model, chunk, new_tokens,
-                                           row_generators(seed, range(start, start + len(chunk))))
+            pos, tok = record_trajectories(
+                model, chunk, new_tokens, row_generators(seed, range(start, start + len(chunk)))
+            )
         tmp = shard.with_name(f".{shard.name}.tmp{os.getpid()}.npz")
         np.savez(tmp, prompts=chunk.numpy(), positions=pos, tokens=tok)
         os.replace(tmp, shard)
@@ -122,17 +144,21 @@ def load_trajectories(path: str | Path) -> Trajectories:
         raise ValueError(f"no trajectory shards (traj-*.npz) in {path}")
     meta = json.loads((path / "meta.json").read_text())
     parts = [np.load(s) for s in shards]
-    return Trajectories(np.concatenate([p["prompts"] for p in parts]),
-                        np.concatenate([p["positions"] for p in parts]),
-                        np.concatenate([p["tokens"] for p in parts]), meta["mask_id"])
+    return Trajectories(
+        np.concatenate([p["prompts"] for p in parts]),
+        np.concatenate([p["positions"] for p in parts]),
+        np.concatenate([p["tokens"] for p in parts]),
+        meta["mask_id"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # ADJUST sampler training
 
 
-def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None,
-             block_size: int = 0):
+def _windows(
+    traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: int | None = None, block_size: int = 0
+):
     """n training windows: start states x^(s) and the next J reveals (J drawn from the unroll law).
     With `block_size` (a block-causal base) the J reveals lie in one block, as the rounds of one
     forward do in decoding."""
@@ -157,9 +183,21 @@ def _windows(traj: Trajectories, n: int, K: int, rng: np.random.Generator, J: in
     return start, pos, tok
 
 
-def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, valid: Trajectories, *,
-                  K: int, out: str | Path, steps: int = 500, batch_size: int = 32, lr: float = 5e-5,
-                  eval_every: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def train_sampler(
+    base: Transformer,
+    base_path: str | Path,
+    traj: Trajectories,
+    valid: Trajectories,
+    *,
+    K: int,
+    out: str | Path,
+    steps: int = 500,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    eval_every: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train an ADJUST sampler on windows of K + 1 consecutive trajectory states; the base stays
     frozen. Validation KL (fixed windows, each J = 1..K) is logged; the sampler is saved to `out`
     with the digest of the base weights it belongs to."""
@@ -198,11 +236,15 @@ def train_sampler(base: Transformer, base_path: str | Path, traj: Trajectories, 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             with torch.no_grad():
                 train_naive = naive_kl(base, *window).item()
-            history.append({"step": step + 1, "train_kl": loss.item(), "train_naive_kl": train_naive,
-                            **validate()})
+            history.append(
+                {"step": step + 1, "train_kl": loss.item(), "train_naive_kl": train_naive, **validate()}
+            )
             log.write(json.dumps(history[-1]) + "\n")
             log.flush()
     log.close()
     save_sampler(sampler, base_path, out, K=K)
-    return {"history": history, "params": sum(p.numel() for p in sampler.parameters()),
-            "base_params": base.num_params()}
+    return {
+        "history": history,
+        "params": sum(p.numel() for p in sampler.parameters()),
+        "base_params": base.num_params(),
+    }

@@ -14,8 +14,14 @@ from unmask.schedules import NoiseSchedule, clip_candidates
 from unmask.training.objectives import Batch, per_block_losses
 
 
-def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, cfg: Config,
-                pad_id: int, device: torch.device) -> tuple[tuple[float, float], float]:
+def search_clip(
+    model: Transformer,
+    rows: np.ndarray,
+    schedule: NoiseSchedule,
+    cfg: Config,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[tuple[float, float], float]:
     """The clipped range whose per-(row, block) loss variance on validation batches is smallest."""
     candidates = clip_candidates(cfg.noise.clip_widths, cfg.noise.clip_grid_step)
     best, best_var = (0.0, 1.0), math.inf
@@ -24,7 +30,7 @@ def search_clip(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, c
         for beta, omega in candidates:
             losses = []
             for start in range(0, n, cfg.train.batch_size):
-                x0 = torch.as_tensor(np.asarray(rows[start:start + cfg.train.batch_size]), device=device)
+                x0 = torch.as_tensor(np.asarray(rows[start : start + cfg.train.batch_size]), device=device)
                 g = torch.Generator().manual_seed(cfg.train.seed + start)
                 t_range = (max(beta, cfg.noise.eps), omega)
                 losses.append(per_block_losses(model, Batch(x0, x0 != pad_id), schedule, g, t_range))

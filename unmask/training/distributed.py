@@ -68,8 +68,10 @@ def init_distributed(strategy: str, batch_size: int) -> tuple[Dist, torch.device
     if strategy == "none":
         raise ConfigError(f"launched on {world} processes: choose --dist.strategy ddp or fsdp")
     if batch_size % world:
-        raise ConfigError(f"--train.batch_size {batch_size} must be divisible by the {world} processes "
-                          "(each takes an equal share of every global batch)")
+        raise ConfigError(
+            f"--train.batch_size {batch_size} must be divisible by the {world} processes "
+            "(each takes an equal share of every global batch)"
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -108,8 +110,9 @@ def wrap(objective: Objective, d: Dist, *, precision: str, checkpoint_activation
     if d.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                                      reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32, reduce_dtype=torch.float32
+        )
         for block in objective.model.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(objective, mp_policy=policy)
@@ -127,12 +130,21 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 
     mb = 1 / 2**20
     params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
-    grads = sum(local(p.grad).numel() * local(p.grad).element_size()
-                for p in model.parameters() if p.grad is not None)
-    state = sum(local(v).numel() * local(v).element_size() for s in optimizer.state.values()
-                for v in s.values() if torch.is_tensor(v))
-    return {"params_mb": params * mb, "grads_mb": grads * mb, "optimizer_mb": state * mb,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    grads = sum(
+        local(p.grad).numel() * local(p.grad).element_size() for p in model.parameters() if p.grad is not None
+    )
+    state = sum(
+        local(v).numel() * local(v).element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    return {
+        "params_mb": params * mb,
+        "grads_mb": grads * mb,
+        "optimizer_mb": state * mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 @contextmanager
@@ -150,6 +162,7 @@ def unsharded(step_module: torch.nn.Module, d: Dist):
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict on the CPU (gathered from the shards under FSDP)."""

@@ -88,9 +88,16 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg: Config,
-                  generator: torch.Generator, t_range: tuple[float, float], eos_id: int,
-                  rows: slice | None = None) -> LossOutput:
+def training_loss(
+    model: Transformer,
+    batch: Batch,
+    schedule: NoiseSchedule,
+    cfg: Config,
+    generator: torch.Generator,
+    t_range: tuple[float, float],
+    eos_id: int,
+    rows: slice | None = None,
+) -> LossOutput:
     """The step's loss; `rows`: this process's share of the global batch (see training/distributed)."""
     if cfg.instruct.stage == "r2ft":
         return r2ft_loss(model, batch, cfg.instruct, eos_id, generator, rows=rows)
@@ -100,8 +107,9 @@ def training_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, cfg
         return ar_loss(model, batch, rows=rows)
     resample = (*cfg.noise.clip, cfg.noise.resample_tries) if cfg.noise.resample else None
     soft_p = cfg.soft_mask.p if cfg.soft_mask.k else 0.0
-    return diffusion_loss(model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p,
-                          rows=rows)
+    return diffusion_loss(
+        model, batch, schedule, generator, t_range, resample=resample, soft_p=soft_p, rows=rows
+    )
 
 
 def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Module, Any]:
@@ -111,17 +119,27 @@ def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Mod
     from unmask.models.pretrained.load import load_as_checkpoint
 
     if cfg.soft_mask.k == 0 and cfg.lora.r == 0:
-        raise ConfigError(f"--init {init} is a pretrained model: its weights stay frozen, so train something "
-                          "on it: --soft-mask.k K (soft-masking) and/or --lora.r R (LoRA adapters)")
+        raise ConfigError(
+            f"--init {init} is a pretrained model: its weights stay frozen, so train something "
+            "on it: --soft-mask.k K (soft-masking) and/or --lora.r R (LoRA adapters)"
+        )
     if cfg.train.ema > 0 or cfg.dist.strategy == "fsdp":
-        raise ConfigError("training on a pretrained base supports neither --train.ema nor "
-                          "--dist.strategy fsdp")
+        raise ConfigError(
+            "training on a pretrained base supports neither --train.ema nor --dist.strategy fsdp"
+        )
     loaded = load_as_checkpoint(init, device=device, dtype="fp32" if device.type == "cpu" else "auto")
-    model = attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora,
-                   soft_mask_init=cfg.soft_mask.init).to(device).train()
+    model = (
+        attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora, soft_mask_init=cfg.soft_mask.init)
+        .to(device)
+        .train()
+    )
     info = loaded.state["pretrained"]
-    model.base_ref = {"path": info["path"], "digest": info["digest"], "family": info["family"],
-                      "dtype": info["dtype"]}
+    model.base_ref = {
+        "path": info["path"],
+        "digest": info["digest"],
+        "family": info["family"],
+        "dtype": info["dtype"],
+    }
     return replace(cfg, model=loaded.model.cfg), model, loaded.tokenizer
 
 
@@ -137,8 +155,10 @@ def _load_init(model: Transformer, base: Transformer, init: str) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"--init {init}: its weights do not fit --model: {e}") from e
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"--init {init}: its weights do not fit --model: missing {sorted(missing)}, "
-                              f"unexpected {sorted(result.unexpected_keys)}")
+        raise CheckpointError(
+            f"--init {init}: its weights do not fit --model: missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
 
 
 def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, device) -> Batch:
@@ -154,8 +174,15 @@ def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, d
     return Batch(x0, maskable, torch.as_tensor(spans, device=device), scored)
 
 
-def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwrite: bool = False,
-          data: PreparedData | None = None, progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    init: str | None = None,
+    overwrite: bool = False,
+    data: PreparedData | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train `cfg` into `cfg.train.out`. `resume` continues the run there; `init` starts from
     another checkpoint's weights (and tokenizer); `overwrite` replaces a run already there (without
     it, such a directory is refused). The precision `auto` is resolved here, printed, and saved in
@@ -163,13 +190,17 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     d, device = init_distributed(cfg.dist.strategy, cfg.train.batch_size)
     progress = progress and d.main  # rank 0 does the talking
     if cfg.dist.strategy == "fsdp" and cfg.train.ema > 0:
-        raise ConfigError("--train.ema with --dist.strategy fsdp is not supported (the EMA copy would need "
-                          "its own sharding); use ddp or turn the EMA off")
+        raise ConfigError(
+            "--train.ema with --dist.strategy fsdp is not supported (the EMA copy would need "
+            "its own sharding); use ddp or turn the EMA off"
+        )
     resolved = resolve_precision(cfg.train.precision, device.type)
     cfg = replace(cfg, train=replace(cfg.train, precision=resolved.precision))
     if progress:
-        print(f"precision: {resolved}" + (f"; {d.world} processes, {d.strategy}" if d.world > 1 else ""),
-              file=sys.stderr)
+        print(
+            f"precision: {resolved}" + (f"; {d.world} processes, {d.strategy}" if d.world > 1 else ""),
+            file=sys.stderr,
+        )
     tc = cfg.train
     run_dir = Path(tc.out)
     torch.manual_seed(tc.seed)
@@ -200,16 +231,22 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
 
     if data is None and cfg.instruct.stage != "none":
         if tokenizer is None:
-            raise ConfigError(f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init "
-                              "(or --resume)")
+            raise ConfigError(
+                f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init (or --resume)"
+            )
         data = prepare_instruct(cfg, tokenizer, verbose=progress)
     data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
     tokenizer = data.tokenizer
     if on_base is not None:
         model = on_base
     else:
-        model = build_model(cfg.model, tokenizer.vocab_size, tokenizer.mask_id,
-                            soft_mask_k=cfg.soft_mask.k, soft_mask_init=cfg.soft_mask.init).to(device)
+        model = build_model(
+            cfg.model,
+            tokenizer.vocab_size,
+            tokenizer.mask_id,
+            soft_mask_k=cfg.soft_mask.k,
+            soft_mask_init=cfg.soft_mask.init,
+        ).to(device)
     if init is not None and not resume and on_base is None:
         _load_init(model, base.model, init)
     schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
@@ -217,14 +254,21 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         load_state_dict_strict(model, ckpt / "model.safetensors")
     if tc.compile:
         model.compile_blocks()
-    objective = Objective(model, lambda m, **kw: training_loss(m, schedule=schedule, cfg=cfg,
-                                                               eos_id=tokenizer.eos_id, **kw))
-    step_module = wrap(objective, d, precision=resolved.precision,
-                       checkpoint_activations=cfg.dist.activation_checkpointing)
+    objective = Objective(
+        model, lambda m, **kw: training_loss(m, schedule=schedule, cfg=cfg, eos_id=tokenizer.eos_id, **kw)
+    )
+    step_module = wrap(
+        objective, d, precision=resolved.precision, checkpoint_activations=cfg.dist.activation_checkpointing
+    )
     soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
-    groups = [{"params": [p for n, p in model.named_parameters()
-                          if not n.startswith("soft_mask.") and p.requires_grad],
-               "weight_decay": tc.weight_decay}]
+    groups = [
+        {
+            "params": [
+                p for n, p in model.named_parameters() if not n.startswith("soft_mask.") and p.requires_grad
+            ],
+            "weight_decay": tc.weight_decay,
+        }
+    ]
     base_lrs = [tc.lr]
     if soft_params:  # the three scalars: their own group, own lr, no weight decay
         groups.append({"params": soft_params, "weight_decay": 0.0})
@@ -271,14 +315,29 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
             spans, L = data.spans["validation"][:n], val_rows.shape[1]
             loss_positions = response_mask(spans, L, cfg.instruct.eos)
             maskable = maskable_mask(spans, L, cfg.instruct.eos)
-        ppl = evaluate_perplexity(eval_model, val_rows[:n], schedule, pad_id=tokenizer.pad_id,
-                                  byte_lengths=byte_lengths, eps=cfg.noise.eps,
-                                  mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size,
-                                  seed=cfg.eval.seed, precision=tc.precision, loss_positions=loss_positions,
-                                  maskable=maskable)
-        record = {"step": step, "val_nats": ppl.nats_per_token, "val_ppl": ppl.ppl,
-                  "val_bpb": ppl.bits_per_byte, "val_rows": ppl.rows, "val_mc_samples": ppl.mc_samples,
-                  "val_weights": "ema" if ema is not None else "raw"}
+        ppl = evaluate_perplexity(
+            eval_model,
+            val_rows[:n],
+            schedule,
+            pad_id=tokenizer.pad_id,
+            byte_lengths=byte_lengths,
+            eps=cfg.noise.eps,
+            mc_samples=cfg.eval.mc_samples,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            precision=tc.precision,
+            loss_positions=loss_positions,
+            maskable=maskable,
+        )
+        record = {
+            "step": step,
+            "val_nats": ppl.nats_per_token,
+            "val_ppl": ppl.ppl,
+            "val_bpb": ppl.bits_per_byte,
+            "val_rows": ppl.rows,
+            "val_mc_samples": ppl.mc_samples,
+            "val_weights": "ema" if ema is not None else "raw",
+        }
         if cfg.noise.clip_search and model.cfg.objective != "ar":
             t_range, var = search_clip(eval_model, val_rows, schedule, cfg, tokenizer.pad_id, device)
             t_range = (max(t_range[0], cfg.noise.eps), t_range[1])
@@ -287,12 +346,26 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         return ppl
 
     def checkpoint(step: int, val_ppl: float | None) -> None:
-        meta = {"t_range": list(t_range), "val_ppl": val_ppl, "seed": tc.seed, "world_size": d.world,
-                "strategy": d.strategy}
+        meta = {
+            "t_range": list(t_range),
+            "val_ppl": val_ppl,
+            "seed": tc.seed,
+            "world_size": d.world,
+            "strategy": d.strategy,
+        }
         if d.strategy != "fsdp":
             if d.main:
-                save_checkpoint(run_dir, step=step, model=model, ema=ema, optimizer=optimizer, config=cfg,
-                                tokenizer=tokenizer, state=meta, keep_optimizer=tc.keep_optimizer)
+                save_checkpoint(
+                    run_dir,
+                    step=step,
+                    model=model,
+                    ema=ema,
+                    optimizer=optimizer,
+                    config=cfg,
+                    tokenizer=tokenizer,
+                    state=meta,
+                    keep_optimizer=tc.keep_optimizer,
+                )
             d.barrier()
             return
         shards = run_dir / f".dist-{step:07d}"  # every rank writes its shard; rank 0 commits atomically
@@ -302,8 +375,17 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         if d.main:
             if weights is None:
                 weights = {}
-            save_checkpoint(run_dir, step=step, model=model, config=cfg, tokenizer=tokenizer, state=meta,
-                            keep_optimizer=tc.keep_optimizer, model_state=weights, move_in={"dist": shards})
+            save_checkpoint(
+                run_dir,
+                step=step,
+                model=model,
+                config=cfg,
+                tokenizer=tokenizer,
+                state=meta,
+                keep_optimizer=tc.keep_optimizer,
+                model_state=weights,
+                move_in={"dist": shards},
+            )
         d.barrier()
 
     def train_step(step: int) -> None:
@@ -315,20 +397,25 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         nats, tokens, extras, positions = 0.0, 0, {}, 0
         for micro in range(tc.grad_accum):
             index = step * tc.grad_accum + micro
-            batch = make_batch(data, "train", batch_indices(len(train_rows), tc.batch_size, index, tc.seed),
-                               cfg, device)
+            batch = make_batch(
+                data, "train", batch_indices(len(train_rows), tc.batch_size, index, tc.seed), cfg, device
+            )
             generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
             torch.manual_seed(tc.seed * 7_919 + index)  # dropout
             with autocast(tc.precision, device):
-                out = step_module(batch=batch, generator=generator, t_range=t_range,
-                                  rows=d.rows(tc.batch_size))
+                out = step_module(
+                    batch=batch, generator=generator, t_range=t_range, rows=d.rows(tc.batch_size)
+                )
             (out.loss * d.world / tc.grad_accum).backward()  # DDP/FSDP average the ranks' gradients
             nats, tokens = nats + d.sum(out.nats, device), tokens + out.tokens
             positions += batch.x0.numel()
             for k, v in (out.extras or {}).items():
                 extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                     if tc.grad_clip > 0 else torch.tensor(float("nan")))
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if tc.grad_clip > 0
+            else torch.tensor(float("nan"))
+        )
         optimizer.step()
         if step + 1 == tc.steps:  # what this process holds, gradients included (before they are freed)
             memory.update(memory_report(model, optimizer))
@@ -340,16 +427,30 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
         loss = nats / tokens
         rate = tokens_seen / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": rate, "step_seconds": time.perf_counter() - t_step, **extras}
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": rate,
+            "step_seconds": time.perf_counter() - t_step,
+            **extras,
+        }
         if model.soft_mask is not None:
             record["soft_mask"] = model.soft_mask.values()
         write(record)
 
     model.train()
     val_ppl = None
-    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not progress,
-               desc=f"train {cfg.model.objective}", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, tc.steps),
+        initial=start_step,
+        total=tc.steps,
+        disable=not progress,
+        desc=f"train {cfg.model.objective}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     tokens_seen, t0 = 0, time.perf_counter()
     memory: dict[str, float] = {}
     with stop_requests() as stop:
@@ -378,4 +479,3 @@ def train(cfg: Config, *, resume: bool = False, init: str | None = None, overwri
     if log is not None:
         log.close()
     return TrainResult(run_dir, tc.steps, val_ppl, t_range)
-

@@ -58,8 +58,9 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Te
     return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
 
 
-def block_times(B: int, n_blocks: int, t_range: tuple[float, float],
-                generator: torch.Generator) -> torch.Tensor:
+def block_times(
+    B: int, n_blocks: int, t_range: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
     """One t per (row, block), stratified over the B x n_blocks grid: [B, n_blocks]."""
     return stratified_times(B * n_blocks, *t_range, generator).view(B, n_blocks)
 
@@ -69,9 +70,16 @@ def _rand_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(x.shape, generator=generator).to(x.device)
 
 
-def corrupt(x0: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
-            mask_id: int, generator: torch.Generator, *,
-            resample: tuple[float, float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(
+    x0: torch.Tensor,
+    valid: torch.Tensor,
+    t: torch.Tensor,
+    schedule: NoiseSchedule,
+    mask_id: int,
+    generator: torch.Generator,
+    *,
+    resample: tuple[float, float, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each valid token independently with prob 1 - alpha(t) of its block.
 
     t: [B, Nb]. `resample=(beta, omega, tries)` redraws blocks whose masked fraction falls outside
@@ -108,8 +116,9 @@ def bd3_two_pass_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor) 
     return model.head(model.run(model.embed(xt), pos, mask, cache))
 
 
-def denoise(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
-            xt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def denoise(
+    model: Transformer, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training-time logits for x_t [B, L, V]: BD3-LM's vectorized pass (block-causal models) or a
     plain forward (bidirectional); `xt_embeds` replaces x_t's input embeddings."""
     if model.cfg.attention == "block_causal":
@@ -117,8 +126,9 @@ def denoise(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
     return model(xt if xt_embeds is None else None, embeds=xt_embeds).logits
 
 
-def soft_masked_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
-                       masked: torch.Tensor) -> torch.Tensor:
+def soft_masked_logits(
+    model: Transformer, xt: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
     """Soft-masking's two passes: a no-grad pass on x_t predicts p; the masked inputs become the
     blend of [MASK] and p's top-k; the second pass (with gradients, through the three scalars too)
     gives the logits the loss is taken on."""
@@ -128,11 +138,18 @@ def soft_masked_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor,
     return denoise(model, xt, x0, embeds)
 
 
-def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedule,
-                        generator: torch.Generator, t_range: tuple[float, float], *,
-                        resample: tuple[float, float, int] | None = None,
-                        two_pass: bool = False, soft_p: float = 0.0,
-                        rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def diffusion_token_nll(
+    model: Transformer,
+    batch: Batch,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    t_range: tuple[float, float],
+    *,
+    resample: tuple[float, float, int] | None = None,
+    two_pass: bool = False,
+    soft_p: float = 0.0,
+    rows: slice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted NLL `w(t_b) * -log p(x0_i | ...)` at masked positions (0 elsewhere) [B, L], and the
     per-block times [B, Nb]. Block-causal models use blocks of L'; others one block of L. With
     `soft_p` > 0 (a soft-mask model) the batch takes the two-pass soft-masked step with that
@@ -159,14 +176,31 @@ def diffusion_token_nll(model: Transformer, batch: Batch, schedule: NoiseSchedul
     return torch.where(masked & scored, w * masked_nll(logits, x0, model.mask_id), 0.0), t
 
 
-def diffusion_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule,
-                   generator: torch.Generator, t_range: tuple[float, float], *,
-                   resample: tuple[float, float, int] | None = None,
-                   two_pass: bool = False, soft_p: float = 0.0, rows: slice | None = None) -> LossOutput:
+def diffusion_loss(
+    model: Transformer,
+    batch: Batch,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    t_range: tuple[float, float],
+    *,
+    resample: tuple[float, float, int] | None = None,
+    two_pass: bool = False,
+    soft_p: float = 0.0,
+    rows: slice | None = None,
+) -> LossOutput:
     """MDLM (bidirectional) or BD3-LM (block-causal) NELBO in nats per token. With `rows`, `nats`
     are those rows' and `loss` is their share of the whole batch's mean (divided by all its tokens)."""
-    nll, _ = diffusion_token_nll(model, batch, schedule, generator, t_range,
-                                 resample=resample, two_pass=two_pass, soft_p=soft_p, rows=rows)
+    nll, _ = diffusion_token_nll(
+        model,
+        batch,
+        schedule,
+        generator,
+        t_range,
+        resample=resample,
+        two_pass=two_pass,
+        soft_p=soft_p,
+        rows=rows,
+    )
     tokens = int(batch.loss_positions.sum())
     nats = nll.sum()
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
@@ -184,8 +218,13 @@ def ar_loss(model: Transformer, batch: Batch, rows: slice | None = None) -> Loss
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
 
 
-def per_block_losses(model: Transformer, batch: Batch, schedule: NoiseSchedule,
-                     generator: torch.Generator, t_range: tuple[float, float]) -> torch.Tensor:
+def per_block_losses(
+    model: Transformer,
+    batch: Batch,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    t_range: tuple[float, float],
+) -> torch.Tensor:
     """Mean weighted NLL of every (row, block): [B, Nb] (for the clipped-range search)."""
     nll, t = diffusion_token_nll(model, batch, schedule, generator, t_range)
     B, Nb = t.shape
@@ -196,8 +235,14 @@ def per_block_losses(model: Transformer, batch: Batch, schedule: NoiseSchedule,
 # instruction tuning: SFT and R2FT
 
 
-def sft_loss(model: Transformer, batch: Batch, schedule: NoiseSchedule, generator: torch.Generator,
-             t_range: tuple[float, float], rows: slice | None = None) -> LossOutput:
+def sft_loss(
+    model: Transformer,
+    batch: Batch,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    t_range: tuple[float, float],
+    rows: slice | None = None,
+) -> LossOutput:
     """Instruction SFT: the MDLM / BD3-LM NELBO where only `batch.valid` (the response positions)
     can be masked and carry loss, normalised by their count; the prompt is always visible."""
     return diffusion_loss(model, batch, schedule, generator, t_range, rows=rows)
@@ -216,8 +261,9 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 
-def draw_negative(start: int, end: int, seq_len: int, cfg: InstructConfig,
-                  generator: torch.Generator) -> Negative:
+def draw_negative(
+    start: int, end: int, seq_len: int, cfg: InstructConfig, generator: torch.Generator
+) -> Negative:
     """R2FT's rule for one row whose answer is [start, end): c uniform inside the answer, g in
     cfg.unit (at most the c - 1 visible tokens after [BOS]), z in cfg.span (cut to the row), a
     random phase and a random [EOS] position inside the span, never its last slot (a span ending
@@ -233,15 +279,21 @@ def draw_negative(start: int, end: int, seq_len: int, cfg: InstructConfig,
 def rejected_span(row: torch.Tensor, neg: Negative, eos_id: int) -> torch.Tensor:
     """The rejected continuation [z]: the last g visible tokens tiled cyclically from `phase` for
     z - 1 tokens, with one [EOS] inserted at `eos_at`."""
-    unit = row[neg.cut - neg.unit:neg.cut]
+    unit = row[neg.cut - neg.unit : neg.cut]
     tiled = unit[(neg.phase + torch.arange(neg.span - 1, device=row.device)) % neg.unit]
     eos = torch.tensor([eos_id], dtype=row.dtype, device=row.device)
-    return torch.cat([tiled[:neg.eos_at], eos, tiled[neg.eos_at:]])
+    return torch.cat([tiled[: neg.eos_at], eos, tiled[neg.eos_at :]])
 
 
-def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int,
-              generator: torch.Generator, negatives: list[Negative] | None = None,
-              rows: slice | None = None) -> LossOutput:
+def r2ft_loss(
+    model: Transformer,
+    batch: Batch,
+    cfg: InstructConfig,
+    eos_id: int,
+    generator: torch.Generator,
+    negatives: list[Negative] | None = None,
+    rows: slice | None = None,
+) -> LossOutput:
     """Rejective fine-tuning, one forward per row on x_t = x0 with every position >= c masked:
 
         loss = -log sigmoid(b_w mean_A log pi(y_w) - b_l mean_R log pi(y_l) - gamma) - b_a mean_A log pi(y_w)
@@ -266,10 +318,11 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     chosen = answer & (pos >= cut)  # where A is masked: the only positions with log pi != 0
     y_l, rejected = x0.clone(), torch.zeros_like(chosen)
     for b, n in enumerate(negatives):
-        y_l[b, n.cut:n.cut + n.span] = rejected_span(x0[b], n, eos_id)
-        rejected[b, n.cut:n.cut + n.span] = True
-    logits = model(xt).logits.float().index_fill(-1, torch.tensor([model.mask_id], device=x0.device),
-                                                 -torch.inf)
+        y_l[b, n.cut : n.cut + n.span] = rejected_span(x0[b], n, eos_id)
+        rejected[b, n.cut : n.cut + n.span] = True
+    logits = (
+        model(xt).logits.float().index_fill(-1, torch.tensor([model.mask_id], device=x0.device), -torch.inf)
+    )
     logp = logits.log_softmax(-1)  # [B, L, V]; every scored position is masked, so SUBS adds nothing
     lp_w = (logp.gather(-1, x0[..., None])[..., 0] * chosen).sum(1) / answer.sum(1)  # [B], mean over A
     lp_l = (logp.gather(-1, y_l[..., None])[..., 0] * rejected).sum(1) / rejected.sum(1)  # [B]
@@ -277,6 +330,10 @@ def r2ft_loss(model: Transformer, batch: Batch, cfg: InstructConfig, eos_id: int
     per_row = -F.logsigmoid(margin) - cfg.b_a * lp_w
     loss = per_row.sum() / B_all
     lp_w_, lp_l_, margin_ = lp_w.detach(), lp_l.detach(), margin.detach()
-    extras = {"chosen_logp": float(lp_w_.mean()), "rejected_logp": float(lp_l_.mean()),
-              "margin": float(margin_.mean()), "accuracy": float((margin_ > 0).float().mean())}
+    extras = {
+        "chosen_logp": float(lp_w_.mean()),
+        "rejected_logp": float(lp_l_.mean()),
+        "margin": float(margin_.mean()),
+        "accuracy": float((margin_ > 0).float().mean()),
+    }
     return LossOutput(loss, float(per_row.sum().detach()), B_all, extras)

@@ -37,11 +37,22 @@ class Perplexity:
 
 
 @torch.no_grad()
-def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSchedule, *,
-                        pad_id: int, byte_lengths: np.ndarray, eps: float, mc_samples: int = 4,
-                        batch_size: int = 16, seed: int = 1234, precision: str = "fp32",
-                        soft: bool = False, loss_positions: np.ndarray | None = None,
-                        maskable: np.ndarray | None = None) -> Perplexity:
+def evaluate_perplexity(
+    model: Transformer,
+    rows: np.ndarray,
+    schedule: NoiseSchedule,
+    *,
+    pad_id: int,
+    byte_lengths: np.ndarray,
+    eps: float,
+    mc_samples: int = 4,
+    batch_size: int = 16,
+    seed: int = 1234,
+    precision: str = "fp32",
+    soft: bool = False,
+    loss_positions: np.ndarray | None = None,
+    maskable: np.ndarray | None = None,
+) -> Perplexity:
     """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]. `soft` evaluates a
     soft-mask model through its two passes: the second pass's prediction is still a conditional
     p(x0 | x_t) (the soft inputs are a deterministic function of x_t), so the NELBO stays a bound.
@@ -58,10 +69,13 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
     nats, tokens, n_bytes = 0.0, 0, 0
     for mc in range(samples):
         for start in range(0, len(rows), batch_size):
-            x0 = torch.as_tensor(np.asarray(rows[start:start + batch_size]), device=device)
+            x0 = torch.as_tensor(np.asarray(rows[start : start + batch_size]), device=device)
             rows_at = slice(start, start + batch_size)
-            valid = (x0 != pad_id if loss_positions is None
-                     else torch.as_tensor(np.asarray(loss_positions[rows_at]), device=device))
+            valid = (
+                x0 != pad_id
+                if loss_positions is None
+                else torch.as_tensor(np.asarray(loss_positions[rows_at]), device=device)
+            )
             batch = Batch(x0, valid)
             if maskable is not None:  # masked over `maskable` (e.g. an [EOS] tail), scored on `valid`
                 batch = Batch(x0, torch.as_tensor(np.asarray(maskable[rows_at]), device=device), None, valid)
@@ -78,6 +92,12 @@ def evaluate_perplexity(model: Transformer, rows: np.ndarray, schedule: NoiseSch
             n_bytes += int(byte_lengths[scored_ids].sum())
     model.train(was_training)
     nats_per_token = nats / tokens
-    return Perplexity(nats_per_token=nats_per_token, ppl=math.exp(nats_per_token),
-                      bits_per_byte=nats / math.log(2) / max(n_bytes, 1), tokens=tokens // samples,
-                      rows=len(rows), mc_samples=samples, bound=not is_ar)
+    return Perplexity(
+        nats_per_token=nats_per_token,
+        ppl=math.exp(nats_per_token),
+        bits_per_byte=nats / math.log(2) / max(n_bytes, 1),
+        tokens=tokens // samples,
+        rows=len(rows),
+        mc_samples=samples,
+        bound=not is_ar,
+    )

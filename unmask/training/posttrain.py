@@ -16,13 +16,16 @@ from unmask.models.checkpoint import load_checkpoint
 # From the Conv/R2FT authors' run scripts (ALGORITHMS.md §3): AdamW with weight decay 0.1; R2FT a
 # few hundred steps inside a *fresh* 500-step warm-up, at a small fraction of SFT's learning rate,
 # so its updates stay tiny.
-STAGE_DEFAULTS = {"sft": {"steps": 1000, "warmup": 50, "weight_decay": 0.1},
-                  "r2ft": {"steps": 300, "warmup": 500, "weight_decay": 0.1}}
+STAGE_DEFAULTS = {
+    "sft": {"steps": 1000, "warmup": 50, "weight_decay": 0.1},
+    "r2ft": {"steps": 300, "warmup": 500, "weight_decay": 0.1},
+}
 R2FT_LR_FRACTION = 0.1  # R2FT's lr = this x the SFT checkpoint's lr
 
 
-def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str | None = None,
-                    template: str | None = None) -> Config:
+def instruct_config(
+    checkpoint: str | Path, stage: str, *, out: str, data: str | None = None, template: str | None = None
+) -> Config:
     """The config of an SFT or R2FT run from `checkpoint`: its own config with `instruct.stage`
     set, `train.out = out` and the stage's defaults (STAGE_DEFAULTS)."""
     if stage not in STAGE_DEFAULTS:
@@ -33,8 +36,12 @@ def instruct_config(checkpoint: str | Path, stage: str, *, out: str, data: str |
         base = pretrained_config(checkpoint)
     else:
         base = load_checkpoint(checkpoint).config
-    instruct = replace(base.instruct, stage=stage, **({"data": data} if data else {}),
-                       **({"template": template} if template else {}))
+    instruct = replace(
+        base.instruct,
+        stage=stage,
+        **({"data": data} if data else {}),
+        **({"template": template} if template else {}),
+    )
     train = replace(base.train, out=out, **STAGE_DEFAULTS[stage])
     if stage == "r2ft":
         train = replace(train, lr=base.train.lr * R2FT_LR_FRACTION)

@@ -17,9 +17,16 @@ from unmask.config_io import to_dict
 from unmask.models.checkpoint import CheckpointError
 
 # Config fields that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = {"train.steps", "train.eval_every", "train.save_every", "train.keep_optimizer",
-                     "train.precision",  # `auto` may resolve differently on another machine
-                     "dist.strategy", "dist.activation_checkpointing", "dist.consolidate"}
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_optimizer",
+    "train.precision",  # `auto` may resolve differently on another machine
+    "dist.strategy",
+    "dist.activation_checkpointing",
+    "dist.consolidate",
+}
 # What marks a directory as holding a run.
 RUN_FILES = ("latest", "metrics.jsonl", "ckpt-*", ".tmp-ckpt-*", ".dist-*")
 
@@ -45,8 +52,11 @@ def stop_requests():
         if request["signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         request["signal"] = signal.Signals(signum).name
-        print(f"\n{request['signal']}: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again stops at once, losing the steps since the last checkpoint)", file=sys.stderr)
+        print(
+            f"\n{request['signal']}: finishing this step, then saving a checkpoint "
+            "(Ctrl-C again stops at once, losing the steps since the last checkpoint)",
+            file=sys.stderr,
+        )
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -63,9 +73,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if not overwrite:
         names = sorted(p.name for p in held)
-        raise CheckpointError(f"{run_dir} already holds a run ({', '.join(names[:3])}"
-                              f"{', ...' if len(names) > 3 else ''}); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --train.out")
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --train.out"
+        )
     for p in held:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -81,5 +93,7 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
     a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
     changed = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES)
     if changed:
-        raise ConfigError("--resume: the config differs from the checkpoint's in "
-                          + ", ".join(f"--{k} ({a[k]!r} -> {b[k]!r})" for k in changed))
+        raise ConfigError(
+            "--resume: the config differs from the checkpoint's in "
+            + ", ".join(f"--{k} ({a[k]!r} -> {b[k]!r})" for k in changed)
+        )

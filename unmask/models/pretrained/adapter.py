@@ -152,7 +152,8 @@ class HFDenoiser(nn.Module):
             raise PretrainedError(
                 f"{self.family.name}: the NELBO bound (eval ppl) needs an unshifted block-causal or a "
                 "bidirectional model; a shifted block-causal one predicts a block's first token from the "
-                "previous block, which the [x_t ; x0] pass does not express")
+                "previous block, which the [x_t ; x0] pass does not express"
+            )
         L = xt.shape[1]
         noisy = self.embed(xt) if xt_embeds is None else xt_embeds
         h = torch.cat([noisy, self.embed(x0)], dim=1)

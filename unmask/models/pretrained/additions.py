@@ -22,8 +22,9 @@ HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DIT_TARGETS = ("attn.qkv", "attn.out")
 
 
-def attach(model: nn.Module, *, soft_mask_k: int, lora: LoraConfig,
-           soft_mask_init: str = "ours") -> nn.Module:
+def attach(
+    model: nn.Module, *, soft_mask_k: int, lora: LoraConfig, soft_mask_init: str = "ours"
+) -> nn.Module:
     """Freeze `model` and add the trainable modules: SoftMask(k) and LoRA adapters of rank r."""
     model.requires_grad_(False)
     if soft_mask_k:
@@ -36,8 +37,9 @@ def attach(model: nn.Module, *, soft_mask_k: int, lora: LoraConfig,
         native = getattr(model, "native", None)
         targets = list(lora.targets or (HF_TARGETS if native is not None else DIT_TARGETS))
         try:
-            peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                      target_modules=targets)
+            peft_cfg = PeftLoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
+            )
             inject_adapter_in_model(peft_cfg, native if native is not None else model)
         except ValueError as e:
             raise PretrainedError(f"--lora.targets {targets}: {e}") from e
