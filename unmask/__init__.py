@@ -44,6 +44,9 @@ _PUBLIC: dict[str, str] = {
     "ar_loss": "unmask.training.objectives",
     # decoding
     "generate": "unmask.decoding.generate",
+    "plan_decode": "unmask.decoding.plan",
+    "Request": "unmask.decoding.batches",
+    "decode_batches": "unmask.decoding.batches",
     "DecodeState": "unmask.decoding.state",
     "Decoder": "unmask.decoding.decoder",
     "build_decoder": "unmask.decoding.presets",
@@ -80,8 +83,10 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from unmask.config_io import load_config
     from unmask.data.corpus import DataError, load_corpus, prepare_data
     from unmask.data.tokenizer import Tokenizer
+    from unmask.decoding.batches import Request, decode_batches
     from unmask.decoding.decoder import Decoder
     from unmask.decoding.generate import generate
+    from unmask.decoding.plan import plan_decode
     from unmask.decoding.presets import PRESETS, build_decoder, preset_config
     from unmask.decoding.sample import render, sample
     from unmask.decoding.state import DecodeState

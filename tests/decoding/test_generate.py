@@ -4,8 +4,10 @@ import pytest
 import torch
 from conftest import MASK, VOCAB, tiny_model
 
+from unmask.config import replace
 from unmask.decoding.generate import DecodeError, completions, generate
-from unmask.decoding.presets import PRESETS, build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import PRESETS, preset_config
 from unmask.decoding.rng import row_generators
 from unmask.schedules import LogLinear
 
@@ -20,7 +22,13 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.inner, self.calls = model, 0
         self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
-        self.new_cache = model.new_cache
+        self.subs, self.soft_mask, self.head, self.tok_embed = (
+            model.subs,
+            model.soft_mask,
+            model.head,
+            model.tok_embed,
+        )
+        self.new_cache, self.embed = model.new_cache, model.embed
 
     def forward(self, *a, **k):
         self.calls += 1
@@ -28,27 +36,10 @@ class CountingModel(torch.nn.Module):
 
 
 def run(model, preset, *, prompt=None, template=None, seed=0, rows=None, eos=None, **over):
-    cfg = preset_config(preset, **over)
-    decoder = build_decoder(cfg, LogLinear())
+    plan = plan_decode(model, preset_config(preset, **over), schedule=LogLinear(), eos_id=eos)
     given = prompt if prompt is not None else template
     gens = row_generators(seed, rows if rows is not None else range(given.shape[0]))
-    states = list(
-        generate(
-            model,
-            decoder,
-            prompt=prompt,
-            template=template,
-            max_new_tokens=cfg.max_new_tokens,
-            steps=cfg.steps,
-            block_len=cfg.block_len,
-            cache=cfg.cache,
-            eos_id=eos,
-            eos_fill=cfg.eos_fill,
-            generators=gens,
-            rounds=cfg.rounds,
-        )
-    )
-    return states
+    return list(generate(model, plan, prompt=prompt, template=template, generators=gens))
 
 
 def prompt_batch(B=3, P=6, seed=0):
@@ -98,18 +89,10 @@ def test_cached_logits_equal_uncached_during_real_decoding():
     prompt = prompt_batch(2, 6)
     out = {}
     for cache in ("auto", "none"):
-        rec = Recording(build_decoder(preset_config("bd3lm"), LogLinear()))
-        states = list(
-            generate(
-                model,
-                rec,
-                prompt=prompt,
-                max_new_tokens=16,
-                steps=16,
-                cache=cache,
-                generators=row_generators(0, range(2)),
-            )
-        )
+        plan = plan_decode(model, preset_config("bd3lm", max_new_tokens=16, steps=16, cache=cache))
+        rec = Recording(plan.decoder)
+        plan = replace(plan, decoder=rec)
+        states = list(generate(model, plan, prompt=prompt, generators=row_generators(0, range(2))))
         out[cache] = (states[-1], rec.logits)
     assert torch.equal(out["auto"][0].tokens, out["none"][0].tokens)
     assert out["auto"][0].commit_passes == 1 + 5 and out["none"][0].commit_passes == 0
@@ -182,17 +165,20 @@ def test_eos_stops_block_rows_and_fills_canvas():
 
 def test_bad_inputs():
     model = tiny_model("bidirectional")
-    dec = build_decoder(preset_config("mdlm"), LogLinear())
+    cfg = preset_config("mdlm", max_new_tokens=128, steps=128, block_len=0, cache="auto")
+    plan = plan_decode(model, cfg)
     gens = row_generators(0, range(1))
     with pytest.raises(DecodeError, match=r"prompt must be \[B, n\] with n >= 1"):
-        list(generate(model, dec, prompt=torch.zeros(1, 0, dtype=torch.long), generators=gens))
+        list(generate(model, plan, prompt=torch.zeros(1, 0, dtype=torch.long), generators=gens))
     with pytest.raises(DecodeError, match="exceeds the model's maximum of 16"):
-        list(generate(model, dec, prompt=prompt_batch(1, 8), max_new_tokens=12, max_len=16, generators=gens))
-    with pytest.raises(DecodeError, match="steps must be >= 1"):
-        list(generate(model, dec, prompt=prompt_batch(1, 4), steps=0, generators=gens))
-    with pytest.raises(DecodeError, match="cache='dual' does not apply to a block_causal model"):
-        list(generate(tiny_model(), dec, prompt=prompt_batch(1, 4), cache="dual", generators=gens))
+        short = plan_decode(model, replace(cfg, max_new_tokens=12), max_len=16)
+        list(generate(model, short, prompt=prompt_batch(1, 8), generators=gens))
     from unmask.config import ConfigError
+
+    with pytest.raises(ConfigError, match="steps: must be >= 1"):  # a plan is built from a checked config
+        plan_decode(model, replace(cfg, steps=0))
+    with pytest.raises(DecodeError, match="cache='dual' does not apply to a block_causal model"):
+        plan_decode(tiny_model(), replace(cfg, cache="dual"))
 
     with pytest.raises(ConfigError, match="--decode.kernel: must be 0 .off. or a positive odd width"):
         preset_config("conv", kernel=64)

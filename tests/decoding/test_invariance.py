@@ -17,13 +17,14 @@ import torch
 from conftest import VOCAB, tiny_model
 from torch import nn
 
+from unmask.config import replace
 from unmask.decoding.generate import final_state, generate
-from unmask.decoding.presets import PRESETS, build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import PRESETS, preset_config
 from unmask.decoding.refresh import Marginal, SamplerRefresh
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler
 from unmask.models.transformer import Transformer
-from unmask.schedules import LogLinear
 
 KINDS = ["block_causal", "bidirectional", "causal", "soft-bidirectional", "soft-block_causal"]
 EOS = 5
@@ -57,23 +58,10 @@ def decode(model, preset, prompt, rows, *, cache=None, G=16, steps=8, **over):
     if model.soft_mask is not None:
         over.setdefault("inputs", "soft")
     cfg = preset_config(preset, max_new_tokens=G, steps=steps, **over)
-    state = final_state(
-        generate(
-            model,
-            build_decoder(cfg, LogLinear()),
-            prompt=prompt,
-            max_new_tokens=G,
-            steps=steps,
-            block_len=cfg.block_len,
-            cache=cache or cfg.cache,
-            eos_id=EOS,
-            eos_fill=cfg.eos_fill,
-            generators=row_generators(0, rows),
-            rounds=cfg.rounds,
-            refresher=refresher_for(model, preset),
-            cfg_scale=over.get("cfg_scale", 0.0),
-        )
+    plan = plan_decode(
+        model, replace(cfg, cache=cache or cfg.cache), eos_id=EOS, refresher=refresher_for(model, preset)
     )
+    state = final_state(generate(model, plan, prompt=prompt, generators=row_generators(0, rows)))
     return state
 
 
@@ -143,7 +131,8 @@ def test_the_cached_block_sees_bit_identical_logits():
     model = model_for("block_causal")
     seen = {}
     for cache in ("auto", "none"):
-        decoder = build_decoder(preset_config("bd3lm"), LogLinear())
+        plan = plan_decode(model, preset_config("bd3lm", max_new_tokens=16, steps=16, cache=cache))
+        decoder = plan.decoder
         logits = []
         step = decoder.step
 
@@ -152,17 +141,7 @@ def test_the_cached_block_sees_bit_identical_logits():
             return step(state, x, *u)
 
         object.__setattr__(decoder, "step", recording)
-        final_state(
-            generate(
-                model,
-                decoder,
-                prompt=prompts(2),
-                max_new_tokens=16,
-                steps=16,
-                cache=cache,
-                generators=row_generators(0, range(2)),
-            )
-        )
+        final_state(generate(model, plan, prompt=prompts(2), generators=row_generators(0, range(2))))
         seen[cache] = logits
     assert len(seen["auto"]) == len(seen["none"]) > 0
     for a, b in zip(seen["auto"], seen["none"], strict=True):

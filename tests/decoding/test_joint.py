@@ -102,21 +102,11 @@ def test_the_untrained_sampler_is_the_marginal_baseline_exactly():
 
 def exact(model, p, G, seed=0):
     from unmask.decoding.generate import final_state, generate
-    from unmask.decoding.presets import build_decoder, preset_config
-    from unmask.schedules import LogLinear
+    from unmask.decoding.plan import plan_decode
+    from unmask.decoding.presets import preset_config
 
-    cfg = preset_config("exact-joint", max_new_tokens=G, steps=G)
-    return final_state(
-        generate(
-            model,
-            build_decoder(cfg, LogLinear()),
-            prompt=p,
-            max_new_tokens=G,
-            steps=G,
-            eos_fill=False,
-            generators=row_generators(seed, range(len(p))),
-        )
-    )
+    plan = plan_decode(model, preset_config("exact-joint", max_new_tokens=G, steps=G, eos_fill=False))
+    return final_state(generate(model, plan, prompt=p, generators=row_generators(seed, range(len(p)))))
 
 
 def adjust(model, p, G, K, refresher, seed=0, block_len=0):

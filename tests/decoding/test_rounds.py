@@ -11,9 +11,11 @@ import torch
 from conftest import MASK, VOCAB, tiny_model
 from torch import nn
 
+from unmask.config import ConfigError
 from unmask.decoding.generate import DecodeError, final_state, generate
 from unmask.decoding.joint import joint_generate
-from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import preset_config
 from unmask.decoding.refresh import FullModel, Marginal, SamplerRefresh, build_refresher
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler
@@ -37,22 +39,9 @@ MARGINAL = Marginal()
 
 
 def run(model, preset, *, rounds=1, refresher=MARGINAL, G=12, steps=12, **over):
-    cfg = preset_config(preset, max_new_tokens=G, steps=steps, **over)
-    return final_state(
-        generate(
-            model,
-            build_decoder(cfg, LogLinear()),
-            prompt=prompts(),
-            max_new_tokens=G,
-            steps=steps,
-            block_len=cfg.block_len,
-            cache=cfg.cache,
-            eos_fill=False,
-            generators=row_generators(0, range(3)),
-            rounds=rounds,
-            refresher=refresher,
-        )
-    )
+    cfg = preset_config(preset, max_new_tokens=G, steps=steps, eos_fill=False, rounds=rounds, **over)
+    plan = plan_decode(model, cfg, schedule=LogLinear(), refresher=refresher)
+    return final_state(generate(model, plan, prompt=prompts(), generators=row_generators(0, range(3))))
 
 
 def soft_model():
@@ -163,7 +152,7 @@ def test_sampler_on_a_block_causal_base_attends_within_blocks():
 
 def test_bad_rounds_and_refreshers_are_named():
     model = tiny_model("bidirectional")
-    with pytest.raises(DecodeError, match="rounds must be >= 1"):
+    with pytest.raises(ConfigError, match="rounds: must be >= 1"):  # the plan's config is checked first
         run(model, "mdlm", rounds=0)
     with pytest.raises(DecodeError, match="need a diffusion model"):
         run(tiny_model("causal"), "mdlm", rounds=2)
@@ -171,17 +160,6 @@ def test_bad_rounds_and_refreshers_are_named():
         build_refresher("sampler")
     with pytest.raises(ValueError, match="needs --decode.refresh sampler"):
         build_refresher("none", AdjustSampler(model.cfg))
-    cfg = preset_config("adjust", max_new_tokens=8)
+    cfg = preset_config("adjust", max_new_tokens=8, steps=128, cache="auto", cfg_scale=1.0, rounds=2)
     with pytest.raises(DecodeError, match="classifier-free guidance"):
-        final_state(
-            generate(
-                model,
-                build_decoder(cfg, LogLinear()),
-                prompt=prompts(),
-                max_new_tokens=8,
-                cfg_scale=1.0,
-                generators=row_generators(0, range(3)),
-                rounds=2,
-                refresher=SamplerRefresh(AdjustSampler(model.cfg)),
-            )
-        )
+        plan_decode(model, cfg, refresher=SamplerRefresh(AdjustSampler(model.cfg)))

@@ -103,24 +103,15 @@ def test_llada_reference_matches_our_preset_on_a_random_model():
     from conftest import tiny_model
 
     from unmask.decoding.generate import final_state, generate
-    from unmask.decoding.presets import build_decoder
+    from unmask.decoding.plan import plan_decode
     from unmask.decoding.rng import row_generators
 
     model = tiny_model("bidirectional")
     prompt = torch.randint(0, 60, (3, 5), generator=torch.Generator().manual_seed(0))
     ref = llada_reference(model, prompt, gen_length=16, steps=8, block_length=8)
     cfg = preset_config("llada", steps=8, max_new_tokens=16, block_len=8)
-    ours = final_state(
-        generate(
-            model,
-            build_decoder(cfg, LogLinear()),
-            prompt=prompt,
-            max_new_tokens=16,
-            steps=8,
-            block_len=8,
-            generators=row_generators(0, range(3)),
-        )
-    )
+    plan = plan_decode(model, cfg, schedule=LogLinear())
+    ours = final_state(generate(model, plan, prompt=prompt, generators=row_generators(0, range(3))))
     assert torch.equal(ours.tokens, ref)
 
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 from pretrained_layouts import BLOCK, FAMILIES, write_family, write_gpt2_like_tokenizer
 
+from unmask.config import replace
 from unmask.decoding.generate import DecodeError, final_state, generate
-from unmask.decoding.presets import PRESETS, build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import PRESETS, preset_config
 from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import decode_states, sample
+from unmask.decoding.sample import sample
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.pretrained.families import PretrainedError
 from unmask.schedules import LogLinear
@@ -81,11 +83,23 @@ def test_generate_with_cache_equals_without(family_dirs, family):
         cfg = preset_config("bd3lm", max_new_tokens=12)
         states = generate(
             loaded.model,
-            build_decoder(cfg, LogLinear()),
+            plan_decode(
+                loaded.model,
+                replace(
+                    cfg,
+                    max_new_tokens=12,
+                    steps=12,
+                    block_len=0,
+                    cache=cache,
+                    eos_fill=True,
+                    stop_entropy=0.0,
+                    cfg_scale=0.0,
+                    rounds=1,
+                    ban_stop=False,
+                    defer_stop=False,
+                ),
+            ),
             prompt=prompt,
-            max_new_tokens=12,
-            steps=12,
-            cache=cache,
             generators=row_generators(0, [0, 1]),
         )
         outs.append(final_state(states).tokens)
@@ -123,14 +137,24 @@ def test_every_preset_on_every_family(family_dirs, family, preset):
         final_state(
             generate(
                 model,
-                build_decoder(cfg, LogLinear()),
+                plan_decode(
+                    model,
+                    replace(
+                        cfg,
+                        max_new_tokens=8,
+                        steps=4,
+                        block_len=cfg.block_len if cfg.block_len <= 8 else 8,
+                        cache=cfg.cache,
+                        eos_fill=True,
+                        stop_entropy=0.0,
+                        cfg_scale=0.0,
+                        rounds=cfg.rounds,
+                        ban_stop=False,
+                        defer_stop=False,
+                    ),
+                ),
                 prompt=prompt,
-                max_new_tokens=8,
-                steps=4,
-                block_len=cfg.block_len if cfg.block_len <= 8 else 8,
-                cache=cfg.cache,
                 generators=row_generators(3, [0, 1]),
-                rounds=cfg.rounds,
             )
         )
         for _ in range(2)
@@ -222,12 +246,23 @@ def test_llada_preset_is_token_identical_to_the_reference_loop(family_dirs, bloc
     ours = final_state(
         generate(
             model,
-            build_decoder(cfg, LogLinear()),
+            plan_decode(
+                model,
+                replace(
+                    cfg,
+                    max_new_tokens=16,
+                    steps=8,
+                    block_len=block_len,
+                    cache="auto",
+                    eos_fill=False,
+                    stop_entropy=0.0,
+                    cfg_scale=0.0,
+                    rounds=1,
+                    ban_stop=False,
+                    defer_stop=False,
+                ),
+            ),
             prompt=prompt,
-            max_new_tokens=16,
-            steps=8,
-            block_len=block_len,
-            eos_fill=False,
             generators=row_generators(0, [0, 1]),
         )
     )
@@ -369,13 +404,23 @@ def test_fast_dllm_preset_is_token_identical_to_the_reference_loop(family_dirs, 
     ours = final_state(
         generate(
             model,
-            build_decoder(cfg, LogLinear()),
+            plan_decode(
+                model,
+                replace(
+                    cfg,
+                    max_new_tokens=16,
+                    steps=cfg.steps,
+                    block_len=8,
+                    cache="none",
+                    eos_fill=cfg.eos_fill,
+                    stop_entropy=0.0,
+                    cfg_scale=0.0,
+                    rounds=1,
+                    ban_stop=False,
+                    defer_stop=False,
+                ),
+            ),
             prompt=prompt,
-            max_new_tokens=16,
-            steps=cfg.steps,
-            block_len=8,
-            cache="none",
-            eos_fill=cfg.eos_fill,
             generators=row_generators(0, [0, 1]),
         )
     )
@@ -444,15 +489,24 @@ def test_llada_unequal_prompts_and_cfg_match_the_reference_with_a_native_model(f
     ours = final_state(
         generate(
             model,
-            build_decoder(cfg, LogLinear()),
+            plan_decode(
+                model,
+                replace(
+                    cfg,
+                    max_new_tokens=16,
+                    steps=8,
+                    block_len=8,
+                    cache="none",
+                    eos_fill=False,
+                    stop_entropy=0.0,
+                    cfg_scale=cfg_scale,
+                    rounds=1,
+                    ban_stop=False,
+                    defer_stop=False,
+                ),
+            ),
             prompt=prompt,
-            max_new_tokens=16,
-            steps=8,
-            block_len=8,
-            cache="none",
-            eos_fill=False,
             prompt_mask=mask,
-            cfg_scale=cfg_scale,
             generators=row_generators(0, [0, 1, 2]),
         )
     )
@@ -468,10 +522,23 @@ def test_left_padding_is_refused_for_block_causal_models(family_dirs):
         final_state(
             generate(
                 model,
-                build_decoder(cfg, LogLinear()),
+                plan_decode(
+                    model,
+                    replace(
+                        cfg,
+                        max_new_tokens=8,
+                        steps=8,
+                        block_len=0,
+                        cache="auto",
+                        eos_fill=True,
+                        stop_entropy=0.0,
+                        cfg_scale=0.0,
+                        rounds=1,
+                        ban_stop=False,
+                        defer_stop=False,
+                    ),
+                ),
                 prompt=prompt,
-                max_new_tokens=8,
-                steps=8,
                 prompt_mask=mask,
                 generators=row_generators(0, [0, 1, 2]),
             )
@@ -480,11 +547,23 @@ def test_left_padding_is_refused_for_block_causal_models(family_dirs):
         final_state(
             generate(
                 model,
-                build_decoder(cfg, LogLinear()),
+                plan_decode(
+                    model,
+                    replace(
+                        cfg,
+                        max_new_tokens=8,
+                        steps=8,
+                        block_len=0,
+                        cache="auto",
+                        eos_fill=True,
+                        stop_entropy=0.0,
+                        cfg_scale=1.0,
+                        rounds=1,
+                        ban_stop=False,
+                        defer_stop=False,
+                    ),
+                ),
                 prompt=prompt,
-                max_new_tokens=8,
-                steps=8,
-                cfg_scale=1.0,
                 generators=row_generators(0, [0, 1, 2]),
             )
         )
@@ -498,12 +577,23 @@ def test_random_remasking_commits_the_same_counts_in_a_seeded_order(family_dirs)
         list(
             generate(
                 model,
-                build_decoder(cfg, LogLinear()),
+                plan_decode(
+                    model,
+                    replace(
+                        cfg,
+                        max_new_tokens=16,
+                        steps=8,
+                        block_len=8,
+                        cache="auto",
+                        eos_fill=False,
+                        stop_entropy=0.0,
+                        cfg_scale=0.0,
+                        rounds=1,
+                        ban_stop=False,
+                        defer_stop=False,
+                    ),
+                ),
                 prompt=prompt,
-                max_new_tokens=16,
-                steps=8,
-                block_len=8,
-                eos_fill=False,
                 generators=row_generators(seed, [0, 1]),
             )
         )
@@ -546,11 +636,23 @@ def test_dream_preset_with_alg_temp_is_seeded(family_dirs):
         final_state(
             generate(
                 model,
-                build_decoder(cfg, LogLinear()),
+                plan_decode(
+                    model,
+                    replace(
+                        cfg,
+                        max_new_tokens=12,
+                        steps=6,
+                        block_len=0,
+                        cache="auto",
+                        eos_fill=False,
+                        stop_entropy=0.0,
+                        cfg_scale=0.0,
+                        rounds=1,
+                        ban_stop=False,
+                        defer_stop=False,
+                    ),
+                ),
                 prompt=prompt,
-                max_new_tokens=12,
-                steps=6,
-                eos_fill=False,
                 generators=row_generators(s, [0, 1]),
             )
         ).tokens
@@ -771,15 +873,8 @@ def test_stop_token_knobs(family_dirs):
 
     def run(**over):
         cfg = preset_config("llada", max_new_tokens=8, steps=8, block_len=8, **over)
-        states = decode_states(
-            model,
-            cfg,
-            prompt,
-            schedule=LogLinear(),
-            generators=row_generators(0, [0]),
-            eos_id=tok.eos_id,
-            stop_ids=tok.stop_ids,
-        )
+        plan = plan_decode(model, cfg, schedule=LogLinear(), tokenizer=tok)
+        states = generate(model, plan, prompt=prompt, generators=row_generators(0, [0]))
         return [int(s.tokens[0, P]) for s in states]  # the first generated position after each step
 
     plain, banned, deferred = run(), run(ban_stop=True), run(defer_stop=True)

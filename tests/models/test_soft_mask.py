@@ -8,7 +8,8 @@ from conftest import MASK, VOCAB
 
 from unmask.config import Config, ConfigError, DataConfig, ModelConfig, SoftMaskConfig, TrainConfig
 from unmask.decoding.generate import DecodeError, final_state, generate
-from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import preset_config
 from unmask.decoding.rng import row_generators
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.soft_mask import SoftMask
@@ -98,18 +99,8 @@ def test_soft_inputs_compose_with_presets(attention, preset, schedule):
 
     def run(inputs, rows=range(2), p=prompt):
         cfg = preset_config(preset, inputs=inputs, soft_schedule=schedule, max_new_tokens=12, steps=6)
-        return final_state(
-            generate(
-                model,
-                build_decoder(cfg, LogLinear()),
-                prompt=p,
-                max_new_tokens=12,
-                steps=6,
-                block_len=cfg.block_len,
-                cache=cfg.cache,
-                generators=row_generators(0, rows),
-            )
-        )
+        plan = plan_decode(model, cfg, schedule=LogLinear())
+        return final_state(generate(model, plan, prompt=p, generators=row_generators(0, rows)))
 
     soft = run("soft")
     assert not (soft.tokens == MASK).any() and torch.equal(soft.tokens[:, :5], prompt)
@@ -124,14 +115,7 @@ def test_soft_inputs_need_a_soft_mask_model():
     assert model.soft_mask is None
     cfg = preset_config("mdlm", inputs="soft")
     with pytest.raises(DecodeError, match="need a model trained with soft-masking"):
-        final_state(
-            generate(
-                model,
-                build_decoder(cfg, LogLinear()),
-                prompt=torch.zeros(1, 2, dtype=torch.long),
-                generators=row_generators(0, range(1)),
-            )
-        )
+        plan_decode(model, cfg)
 
 
 def test_continued_training_and_checkpoint_round_trip(tiny_data_cfg, tiny_data, tmp_path):

@@ -340,15 +340,15 @@ def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatc
     import torch
 
     from unmask.config import DecodeConfig
+    from unmask.decoding import batches
     from unmask.decoding.state import DecodeState
-    from unmask.serve import engine as engine_module
     from unmask.serve.engine import Engine, Job
 
     loaded = load_checkpoint(checkpoints["block_causal"])
     eos, mask = loaded.tokenizer.eos_id, loaded.model.mask_id
     word = loaded.tokenizer.encode("a")[0]
 
-    def fake_states(model, cfg, prompt, **kw):
+    def fake_states(model, plan, *, prompt, **kw):
         B, P = prompt.shape
         for nfe, finished in ((1, [True, False]), (2, [True, False]), (3, [True, True])):
             tail = torch.tensor([[word, eos, eos, eos], [word, word, word if nfe > 1 else mask, mask]])
@@ -366,13 +366,13 @@ def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatc
                 finished=torch.tensor(finished),
             )
 
-    monkeypatch.setattr(engine_module, "decode_states", fake_states)
+    monkeypatch.setattr(batches, "generate", fake_states)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.config)
 
     async def run():
         loop = asyncio.get_running_loop()
         cfg = DecodeConfig(max_new_tokens=4)
-        jobs = [Job([loaded.tokenizer.bos_id, word], cfg, seed, 1, loop) for seed in (0, 1)]
+        jobs = [Job([loaded.tokenizer.bos_id, word], engine.plan(cfg), seed, 1, loop) for seed in (0, 1)]
         with engine._cv:  # both wait before the worker looks: they form one batch
             for job in jobs:
                 engine.waiting.append(job)
@@ -402,3 +402,48 @@ def test_a_pretrained_directory_is_served_with_its_familys_decoder(tmp_path):
         r.choices[0].text
         == alone(tmp_path / "sdar", "w1 w2 w3", preset="bd3lm", seed=2, max_new_tokens=8, steps=8)[0]
     )
+
+
+def test_suffix_fills_the_middle_on_a_bidirectional_model_and_is_a_400_on_block_causal(
+    mdlm, bd3, checkpoints
+):
+    r = client(mdlm).completions.create(
+        model="tiny-mdlm",
+        prompt="def f(x):",
+        suffix="return y",
+        max_tokens=6,
+        seed=2,
+        extra_body={"steps": 8},
+    )
+    loaded = load_checkpoint(checkpoints["bidirectional"])
+    schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
+    cfg, max_len = preset_config("mdlm", steps=8), loaded.config.data.seq_len
+    template = "def f(x):<mask*6>return y"
+    (rec,) = sample(
+        loaded.model, loaded.tokenizer, [template], cfg, schedule, seed=2, max_len=max_len, infill=True,
+        precision="auto",
+    )  # fmt: skip
+    assert r.choices[0].text == rec["fills"][0] and r.usage.completion_tokens == 6
+    bad = httpx.post(
+        bd3.url + "/v1/completions", json={"model": "tiny-bd3lm", "prompt": "x", "suffix": "y"}, timeout=30
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
+
+
+def test_completion_tokens_count_what_a_stop_string_leaves(mdlm, checkpoints):
+    from unmask.decoding.batches import Request, decode_batches
+    from unmask.decoding.plan import plan_decode
+
+    body = dict(model="tiny-mdlm", prompt="def f(", max_tokens=16, seed=1, extra_body={"steps": 16})
+    full = client(mdlm).completions.create(**body)
+    text = full.choices[0].text
+    assert len(text) > 4
+    cut = client(mdlm).completions.create(stop=[text[3:5]], **body)
+    assert cut.choices[0].text == text[: text.index(text[3:5])] and cut.choices[0].finish_reason == "stop"
+    loaded = load_checkpoint(checkpoints["bidirectional"])
+    cfg = preset_config("mdlm", max_new_tokens=16, steps=16)
+    plan = plan_decode(loaded.model, cfg, tokenizer=loaded.tokenizer, max_len=loaded.config.data.seq_len)
+    (rec,) = decode_batches(
+        loaded.model, [Request(plan.prompt_ids("def f("), plan, seed=1, stop=(text[3:5],))]
+    )
+    assert cut.usage.completion_tokens == len(rec.token_ids) < full.usage.completion_tokens

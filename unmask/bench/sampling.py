@@ -24,20 +24,22 @@ class TimedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.inner = model
-        self.cfg, self.vocab_size, self.mask_id = model.cfg, model.vocab_size, model.mask_id
-        self.subs, self.new_cache = getattr(model, "subs", True), model.new_cache
-        # what input policies and the ADJUST sampler reach for on the model
-        self.soft_mask, self.head = model.soft_mask, model.head
-        if hasattr(model, "tok_embed"):  # our backbones (pretrained adapters embed through `embed`)
-            self.tok_embed = model.tok_embed
-            self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        # the rest of the Denoiser protocol is the wrapped model's
+        self.cfg, self.vocab_size, self.mask_id, self.subs = (
+            model.cfg,
+            model.vocab_size,
+            model.mask_id,
+            model.subs,
+        )
+        self.soft_mask, self.head, self.tok_embed = model.soft_mask, model.head, model.tok_embed
+        self.new_cache = model.new_cache
         self.seconds, self.calls, self.flops = 0.0, 0, 0
 
-    def forward(self, tokens=None, *, cache=None, embeds=None):
+    def forward(self, tokens=None, *, cache=None, embeds=None, key_mask=None):
         B, T = (tokens if embeds is None else embeds).shape[:2]
         keys = T if cache is None else max(cache.write_start + T, cache.length)
         t = time.perf_counter()
-        out = self.inner(tokens, cache=cache, embeds=embeds)
+        out = self.inner(tokens, cache=cache, embeds=embeds, key_mask=key_mask)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         if hasattr(self.inner, "forward_flops"):
@@ -61,33 +63,27 @@ def run_decode(
     sampler=None,
 ) -> dict[str, Any]:
     """Decode every prompt with `cfg`; time the whole run and the part inside the model."""
-    from unmask.decoding.generate import completions, final_state
-    from unmask.decoding.rng import row_generators
-    from unmask.decoding.sample import decode_states
+    from unmask.decoding.batches import Request, decode_batches
+    from unmask.decoding.plan import plan_decode
     from unmask.evaluation.metrics import rep_n, unigram_entropy
 
     timed = TimedModel(model)
-    outs, nfe, commits, refreshes, row_forwards = [], 0, 0, 0, 0
+    plan = plan_decode(timed, cfg, schedule=schedule, eos_id=eos_id, precision=precision, sampler=sampler)
+    rows = [Request(p, plan, seed=seed, index=i) for i, p in enumerate(prompts.tolist())]
+    last = {}  # batch -> (its last state, its rows)
+
+    def on_state(batch, state):
+        last[id(batch)] = (state, len(batch))
+
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        state = final_state(
-            decode_states(
-                timed,
-                cfg,
-                chunk,
-                schedule=schedule,
-                eos_id=eos_id,
-                precision=precision,
-                sampler=sampler,
-                generators=row_generators(seed, range(start, start + len(chunk))),
-            )
-        )
-        outs.extend(completions(state, eos_id))
-        nfe += state.nfe
-        commits += state.commit_passes
-        refreshes += state.refresh_passes
-        row_forwards += state.nfe * len(chunk)
+    records = sorted(
+        decode_batches(timed, rows, batch_size=batch_size, on_state=on_state), key=lambda r: r.request.index
+    )
+    outs = [r.token_ids for r in records]
+    nfe = sum(state.nfe for state, _ in last.values())
+    commits = sum(state.commit_passes for state, _ in last.values())
+    refreshes = sum(state.refresh_passes for state, _ in last.values())
+    row_forwards = sum(state.nfe * n for state, n in last.values())
     seconds = time.perf_counter() - t0
     new_tokens = sum(len(o) for o in outs)
     prompt_tokens = prompts.numel()
@@ -428,7 +424,7 @@ def llada_reference(
         for i in range(steps_per_block):
             mask_index = x == mask_id
             logits = model(x).logits.double()
-            if getattr(model, "subs", True):
+            if model.subs:
                 logits[..., mask_id] = -torch.inf
             x0 = logits.argmax(dim=-1)
             p = torch.softmax(logits, dim=-1)

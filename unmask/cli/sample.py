@@ -46,7 +46,9 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     if ns.compile:
         model.compile_blocks()
     max_len = ns.max_len or (loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None)
-    prompts = read_prompts(ns)
+    prompts = ns.infill or read_prompts(ns)
+    if ns.infill and (ns.prompt or ns.prompts_file or ns.chat):
+        raise SystemExit("error: --infill is the whole text; it takes no --prompt, --prompts-file or --chat")
     on_state = None
     live = None
     if ns.stream:
@@ -77,6 +79,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
             on_state=on_state,
             sampler=sampler,
             chat=ns.chat,
+            infill=bool(ns.infill),
         )
     finally:
         if live is not None:
@@ -88,7 +91,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
     else:
         for r in records:
             print(f"--- sample {r['index']} (nfe {r['nfe']}, {r['new_tokens']} tokens)")
-            print(r["prompt"] + r["text"])
+            print(r["text"] if ns.infill else r["prompt"] + r["text"])
 
 
 def add_sample_command(sub) -> None:
@@ -109,6 +112,13 @@ def add_sample_command(sub) -> None:
     s.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
     s.add_argument("--prompts-file", help="prompts: one per line, or .jsonl with a `prompt` field")
+    s.add_argument(
+        "--infill",
+        action="append",
+        metavar="TEMPLATE",
+        help="fill the <mask> / <mask*N> slots of this text in place (bidirectional models; "
+        "repeatable), e.g. 'def f(x):<mask*16>return y'",
+    )
     s.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)

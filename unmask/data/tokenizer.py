@@ -90,15 +90,29 @@ class Tokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         return (self.eos_id,)
 
+    chat_template = "chat"  # the name of the repo's template in data/templates.toml
+
+    def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """A conversation as text through the repo's `chat` template (`data/templates.toml`, what
+        SFT with `--instruct.template chat` trains on): every turn, then the assistant's opening."""
+        from unmask.data.instruct import load_template
+
+        template = load_template("chat")
+        if add_generation_prompt:
+            return template.chat(messages)
+        return "".join(template.turn.format(role=m["role"], content=m["content"]) for m in messages)
+
     def prompt_ids(self, text: str, *, chat: bool = False) -> list[int]:
-        """`[BOS] + tokens`; our own models have no chat template (post-trained ones use the
-        instruct templates of `unmask.data.instruct`)."""
+        """`[BOS] + tokens` (one [BOS]: a text that already opens with it keeps just that one);
+        with `chat`, the text as one user turn of the `chat` template."""
         if chat:
-            raise TokenizerError(
-                "this checkpoint's tokenizer has no chat template; --chat is for pretrained "
-                "instruct models (LLaDA-Instruct, Dream-Instruct, SDAR-Chat, ...)"
-            )
-        return [self.bos_id, *self.encode(text)]
+            return self.encode_chat(self.chat([{"role": "user", "content": text}]))
+        ids = self.encode(text)
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+    def encode_chat(self, rendered: str) -> list[int]:
+        """The ids of a conversation `chat()` rendered: `[BOS]` + its tokens, as SFT encodes them."""
+        return self.prompt_ids(rendered)
 
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for specials): turns nats/token into bits/byte."""

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from unmask.decoding.inputs import BinaryInputs
 from unmask.decoding.refresh import View
 from unmask.decoding.state import DecodeState
+from unmask.models.denoiser import Denoiser
 from unmask.models.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from unmask.decoding.plan import DecodePlan
 
 
 class Caller:
@@ -20,20 +26,13 @@ class Caller:
     """
 
     def __init__(
-        self,
-        model,
-        decoder,
-        *,
-        key_mask: torch.Tensor | None = None,
-        cfg_scale: float = 0.0,
-        prompt_len: int = 0,
-        ban_ids: tuple[int, ...] = (),
+        self, model: Denoiser, plan: DecodePlan, *, key_mask: torch.Tensor | None = None, prompt_len: int = 0
     ):
-        self.model, self.decoder, self.ban_ids = model, decoder, list(ban_ids)
-        self.reusable = isinstance(decoder.inputs, BinaryInputs)
+        self.model, self.decoder, self.ban_ids = model, plan.decoder, list(plan.ban_ids)
+        self.reusable = isinstance(plan.decoder.inputs, BinaryInputs)
         self.last: tuple[torch.Tensor, int, View] | None = None
         self.nfe = 0
-        self.key_mask, self.cfg_scale, self.prompt_len = key_mask, cfg_scale, prompt_len
+        self.key_mask, self.cfg_scale, self.prompt_len = key_mask, plan.cfg.cfg_scale, prompt_len
 
     def _forward(
         self, inputs: dict[str, torch.Tensor], cache: KVCache | None, start: int

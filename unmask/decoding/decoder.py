@@ -24,6 +24,7 @@ class ProposalPolicy(Protocol):
 
 class Selector(Protocol):
     needs_proposals: bool  # False: selection ignores proposals, so only chosen positions get one
+    until_done: bool  # True: >= 1 commit per step, each block decoded until done (Fast-dLLM's threshold)
 
     def __call__(self, c: SelectContext) -> torch.Tensor: ...
 
@@ -34,6 +35,11 @@ class Decoder:
     score: TokenProb
     select: Selector
     inputs: InputPolicy = BinaryInputs()
+    # the model family's conventions (set once by `plan_decode`): whether [MASK] is never proposed
+    # (SUBS) or stays in the softmax as the LLaDA / Dream / SDAR reference loops keep it, and the
+    # ids whose proposals rank last (`defer_stop`: EOS / end of turn)
+    subs: bool = True
+    deferred: tuple[int, ...] = ()
 
     def step(
         self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
@@ -57,10 +63,10 @@ class Decoder:
             excluded = self._excluded(state)
             proposal = self._propose(logits, scored, u_token, excluded)
             confidence[scored] = (self.score(proposal) * gate[scored]).double()
-            if getattr(self.score, "random", False):  # LLaDA's random remasking
+            if self.score.random:  # LLaDA's random remasking
                 confidence[scored] = u_select[scored] * gate[scored].double()
-            if state.deferred:  # e.g. EOS / end of turn: only where nothing else is left
-                late_ids = torch.isin(proposal.tokens, torch.tensor(state.deferred, device=window.device))
+            if self.deferred:  # e.g. EOS / end of turn: only where nothing else is left
+                late_ids = torch.isin(proposal.tokens, torch.tensor(self.deferred, device=window.device))
                 confidence[scored] = confidence[scored].masked_fill(late_ids, -torch.inf)
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
@@ -79,7 +85,7 @@ class Decoder:
         """The token proposals never take: [MASK], except for greedy proposals on models whose
         reference loops rank by the full softmax (LLaDA, Dream, SDAR: `subs = False`); a sampled
         [MASK] would be no decision at all."""
-        return None if not state.subs and isinstance(self.propose, Greedy) else state.mask_id
+        return None if not self.subs and isinstance(self.propose, Greedy) else state.mask_id
 
     def _propose(
         self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int | None

@@ -34,44 +34,23 @@ import torch
 
 from unmask.decoding.caller import Caller
 from unmask.decoding.decoder import Decoder
-from unmask.decoding.inputs import BinaryInputs
+from unmask.decoding.plan import CACHES, DecodeError, DecodePlan, plan_decode
 from unmask.decoding.proposals import Distribution
-from unmask.decoding.refresh import Marginal, Refresher, SamplerRefresh, View
+from unmask.decoding.refresh import View
 from unmask.decoding.rng import row_uniform
 from unmask.decoding.state import DecodeState
 from unmask.models import invariant
-from unmask.models.kv_cache import KVCache
-from unmask.models.transformer import Transformer, autocast
+from unmask.models.denoiser import Denoiser
+from unmask.models.transformer import autocast
 
-# cache setting -> what a model kind does with it. For block-causal and causal models the prefix
-# cache *is* exact; bidirectional models get the approximate Fast-dLLM caches.
-CACHES = {
-    "block_causal": {"auto": "exact", "prefix": "exact", "none": "none"},
-    "causal": {"auto": "exact", "prefix": "exact", "none": "none"},
-    "bidirectional": {"auto": "none", "none": "none", "prefix": "prefix", "dual": "dual"},
-}
 ENTROPY_WINDOW = 256
-NO_REFRESH = Marginal()
-
-
-class DecodeError(ValueError):
-    """Bad decoding input; the message names the argument."""
-
-
-def _new_cache(model: Transformer, batch: int, max_len: int, device) -> KVCache:
-    return model.new_cache(batch, max_len, device)  # sized by the model's key/value heads
+__all__ = ["CACHES", "DecodeError", "DecodePlan", "completions", "final_state", "generate", "plan_decode"]
 
 
 def _until_done(decoder: Decoder) -> bool:
     """The selector commits >= 1 position per step and decodes each block until it is done
     (Fast-dLLM's threshold): at most a block's width of steps, whatever the budget."""
-    return getattr(decoder.select, "until_done", False)
-
-
-def _subs(model) -> bool:
-    """Whether decoders exclude [MASK] from proposals (our models, MDLM/BD3-LM) or keep the model's
-    full softmax as the LLaDA / Dream / SDAR reference loops do (`model.subs = False`)."""
-    return getattr(model, "subs", True)
+    return decoder.select.until_done
 
 
 def _unigram_entropy(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -96,148 +75,39 @@ def _eos_fill(state: DecodeState, eos_id: int) -> DecodeState:
 
 
 def generate(
-    model: Transformer,
-    decoder: Decoder,
+    model: Denoiser,
+    plan: DecodePlan,
     *,
     prompt: torch.Tensor | None = None,
     template: torch.Tensor | None = None,
-    max_new_tokens: int = 128,
-    steps: int = 128,
-    block_len: int = 0,
-    cache: str = "auto",
-    eos_id: int | None = None,
-    eos_fill: bool = True,
-    stop_entropy: float = 0.0,
-    max_len: int | None = None,
     generators: list[torch.Generator],
-    precision: str = "fp32",
     prompt_mask: torch.Tensor | None = None,
-    cfg_scale: float = 0.0,
-    ban_ids: tuple[int, ...] = (),
-    defer_ids: tuple[int, ...] = (),
-    rounds: int = 1,
-    refresher: Refresher = NO_REFRESH,
 ) -> Iterator[DecodeState]:
     """Decode `prompt` [B, P] (left context) or `template` [B, T] (masks anywhere, bidirectional
-    models only). `steps` is the budget for `max_new_tokens` tokens; each block gets its share.
-    `max_len` is the longest canvas the model allows (None: no limit). `prompt_mask` [B, P]
-    (True = real token) marks left padding in a batch of unequal prompts (bidirectional models);
-    `cfg_scale` > 0 adds classifier-free guidance (no KV cache). `ban_ids` are never proposed
-    (their logits are -inf); `defer_ids` proposals rank last (confidence -inf). `rounds` commit
-    rounds follow each full forward, `refresher` updating the logits between them."""
-    kind = model.cfg.attention
+    models only) as `plan` says (`plan_decode`). `plan.cfg.steps` is the budget for
+    `max_new_tokens` tokens; each block gets its share. `prompt_mask` [B, P] (True = real token)
+    marks left padding in a batch of unequal prompts (bidirectional models). One generator per row."""
     if (prompt is None) == (template is None):
         raise DecodeError("pass exactly one of prompt= or template=")
-    if steps < 1:
-        raise DecodeError(f"steps must be >= 1, got {steps}")
-    if max_new_tokens < 1:
-        raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if cache not in CACHES[kind]:
-        raise DecodeError(
-            f"cache={cache!r} does not apply to a {kind} model; use one of {', '.join(CACHES[kind])}"
-        )
-    cache = CACHES[kind][cache]
     given = prompt if prompt is not None else template
-    if given.dim() != 2 or given.shape[1] == 0:
-        raise DecodeError(
-            f"{'prompt' if prompt is not None else 'template'} must be [B, n] with n >= 1 "
-            f"(use [BOS] for unconditional generation), got shape {tuple(given.shape)}"
-        )
-    if len(generators) != given.shape[0]:
-        raise DecodeError(f"need one generator per row: {len(generators)} for {given.shape[0]} rows")
-    if not isinstance(decoder.inputs, BinaryInputs) and getattr(model, "soft_mask", None) is None:
-        raise DecodeError(
-            "soft inputs (--decode.inputs soft) need a model trained with soft-masking "
-            "(--soft-mask.k); this checkpoint has no soft-mask module"
-        )
-    if template is not None:
-        if kind != "bidirectional":
-            raise DecodeError(f"infilling templates need a bidirectional model, not {kind}")
-        if not (template == model.mask_id).any(-1).all():
-            raise DecodeError("every template row needs at least one [MASK] to fill")
-    new = max_new_tokens if prompt is not None else 0
-    too_long = (
-        given.shape[1] >= max_len or (kind == "bidirectional" and given.shape[1] + new > max_len)
-        if max_len is not None
-        else False
-    )
-    if too_long:
-        raise DecodeError(
-            f"prompt of {given.shape[1]} tokens + {new} new tokens exceeds the model's maximum of {max_len}"
-        )
-    if prompt_mask is not None:
-        if kind != "bidirectional" or prompt is None:
-            raise DecodeError(
-                "left-padded prompts (prompt_mask) need a bidirectional model and prompt=; "
-                "block-causal rows are batched by prompt length instead"
-            )
-        if prompt_mask.shape != prompt.shape or not prompt_mask.any(-1).all():
-            raise DecodeError(
-                f"prompt_mask must be a bool [B, P] = {tuple(prompt.shape)} with a real token "
-                f"in every row, got {tuple(prompt_mask.shape)}"
-            )
-    if cfg_scale < 0:
-        raise DecodeError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if cfg_scale > 0 and (cache != "none" or prompt is None or kind == "causal"):
-        raise DecodeError(
-            "classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
-            "--decode.cache none (the unconditional copy has no cache of its own)"
-        )
-    if rounds < 1:
-        raise DecodeError(f"rounds must be >= 1, got {rounds}")
-    if rounds > 1 and kind == "causal":
-        raise DecodeError(
-            "commit rounds per forward (rounds > 1, ADJUST) need a diffusion model; a causal "
-            "model decodes one token per call"
-        )
-    if isinstance(refresher, SamplerRefresh) and cfg_scale > 0:
-        raise DecodeError(
-            "the ADJUST sampler refreshes the conditional hidden states only; it does not "
-            "combine with classifier-free guidance (cfg_scale > 0)"
-        )
-    loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[kind]
-    with torch.inference_mode(), autocast(precision, given.device):
-        yield from loop(
-            model,
-            decoder,
-            given,
-            prompt is not None,
-            max_new_tokens=max_new_tokens,
-            steps=steps,
-            block_len=block_len,
-            cache=cache,
-            eos_id=eos_id,
-            eos_fill=eos_fill,
-            stop_entropy=stop_entropy,
-            generators=generators,
-            prompt_mask=prompt_mask,
-            cfg_scale=cfg_scale,
-            ban_ids=tuple(ban_ids),
-            defer_ids=tuple(defer_ids),
-            rounds=rounds,
-            refresher=refresher,
-        )
+    plan.check_input(given, template=template is not None, generators=generators, prompt_mask=prompt_mask)
+    loop = {"block_causal": _block_loop, "bidirectional": _canvas_loop, "causal": _ar_loop}[plan.kind]
+    with torch.inference_mode(), autocast(plan.precision, given.device):
+        yield from loop(model, plan, given, prompt is not None, generators, prompt_mask)
 
 
 def _rounds(
-    model,
-    decoder,
-    state: DecodeState,
-    forward,
-    call: Caller,
-    generators,
-    *,
-    rounds: int,
-    refresher: Refresher,
-    after=None,
+    model: Denoiser, plan: DecodePlan, state: DecodeState, forward, call: Caller, generators, after=None
 ) -> Iterator[DecodeState]:
-    """One full forward, then up to `rounds` commit rounds (decoder steps), the view refreshed
-    between two rounds; yields each round's state and returns the last. `forward(state)` -> View."""
+    """One full forward, then up to `plan.cfg.rounds` commit rounds (decoder steps), the view
+    refreshed between two rounds; yields each round's state and returns the last.
+    `forward(state)` -> View."""
     lo, hi = state.window
+    rounds, refresher = plan.cfg.rounds, plan.refresher
     view = forward(state)
     for r in range(rounds):
         logits = view.logits[:, lo - view.start : hi - view.start]  # [B, W, V] the window's
-        state = decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
+        state = plan.decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
         if after is not None:
             state = after(state)
         yield state
@@ -248,8 +118,8 @@ def _rounds(
             model, state.tokens[:, view.start : view.start + n], view, lambda state=state: forward(state)
         )
         if refresher.cost == "pass":
-            if call.ban_ids:
-                view.logits[..., call.ban_ids] = -torch.inf
+            if plan.ban_ids:
+                view.logits[..., list(plan.ban_ids)] = -torch.inf
             state = state.advance(refresh_passes=state.refresh_passes + 1)
     return state
 
@@ -261,36 +131,17 @@ def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tenso
     return u[:, : hi - lo], u[:, hi - lo :]
 
 
-def _block_loop(
-    model,
-    decoder,
-    prompt,
-    _,
-    *,
-    max_new_tokens,
-    steps,
-    block_len,
-    cache,
-    eos_id,
-    eos_fill,
-    stop_entropy,
-    generators,
-    prompt_mask,
-    cfg_scale,
-    ban_ids,
-    defer_ids,
-    rounds,
-    refresher,
-):
+def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_mask):
+    cfg, eos_id = plan.cfg, plan.eos_id
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
-    cap = P + max_new_tokens
+    cap = P + cfg.max_new_tokens
     start = (P // Lb) * Lb  # the first active block holds the prompt's tail, if any
     n_blocks = math.ceil((cap - start) / Lb)
-    block_steps = Lb if _until_done(decoder) else max(1, round(steps * Lb / max_new_tokens))
-    kv = _new_cache(model, B, start + n_blocks * Lb, device) if cache == "exact" else None
-    call = Caller(model, decoder, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
+    block_steps = Lb if _until_done(plan.decoder) else max(1, round(cfg.steps * Lb / cfg.max_new_tokens))
+    kv = model.new_cache(B, start + n_blocks * Lb, device) if plan.cache == "exact" else None
+    call = Caller(model, plan, prompt_len=P)
     commits = 0
     if kv is not None and start > 0:
         model(prompt[:, :start], cache=kv)
@@ -300,8 +151,6 @@ def _block_loop(
         tokens=prompt,
         fixed=torch.ones_like(prompt, dtype=torch.bool),
         mask_id=model.mask_id,
-        subs=_subs(model),
-        deferred=defer_ids,
         prompt_len=P,
         window=(start, start),
         block=-1,
@@ -328,85 +177,61 @@ def _block_loop(
             return View(lo, view.logits[:, lo:hi], view.hidden[:, lo:hi])
 
         while state.step < block_steps and state.masked.any():
-            state = yield from _rounds(
-                model, decoder, state, forward, call, generators, rounds=rounds, refresher=refresher
-            )
+            state = yield from _rounds(model, plan, state, forward, call, generators)
         if kv is not None:  # append the finished block's clean K/V
             model(state.tokens[:, lo:hi], cache=kv)
             kv.commit(Lb)
             state = state.advance(commit_passes=state.commit_passes + 1)
-        state = _finish_rows(state, P, cap, eos_id, stop_entropy, model.vocab_size)
+        state = _finish_rows(state, plan, P, cap, model.vocab_size)
         if state.finished.all():
             break
     yield state.advance(tokens=state.tokens[:, :cap], fixed=state.fixed[:, :cap])
 
 
-def _finish_rows(state: DecodeState, P: int, cap: int, eos_id, stop_entropy, vocab) -> DecodeState:
-    """After a block: rows with a generated [EOS], a collapsed entropy or the length cap stop."""
+def _finish_rows(state: DecodeState, plan: DecodePlan, P: int, cap: int, vocab: int) -> DecodeState:
+    """After a block: rows with a generated stop token ([EOS], end of turn), a collapsed entropy
+    or the length cap stop."""
     tokens = state.tokens
     finished = state.finished.clone()
-    if eos_id is not None:
+    if plan.stop_ids:
         generated = tokens[:, P:]
-        finished |= (generated == eos_id).any(-1)
-        state = _eos_fill(state, eos_id)
-    if stop_entropy > 0 and tokens.shape[1] - P >= ENTROPY_WINDOW:
-        finished |= _unigram_entropy(tokens[:, -ENTROPY_WINDOW:], vocab) < stop_entropy
+        finished |= torch.isin(generated, torch.tensor(plan.stop_ids, device=tokens.device)).any(-1)
+    if plan.eos_id is not None:
+        state = _eos_fill(state, plan.eos_id)
+    if plan.cfg.stop_entropy > 0 and tokens.shape[1] - P >= ENTROPY_WINDOW:
+        finished |= _unigram_entropy(tokens[:, -ENTROPY_WINDOW:], vocab) < plan.cfg.stop_entropy
     if tokens.shape[1] >= cap:
         finished[:] = True
     return state.advance(finished=finished)
 
 
-def _canvas_loop(
-    model,
-    decoder,
-    given,
-    is_prompt,
-    *,
-    max_new_tokens,
-    steps,
-    block_len,
-    cache,
-    eos_id,
-    eos_fill,
-    stop_entropy,
-    generators,
-    prompt_mask,
-    cfg_scale,
-    ban_ids,
-    defer_ids,
-    rounds,
-    refresher,
-):
+def _canvas_loop(model: Denoiser, plan: DecodePlan, given, is_prompt, generators, prompt_mask):
+    cfg, cache, mask_id = plan.cfg, plan.cache, model.mask_id
     B = given.shape[0]
     device = given.device
     if is_prompt:
-        P = given.shape[1]
-        tokens = torch.cat([given, torch.full((B, max_new_tokens), model.mask_id, device=device)], dim=1)
+        P, new = given.shape[1], cfg.max_new_tokens
+        tokens = torch.cat([given, torch.full((B, new), mask_id, device=device)], dim=1)
         fixed = torch.cat(
-            [
-                torch.ones_like(given, dtype=torch.bool),
-                torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device),
-            ],
+            [torch.ones_like(given, dtype=torch.bool), torch.zeros(B, new, dtype=torch.bool, device=device)],
             dim=1,
         )
     else:
-        P, tokens, fixed = 0, given, given != model.mask_id
+        P, tokens, fixed = 0, given, given != mask_id
     T = tokens.shape[1]
     region = T - P
-    block_len = min(block_len or region, region)  # a block wider than the canvas is the canvas
+    block_len = min(cfg.block_len or region, region)  # a block wider than the canvas is the canvas
     n_blocks = math.ceil(region / block_len)
-    block_steps = block_len if _until_done(decoder) else max(1, round(steps * block_len / region))
+    block_steps = block_len if _until_done(plan.decoder) else max(1, round(cfg.steps * block_len / region))
     key_mask = None
     if prompt_mask is not None:
         generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
         key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
-    call = Caller(model, decoder, key_mask=key_mask, cfg_scale=cfg_scale, prompt_len=P, ban_ids=ban_ids)
+    call = Caller(model, plan, key_mask=key_mask, prompt_len=P)
     state = DecodeState(
         tokens=tokens,
         fixed=fixed,
-        mask_id=model.mask_id,
-        subs=_subs(model),
-        deferred=defer_ids,
+        mask_id=mask_id,
         prompt_len=P,
         window=(P, P),
         block=-1,
@@ -416,11 +241,11 @@ def _canvas_loop(
         commit_passes=0,
         finished=torch.zeros(B, dtype=torch.bool, device=device),
     )
-    after = (lambda s: _eos_fill(s, eos_id)) if eos_fill and eos_id is not None else None
+    after = (lambda s: _eos_fill(s, plan.eos_id)) if cfg.eos_fill and plan.eos_id is not None else None
     for block in range(n_blocks):
         lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
         state = state.advance(window=(lo, hi), block=block, step=0, prev_logits=None)
-        kv = _new_cache(model, B, T, device) if cache != "none" else None
+        kv = model.new_cache(B, T, device) if cache != "none" else None
         call.forget()
         forwards = [0]  # calls in this block: the first with a cache refreshes it
 
@@ -440,50 +265,20 @@ def _canvas_loop(
             return view
 
         while state.step < block_steps and state.masked.any():
-            state = yield from _rounds(
-                model,
-                decoder,
-                state,
-                forward,
-                call,
-                generators,
-                rounds=rounds,
-                refresher=refresher,
-                after=after,
-            )
+            state = yield from _rounds(model, plan, state, forward, call, generators, after=after)
     yield state.advance(finished=torch.ones(B, dtype=torch.bool, device=device))
 
 
-def _ar_loop(
-    model,
-    decoder,
-    prompt,
-    _,
-    *,
-    max_new_tokens,
-    steps,
-    block_len,
-    cache,
-    eos_id,
-    eos_fill,
-    stop_entropy,
-    generators,
-    prompt_mask,
-    cfg_scale,
-    ban_ids,
-    defer_ids,
-    rounds,
-    refresher,
-):
+def _ar_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_mask):
     B, P = prompt.shape
     device = prompt.device
-    kv = _new_cache(model, B, P + max_new_tokens, device) if cache == "exact" else None
+    fill = plan.eos_id if plan.eos_id is not None else model.mask_id  # what finished rows append
+    stops = torch.tensor(plan.stop_ids, dtype=torch.long, device=device)
+    kv = model.new_cache(B, P + plan.cfg.max_new_tokens, device) if plan.cache == "exact" else None
     state = DecodeState(
         tokens=prompt,
         fixed=torch.ones_like(prompt, dtype=torch.bool),
         mask_id=model.mask_id,
-        subs=_subs(model),
-        deferred=defer_ids,
         prompt_len=P,
         window=(P, P),
         block=-1,
@@ -493,7 +288,7 @@ def _ar_loop(
         commit_passes=0,
         finished=torch.zeros(B, dtype=torch.bool, device=device),
     )
-    for i in range(max_new_tokens):
+    for i in range(plan.cfg.max_new_tokens):
         if kv is not None:
             feed = state.tokens if i == 0 else state.tokens[:, -1:]
             logits = model(feed, cache=kv).logits[:, -1]
@@ -501,10 +296,10 @@ def _ar_loop(
         else:
             logits = model(state.tokens).logits[:, -1]
         u = row_uniform(generators, 1, device)[:, 0]
-        proposal = decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
-        nxt = torch.where(state.finished, eos_id if eos_id is not None else model.mask_id, proposal.tokens)
+        proposal = plan.decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
+        nxt = torch.where(state.finished, fill, proposal.tokens)
         n = state.tokens.shape[1]
-        finished = state.finished | ((nxt == eos_id) if eos_id is not None else False)
+        finished = state.finished | torch.isin(nxt, stops)
         state = state.advance(
             tokens=torch.cat([state.tokens, nxt[:, None]], dim=1),
             fixed=torch.cat([state.fixed, state.finished[:, None]], dim=1),

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from unmask.decoding.generate import generate
-from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import preset_config
 from unmask.decoding.refresh import Marginal, Refresher, View
 from unmask.decoding.state import DecodeState
-from unmask.models.transformer import Transformer
-from unmask.schedules import LogLinear
+from unmask.models.denoiser import Denoiser
 
 
 def unroll_weights(K: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def unroll_weights(K: int) -> torch.Tensor:
 
 
 def naive_kl(
-    base: Transformer, start: torch.Tensor, reveal_pos: torch.Tensor, reveal_tok: torch.Tensor
+    base: Denoiser, start: torch.Tensor, reveal_pos: torch.Tensor, reveal_tok: torch.Tensor
 ) -> torch.Tensor:
     """What no refresh costs: KL(p_full(. | x^(J)) || p_full(. | x^(0))) over positions still masked
     in x^(J). A sampler is useful only below it."""
@@ -46,7 +46,7 @@ def naive_kl(
 
 
 def adjust_kl(
-    base: Transformer,
+    base: Denoiser,
     refresher: Refresher,
     start: torch.Tensor,
     reveal_pos: torch.Tensor,
@@ -84,7 +84,7 @@ def adjust_kl(
 
 
 def joint_generate(
-    model: Transformer,
+    model: Denoiser,
     prompt: torch.Tensor,
     *,
     max_new_tokens: int,
@@ -106,17 +106,8 @@ def joint_generate(
         block_len=block_len,
         temperature=temperature,
         rounds=K,
-    )
-    return generate(
-        model,
-        build_decoder(cfg, LogLinear()),
-        prompt=prompt,
-        max_new_tokens=max_new_tokens,
-        steps=max_new_tokens,
-        block_len=block_len,
         cache=cache,
         eos_fill=False,
-        generators=generators,
-        rounds=K,
-        refresher=refresher,
     )
+    plan = plan_decode(model, cfg, refresher=refresher)
+    return generate(model, plan, prompt=prompt, generators=generators)

@@ -63,13 +63,12 @@ class FullModel:
         return again()
 
 
+@dataclass(frozen=True)
 class SamplerRefresh:
     """ADJUST's sampler layer: h_j = sampler(embed(x^(j)), h_{j-1}); logits through the base head."""
 
+    sampler: torch.nn.Module  # compared by identity: two plans with the same sampler may share a batch
     cost = "pass"
-
-    def __init__(self, sampler):
-        self.sampler = sampler
 
     def __call__(self, model, tokens: torch.Tensor, view: View, again: Callable[[], View]) -> View:
         hidden = self.sampler(model, tokens, view.hidden, start=view.start)

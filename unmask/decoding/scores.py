@@ -21,6 +21,8 @@ from unmask.decoding.proposals import Proposal
 class TokenProb:
     """Probability of the proposed token (LLaDA low-confidence remasking)."""
 
+    random = False  # True: the confidence is a uniform draw the decoder fills in (see `Random`)
+
     def __call__(self, p: Proposal) -> torch.Tensor:
         return p.dist.prob_of(p.dist.logits.gather(-1, p.tokens[:, None]).squeeze(-1))
 
@@ -63,6 +65,10 @@ class Conv:
     def __post_init__(self) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"Conv kernel must be a positive odd width, got {self.kernel}")
+
+    @property
+    def random(self) -> bool:
+        return self.inner.random
 
     def __call__(self, p: Proposal) -> torch.Tensor:
         return self.inner(p)

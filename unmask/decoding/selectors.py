@@ -52,6 +52,8 @@ class Ancestral:
     schedule: NoiseSchedule
     normalize: bool = False
 
+    until_done = False
+
     @property
     def needs_proposals(self) -> bool:  # the global normalization reads the kept top-k mass
         return self.normalize
@@ -82,6 +84,7 @@ class FirstHitting:
     """Uniformly random masked positions, n per step (one per call when S equals the block)."""
 
     needs_proposals = False
+    until_done = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.u, step_count(c.masked, c.step, c.steps), c.masked)
@@ -92,6 +95,7 @@ class TopN:
     """The n most confident positions (LLaDA low-confidence remasking; Conv ranked)."""
 
     needs_proposals = True
+    until_done = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.confidence, step_count(c.masked, c.step, c.steps), c.masked)
@@ -129,6 +133,7 @@ class DreamSchedule:
     eps: float = 1e-3
     alg_temp: float = 0.0
     needs_proposals = True
+    until_done = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         remaining = c.masked.sum(-1)

@@ -21,8 +21,6 @@ class DecodeState:
     commit_passes: int  # clean passes that only append a finished block to the KV cache
     finished: torch.Tensor  # [B] bool: rows that stopped (EOS, entropy collapse, length)
     prev_logits: torch.Tensor | None = None  # [B, W, V] last call's logits for the window (soft inputs)
-    subs: bool = True  # SUBS: [MASK] is never proposed (MDLM/BD3-LM); False: the model's full softmax
-    deferred: tuple[int, ...] = ()  # token ids whose proposals get confidence -inf (committed last)
     refresh_passes: int = 0  # ADJUST sampler passes between commit rounds (not full forwards)
 
     def advance(self, **changes) -> DecodeState:

@@ -30,10 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.config import ConfigError, DecodeConfig
-from unmask.decoding.generate import completions, final_state
+from unmask.decoding.batches import Request, decode_batches
+from unmask.decoding.plan import DecodeError, plan_decode
 from unmask.decoding.presets import preset_config
-from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import cut_at_stop, decode_states
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
@@ -52,19 +51,23 @@ MC_CHUNK = 64  # Monte Carlo rows per forward batch
 
 @register_model("unmask")
 class UnmaskLM(LM):
-    """model_args: checkpoint=PATH (required), preset=NAME, any DecodeConfig field (steps=64, ...),
-    mc_samples (diffusion log-likelihoods), seed, precision (auto | fp32 | bf16), device."""
+    """model_args: checkpoint=PATH (required: a run, checkpoint or pretrained directory), preset=NAME
+    (default: mdlm, or a pretrained family's own), any DecodeConfig field (steps=64, ...),
+    mc_samples (diffusion log-likelihoods), seed, precision (auto | fp32 | bf16), device, and for
+    pretrained directories dtype and tokenizer."""
 
     def __init__(
         self,
         checkpoint: str | None = None,
-        preset: str = "mdlm",
+        preset: str | None = None,
         mc_samples: int = 16,
         seed: int = 0,
         precision: str = "auto",
         batch_size: int | str = 8,
         max_batch_size: int | None = None,
         device: str | None = None,
+        dtype: str | None = None,
+        tokenizer: str | None = None,
         **decode: Any,
     ):
         super().__init__()
@@ -72,11 +75,15 @@ class UnmaskLM(LM):
             raise ConfigError("model_args: checkpoint=PATH is required (a run or checkpoint directory)")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ConfigError(f"model_args: mc_samples must be an integer >= 1, got {mc_samples!r}")
-        self.decode = preset_config(str(preset), **decode)  # unknown preset or field: ConfigError
-        loaded = load_checkpoint(checkpoint)
+        if preset is not None:
+            preset_config(str(preset), **decode)  # an unknown preset or field fails before any loading
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r}: this torch has no CUDA device; pass --device cpu")
+        loaded = load_checkpoint(checkpoint, tokenizer=tokenizer, device=self._device, dtype=dtype)
+        if preset is None:  # a pretrained family's own decoder (as `unmask sample` and `serve` choose)
+            preset = loaded.config.decode.preset if "pretrained" in loaded.state else "mdlm"
+        self.decode = preset_config(str(preset), **decode)
         self.model = loaded.model.to(self._device).eval()
         self.tok, self.config, self.checkpoint = loaded.tokenizer, loaded.config, str(checkpoint)
         self.schedule = build_schedule(self.config.noise.schedule, self.config.noise.eps)
@@ -84,6 +91,7 @@ class UnmaskLM(LM):
         self.mc_samples, self.seed, self.precision = mc_samples, seed, precision
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": our default
         self.max_len = self.config.data.seq_len  # the canvas a bidirectional model was trained on
+        self._rendered: set[str] = set()  # contexts `apply_chat_template` produced (encoded as chats)
 
     # ------------------------------------------------------------------------------ generation
 
@@ -104,48 +112,51 @@ class UnmaskLM(LM):
             )
         return dataclasses.replace(self.decode, **kw), until
 
-    def _prompt_ids(self, context: str, new_tokens: int) -> list[int]:
-        ids = self.tok.prompt_ids(context)
-        if self.kind == "bidirectional":  # the canvas holds prompt + new tokens: keep the context's end
-            room = self.max_len - new_tokens
+    def _prompt_ids(self, context: str, plan) -> list[int]:
+        """The context's ids: a conversation this model's `apply_chat_template` rendered is encoded
+        as one (`sample --chat` and the server's chat endpoint give the same ids), any other text as
+        a prompt. A bidirectional canvas holds prompt + new tokens: the context's end is kept."""
+        ids = self.tok.encode_chat(context) if context in self._rendered else plan.prompt_ids(context)
+        if self.kind == "bidirectional":
+            room = self.max_len - plan.cfg.max_new_tokens
             if room < 2:
                 raise ConfigError(
-                    f"max_gen_toks {new_tokens} leaves no room for a prompt in this model's "
+                    f"max_gen_toks {plan.cfg.max_new_tokens} leaves no room for a prompt in this model's "
                     f"canvas of {self.max_len} tokens"
                 )
             ids = ids[:1] + ids[1:][-(room - 1) :]
         return ids
 
+    def _plan(self, cfg: DecodeConfig):
+        max_len = self.max_len if self.kind == "bidirectional" else None
+        try:
+            return plan_decode(
+                self.model,
+                cfg,
+                schedule=self.schedule,
+                tokenizer=self.tok,
+                max_len=max_len,
+                precision=self.precision,
+            )
+        except DecodeError as e:
+            raise ConfigError(f"gen_kwargs / model_args: {e}") from e
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        jobs = []
+        plans: dict[DecodeConfig, Any] = {}
+        rows = []
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             cfg, until = self._request_config(gen_kwargs)
-            jobs.append((i, self._prompt_ids(context, cfg.max_new_tokens), cfg, until))
-        out: list[str] = [""] * len(jobs)
-        groups: dict[tuple, list] = {}
-        for job in jobs:  # one batch shape and one decoder per group: no row's output depends on others
-            groups.setdefault((len(job[1]), job[2]), []).append(job)
-        bar = tqdm(total=len(jobs), desc="generate_until", disable=disable_tqdm)
-        for (_, cfg), group in groups.items():
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
-                prompt = torch.tensor([j[1] for j in chunk], device=self._device)
-                state = final_state(
-                    decode_states(
-                        self.model,
-                        cfg,
-                        prompt,
-                        schedule=self.schedule,
-                        eos_id=self.tok.eos_id,
-                        generators=row_generators(self.seed, [j[0] for j in chunk]),
-                        max_len=self.max_len if self.kind == "bidirectional" else None,
-                        precision=self.precision,
-                    )
-                )
-                for (i, _, _, until), ids in zip(chunk, completions(state, self.tok.eos_id), strict=True):
-                    out[i] = cut_at_stop(self.tok.decode(ids), until)[0]
-                bar.update(len(chunk))
+            if cfg not in plans:
+                plans[cfg] = self._plan(cfg)
+            plan = plans[cfg]
+            ids = self._prompt_ids(context, plan)
+            rows.append(Request(ids, plan, seed=self.seed, index=i, stop=tuple(until)))
+        out: list[str] = [""] * len(rows)
+        bar = tqdm(total=len(rows), desc="generate_until", disable=disable_tqdm)
+        for record in decode_batches(self.model, rows, batch_size=self.batch_size):
+            out[record.request.index] = record.text
+            bar.update(1)
         bar.close()
         return out
 
@@ -244,14 +255,15 @@ class UnmaskLM(LM):
         return f"unmask:{self.checkpoint}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return "chat"  # unmask/data/templates.toml's [chat] table: what SFT with --template chat trains on
+        """The template lm-eval records in its results: the tokenizer's own (pretrained chat models),
+        else the name of the repo's `chat` template (what SFT with `--instruct.template chat` uses)."""
+        return self.tok.chat_template
 
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        from unmask.data.instruct import load_template
-
-        template = load_template("chat")
-        if add_generation_prompt:
-            return template.chat(chat_history)
-        return "".join(template.turn.format(role=t["role"], content=t["content"]) for t in chat_history)
+        """The conversation through the model's chat template: the same function as `unmask sample
+        --chat` and the server's `/v1/chat/completions`."""
+        rendered = self.tok.chat(chat_history, add_generation_prompt=add_generation_prompt)
+        self._rendered.add(rendered)
+        return rendered

@@ -25,7 +25,7 @@ from unmask.models.checkpoint import (
     load_state_dict_strict,
     resolve_checkpoint,
 )
-from unmask.models.transformer import Block, Transformer
+from unmask.models.transformer import Block, Denoiser
 
 
 class AdjustSampler(nn.Module):
@@ -40,6 +40,10 @@ class AdjustSampler(nn.Module):
         # on a block-causal base the sampler attends within each block of L' (the view decoding
         # refreshes is the active block: its hidden states already carry the exact prefix)
         self.block_size = base_cfg.block_size if base_cfg.attention == "block_causal" else 0
+        # the block's own rotary frequencies (its heads are dim / n_heads wide, whatever the base's)
+        head = D // base_cfg.n_heads
+        inv_freq = 1.0 / base_cfg.rope_base ** (torch.arange(0, head, 2).float() / head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -48,13 +52,13 @@ class AdjustSampler(nn.Module):
         nn.init.zeros_(self.norm_out.weight)
 
     def forward(
-        self, base: Transformer, tokens: torch.Tensor, prior: torch.Tensor, start: int = 0
+        self, base: Denoiser, tokens: torch.Tensor, prior: torch.Tensor, start: int = 0
     ) -> torch.Tensor:
         """tokens [B, n] (the current state at canvas positions [start, start + n)), prior [B, n, D]
         -> refreshed hidden [B, n, D]."""
         x = torch.cat([self.norm_embed(base.embed(tokens)), self.norm_prior(prior)], dim=-1)
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        angles = positions[:, None].float() * base.inv_freq[None, :]
+        angles = positions[:, None].float() * self.inv_freq[None, :]
         mask = None
         if self.block_size:  # [n, n] same block of L'
             block = positions // self.block_size
@@ -90,7 +94,7 @@ def save_sampler(sampler: AdjustSampler, base_path: str | Path, out: Path, *, K:
     (out / "sampler.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler, Transformer, int]:
+def load_sampler(path: str | Path, base_path: str | Path) -> tuple[AdjustSampler, Denoiser, int]:
     """The sampler at `path` and the base checkpoint it was trained on (a mismatch is an error)."""
     path = Path(path)
     if not (path / "sampler.json").is_file():

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from unmask.config import Config, ConfigError
 from unmask.config_io import config_from_json, to_dict
 from unmask.data.tokenizer import Tokenizer, TokenizerError
-from unmask.models.transformer import Transformer, build_model
+from unmask.models.denoiser import Denoiser
+from unmask.models.transformer import build_model
 
 
 class CheckpointError(RuntimeError):
@@ -46,10 +47,10 @@ def save_checkpoint(
     run_dir: str | Path,
     *,
     step: int,
-    model: Transformer,
+    model: Denoiser,
     config: Config,
     tokenizer: Tokenizer,
-    ema: Transformer | None = None,
+    ema: Denoiser | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     state: dict[str, Any] | None = None,
     keep_optimizer: int = 1,
@@ -140,7 +141,7 @@ def load_state_dict_strict(module: torch.nn.Module, file: Path) -> None:
 
 @dataclass
 class Loaded:
-    model: Transformer  # the weights to evaluate/sample with (EMA when the checkpoint has them)
+    model: Denoiser  # the weights to evaluate/sample with (EMA when the checkpoint has them)
     config: Config
     tokenizer: Tokenizer
     state: dict[str, Any]

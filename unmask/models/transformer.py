@@ -1,6 +1,7 @@
 """The backbone: a pre-norm transformer with rotary positions, RMSNorm and a SwiGLU/GELU MLP.
 
-It satisfies the Denoiser protocol: `model(tokens, *, cache=None, embeds=None)` returns
+It satisfies the `Denoiser` protocol (`unmask.models.denoiser`): `model(tokens, *, cache=None,
+embeds=None, key_mask=None)` returns
 `DenoiserOutput(logits [B, T, V], hidden [B, T, D])`. The attention kind is configuration:
 bidirectional (MDLM), block-causal with block size L' (BD3-LM), causal (AR). The vectorized
 BD3-LM training pass over `[x_t ; x0]` is `forward_bd3_train`.
@@ -9,38 +10,16 @@ BD3-LM training pass over `[x_t ; x0]` is `forward_bd3_train`.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from unmask.config import ModelConfig
 from unmask.models import invariant, masks
+from unmask.models.denoiser import Denoiser, DenoiserOutput  # noqa: F401 - re-exported
 from unmask.models.kv_cache import KVCache
 from unmask.models.soft_mask import W_S_INIT, SoftMask
 from unmask.precision import resolve_precision
-
-
-class DenoiserOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, V]
-    hidden: torch.Tensor  # [B, T, D] final-norm hidden states
-
-
-class Denoiser(Protocol):
-    vocab_size: int
-    mask_id: int
-
-    def __call__(
-        self,
-        tokens: torch.Tensor | None = None,
-        *,
-        cache: KVCache | None = None,
-        embeds: torch.Tensor | None = None,
-    ) -> DenoiserOutput: ...
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-    def new_cache(self, batch: int, max_len: int, device) -> KVCache: ...
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,11 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
+    suffix: str | None = Field(
+        default=None,
+        description="fill-in-the-middle: the text after the completion (bidirectional models); the "
+        "completion is max_tokens [MASK]s between prompt and suffix, filled in place",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -116,3 +121,15 @@ def stops(req: _Common) -> tuple[str, ...]:
     if len(out) > 4:
         raise APIError("stop takes at most 4 strings", param="stop")
     return tuple(s for s in out if s)
+
+
+def usage(done: list[dict]) -> dict[str, int]:
+    """Token counts of what is returned (after stop ids and stop strings) and the NFE spent."""
+    prompt = sum(d["prompt_tokens"] for d in done)
+    completion = sum(c["tokens"] for d in done for c in d["choices"])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "nfe": sum(d["nfe"] for d in done),
+    }

@@ -1,82 +1,247 @@
 """`unmask serve`: an OpenAI-compatible HTTP API (FastAPI) over the batching engine, Prometheus
 metrics, health, and the live page at `/` that shows the canvas being denoised.
 
-Endpoints: `/v1/completions`, `/v1/chat/completions` (the `chat` prompt template of
-`unmask/data/templates.toml`), `/v1/models`, `/health`, `/metrics`, `/`. Bad input is an
+Endpoints: `/v1/completions` (with `suffix`: fill-in-the-middle on bidirectional models),
+`/v1/chat/completions` (the model's chat template: the tokenizer's for pretrained chat models, the
+repo's `chat` template for unmask's own), `/v1/models`, `/health`, `/metrics`, `/`. Bad input is an
 OpenAI-style error with status 400 naming the field; a full queue is 429 with `Retry-After`; a
 request past `--request-timeout` is 408; with `--api-key`, `/v1/*` needs `Authorization: Bearer KEY`.
+
+`Service` holds the state and the stages a request goes through (check the model, plan and build
+the jobs, submit them, await their results, shape the answer); each endpoint is one method of it,
+and `create_app` only wires them into a FastAPI app.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from unmask.data.instruct import load_template
-from unmask.serve.api import APIError, ChatCompletionRequest, CompletionRequest, decode_settings, stops
+from unmask.decoding.plan import DecodeError
+from unmask.serve.api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_settings,
+    stops,
+    usage,
+)
 from unmask.serve.engine import Engine, Job, QueueFull
+from unmask.serve.metrics import Metrics
+from unmask.serve.streaming import sse
 
 log = logging.getLogger("unmask.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """A streaming response that closes its body generator when the response ends, however it ends.
+class Service:
+    def __init__(self, engine: Engine, *, model_name: str, default_preset: str, request_timeout: float):
+        self.engine, self.model_name, self.default_preset = engine, model_name, default_preset
+        self.request_timeout = request_timeout
+        self.metrics = Metrics()
+        engine.on_batch = self.metrics.on_batch
 
-    When a client disconnects, Starlette cancels the sending task; a generator suspended at a
-    `yield` at that moment is otherwise only closed when garbage-collected, so its `finally`
-    (cancelling the jobs, freeing the request's slot) could wait indefinitely.
-    """
+    # ------------------------------------------------------------------------------ stages
 
-    async def __call__(self, scope, receive, send) -> None:
+    def error(self, e: APIError) -> JSONResponse:
+        self.metrics.requests.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(f"unknown model {name!r}; this server serves {self.model_name!r}", param="model")
+
+    def plan(self, req):
+        """The request's decode plan; a DecodeError (a setting the model cannot take) is a 400."""
+        cfg = decode_settings(req, self.default_preset)
         try:
-            await super().__call__(scope, receive, send)
+            return self.engine.plan(cfg)
+        except DecodeError as e:
+            raise APIError(str(e).replace("--decode.", ""), param=_param_of(str(e))) from e
+
+    def jobs(self, prompts: list[list[int]], req, plan, *, template: bool = False) -> list[Job]:
+        """One job per prompt's token ids (each of `req.n` rows), checked against the canvas."""
+        if req.canvas and not req.stream:
+            raise APIError("canvas needs stream: true", param="canvas")
+        stop, loop = stops(req), asyncio.get_running_loop()
+        out = []
+        for ids in prompts:
+            try:
+                plan.check_length(len(ids), template=template)
+            except DecodeError as e:
+                max_len = plan.max_len or 0
+                param = "max_tokens" if plan.cfg.max_new_tokens >= max_len else "prompt"
+                raise APIError(f"{e} (this model's canvas)", param=param) from e
+            out.append(
+                Job(
+                    ids,
+                    plan,
+                    req.seed or 0,
+                    req.n,
+                    loop,
+                    stream=req.stream,
+                    canvas=req.canvas,
+                    stop=stop,
+                    template=template,
+                )
+            )
+        return out
+
+    def submit(self, jobs: list[Job]) -> None:
+        for i, job in enumerate(jobs):
+            try:
+                self.engine.submit(job)
+            except QueueFull as e:
+                for j in jobs[:i]:
+                    self.engine.cancel(j)
+                raise APIError(
+                    f"the server is busy: {e}; retry shortly",
+                    status=429,
+                    kind="rate_limit_error",
+                    headers={"Retry-After": "1"},
+                ) from e
+        self.metrics.in_flight.inc()
+        self.metrics.queue.set(len(self.engine.waiting))
+
+    async def next_event(self, job: Job, deadline: float) -> tuple[str, Any]:
+        try:
+            kind, payload = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError as e:
+            raise APIError(
+                f"the request took longer than --request-timeout {self.request_timeout:g}s",
+                status=408,
+                kind="timeout",
+            ) from e
+        if kind == "error":
+            raise APIError(str(payload), status=503, kind="server_error")
+        return kind, payload
+
+    async def results(self, jobs: list[Job]) -> list[dict]:
+        """Every job's `done` payload (a non-streamed answer); its latency and 200 are recorded."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.request_timeout
+        out = []
+        try:
+            for job in jobs:
+                while True:
+                    kind, payload = await self.next_event(job, deadline)
+                    if kind == "done":
+                        out.append(payload)
+                        break
         finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                await close()
+            for job in jobs:
+                self.engine.cancel(job)
+            self.metrics.in_flight.dec()
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        self.metrics.requests.labels("200").inc()
+        return out
+
+    def answer(
+        self, obj: str, rid: str, created: int, choices: list[dict], done: list[dict]
+    ) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": usage(done),
+        }
+
+    # --------------------------------------------------------------------------- endpoints
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "queue_depth": len(self.engine.waiting),
+            "running_rows": self.engine.running_rows,
+        }
+
+    async def prometheus(self) -> Response:
+        self.metrics.queue.set(len(self.engine.waiting))
+        self.metrics.rows.set(self.engine.running_rows)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def page(self) -> HTMLResponse:
+        html = PAGE.read_text().replace("{{MODEL}}", self.model_name)
+        return HTMLResponse(html.replace("{{PRESET}}", self.default_preset))
+
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}],
+        }
+
+    async def completions(self, req: CompletionRequest):
+        self.check_model(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts:
+            raise APIError("prompt must not be an empty list", param="prompt")
+        plan = self.plan(req)
+        if req.suffix is not None and plan.kind != "bidirectional":
+            raise APIError(
+                f"suffix (fill-in-the-middle) needs a bidirectional model; this one is {plan.kind}",
+                param="suffix",
+            )
+        if req.suffix is not None:
+            prompts = [plan.suffix_ids(t, req.suffix) for t in texts]
+        else:
+            prompts = [plan.prompt_ids(t) for t in texts]
+        jobs = self.jobs(prompts, req, plan, template=req.suffix is not None)
+        self.submit(jobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return sse(self, jobs, rid, created, chat=False)
+        done = await self.results(jobs)
+        choices = [
+            {"text": c["text"], "index": p * req.n + i, "logprobs": None, "finish_reason": c["finish_reason"]}
+            for p, d in enumerate(done)
+            for i, c in enumerate(d["choices"])
+        ]
+        return self.answer("text_completion", rid, created, choices, done)
+
+    async def chat_completions(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        if not req.messages:
+            raise APIError("messages must not be empty", param="messages")
+        plan = self.plan(req)
+        try:
+            ids = plan.chat_ids([m.model_dump() for m in req.messages])
+        except ValueError as e:  # no chat template, a template that rejects the turns
+            raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
+        jobs = self.jobs([ids], req, plan)
+        self.submit(jobs)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return sse(self, jobs, rid, created, chat=True)
+        done = await self.results(jobs)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"],
+            }
+            for i, c in enumerate(done[0]["choices"])
+        ]
+        return self.answer("chat.completion", rid, created, choices, done)
 
 
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.queue = Gauge("unmask_queue_depth", "requests waiting for a batch", registry=r)
-        self.rows = Gauge("unmask_running_rows", "rows in the batch being decoded", registry=r)
-        self.in_flight = Gauge(
-            "unmask_requests_in_flight", "requests accepted and not yet answered", registry=r
-        )
-        self.requests = Counter("unmask_requests", "requests by HTTP status", ["status"], registry=r)
-        self.tokens = Counter("unmask_completion_tokens", "tokens generated", registry=r)
-        self.nfe = Counter("unmask_nfe", "model forward calls (NFE)", registry=r)
-        self.tokens_per_s = Gauge("unmask_tokens_per_second", "tokens/s of the last batch", registry=r)
-        self.nfe_per_s = Gauge("unmask_nfe_per_second", "NFE/s of the last batch", registry=r)
-        self.latency = Histogram("unmask_request_seconds", "request latency", registry=r)
-
-    def on_batch(self, tokens: int, nfe: int, seconds: float, rows: int) -> None:
-        self.tokens.inc(tokens)
-        self.nfe.inc(nfe)
-        self.tokens_per_s.set(tokens / max(seconds, 1e-9))
-        self.nfe_per_s.set(nfe / max(seconds, 1e-9))
+def _param_of(message: str) -> str | None:
+    for name in ("cache", "cfg_scale", "rounds", "refresh", "inputs"):
+        if name in message:
+            return name
+    return None
 
 
 def create_app(
@@ -87,8 +252,9 @@ def create_app(
     api_key: str | None = None,
     request_timeout: float = 300.0,
 ) -> FastAPI:
-    metrics = Metrics()
-    engine.on_batch = metrics.on_batch
+    service = Service(
+        engine, model_name=model_name, default_preset=default_preset, request_timeout=request_timeout
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,35 +267,43 @@ def create_app(
         lifespan=lifespan,
         description="OpenAI-compatible API for masked and block diffusion language models",
     )
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.service = engine, service.metrics, service
 
-    def error(e: APIError) -> JSONResponse:
-        metrics.requests.labels(str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return service.error(e)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return error(e)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return service.error(_validation_error(e))
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = loc[0] if loc else None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
-        return error(APIError(f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=param))
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.middleware("http")(_auth_and_log(service, api_key))
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.prometheus, methods=["GET"])
+    app.add_api_route("/", service.page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    return app
 
-    @app.middleware("http")
-    async def _auth_and_log(request: Request, call_next):
+
+def _validation_error(e: RequestValidationError) -> APIError:
+    """FastAPI's body validation error as an OpenAI-style 400 naming the first bad field."""
+    first = e.errors()[0] if e.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    return APIError(f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=param)
+
+
+def _auth_and_log(service: Service, api_key: str | None):
+    async def middleware(request: Request, call_next):
         t0 = time.perf_counter()
-        if (
-            api_key
-            and request.url.path.startswith("/v1/")
-            and request.headers.get("authorization") != f"Bearer {api_key}"
-        ):
-            response = error(
+        wrong_key = request.headers.get("authorization") != f"Bearer {api_key}"
+        if api_key and request.url.path.startswith("/v1/") and wrong_key:
+            response = service.error(
                 APIError(
                     "missing or wrong API key (Authorization: Bearer KEY)",
                     status=401,
@@ -143,245 +317,4 @@ def create_app(
         )
         return response
 
-    # ------------------------------------------------------------------------------ helpers
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(f"unknown model {name!r}; this server serves {model_name!r}", param="model")
-
-    def make_jobs(prompts: list[str], req) -> list[Job]:
-        cfg = decode_settings(req, default_preset)
-        stop = stops(req)
-        if req.canvas and not req.stream:
-            raise APIError("canvas needs stream: true", param="canvas")
-        jobs = []
-        for p in prompts:
-            ids = engine.tok.prompt_ids(p)
-            if engine.max_len is not None and len(ids) + cfg.max_new_tokens > engine.max_len:
-                param = "max_tokens" if cfg.max_new_tokens >= engine.max_len else "prompt"
-                raise APIError(
-                    f"prompt of {len(ids)} tokens + max_tokens {cfg.max_new_tokens} exceeds this "
-                    f"model's canvas of {engine.max_len} tokens",
-                    param=param,
-                )
-            jobs.append(
-                Job(
-                    ids,
-                    cfg,
-                    req.seed or 0,
-                    req.n,
-                    asyncio.get_running_loop(),
-                    stream=req.stream,
-                    canvas=req.canvas,
-                    stop=stop,
-                )
-            )
-        return jobs
-
-    def submit(jobs: list[Job]) -> None:
-        for i, job in enumerate(jobs):
-            try:
-                engine.submit(job)
-            except QueueFull as e:
-                for j in jobs[:i]:
-                    engine.cancel(j)
-                raise APIError(
-                    f"the server is busy: {e}; retry shortly",
-                    status=429,
-                    kind="rate_limit_error",
-                    headers={"Retry-After": "1"},
-                ) from e
-        metrics.in_flight.inc()
-        metrics.queue.set(len(engine.waiting))
-
-    async def next_event(job: Job, deadline: float) -> tuple[str, Any]:
-        try:
-            kind, payload = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError as e:
-            raise APIError(
-                f"the request took longer than --request-timeout {request_timeout:g}s",
-                status=408,
-                kind="timeout",
-            ) from e
-        if kind == "error":
-            raise APIError(str(payload), status=503, kind="server_error")
-        return kind, payload
-
-    async def results(jobs: list[Job]) -> list[dict]:
-        """Every job's `done` payload (a non-streamed answer); its latency and 200 are recorded."""
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + request_timeout
-        out = []
-        try:
-            for job in jobs:
-                while True:
-                    kind, payload = await next_event(job, deadline)
-                    if kind == "done":
-                        out.append(payload)
-                        break
-        finally:
-            for job in jobs:
-                engine.cancel(job)
-            metrics.in_flight.dec()
-        metrics.latency.observe(time.perf_counter() - t0)
-        metrics.requests.labels("200").inc()
-        return out
-
-    def answer(obj: str, rid: str, created: int, choices: list[dict], done: list[dict]) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(done),
-        }
-
-    def usage(done: list[dict]) -> dict[str, int]:
-        prompt = sum(d["prompt_tokens"] for d in done)
-        completion = sum(c["tokens"] for d in done for c in d["choices"])
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "nfe": sum(d["nfe"] for d in done),
-        }
-
-    # ---------------------------------------------------------------------------- endpoints
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "queue_depth": len(engine.waiting),
-            "running_rows": engine.running_rows,
-        }
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        metrics.queue.set(len(engine.waiting))
-        metrics.rows.set(engine.running_rows)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(
-            PAGE.read_text().replace("{{MODEL}}", model_name).replace("{{PRESET}}", default_preset)
-        )
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "unmask"}],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise APIError("prompt must not be an empty list", param="prompt")
-        jobs = make_jobs(prompts, req)
-        submit(jobs)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            return sse(jobs, rid, created, chat=False)
-        done = await results(jobs)
-        choices = [
-            {"text": c["text"], "index": p * req.n + i, "logprobs": None, "finish_reason": c["finish_reason"]}
-            for p, d in enumerate(done)
-            for i, c in enumerate(d["choices"])
-        ]
-        return answer("text_completion", rid, created, choices, done)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        check_model(req.model)
-        if not req.messages:
-            raise APIError("messages must not be empty", param="messages")
-        prompt = load_template("chat").chat([m.model_dump() for m in req.messages])
-        jobs = make_jobs([prompt], req)
-        submit(jobs)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            return sse(jobs, rid, created, chat=True)
-        done = await results(jobs)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c["text"]},
-                "finish_reason": c["finish_reason"],
-            }
-            for i, c in enumerate(done[0]["choices"])
-        ]
-        return answer("chat.completion", rid, created, choices, done)
-
-    # ------------------------------------------------------------------------------ streaming
-
-    def sse(jobs: list[Job], rid: str, created: int, *, chat: bool) -> StreamingResponse:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        n = jobs[0].n
-
-        def chunk(index: int, text: str | None, finish: str | None, extra: dict | None = None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": text} if text is not None else {}
-                choice = {"index": index, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
-            body = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model_name,
-                "choices": [choice],
-                **(extra or {}),
-            }
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            deadline = time.monotonic() + request_timeout
-            t0 = time.perf_counter()
-            status = "200"
-            try:
-                for p, job in enumerate(jobs):
-                    streamed = [""] * n
-                    while True:
-                        try:
-                            kind, payload = await next_event(job, deadline)
-                        except APIError as e:
-                            status = str(e.status)
-                            yield f"data: {json.dumps(e.body())}\n\n"
-                            return
-                        if kind == "delta":
-                            i, text = payload
-                            streamed[i] += text
-                            yield chunk(p * n + i, text, None)
-                        elif kind == "canvas":
-                            yield f"event: canvas\ndata: {json.dumps(payload)}\n\n"
-                        else:  # done: the rest of each row's final text, then its finish reason
-                            for i, c in enumerate(payload["choices"]):
-                                rest = (
-                                    c["text"][len(streamed[i]) :] if c["text"].startswith(streamed[i]) else ""
-                                )
-                                if rest:
-                                    yield chunk(p * n + i, rest, None)
-                                yield chunk(
-                                    p * n + i,
-                                    None if chat else "",
-                                    c["finish_reason"],
-                                    {"usage": usage([payload])} if i == n - 1 else None,
-                                )
-                            break
-                yield "data: [DONE]\n\n"
-            finally:  # also when the client went away: its jobs leave the queue
-                for job in jobs:
-                    engine.cancel(job)
-                metrics.in_flight.dec()
-                metrics.latency.observe(time.perf_counter() - t0)
-                metrics.requests.labels(status).inc()
-
-        return ClosingStreamingResponse(events(), media_type="text/event-stream")
-
-    return app
+    return middleware

@@ -2,11 +2,12 @@
 that batches them, and per-job event streams.
 
 Batching keeps every row's output exactly what it would be alone: `generate()` is batch-invariant
-when rows have the same prompt length and decoder settings and each row draws from its own random
+when rows have the same prompt length and decode plan and each row draws from its own random
 stream (seeded by its request's seed and its sample index). So the worker takes the oldest waiting
-job and every other waiting job with the same prompt length and `DecodeConfig`, up to
-`max_batch_rows` rows, and decodes them as one batch; jobs that arrive meanwhile join the next
-batch (at a batch boundary, not mid-batch). A job leaves as soon as its rows are finished (EOS, for
+job and every other waiting job with the same `batch_key` (prompt length, plan), up to
+`max_batch_rows` rows, and decodes them as one batch through `decode_batch` (the driver `unmask
+sample` and the lm-eval model use); jobs that arrive meanwhile join the next batch (at a batch
+boundary, not mid-batch). A job leaves as soon as its rows are finished (a stop id, for
 block-causal and AR models, whose rows stop at different blocks), not when the whole batch ends.
 A job of `n` samples is `n` rows with sample indices 0..n-1: the same rows `unmask sample
 --num-samples n --seed S` decodes.
@@ -27,12 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from unmask.config import DecodeConfig
-from unmask.decoding.generate import completions
-from unmask.decoding.rng import row_generators
-from unmask.decoding.sample import cut_at_stop, decode_states
+from unmask.decoding.batches import Record, Request, cut_at_stop, decode_batch
+from unmask.decoding.plan import DecodePlan, plan_decode
 from unmask.schedules import build_schedule
 
 
@@ -40,23 +37,35 @@ class QueueFull(Exception):
     """The engine's queue holds `max_queue` waiting jobs."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    prompt_ids: list[int]
-    cfg: DecodeConfig
+    prompt_ids: list[int]  # a prompt, or with `template` a canvas with [MASK]s (fill-in-the-middle)
+    plan: DecodePlan
     seed: int
     n: int
     loop: asyncio.AbstractEventLoop
     stream: bool = False
     canvas: bool = False
     stop: tuple[str, ...] = ()
+    template: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
     @property
+    def cfg(self):
+        return self.plan.cfg
+
+    def requests(self) -> list[Request]:
+        """The job's rows: sample indices 0..n-1 of its seed (as `unmask sample --num-samples n`)."""
+        return [
+            Request(self.prompt_ids, self.plan, self.seed, i, self.template, self.stop, tag=(self, i))
+            for i in range(self.n)
+        ]
+
+    @property
     def key(self) -> tuple:
-        return (len(self.prompt_ids), self.cfg)
+        return (len(self.prompt_ids), self.template, self.plan)
 
     def emit(self, kind: str, payload: Any) -> None:  # called from the worker thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
@@ -85,6 +94,17 @@ class Engine:
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="unmask-engine", daemon=True)
         self._worker.start()
+
+    def plan(self, cfg) -> DecodePlan:
+        """The decode plan of a request's settings on this model (a DecodeError names the field)."""
+        return plan_decode(
+            self.model,
+            cfg,
+            schedule=self.schedule,
+            tokenizer=self.tok,
+            max_len=self.max_len,
+            precision=self.precision,
+        )
 
     # -------------------------------------------------------------------------------- jobs
 
@@ -144,78 +164,63 @@ class Engine:
                 self.running_rows = 0
 
     def _decode(self, batch: list[Job]) -> None:
-        cfg, P = batch[0].cfg, len(batch[0].prompt_ids)
-        device = next(self.model.parameters()).device
-        prompt = torch.tensor([j.prompt_ids for j in batch for _ in range(j.n)], device=device)
-        generators = [g for j in batch for g in row_generators(j.seed, range(j.n))]
+        P = len(batch[0].prompt_ids)
         starts = [sum(j.n for j in batch[:i]) for i in range(len(batch))]  # each job's first row
         sent = [[""] * j.n for j in batch]  # text already streamed, per job and row
-        delivered = [False] * len(batch)
+        records: dict[int, list[Record | None]] = {id(j): [None] * j.n for j in batch}
         t0 = time.perf_counter()
-        state = None
-        tokens = 0
-        states = decode_states(
-            self.model,
-            cfg,
-            prompt,
-            schedule=self.schedule,
-            generators=generators,
-            eos_id=self.tok.eos_id,
-            max_len=self.max_len,
-            precision=self.precision,
-        )
-        for state in states:
+        tokens, nfe, rows = 0, 0, sum(j.n for j in batch)
+
+        def on_state(requests, state) -> None:
             for j, job in enumerate(batch):
-                rows = slice(starts[j], starts[j] + job.n)
-                if delivered[j]:
-                    continue
-                if not job.cancelled.is_set() and (job.stream or job.canvas):
+                if job.template or job.cancelled.is_set() or None not in records[id(job)]:
+                    continue  # fill-in-the-middle answers arrive whole
+                if job.stream or job.canvas:
                     self._step_events(job, state, starts[j], P, sent[j])
-                if bool(state.finished[rows].all()):  # its rows stopped: it leaves before the batch ends
-                    tokens += self._deliver(job, state, rows, P, time.perf_counter() - t0)
-                    delivered[j] = True
+
+        for record in decode_batch(
+            self.model, [r for job in batch for r in job.requests()], on_state=on_state
+        ):
+            job, i = record.request.tag
+            records[id(job)][i] = record
+            nfe = max(nfe, record.nfe)
+            if None not in records[id(job)]:  # its rows stopped: it leaves before the batch ends
+                tokens += self._deliver(job, records[id(job)], P)
         seconds = time.perf_counter() - t0
-        for j, job in enumerate(batch):
-            if not delivered[j]:
-                tokens += self._deliver(job, state, slice(starts[j], starts[j] + job.n), P, seconds)
-        rows = state.tokens.shape[0]
         self.stats["batches"] += 1
         self.stats["rows"] += rows
         self.stats["tokens"] += tokens
-        self.stats["nfe"] += state.nfe
+        self.stats["nfe"] += nfe
         self.stats["decode_seconds"] += seconds
         if self.on_batch is not None:
-            self.on_batch(tokens, state.nfe, seconds, rows)
+            self.on_batch(tokens, nfe, seconds, rows)
 
-    def _deliver(self, job: Job, state, rows: slice, P: int, seconds: float) -> int:
-        """The job's final texts from `state` (its rows are finished there); returns their tokens."""
-        outs = completions(state, self.tok.eos_id)[rows]
+    def _deliver(self, job: Job, records: list[Record], P: int) -> int:
+        """The job's final texts (its rows are finished); returns the tokens they hold."""
         if not job.cancelled.is_set():
-            choices = []
-            for ids in outs:
-                text, stopped = cut_at_stop(self.tok.decode(ids), job.stop)
-                hit_eos = len(ids) < job.cfg.max_new_tokens
-                choices.append(
-                    {
-                        "text": text,
-                        "tokens": len(ids),
-                        "finish_reason": "stop" if stopped or hit_eos else "length",
-                    }
-                )
+            choices = [
+                {
+                    "text": r.fills[0] if job.template else r.text,
+                    "tokens": len(r.token_ids),
+                    "finish_reason": r.finish_reason,
+                }
+                for r in records
+            ]
             job.emit(
                 "done",
                 {
                     "choices": choices,
-                    "nfe": state.nfe,
-                    "decode_seconds": seconds,
-                    "batch_rows": state.tokens.shape[0],
+                    "nfe": max(r.nfe for r in records),
+                    "decode_seconds": max(r.seconds for r in records),
+                    "batch_rows": records[0].batch_rows,
                     "prompt_tokens": P,
                 },
             )
-        return sum(len(r) for r in outs)
+        return sum(len(r.token_ids) for r in records)
 
     def _step_events(self, job: Job, state, row: int, P: int, sent: list[str]) -> None:
         mask = self.model.mask_id
+        stops = set(job.plan.stop_ids)
         hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
         for i in range(job.n):
             ids = state.tokens[
@@ -223,8 +228,9 @@ class Engine:
             ].tolist()  # the last block may overshoot
             final = mask not in ids
             committed = ids[: ids.index(mask)] if not final else ids
-            if self.tok.eos_id in committed:
-                committed = committed[: committed.index(self.tok.eos_id)]
+            cut = next((k for k, t in enumerate(committed) if t in stops), None)
+            if cut is not None:
+                committed = committed[:cut]
             text, stopped = cut_at_stop(self.tok.decode(committed), job.stop)
             if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
                 continue

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from unmask.config import ConfigError
 from unmask.decoding.generate import generate
 from unmask.decoding.joint import adjust_kl, naive_kl, unroll_weights
-from unmask.decoding.presets import build_decoder, preset_config
+from unmask.decoding.plan import plan_decode
+from unmask.decoding.presets import preset_config
 from unmask.decoding.refresh import SamplerRefresh
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler, save_sampler
-from unmask.models.transformer import Transformer
-from unmask.schedules import LogLinear
+from unmask.models.denoiser import Denoiser
 
 
 @dataclass(frozen=True)
@@ -65,25 +65,17 @@ def split_trajectories(traj: Trajectories, valid_fraction: float) -> tuple[Traje
 
 
 def record_trajectories(
-    model: Transformer, prompts: torch.Tensor, new_tokens: int, generators: list[torch.Generator]
+    model: Denoiser, prompts: torch.Tensor, new_tokens: int, generators: list[torch.Generator]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode `prompts` [B, P] exactly (one token per forward); reveal order and tokens [B, G]."""
-    cfg = preset_config("exact-joint", max_new_tokens=new_tokens, steps=new_tokens)
-    decoder = build_decoder(cfg, LogLinear())
+    cfg = preset_config("exact-joint", max_new_tokens=new_tokens, steps=new_tokens, eos_fill=False)
+    plan = plan_decode(model, cfg)
     B, P = prompts.shape
     positions = np.zeros((B, new_tokens), dtype=np.int64)
     tokens = np.zeros((B, new_tokens), dtype=np.int64)
     previous = (torch.arange(P + new_tokens) < P).expand(B, -1)  # only the prompt is decoded
     step = 0  # reveals so far (a block-causal model's state.step restarts with each block)
-    for state in generate(
-        model,
-        decoder,
-        prompt=prompts,
-        max_new_tokens=new_tokens,
-        steps=new_tokens,
-        eos_fill=False,
-        generators=generators,
-    ):
+    for state in generate(model, plan, prompt=prompts, generators=generators):
         current = state.tokens[:, : P + new_tokens] != model.mask_id  # [B, <= P + G] (blocks grow)
         current = torch.cat([current, previous[:, current.shape[1] :]], dim=1)
         new = (current & ~previous).nonzero()  # one per row per step
@@ -98,7 +90,7 @@ def record_trajectories(
 
 
 def generate_trajectories(
-    model: Transformer,
+    model: Denoiser,
     prompts: torch.Tensor,
     out: str | Path,
     *,
@@ -184,7 +176,7 @@ def _windows(
 
 
 def train_sampler(
-    base: Transformer,
+    base: Denoiser,
     base_path: str | Path,
     traj: Trajectories,
     valid: Trajectories,

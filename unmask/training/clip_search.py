@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from unmask.config import Config
-from unmask.models.transformer import Transformer, autocast
+from unmask.models.denoiser import Denoiser
+from unmask.models.transformer import autocast
 from unmask.schedules import NoiseSchedule, clip_candidates
 from unmask.training.objectives import Batch, per_block_losses
 
 
 def search_clip(
-    model: Transformer,
+    model: Denoiser,
     rows: np.ndarray,
     schedule: NoiseSchedule,
     cfg: Config,

@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ from unmask.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from unmask.models.denoiser import Denoiser
 from unmask.models.pretrained.load import is_pretrained_dir
-from unmask.models.transformer import Transformer, autocast, build_model
+from unmask.models.transformer import autocast, build_model
 from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule
 from unmask.training.clip_search import search_clip
@@ -89,7 +90,7 @@ def lr_at(step: int, cfg) -> float:
 
 
 def training_loss(
-    model: Transformer,
+    model: Denoiser,
     batch: Batch,
     schedule: NoiseSchedule,
     cfg: Config,
@@ -143,7 +144,7 @@ def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Mod
     return replace(cfg, model=loaded.model.cfg), model, loaded.tokenizer
 
 
-def _load_init(model: Transformer, base: Transformer, init: str) -> None:
+def _load_init(model: Denoiser, base: Denoiser, init: str) -> None:
     """Copy `base`'s weights into `model`. The only keys allowed to be missing are those of a
     soft-mask module the base does not have (continued training with soft-masking)."""
     missing = set(model.state_dict()) - set(base.state_dict())
@@ -174,6 +175,289 @@ def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, d
     return Batch(x0, maskable, torch.as_tensor(spans, device=device), scored)
 
 
+@dataclass
+class _Start:
+    """Where a run starts: its config, step, saved state, tokenizer and initial weights."""
+
+    cfg: Config
+    step: int = 0
+    state: dict = field(default_factory=dict)  # the resumed checkpoint's state.json
+    ckpt: Path | None = None  # the checkpoint resumed from
+    tokenizer: Any = None
+    on_base: torch.nn.Module | None = None  # a frozen pretrained base with trainable additions
+    init_model: torch.nn.Module | None = None  # `--init` weights to copy into a fresh model
+
+
+def _start(cfg: Config, resume: bool, init: str | None, device) -> _Start:
+    """Stage 1: what the run continues from (`--resume`), or starts on (`--init`)."""
+    if resume:
+        ckpt = resolve_checkpoint(Path(cfg.train.out))
+        saved = config_from_json((ckpt / "config.json").read_text())
+        check_resume_compatible(saved, cfg)
+        state = json.loads((ckpt / "state.json").read_text())
+        resumed = load_checkpoint(ckpt)
+        on_base = resumed.model.to(device).train() if (ckpt / "base.json").is_file() else None
+        return _Start(cfg, state["step"], state, ckpt, resumed.tokenizer, on_base)
+    if init is not None and is_pretrained_dir(init):
+        cfg, on_base, tokenizer = _on_pretrained(cfg, init, device)
+        return _Start(cfg, tokenizer=tokenizer, on_base=on_base)
+    if init is not None:
+        base = load_checkpoint(init, prefer_ema=True)
+        if (base.path / "base.json").is_file():  # a run on a pretrained base: go on training its additions
+            return _Start(cfg, tokenizer=base.tokenizer, on_base=base.model.to(device).train())
+        return _Start(cfg, tokenizer=base.tokenizer, init_model=base.model)
+    return _Start(cfg)
+
+
+def _data(cfg: Config, tokenizer, data: PreparedData | None, progress: bool) -> PreparedData:
+    """Stage 2: the prepared corpus (or instruction pairs for post-training)."""
+    if data is None and cfg.instruct.stage != "none":
+        if tokenizer is None:
+            raise ConfigError(
+                f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init (or --resume)"
+            )
+        data = prepare_instruct(cfg, tokenizer, verbose=progress)
+    return data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
+
+
+def _model(cfg: Config, start: _Start, tokenizer, init: str | None, device) -> Denoiser:
+    """Stage 3: the model to train, with the weights the run starts from (before any sharding)."""
+    if start.on_base is not None:
+        model = start.on_base
+    else:
+        model = build_model(
+            cfg.model,
+            tokenizer.vocab_size,
+            tokenizer.mask_id,
+            soft_mask_k=cfg.soft_mask.k,
+            soft_mask_init=cfg.soft_mask.init,
+        ).to(device)
+        if start.init_model is not None:
+            _load_init(model, start.init_model, init)
+        if start.ckpt is not None:  # full weights before any sharding (FSDP shards are read after it)
+            load_state_dict_strict(model, start.ckpt / "model.safetensors")
+    if cfg.train.compile:
+        model.compile_blocks()
+    return model
+
+
+def _optimizer(model: Denoiser, cfg: Config) -> tuple[torch.optim.Optimizer, list[float]]:
+    """Stage 4: AdamW over the trainable weights; the soft-mask scalars get their own lr, no decay."""
+    tc = cfg.train
+    soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
+    weights = [p for n, p in model.named_parameters() if not n.startswith("soft_mask.") and p.requires_grad]
+    groups = [{"params": weights, "weight_decay": tc.weight_decay}]
+    base_lrs = [tc.lr]
+    if soft_params:
+        groups.append({"params": soft_params, "weight_decay": 0.0})
+        base_lrs.append(cfg.soft_mask.lr)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas), base_lrs
+
+
+class _Run:
+    """A run in progress: the stages after set-up, each a method reading the state set up once."""
+
+    def __init__(self, cfg: Config, d, device, start: _Start, data: PreparedData, model, progress: bool):
+        tc = cfg.train
+        self.cfg, self.tc, self.d, self.device, self.data, self.model = cfg, tc, d, device, data, model
+        self.tokenizer = data.tokenizer
+        self.run_dir = Path(tc.out)
+        self.schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
+        objective = Objective(
+            model,
+            lambda m, **kw: training_loss(
+                m, schedule=self.schedule, cfg=cfg, eos_id=self.tokenizer.eos_id, **kw
+            ),
+        )
+        self.step_module = wrap(
+            objective, d, precision=tc.precision, checkpoint_activations=cfg.dist.activation_checkpointing
+        )
+        self.optimizer, self.base_lrs = _optimizer(model, cfg)
+        self.ema = copy.deepcopy(model).requires_grad_(False) if tc.ema > 0 else None
+        self.t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
+        if start.ckpt is not None:
+            self._restore(start)
+        self.train_rows, self.val_rows = data.rows["train"], data.rows["validation"]
+        self.byte_lengths = self.tokenizer.byte_lengths()
+        self.log = self._open_log(start.step, resume=start.ckpt is not None)
+        self.tokens_seen, self.t0 = 0, time.perf_counter()
+        self.memory: dict[str, float] = {}
+        self.bar = tqdm(
+            range(start.step, tc.steps),
+            initial=start.step,
+            total=tc.steps,
+            disable=not progress,
+            desc=f"train {cfg.model.objective}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def _restore(self, start: _Start) -> None:
+        """The optimizer, EMA and clipped range of the checkpoint resumed from."""
+        ckpt = start.ckpt
+        if self.ema is not None:
+            load_state_dict_strict(self.ema, ckpt / "ema.safetensors")
+        if (ckpt / "dist").is_dir():  # written by an FSDP run: resharded onto this run's layout
+            load_sharded(ckpt / "dist", self.model, self.optimizer)
+        elif self.d.strategy == "fsdp":
+            load_full_optimizer(
+                self.model, self.optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True)
+            )
+        else:
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.t_range = tuple(start.state.get("t_range", self.t_range))
+
+    def _open_log(self, start_step: int, *, resume: bool):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        if self.d.main and resume and path.exists():  # drop records past the checkpoint (a killed run's tail)
+            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        return path.open("a") if self.d.main else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+    # ----------------------------------------------------------------------------- a step
+
+    def train_step(self, step: int) -> None:
+        tc, d, model, optimizer = self.tc, self.d, self.model, self.optimizer
+        t_step = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group, base_lr in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
+        nats, tokens, extras, positions = 0.0, 0, {}, 0
+        for micro in range(tc.grad_accum):
+            index = step * tc.grad_accum + micro
+            rows = batch_indices(len(self.train_rows), tc.batch_size, index, tc.seed)
+            batch = make_batch(self.data, "train", rows, self.cfg, self.device)
+            generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
+            torch.manual_seed(tc.seed * 7_919 + index)  # dropout
+            with autocast(tc.precision, self.device):
+                out = self.step_module(
+                    batch=batch, generator=generator, t_range=self.t_range, rows=d.rows(tc.batch_size)
+                )
+            (out.loss * d.world / tc.grad_accum).backward()  # DDP/FSDP average the ranks' gradients
+            nats, tokens = nats + d.sum(out.nats, self.device), tokens + out.tokens
+            positions += batch.x0.numel()
+            for k, v in (out.extras or {}).items():
+                extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if tc.grad_clip > 0
+            else torch.tensor(float("nan"))
+        )
+        optimizer.step()
+        if step + 1 == tc.steps:  # what this process holds, gradients included (before they are freed)
+            self.memory.update(memory_report(model, optimizer))
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1 - tc.ema)
+        self.tokens_seen += positions  # throughput counts every position processed
+        loss = nats / tokens
+        rate = self.tokens_seen / (time.perf_counter() - self.t0)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": rate,
+            "step_seconds": time.perf_counter() - t_step,
+            **extras,
+        }
+        if model.soft_mask is not None:
+            record["soft_mask"] = model.soft_mask.values()
+        self.write(record)
+
+    # ------------------------------------------------------------------------- validation
+
+    def validate(self, step: int) -> Perplexity:
+        with unsharded(self.step_module, self.d):  # every rank evaluates the whole set: the same number
+            return self._validate(step)
+
+    def _validate(self, step: int) -> Perplexity:
+        cfg, val_rows = self.cfg, self.val_rows
+        eval_model = self.ema if self.ema is not None else self.model  # what load_checkpoint returns
+        n = cfg.eval.max_rows or len(val_rows)
+        loss_positions = maskable = None
+        if self.data.spans is not None:  # instruction rows: the response-only bound, masked as in training
+            spans, L = self.data.spans["validation"][:n], val_rows.shape[1]
+            loss_positions = response_mask(spans, L, cfg.instruct.eos)
+            maskable = maskable_mask(spans, L, cfg.instruct.eos)
+        ppl = evaluate_perplexity(
+            eval_model,
+            val_rows[:n],
+            self.schedule,
+            pad_id=self.tokenizer.pad_id,
+            byte_lengths=self.byte_lengths,
+            eps=cfg.noise.eps,
+            mc_samples=cfg.eval.mc_samples,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            precision=self.tc.precision,
+            loss_positions=loss_positions,
+            maskable=maskable,
+        )
+        record = {
+            "step": step,
+            "val_nats": ppl.nats_per_token,
+            "val_ppl": ppl.ppl,
+            "val_bpb": ppl.bits_per_byte,
+            "val_rows": ppl.rows,
+            "val_mc_samples": ppl.mc_samples,
+            "val_weights": "ema" if self.ema is not None else "raw",
+        }
+        if cfg.noise.clip_search and self.model.cfg.objective != "ar":
+            t_range, var = search_clip(
+                eval_model, val_rows, self.schedule, cfg, self.tokenizer.pad_id, self.device
+            )
+            self.t_range = (max(t_range[0], cfg.noise.eps), t_range[1])
+            record.update(clip=list(self.t_range), clip_loss_var=var)
+        self.write(record)
+        return ppl
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, step: int, val_ppl: float | None) -> None:
+        d, tc = self.d, self.tc
+        meta = {
+            "t_range": list(self.t_range),
+            "val_ppl": val_ppl,
+            "seed": tc.seed,
+            "world_size": d.world,
+            "strategy": d.strategy,
+        }
+        common = dict(
+            step=step,
+            model=self.model,
+            config=self.cfg,
+            tokenizer=self.tokenizer,
+            state=meta,
+            keep_optimizer=tc.keep_optimizer,
+        )
+        if d.strategy != "fsdp":
+            if d.main:
+                save_checkpoint(self.run_dir, ema=self.ema, optimizer=self.optimizer, **common)
+            d.barrier()
+            return
+        shards = self.run_dir / f".dist-{step:07d}"  # every rank writes its shard; rank 0 commits atomically
+        save_sharded(shards, self.model, self.optimizer)
+        weights = full_model_state(self.model) if self.cfg.dist.consolidate else None  # a collective
+        d.barrier()
+        if d.main:
+            save_checkpoint(self.run_dir, model_state=weights or {}, move_in={"dist": shards}, **common)
+        d.barrier()
+
+
 def train(
     cfg: Config,
     *,
@@ -201,281 +485,46 @@ def train(
             f"precision: {resolved}" + (f"; {d.world} processes, {d.strategy}" if d.world > 1 else ""),
             file=sys.stderr,
         )
-    tc = cfg.train
-    run_dir = Path(tc.out)
-    torch.manual_seed(tc.seed)
-
-    start_step, state = 0, {}
-    tokenizer = None
-    on_base = None  # a frozen pretrained base with trainable additions (soft-mask, LoRA)
-    if resume:
-        ckpt = resolve_checkpoint(run_dir)
-        saved = config_from_json((ckpt / "config.json").read_text())
-        check_resume_compatible(saved, cfg)
-        state = json.loads((ckpt / "state.json").read_text())
-        start_step = state["step"]
-        resumed = load_checkpoint(ckpt)
-        tokenizer = resumed.tokenizer
-        if (ckpt / "base.json").is_file():
-            on_base = resumed.model.to(device).train()
-    elif init is not None and is_pretrained_dir(init):
-        cfg, on_base, tokenizer = _on_pretrained(cfg, init, device)
-    elif init is not None:
-        base = load_checkpoint(init, prefer_ema=True)
-        tokenizer = base.tokenizer
-        if (base.path / "base.json").is_file():  # a run on a pretrained base: go on training its additions
-            on_base = base.model.to(device).train()
+    torch.manual_seed(cfg.train.seed)
+    start = _start(cfg, resume, init, device)
+    cfg = start.cfg
     if d.main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        prepare_run_dir(Path(cfg.train.out), resume=resume, overwrite=overwrite)
     d.barrier()
+    data = _data(cfg, start.tokenizer, data, progress)
+    model = _model(cfg, start, data.tokenizer, init, device)
+    run = _Run(cfg, d, device, start, data, model, progress)
+    return _loop(run, start.step)
 
-    if data is None and cfg.instruct.stage != "none":
-        if tokenizer is None:
-            raise ConfigError(
-                f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init (or --resume)"
-            )
-        data = prepare_instruct(cfg, tokenizer, verbose=progress)
-    data = data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
-    tokenizer = data.tokenizer
-    if on_base is not None:
-        model = on_base
-    else:
-        model = build_model(
-            cfg.model,
-            tokenizer.vocab_size,
-            tokenizer.mask_id,
-            soft_mask_k=cfg.soft_mask.k,
-            soft_mask_init=cfg.soft_mask.init,
-        ).to(device)
-    if init is not None and not resume and on_base is None:
-        _load_init(model, base.model, init)
-    schedule = build_schedule(cfg.noise.schedule, cfg.noise.eps)
-    if resume and on_base is None:  # full weights before any sharding (FSDP shards are read after it)
-        load_state_dict_strict(model, ckpt / "model.safetensors")
-    if tc.compile:
-        model.compile_blocks()
-    objective = Objective(
-        model, lambda m, **kw: training_loss(m, schedule=schedule, cfg=cfg, eos_id=tokenizer.eos_id, **kw)
-    )
-    step_module = wrap(
-        objective, d, precision=resolved.precision, checkpoint_activations=cfg.dist.activation_checkpointing
-    )
-    soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
-    groups = [
-        {
-            "params": [
-                p for n, p in model.named_parameters() if not n.startswith("soft_mask.") and p.requires_grad
-            ],
-            "weight_decay": tc.weight_decay,
-        }
-    ]
-    base_lrs = [tc.lr]
-    if soft_params:  # the three scalars: their own group, own lr, no weight decay
-        groups.append({"params": soft_params, "weight_decay": 0.0})
-        base_lrs.append(cfg.soft_mask.lr)
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
-    ema = copy.deepcopy(model).requires_grad_(False) if tc.ema > 0 else None
-    t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
 
-    if resume:
-        if ema is not None:
-            load_state_dict_strict(ema, ckpt / "ema.safetensors")
-        if (ckpt / "dist").is_dir():  # written by an FSDP run: resharded onto this run's layout
-            load_sharded(ckpt / "dist", model, optimizer)
-        elif d.strategy == "fsdp":
-            load_full_optimizer(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
-        else:
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        t_range = tuple(state.get("t_range", t_range))
-
-    train_rows, val_rows = data.rows["train"], data.rows["validation"]
-    byte_lengths = tokenizer.byte_lengths()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "metrics.jsonl"
-    if d.main and resume and log_path.exists():  # drop records past the checkpoint (a killed run's tail)
-        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    log = log_path.open("a") if d.main else None
-
-    def write(record: dict[str, Any]) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    def validate(step: int) -> Perplexity:
-        with unsharded(step_module, d):  # every rank evaluates the whole set: the same number everywhere
-            return _validate(step)
-
-    def _validate(step: int) -> Perplexity:
-        nonlocal t_range
-        eval_model = ema if ema is not None else model  # what load_checkpoint returns as the model
-        n = cfg.eval.max_rows or len(val_rows)
-        loss_positions = maskable = None
-        if data.spans is not None:  # instruction rows: the response-only bound, masked as in training
-            spans, L = data.spans["validation"][:n], val_rows.shape[1]
-            loss_positions = response_mask(spans, L, cfg.instruct.eos)
-            maskable = maskable_mask(spans, L, cfg.instruct.eos)
-        ppl = evaluate_perplexity(
-            eval_model,
-            val_rows[:n],
-            schedule,
-            pad_id=tokenizer.pad_id,
-            byte_lengths=byte_lengths,
-            eps=cfg.noise.eps,
-            mc_samples=cfg.eval.mc_samples,
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.eval.seed,
-            precision=tc.precision,
-            loss_positions=loss_positions,
-            maskable=maskable,
-        )
-        record = {
-            "step": step,
-            "val_nats": ppl.nats_per_token,
-            "val_ppl": ppl.ppl,
-            "val_bpb": ppl.bits_per_byte,
-            "val_rows": ppl.rows,
-            "val_mc_samples": ppl.mc_samples,
-            "val_weights": "ema" if ema is not None else "raw",
-        }
-        if cfg.noise.clip_search and model.cfg.objective != "ar":
-            t_range, var = search_clip(eval_model, val_rows, schedule, cfg, tokenizer.pad_id, device)
-            t_range = (max(t_range[0], cfg.noise.eps), t_range[1])
-            record.update(clip=list(t_range), clip_loss_var=var)
-        write(record)
-        return ppl
-
-    def checkpoint(step: int, val_ppl: float | None) -> None:
-        meta = {
-            "t_range": list(t_range),
-            "val_ppl": val_ppl,
-            "seed": tc.seed,
-            "world_size": d.world,
-            "strategy": d.strategy,
-        }
-        if d.strategy != "fsdp":
-            if d.main:
-                save_checkpoint(
-                    run_dir,
-                    step=step,
-                    model=model,
-                    ema=ema,
-                    optimizer=optimizer,
-                    config=cfg,
-                    tokenizer=tokenizer,
-                    state=meta,
-                    keep_optimizer=tc.keep_optimizer,
-                )
-            d.barrier()
-            return
-        shards = run_dir / f".dist-{step:07d}"  # every rank writes its shard; rank 0 commits atomically
-        save_sharded(shards, model, optimizer)
-        weights = full_model_state(model) if cfg.dist.consolidate else None  # a collective: all ranks
-        d.barrier()
-        if d.main:
-            if weights is None:
-                weights = {}
-            save_checkpoint(
-                run_dir,
-                step=step,
-                model=model,
-                config=cfg,
-                tokenizer=tokenizer,
-                state=meta,
-                keep_optimizer=tc.keep_optimizer,
-                model_state=weights,
-                move_in={"dist": shards},
-            )
-        d.barrier()
-
-    def train_step(step: int) -> None:
-        nonlocal tokens_seen
-        t_step = time.perf_counter()
-        lr = lr_at(step, tc)
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * lr / tc.lr  # every group follows the same warm-up/decay shape
-        nats, tokens, extras, positions = 0.0, 0, {}, 0
-        for micro in range(tc.grad_accum):
-            index = step * tc.grad_accum + micro
-            batch = make_batch(
-                data, "train", batch_indices(len(train_rows), tc.batch_size, index, tc.seed), cfg, device
-            )
-            generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + index)
-            torch.manual_seed(tc.seed * 7_919 + index)  # dropout
-            with autocast(tc.precision, device):
-                out = step_module(
-                    batch=batch, generator=generator, t_range=t_range, rows=d.rows(tc.batch_size)
-                )
-            (out.loss * d.world / tc.grad_accum).backward()  # DDP/FSDP average the ranks' gradients
-            nats, tokens = nats + d.sum(out.nats, device), tokens + out.tokens
-            positions += batch.x0.numel()
-            for k, v in (out.extras or {}).items():
-                extras[k] = extras.get(k, 0.0) + v / tc.grad_accum
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            if tc.grad_clip > 0
-            else torch.tensor(float("nan"))
-        )
-        optimizer.step()
-        if step + 1 == tc.steps:  # what this process holds, gradients included (before they are freed)
-            memory.update(memory_report(model, optimizer))
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - tc.ema)
-        tokens_seen += positions  # throughput counts every position processed
-        loss = nats / tokens
-        rate = tokens_seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
-        record = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": rate,
-            "step_seconds": time.perf_counter() - t_step,
-            **extras,
-        }
-        if model.soft_mask is not None:
-            record["soft_mask"] = model.soft_mask.values()
-        write(record)
-
-    model.train()
+def _loop(run: _Run, start_step: int) -> TrainResult:
+    """The steps, with validation, checkpoints and a clean stop on SIGINT / SIGTERM."""
+    tc, d, cfg = run.tc, run.d, run.cfg
+    run.model.train()
     val_ppl = None
-    bar = tqdm(
-        range(start_step, tc.steps),
-        initial=start_step,
-        total=tc.steps,
-        disable=not progress,
-        desc=f"train {cfg.model.objective}",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    tokens_seen, t0 = 0, time.perf_counter()
-    memory: dict[str, float] = {}
     with stop_requests() as stop:
-        for step in bar:
-            train_step(step)
+        for step in run.bar:
+            run.train_step(step)
             done = step + 1
             # every rank stops at the same step (torchrun forwards the signal to all, not at once)
             signal_name = stop["signal"]
-            if d.world > 1 and d.sum(1.0 if signal_name else 0.0, device) > 0:
+            if d.world > 1 and d.sum(1.0 if signal_name else 0.0, run.device) > 0:
                 signal_name = signal_name or "SIGTERM"
             if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
-                ppl = validate(done)
+                ppl = run.validate(done)
                 val_ppl = ppl.ppl
-                weights = "EMA" if ema is not None else "raw"
+                weights = "EMA" if run.ema is not None else "raw"
                 if d.main:
-                    clip = f"; clip {t_range[0]:.2f}-{t_range[1]:.2f}" if cfg.noise.clip_search else ""
-                    bar.write(f"step {done}: val ppl {ppl.describe()}, {weights} weights{clip}")
+                    clip = (
+                        f"; clip {run.t_range[0]:.2f}-{run.t_range[1]:.2f}" if cfg.noise.clip_search else ""
+                    )
+                    run.bar.write(f"step {done}: val ppl {ppl.describe()}, {weights} weights{clip}")
             if done % tc.save_every == 0 or done == tc.steps or signal_name:
-                checkpoint(done, val_ppl)
+                run.checkpoint(done, val_ppl)
             if signal_name:
-                bar.close()
-                if log is not None:
-                    log.close()
-                raise TrainingInterrupted(run_dir, done, signal_name)
-    write({"step": tc.steps, "memory": memory, "world_size": d.world, "strategy": d.strategy})
-    if log is not None:
-        log.close()
-    return TrainResult(run_dir, tc.steps, val_ppl, t_range)
+                run.close()
+                raise TrainingInterrupted(run.run_dir, done, signal_name)
+    run.write({"step": tc.steps, "memory": run.memory, "world_size": d.world, "strategy": d.strategy})
+    if run.log is not None:
+        run.log.close()
+    return TrainResult(run.run_dir, tc.steps, val_ppl, run.t_range)

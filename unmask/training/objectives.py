@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from unmask.config import InstructConfig
+from unmask.models.denoiser import TrainableDenoiser
 from unmask.models.masks import bd3_train, block_causal, dense_mask
-from unmask.models.transformer import Transformer
 from unmask.schedules import NoiseSchedule, stratified_times
 
 
@@ -101,7 +101,7 @@ def corrupt(
     return torch.where(masked, mask_id, x0), masked
 
 
-def bd3_two_pass_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def bd3_two_pass_logits(model: TrainableDenoiser, xt: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """The same logits as `model.forward_bd3_train`, in two passes: x0 alone (block-causal) fills a
     K/V cache, then x_t attends to it with the offset block-causal mask. [B, L, V]."""
     B, L = x0.shape
@@ -117,7 +117,7 @@ def bd3_two_pass_logits(model: Transformer, xt: torch.Tensor, x0: torch.Tensor) 
 
 
 def denoise(
-    model: Transformer, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
+    model: TrainableDenoiser, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Training-time logits for x_t [B, L, V]: BD3-LM's vectorized pass (block-causal models) or a
     plain forward (bidirectional); `xt_embeds` replaces x_t's input embeddings."""
@@ -127,7 +127,7 @@ def denoise(
 
 
 def soft_masked_logits(
-    model: Transformer, xt: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor
+    model: TrainableDenoiser, xt: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor
 ) -> torch.Tensor:
     """Soft-masking's two passes: a no-grad pass on x_t predicts p; the masked inputs become the
     blend of [MASK] and p's top-k; the second pass (with gradients, through the three scalars too)
@@ -139,7 +139,7 @@ def soft_masked_logits(
 
 
 def diffusion_token_nll(
-    model: Transformer,
+    model: TrainableDenoiser,
     batch: Batch,
     schedule: NoiseSchedule,
     generator: torch.Generator,
@@ -177,7 +177,7 @@ def diffusion_token_nll(
 
 
 def diffusion_loss(
-    model: Transformer,
+    model: TrainableDenoiser,
     batch: Batch,
     schedule: NoiseSchedule,
     generator: torch.Generator,
@@ -206,7 +206,7 @@ def diffusion_loss(
     return LossOutput(nats / tokens, float(nats.detach()), tokens)
 
 
-def ar_loss(model: Transformer, batch: Batch, rows: slice | None = None) -> LossOutput:
+def ar_loss(model: TrainableDenoiser, batch: Batch, rows: slice | None = None) -> LossOutput:
     """Next-token cross-entropy of a causal model; predicts tokens 1..L-1 of each row. With `rows`,
     as `diffusion_loss`: those rows' nats over the whole batch's tokens."""
     tokens = int(batch.valid[:, 1:].sum())
@@ -219,7 +219,7 @@ def ar_loss(model: Transformer, batch: Batch, rows: slice | None = None) -> Loss
 
 
 def per_block_losses(
-    model: Transformer,
+    model: TrainableDenoiser,
     batch: Batch,
     schedule: NoiseSchedule,
     generator: torch.Generator,
@@ -236,7 +236,7 @@ def per_block_losses(
 
 
 def sft_loss(
-    model: Transformer,
+    model: TrainableDenoiser,
     batch: Batch,
     schedule: NoiseSchedule,
     generator: torch.Generator,
@@ -286,7 +286,7 @@ def rejected_span(row: torch.Tensor, neg: Negative, eos_id: int) -> torch.Tensor
 
 
 def r2ft_loss(
-    model: Transformer,
+    model: TrainableDenoiser,
     batch: Batch,
     cfg: InstructConfig,
     eos_id: int,

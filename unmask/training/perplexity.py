@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unmask.models.transformer import Transformer, autocast
+from unmask.models.denoiser import Denoiser
+from unmask.models.transformer import autocast
 from unmask.schedules import NoiseSchedule
 from unmask.training.objectives import Batch, ar_loss, diffusion_loss
 
@@ -38,7 +39,7 @@ class Perplexity:
 
 @torch.no_grad()
 def evaluate_perplexity(
-    model: Transformer,
+    model: Denoiser,
     rows: np.ndarray,
     schedule: NoiseSchedule,
     *,

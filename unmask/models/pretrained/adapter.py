@@ -39,10 +39,6 @@ class HFDenoiser(nn.Module):
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.soft_mask = None
         self.subs = False  # their reference loops keep [MASK] in the softmax (CHECKPOINTS.md §10)
-        # rotary frequencies for modules that add their own attention on top (the ADJUST sampler)
-        head = cfg.dim // cfg.n_heads
-        inv = 1.0 / cfg.rope_base ** (torch.arange(0, head, 2).float() / head)
-        self.register_buffer("inv_freq", inv, persistent=False)
         self._previous: tuple[KVCache | None, int, torch.Tensor] | None = None  # (cache, start, raw hidden)
         self._carry: tuple[KVCache, int, torch.Tensor] | None = None  # (cache, position, hidden)
 
@@ -94,7 +90,7 @@ class HFDenoiser(nn.Module):
                 inputs_embeds=h,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=BridgeCache(cache) if cache is not None else None,
+                cache=BridgeCache(cache) if cache is not None else None,
                 use_cache=cache is not None,
             )
         return out.last_hidden_state

@@ -1,7 +1,7 @@
 """Our `KVCache` seen through transformers' `Cache` interface.
 
 A native transformers model writes each layer's post-rotary keys/values with
-`past_key_values.update(k, v, layer_idx)`; this bridge forwards those writes to `KVCache.write`,
+`cache.update(k, v, layer_idx)`; this bridge forwards those writes to `KVCache.write`,
 so a pretrained model gets the same scratch-write / `commit` / `seek` semantics as our own
 backbone, with buffers sized by the model's key/value heads (grouped-query attention).
 """

@@ -47,8 +47,13 @@ class PretrainedTokenizer:
         return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
     @property
+    def chat_template(self) -> str | None:
+        """The authors' Jinja chat template, when the tokenizer ships one."""
+        return getattr(self.hf, "chat_template", None) or None
+
+    @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return self.chat_template is not None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -59,18 +64,29 @@ class PretrainedTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
+    def chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """A conversation as text through the tokenizer's own chat template (the model authors')."""
+        if not self.has_chat_template:
+            raise PretrainedError(f"{self.path}: this tokenizer has no chat template; drop --chat")
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def prompt_ids(self, text: str, *, chat: bool = False) -> list[int]:
-        """A prompt as the model's authors feed it: the chat template (one user turn, generation
-        prompt added) with `chat`, else the text with the tokenizer's own special tokens (BOS)."""
+        """A prompt as the model's authors feed it: with `chat`, one user turn of the chat template
+        (generation prompt added); else the text, opened by the tokenizer's BOS where the family
+        prepends one and the text does not already start with it (a rendered chat template)."""
         if chat:
-            if not self.has_chat_template:
-                raise PretrainedError(f"{self.path}: this tokenizer has no chat template; drop --chat")
-            text = self.hf.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            return self.encode(text)
+            return self.encode_chat(self.chat([{"role": "user", "content": text}]))
         ids = self.encode(text)
-        return [self.bos_id, *ids] if self.family.prepend_bos and self.bos_id is not None else ids
+        if not self.family.prepend_bos or self.bos_id is None or ids[:1] == [self.bos_id]:
+            return ids
+        return [self.bos_id, *ids]
+
+    def encode_chat(self, rendered: str) -> list[int]:
+        """The ids of a conversation `chat()` rendered: its tokens as they are (the template writes
+        whatever BOS the authors feed)."""
+        return self.encode(rendered)
 
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for special tokens)."""
