@@ -338,6 +338,8 @@ class DecodeConfig:
     is the exact cache); none: recompute the whole sequence every call."""
     max_new_tokens: int = 64
     """Tokens to generate (the canvas for bidirectional models, the cap for block/AR models)."""
+    min_new_tokens: int = 0
+    """No stop token (EOS, end of turn) among the first this many generated positions."""
     eos_fill: bool = True
     """Full-canvas decoding: once [EOS] is decoded, every position right of it becomes [EOS]."""
     stop_entropy: float = 0.0
@@ -359,6 +361,11 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "decode.steps", f"must be >= 1, got {self.steps}")
         _check(self.max_new_tokens >= 1, "decode.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "decode.min_new_tokens",
+            f"must be in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_new_tokens}",
+        )
         _check(self.temperature > 0, "decode.temperature", f"must be > 0, got {self.temperature}")
         _check(self.top_k >= 0, "decode.top_k", f"must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}")

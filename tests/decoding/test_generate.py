@@ -221,3 +221,21 @@ def test_threshold_floors(kind):
     )[-1]
     assert budget.nfe <= 4 + 1  # the budget (+1: the prompt's partial block)
     assert not (budget.tokens == MASK).any()
+
+
+@pytest.mark.parametrize(
+    "kind,preset", [("bidirectional", "llada"), ("block_causal", "bd3lm"), ("causal", "mdlm")]
+)
+def test_min_new_tokens_holds_off_the_stop_token(kind, preset):
+    """A head biased to EOS stops at once; with min_new_tokens = 5 the first 5 generated positions
+    are something else, and the stop comes right after."""
+    model = tiny_model(kind, block_size=4)
+    with torch.no_grad():
+        model.head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+        model.head.bias[EOS] = 50.0
+    over = dict(max_new_tokens=8, steps=8)
+    first = run(model, preset, prompt=prompt_batch(2, 4), eos=EOS, **over)[-1]
+    assert completions(first, EOS) == [[], []]
+    held = run(model, preset, prompt=prompt_batch(2, 4), eos=EOS, min_new_tokens=5, **over)[-1]
+    assert [len(c) for c in completions(held, EOS)] == [5, 5]
+    assert (held.tokens[:, 4 + 5] == EOS).all()

@@ -33,6 +33,9 @@ class Caller:
         self.last: tuple[torch.Tensor, int, View] | None = None
         self.nfe = 0
         self.key_mask, self.cfg_scale, self.prompt_len = key_mask, plan.cfg.cfg_scale, prompt_len
+        # `min_new_tokens`: no stop id at canvas positions before this one (prompts, not templates)
+        self.stop_ids = list(plan.stop_ids)
+        self.stops_from = prompt_len + plan.cfg.min_new_tokens if prompt_len > 0 and self.stop_ids else 0
 
     def _forward(
         self, inputs: dict[str, torch.Tensor], cache: KVCache | None, start: int
@@ -65,11 +68,19 @@ class Caller:
         if self.reusable and last is not None and last[1] == key and torch.equal(last[0], tokens):
             return last[2]
         logits, hidden = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
-        if self.ban_ids:
-            logits[..., self.ban_ids] = -torch.inf
         self.nfe += 1
-        view = View(start, logits, hidden)
+        view = self.suppress(View(start, logits, hidden))
         self.last = (tokens, key, view)
+        return view
+
+    def suppress(self, view: View) -> View:
+        """-inf on the logits no proposal may take: `ban_stop`'s ids everywhere, the stop ids before
+        `min_new_tokens` generated positions (in place; also applied to refreshed views)."""
+        if self.ban_ids:
+            view.logits[..., self.ban_ids] = -torch.inf
+        early = self.stops_from - view.start  # view positions [0, early) are too early to stop
+        if early > 0:
+            view.logits[:, :early, self.stop_ids] = -torch.inf
         return view
 
     def forget(self) -> None:

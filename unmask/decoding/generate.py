@@ -118,8 +118,7 @@ def _rounds(
             model, state.tokens[:, view.start : view.start + n], view, lambda state=state: forward(state)
         )
         if refresher.cost == "pass":
-            if plan.ban_ids:
-                view.logits[..., list(plan.ban_ids)] = -torch.inf
+            view = call.suppress(view)
             state = state.advance(refresh_passes=state.refresh_passes + 1)
     return state
 
@@ -295,6 +294,8 @@ def _ar_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_ma
             kv.commit(feed.shape[1])
         else:
             logits = model(state.tokens).logits[:, -1]
+        if plan.ban_ids or i < plan.cfg.min_new_tokens:  # no stop yet (ban_stop: never)
+            logits[:, list(plan.stop_ids)] = -torch.inf
         u = row_uniform(generators, 1, device)[:, 0]
         proposal = plan.decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
         nxt = torch.where(state.finished, fill, proposal.tokens)
