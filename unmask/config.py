@@ -72,8 +72,26 @@ class ModelConfig:
     """Dropout on attention output and MLP output."""
     rope_base: float = 10000.0
     """Rotary embedding base."""
+    kv_heads: int = 0
+    """Key/value heads (grouped-query attention; 0 = n_heads). Fewer shrink the KV cache."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before rotary (Qwen3 / SDAR layers)."""
+    norm_eps: float | None = None
+    """RMSNorm epsilon (None: the compute dtype's machine epsilon, as older checkpoints)."""
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.n_heads
 
     def __post_init__(self) -> None:
+        _check(
+            self.kv_heads >= 0 and self.n_heads % self.n_kv_heads == 0,
+            "model.kv_heads",
+            f"must be 0 (= n_heads) or divide n_heads={self.n_heads}, got {self.kv_heads}",
+        )
+        _check(
+            self.norm_eps is None or self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}"
+        )
         _check(
             self.dim > 0 and self.dim % self.n_heads == 0,
             "model.dim",

@@ -30,11 +30,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    """Fused q/k/v projection (rows: H query heads, then Hkv key and Hkv value heads of Dh),
+    optional per-head q/k RMSNorm before rotary, grouped-query attention when Hkv < H."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -47,11 +54,16 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = invariant.linear(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # [B, H, T, Dh]
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = invariant.linear(self.qkv, x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q, k, v = (z.view(B, T, -1, Dh).transpose(1, 2) for z in (q, k, v))  # [B, H | Hkv, T, Dh]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.write(layer, k, v)  # [B, H, prefix + T, Dh]
+            k, v = cache.write(layer, k, v)  # [B, Hkv, prefix + T, Dh]
+        if Hkv < H:  # each key/value head serves H / Hkv query heads
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         y = invariant.attention(q, k, v, mask)
         return self.dropout(invariant.linear(self.out, y.transpose(1, 2).reshape(B, T, D)))
 
@@ -82,7 +94,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps), nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer):
@@ -110,7 +122,7 @@ class Transformer(nn.Module):
         self.cfg, self.vocab_size, self.mask_id = cfg, vocab_size, mask_id
         self.tok_embed = nn.Embedding(vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.dim)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, vocab_size, bias=False)
         head_dim = cfg.dim // cfg.n_heads
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
@@ -140,7 +152,7 @@ class Transformer(nn.Module):
         return KVCache(
             self.cfg.n_layers,
             batch,
-            self.cfg.n_heads,
+            self.cfg.n_kv_heads,
             self.cfg.dim // self.cfg.n_heads,
             max_len,
             device=device,
@@ -213,7 +225,8 @@ class Transformer(nn.Module):
         """Matmul FLOPs of one forward: `n_query` tokens per row attending to `n_keys` keys."""
         D, H = self.cfg.dim, self.blocks[0].mlp.down.in_features
         up = 2 * H if self.cfg.mlp == "swiglu" else H
-        per_token = 2 * (3 * D * D + D * D + D * up + H * D) * self.cfg.n_layers + 2 * D * self.vocab_size
+        qkv = D * D * (self.cfg.n_heads + 2 * self.cfg.n_kv_heads) // self.cfg.n_heads
+        per_token = 2 * (qkv + D * D + D * up + H * D) * self.cfg.n_layers + 2 * D * self.vocab_size
         attention = 2 * 2 * n_keys * D * self.cfg.n_layers  # QK^T and AV
         return batch * n_query * (per_token + attention)
 

@@ -50,26 +50,20 @@ def joint_samples(
     `refresher` between them): their texts, wall seconds and full forwards (NFE summed over batches)."""
     import time
 
-    import torch
+    from unmask.decoding.batches import Request, decode_batches
+    from unmask.decoding.plan import plan_decode
+    from unmask.decoding.presets import preset_config
 
-    from unmask.decoding.generate import final_state
-    from unmask.decoding.joint import joint_generate
-    from unmask.decoding.rng import row_generators
-
-    texts, nfe, t0 = [], 0, time.perf_counter()
-    for start in range(0, samples, batch_size):
-        n = min(batch_size, samples - start)
-        bos = torch.full((n, 1), tokenizer.bos_id)
-        state = final_state(
-            joint_generate(
-                model,
-                bos,
-                max_new_tokens=new_tokens,
-                K=K,
-                refresher=refresher,
-                generators=row_generators(seed, range(start, start + n)),
-            )
-        )
-        nfe += state.nfe
-        texts += [tokenizer.decode(ids) for ids in state.tokens[:, 1:].tolist()]
+    cfg = preset_config(
+        "exact-joint", max_new_tokens=new_tokens, steps=new_tokens, rounds=K, eos_fill=False
+    )  # the whole canvas, no stop: what ADJUST's comparison measures
+    plan = plan_decode(model, cfg, refresher=refresher)
+    rows = [Request([tokenizer.bos_id], plan, seed=seed, index=i) for i in range(samples)]
+    last = {}  # batch -> its last state (NFE per batch)
+    t0 = time.perf_counter()
+    records = decode_batches(
+        model, rows, batch_size=batch_size, on_state=lambda batch, state: last.update({id(batch): state})
+    )
+    texts = [tokenizer.decode(r.token_ids) for r in sorted(records, key=lambda r: r.request.index)]
+    nfe = sum(state.nfe for state in last.values())
     return texts, time.perf_counter() - t0, nfe
