@@ -31,6 +31,7 @@ _PUBLIC: dict[str, str] = {
     "DenoiserOutput": "unmask.models.transformer",
     "KVCache": "unmask.models.kv_cache",
     "load_checkpoint": "unmask.models.checkpoint",
+    "export": "unmask.exporting",
     "save_checkpoint": "unmask.models.checkpoint",
     "CheckpointError": "unmask.models.checkpoint",
     "load_pretrained": "unmask.models.pretrained.load",
@@ -45,8 +46,6 @@ _PUBLIC: dict[str, str] = {
     # decoding
     "generate": "unmask.decoding.generate",
     "plan_decode": "unmask.decoding.plan",
-    "Request": "unmask.decoding.batches",
-    "decode_batches": "unmask.decoding.batches",
     "DecodeState": "unmask.decoding.state",
     "Decoder": "unmask.decoding.decoder",
     "build_decoder": "unmask.decoding.presets",
@@ -83,7 +82,6 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from unmask.config_io import load_config
     from unmask.data.corpus import DataError, load_corpus, prepare_data
     from unmask.data.tokenizer import Tokenizer
-    from unmask.decoding.batches import Request, decode_batches
     from unmask.decoding.decoder import Decoder
     from unmask.decoding.generate import generate
     from unmask.decoding.plan import plan_decode
@@ -92,6 +90,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from unmask.decoding.state import DecodeState
     from unmask.evaluation.metrics import repetition
     from unmask.evaluation.reference import generative_perplexity, load_reference, mauve_score
+    from unmask.exporting import export
     from unmask.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from unmask.models.kv_cache import KVCache
     from unmask.models.pretrained.families import PretrainedError

@@ -1,4 +1,4 @@
-"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env | serve.
+"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env | serve | export.
 
 Each subcommand wraps a public function. Config overrides are `--section.field=value` (or
 `--section.field value`), parsed by `tyro` against the config loaded from `--config` (or a
@@ -15,6 +15,7 @@ import sys
 from unmask.cli.bench import add_bench_commands
 from unmask.cli.env import add_env_command
 from unmask.cli.eval import add_eval_commands
+from unmask.cli.export import add_export_command
 from unmask.cli.posttrain import add_posttrain_commands
 from unmask.cli.repro import add_repro_commands
 from unmask.cli.sample import add_sample_command
@@ -30,6 +31,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from unmask.decoding.generate import DecodeError
     from unmask.evaluation.humaneval import HarnessError
     from unmask.evaluation.reference import ReferenceModelError
+    from unmask.exporting.layouts import ExportError
     from unmask.models.checkpoint import CheckpointError
     from unmask.models.pretrained.families import PretrainedError
 
@@ -42,6 +44,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ReferenceModelError,
         HarnessError,
         PretrainedError,
+        ExportError,
     )
 
 
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(sub)
     add_env_command(sub)
     add_serve_command(sub)
+    add_export_command(sub)
     return p
 
 

@@ -16,6 +16,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIALS = {"mask": "[MASK]", "bos": "[BOS]", "eos": "[EOS]", "pad": "[PAD]"}
+# a loaded tokenizer that already has a diffusion family's mask token keeps it as the mask (Qwen3 /
+# SDAR, LLaDA2 / Dream, LLaDA), so the mask id is the family's (what SGLang hard-codes for SDAR)
+MASK_ALIASES = ("<|MASK|>", "<|mask|>", "<|mdm_mask|>")
 
 
 class TokenizerError(ValueError):
@@ -26,12 +29,15 @@ class Tokenizer:
     """A HF `tokenizers.Tokenizer` plus the special ids the models use."""
 
     def __init__(self, hf: HFTokenizer):
-        missing = [tok for tok in SPECIALS.values() if hf.token_to_id(tok) is None]
+        names = dict(SPECIALS)
+        if hf.token_to_id(SPECIALS["mask"]) is None:
+            names["mask"] = next((t for t in MASK_ALIASES if hf.token_to_id(t) is not None), SPECIALS["mask"])
+        missing = [tok for tok in names.values() if hf.token_to_id(tok) is None]
         if missing:
             hf.add_special_tokens(missing)
         self.hf = hf
         self.mask_id, self.bos_id, self.eos_id, self.pad_id = (
-            hf.token_to_id(SPECIALS[k]) for k in ("mask", "bos", "eos", "pad")
+            hf.token_to_id(names[k]) for k in ("mask", "bos", "eos", "pad")
         )
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 

@@ -1,8 +1,9 @@
 """`HFDenoiser`: a native transformers causal-LM class behind unmask's Denoiser protocol.
 
 One place owns each family's conventions so decoders never see them:
-- attention: bidirectional (`is_causal=False`), or block-causal with L' through an additive 4D
-  mask built from the same predicate our own backbone uses (absolute positions, cache included);
+- attention: bidirectional (`is_causal=False`), or block-causal with L' (or causal) through an
+  additive 4D mask built from the same predicate our own backbone uses (absolute positions, cache
+  included);
 - the logit shift: for Dream / Fast-dLLM v2 the logit at i predicts token i+1, so canvas position
   i is given the output at i-1 (logits and hidden states alike). When a cached call starts at
   position s > 0, the output at s-1 comes from an earlier call on the same cache (the prompt
@@ -46,6 +47,8 @@ class HFDenoiser(nn.Module):
     def predicate(self) -> masks.MaskPredicate:
         if self.cfg.attention == "block_causal":
             return masks.block_causal(self.cfg.block_size)
+        if self.cfg.attention == "causal":
+            return masks.causal
         return masks.bidirectional
 
     @property
@@ -112,7 +115,7 @@ class HFDenoiser(nn.Module):
         positions = torch.arange(start, start + T, device=h.device)
         visible = max(start + T, cache.length) if cache is not None else T
         allowed = None
-        if self.cfg.attention == "block_causal":
+        if self.cfg.attention != "bidirectional":  # block-causal or causal: the mask says which keys
             allowed = masks.dense_mask(self.predicate, positions, torch.arange(visible, device=h.device))
         if key_mask is not None:
             allowed = masks.with_key_mask(allowed, key_mask[:, :visible], T)  # [B, T, S]

@@ -23,8 +23,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # config.json `model_type` values (lower-cased)
     architectures: tuple[str, ...]
-    backbone: str  # llama | qwen2 | qwen3 | glm4_moe | dit
-    attention: str  # bidirectional | block_causal
+    backbone: str  # llama (LLaDA's names) | llama_hf | qwen2 | qwen3 | glm4_moe | dit
+    attention: str  # bidirectional | block_causal | causal
     block_key: str | None = None  # config field holding L' (block-causal families)
     block_default: int = 0
     shift: bool = False  # logit i predicts token i+1 (Dream, Fast-dLLM v2)
@@ -124,6 +124,26 @@ FAMILIES = (
         prepend_bos=True,
         preset="bd3lm",
         tokenizer_shipped=False,
+    ),
+    # causal LMs in transformers' own layouts: AR baselines, and where `unmask export` writes AR runs
+    Family(
+        "llama",
+        ("llama",),
+        ("LlamaForCausalLM",),
+        "llama_hf",
+        "causal",
+        stop_tokens=("<|end_of_text|>", "<|eot_id|>"),
+        prepend_bos=True,
+        preset="mdlm",
+    ),
+    Family(
+        "qwen3",
+        ("qwen3",),
+        ("Qwen3ForCausalLM",),
+        "qwen3",
+        "causal",
+        stop_tokens=("<|endoftext|>", "<|im_end|>"),
+        preset="mdlm",
     ),
 )
 

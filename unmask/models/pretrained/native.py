@@ -1,8 +1,9 @@
 """Each family's weights in a native transformers class: the config translation and key renames.
 
 LLaDA is Llama (OLMo-style names), Dream and Fast-dLLM v2 are Qwen2, SDAR is Qwen3, LLaDA2-mini is
-Glm4Moe (fused qkv split, experts packed). Every model is built with `is_causal=False`; block-causal
-families get an explicit 4D mask from the adapter. A config field the native class cannot express
+Glm4Moe (fused qkv split, experts packed); Llama and Qwen3 causal LMs load as themselves. Every model
+is built with `is_causal=False`; block-causal and causal families get an explicit 4D mask from the
+adapter. A config field the native class cannot express
 is refused by name instead of being silently ignored.
 """
 
@@ -39,9 +40,13 @@ META = {
 
 def native_config(family: Family, raw: dict[str, Any], where: str) -> PretrainedConfig:
     """The native transformers config for a family's config.json."""
-    build = {"llama": _llada, "qwen2": _qwen(Qwen2Config), "qwen3": _qwen(Qwen3Config), "glm4_moe": _llada2}[
-        family.backbone
-    ]
+    build = {
+        "llama": _llada,
+        "llama_hf": _qwen(LlamaConfig),
+        "qwen2": _qwen(Qwen2Config),
+        "qwen3": _qwen(Qwen3Config),
+        "glm4_moe": _llada2,
+    }[family.backbone]
     cfg = build(raw, where)
     cfg.is_causal = False
     cfg._attn_implementation = "sdpa"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from unmask.config import Config
-from unmask.export.layouts import Format, Shape
+from unmask.exporting.layouts import Format, Shape
 
 CLASSES = {
     "llada": ("transformers.LlamaForCausalLM", "bidirectional (is_causal=False)"),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from unmask.data.tokenizer import SPECIALS
+from unmask.exporting.layouts import ExportError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -54,7 +54,13 @@ CHAT_TEMPLATE = (  # the repo's `chat` template (data/templates.toml) in Jinja, 
 def write_tokenizer(out: Path, tokenizer, *, max_len: int, chat: bool) -> None:
     """`tokenizer.json` and the files that declare its special tokens to `AutoTokenizer`."""
     tokenizer.save(out / "tokenizer.json")
-    specials = {f"{k}_token": v for k, v in SPECIALS.items()}
+    ids = {
+        "mask": tokenizer.mask_id,
+        "bos": tokenizer.bos_id,
+        "eos": tokenizer.eos_id,
+        "pad": tokenizer.pad_id,
+    }
+    specials = {f"{k}_token": tokenizer.hf.id_to_token(i) for k, i in ids.items()}
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -80,7 +86,7 @@ class Staging:
 
     def __enter__(self) -> Path:
         if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"--out {self.out} exists; pass --overwrite to replace it")
+            raise ExportError(f"--out {self.out} exists; pass --overwrite to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from unmask.export.card import model_card
-from unmask.export.layouts import FORMATS, ExportError, pick, shape_of
-from unmask.export.write import TORCH_NAMES, Staging, write_json, write_tokenizer, write_weights
+from unmask.exporting.card import model_card
+from unmask.exporting.layouts import FORMATS, ExportError, pick, shape_of
+from unmask.exporting.write import TORCH_NAMES, Staging, write_json, write_tokenizer, write_weights
 
 __all__ = ["FORMATS", "ExportError", "export"]
 
