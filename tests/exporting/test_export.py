@@ -239,3 +239,56 @@ def test_a_tokenizer_with_a_family_mask_token_keeps_it(tmp_path):
     hf = HF(models.WordLevel(vocab, unk_token="a"))
     tok = Tokenizer(hf)
     assert tok.mask_id == 2 and hf.token_to_id("[MASK]") is None and tok.bos_id is not None
+
+
+def test_a_run_on_a_qwen3_style_tokenizer_exports_an_sdar_directory_sglang_can_serve(
+    tiny_data_cfg, tmp_path, recwarn
+):
+    """A tokenizer whose `<|MASK|>` sits at 151669 (Qwen3 / SDAR's id): the run keeps it as its mask,
+    and the SDAR export carries SGLang's built-in mask id and block size, with no warning."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(151669)]
+    vocab = {w: i for i, w in enumerate(words)} | {"<|MASK|>": 151669}
+    hf = HF(models.WordLevel(vocab, unk_token="w0"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<|MASK|>"])
+    (tmp_path / "qwen3-tok").mkdir()
+    hf.save(str(tmp_path / "qwen3-tok" / "tokenizer.json"))
+    data = replace(tiny_data_cfg, tokenizer=str(tmp_path / "qwen3-tok"))
+    cfg = Config(
+        data=data,
+        eval=EvalConfig(max_rows=4, mc_samples=1),
+        model=ModelConfig(
+            attention="block_causal", block_size=4, dim=16, n_layers=1, n_heads=2, qk_norm=True
+        ),
+        train=TrainConfig(steps=1, batch_size=2, lr=1e-3, precision="fp32", out=str(tmp_path / "run")),
+    )
+    train(cfg, progress=False)
+    loaded = load_checkpoint(tmp_path / "run")
+    assert loaded.model.mask_id == 151669
+    out = export(loaded, tmp_path / "sdar", dtype="fp32")  # auto: sdar (block-causal, q/k norm)
+    assert not [w for w in recwarn if "SGLang" in str(w.message)]
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["SDARForCausalLM"] and raw["mask_token_id"] == 151669
+    assert raw["block_size"] == 4 and raw["vocab_size"] > 151669
+    assert "can be served as is" in (out / "README.md").read_text()
+
+
+def test_an_sft_run_exports_its_chat_template(checkpoints, tmp_path):
+    import dataclasses
+
+    source = load_checkpoint(checkpoints["bidirectional"])
+    sft = dataclasses.replace(
+        source, config=replace(source.config, instruct=replace(source.config.instruct, stage="sft"))
+    )
+    out = export(sft, tmp_path / "chat", dtype="fp32")
+    turns = [{"role": "user", "content": "write a parser"}]
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    rendered = hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert rendered == source.tokenizer.hf.id_to_token(source.tokenizer.bos_id) + source.tokenizer.chat(turns)
+    back = load_checkpoint(out, dtype="fp32")
+    assert back.tokenizer.prompt_ids("write a parser", chat=True) == source.tokenizer.prompt_ids(
+        "write a parser", chat=True
+    )
