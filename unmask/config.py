@@ -189,10 +189,11 @@ class TrainConfig:
         _check(0.0 <= self.ema < 1.0, "train.ema", f"must be in [0, 1), got {self.ema}")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _check(
-            self.eval_every >= 0 and self.save_every >= 1,
+            self.eval_every >= 0,
             "train.eval_every",
-            "eval_every must be >= 0 and save_every >= 1",
+            f"must be >= 0 (0: only at the end), got {self.eval_every}",
         )
+        _check(self.save_every >= 1, "train.save_every", f"must be >= 1, got {self.save_every}")
 
 
 @dataclass(frozen=True, kw_only=True)

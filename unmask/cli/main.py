@@ -76,6 +76,20 @@ def main(argv: list[str] | None = None) -> None:
         again = [a for a in again if a != "--overwrite"]
         print(f"{e}\nresume with: {shlex.join(again)}", file=sys.stderr)
         raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
+    except KeyboardInterrupt:  # Ctrl-C in any other command: one line, no traceback
+        print(f"interrupted: unmask {ns.command} stopped (what it had finished is kept)", file=sys.stderr)
+        raise SystemExit(130) from None
+    except _write_failed() as e:  # disk full, read-only, I/O error: the partial output was removed
+        from unmask.models.integrity import EXIT_WRITE_FAILED
+
+        print(f"error: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(EXIT_WRITE_FAILED) from None
+
+
+def _write_failed() -> type[Exception]:
+    from unmask.models.integrity import WriteFailed
+
+    return WriteFailed
 
 
 def _interrupted() -> type[Exception]:

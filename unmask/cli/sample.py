@@ -64,6 +64,7 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
                 Panel(render(state, tok), title=f"block {state.block} step {state.step} nfe {state.nfe}")
             )
 
+    finished: list[dict] = []
     try:
         records = sample(
             model,
@@ -80,10 +81,22 @@ def cmd_sample(ns: argparse.Namespace, rest: list[str]) -> None:
             sampler=sampler,
             chat=ns.chat,
             infill=bool(ns.infill),
+            finished=finished,
+            progress=not ns.stream,
         )
+    except KeyboardInterrupt:  # keep what is done: the finished samples, then exit 130
+        if live is not None:
+            live.stop()
+        _emit(ns, sorted(finished, key=lambda r: r["index"]))
+        print(f"interrupted: {len(finished)} finished sample(s) kept", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if live is not None:
             live.stop()
+    _emit(ns, records)
+
+
+def _emit(ns: argparse.Namespace, records: list[dict]) -> None:
     if ns.output:
         with open(ns.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

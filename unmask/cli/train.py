@@ -8,7 +8,7 @@ import sys
 
 from unmask.cli.flags import SHORTHANDS, parse_overrides, shorthands
 from unmask.cli.help import config_help
-from unmask.config import Config
+from unmask.config import Config, replace
 from unmask.config_io import load_config
 
 
@@ -29,11 +29,19 @@ def launch(nproc: int, argv: list[str]) -> None:
         "unmask",
         *argv,
     ]
-    raise SystemExit(subprocess.run(cmd).returncode)
+    from unmask.training.distributed import die_with_parent
+
+    # torchrun dies with this process (kill -9 of `unmask train --nproc` leaves no workers)
+    raise SystemExit(subprocess.run(cmd, preexec_fn=die_with_parent).returncode)
 
 
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
+    cfg = run_config(ns, rest)
     if ns.nproc > 1:  # the same command, without --nproc, under torchrun
+        from unmask.training.distributed import check_world
+
+        strategy = cfg.dist.strategy if any(a.startswith("--dist.strategy") for a in rest) else "ddp"
+        check_world(strategy, cfg.train.batch_size, ns.nproc)  # before any process starts
         launch(
             ns.nproc,
             [
@@ -47,24 +55,40 @@ def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:
         )
     from unmask.training.loop import train
 
+    result = train(cfg, resume=ns.resume, init=ns.init, overwrite=ns.overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        ppl = f"{result.val_ppl:.2f}" if result.val_ppl is not None else "not measured"
+        print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {ppl})")
+
+
+def run_config(ns: argparse.Namespace, rest: list[str]) -> Config:
+    """The run's config: `--config`, a resumed run's own saved one, or `--init`'s; flags on top."""
     if ns.config:
         base = load_config(ns.config)
     elif ns.resume:  # continue a run: its own saved config, with the flags given now on top
+        from pathlib import Path
+
         from unmask.config_io import config_from_json
-        from unmask.models.checkpoint import resolve_checkpoint
+        from unmask.models.checkpoint import complete_checkpoints
 
         out = parse_overrides(Config(), shorthands(rest), "unmask train").train.out
-        base = config_from_json((resolve_checkpoint(out) / "config.json").read_text())
+        done = complete_checkpoints(Path(out)) if Path(out).is_dir() else []
+        # no complete checkpoint yet (killed before the first one): a fresh start from the flags
+        base = config_from_json((done[-1] / "config.json").read_text()) if done else Config()
+        cfg = parse_overrides(base, shorthands(rest), "unmask train")
+        return cfg if cfg.train.out == out else replace(cfg, train=replace(cfg.train, out=out))
     elif ns.init:  # continued training: start from the init checkpoint's own configuration
-        from unmask.models.checkpoint import load_checkpoint
+        from unmask.config_io import config_from_json
+        from unmask.models.checkpoint import resolve_checkpoint
+        from unmask.models.pretrained.load import is_pretrained_dir, pretrained_config
 
-        base = load_checkpoint(ns.init).config
+        if is_pretrained_dir(ns.init):
+            base = pretrained_config(ns.init)
+        else:  # its config alone (the weights are read once, by train)
+            base = config_from_json((resolve_checkpoint(ns.init) / "config.json").read_text())
     else:
         base = Config()
-    cfg = parse_overrides(base, shorthands(rest), "unmask train")
-    result = train(cfg, resume=ns.resume, init=ns.init, overwrite=ns.overwrite)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"checkpoint: {result.run_dir} (step {result.step}, val ppl {result.val_ppl:.2f})")
+    return parse_overrides(base, shorthands(rest), "unmask train")
 
 
 def add_train_command(sub) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from unmask.config import DataConfig
 from unmask.data.tokenizer import Tokenizer
+from unmask.models.integrity import sha256
 
 SPLITS = ("train", "validation", "test")
 
@@ -72,6 +73,13 @@ def stdlib_files(modules: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
         if modules and parts[0].removesuffix(".py") not in modules:
             continue
         out.append((rel.as_posix(), path))
+    found = {rel.split("/")[0].removesuffix(".py") for rel, _ in out}
+    unknown = sorted(set(modules) - found)
+    if unknown:
+        raise DataError(
+            f"corpus stdlib:{','.join(modules)}: no standard-library module or package named "
+            f"{', '.join(unknown)} (with .py sources, tests excluded) in {root}"
+        )
     return out
 
 
@@ -248,12 +256,27 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _cache_ok(folder: Path, meta_file: Path) -> bool:
+    """A cached entry whose arrays match the digests its meta.json recorded (older entries, written
+    without digests, are trusted); a corrupt one is tokenized again."""
+    try:
+        digests = json.loads(meta_file.read_text()).get("sha256")
+    except (OSError, json.JSONDecodeError):
+        digests = {}
+    if digests is None:
+        return True
+    if digests and all((folder / n).is_file() and sha256(folder / n) == d for n, d in digests.items()):
+        return True
+    print(f"token cache {folder} is corrupt; tokenizing again", file=sys.stderr)
+    return False
+
+
 def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: str) -> TokenizedSplit:
     """Tokenize documents once; later calls with the same key memory-map the cached arrays."""
     digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}".encode()).hexdigest()[:20]
     folder = Path(cache_dir) / "tokens" / digest
     tok_file, off_file, meta_file = folder / "tokens.npy", folder / "offsets.npy", folder / "meta.json"
-    if meta_file.is_file():
+    if meta_file.is_file() and _cache_ok(folder, meta_file):
         return TokenizedSplit(np.load(tok_file, mmap_mode="r"), np.load(off_file))
     folder.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode_batch(docs)
@@ -263,7 +286,8 @@ def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: 
     _atomic_save(tok_file, tokens)
     _atomic_save(off_file, offsets)
     tmp = meta_file.with_name(f"meta.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "n_docs": len(docs)}))
+    digests = {f.name: sha256(f) for f in (tok_file, off_file)}
+    tmp.write_text(json.dumps({"key": key, "n_docs": len(docs), "sha256": digests}))
     os.replace(tmp, meta_file)  # written last: its presence means the cache entry is complete
     return TokenizedSplit(np.load(tok_file, mmap_mode="r"), offsets)
 

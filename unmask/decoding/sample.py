@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from unmask.config import DecodeConfig
 from unmask.data.corpus import DataError, read_jsonl
 from unmask.data.tokenizer import Tokenizer
@@ -58,6 +60,8 @@ def sample(
     sampler=None,
     chat: bool = False,
     infill: bool = False,
+    finished: list[dict[str, Any]] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """`num_samples` completions of every prompt, as records with text, ids, finish reason, NFE and
     timing. The `adjust` preset (`--decode.refresh sampler`) needs a trained `sampler` (ADJUST);
@@ -65,7 +69,8 @@ def sample(
     model's chat template (the tokenizer's for pretrained chat models, the repo's `chat` template for
     our own); completions stop at the plan's stop ids (EOS, end of turn). `infill`: each prompt is
     a template whose `<mask>` / `<mask*N>` slots are filled (bidirectional models); a record's
-    `text` is the whole filled text and `fills` each slot's."""
+    `text` is the whole filled text and `fills` each slot's. `finished`: a list that receives
+    each record as it is done (what an interrupted caller can still save)."""
     if not prompts:
         raise DecodeError("no prompts given")
     if num_samples < 1 or batch_size < 1:
@@ -88,8 +93,12 @@ def sample(
         plan.check_length(len(ids), template=infill)
         requests.append(Request(ids, plan, seed=seed, index=i, template=infill, tag=text))
     watch = None if on_state is None else (lambda batch, state: on_state(state))
-    records = decode_batches(model, requests, batch_size=batch_size, on_state=watch)
-    return sorted((r.json() for r in records), key=lambda r: r["index"])
+    done = [] if finished is None else finished
+    with tqdm(total=len(requests), desc="sample", unit="sample", disable=not progress, leave=False) as bar:
+        for record in decode_batches(model, requests, batch_size=batch_size, on_state=watch):
+            done.append(record.json())  # `finished` holds what is done if the caller is interrupted
+            bar.update(1)
+    return sorted(done, key=lambda r: r["index"])
 
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:

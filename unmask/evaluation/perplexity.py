@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unmask.config import replace
+from unmask.config import ConfigError, replace
 from unmask.data.corpus import DataError, prepare_data
 from unmask.models.checkpoint import load_checkpoint
 from unmask.schedules import build_schedule
@@ -43,6 +43,8 @@ def heldout_perplexity(
         raise DataError(f"{run_dir} is a pretrained directory with no corpus of its own: pass --data FILE")
     data = prepare_data(data_cfg, loaded.tokenizer, splits=(split,))
     max_rows = cfg.eval.max_rows if max_rows is None else max_rows
+    if max_rows < 0:
+        raise ConfigError(f"--max-rows must be >= 0 (0 = every row), got {max_rows}")
     rows = data.rows[split][: max_rows or None]
     return evaluate_perplexity(
         loaded.model,

@@ -5,16 +5,20 @@ Layout of a run directory:
     runs/NAME/
       latest                 -> name of the newest complete checkpoint (replaced atomically)
       ckpt-0000300/          model.safetensors, ema.safetensors?, optimizer.pt (newest N only),
-                             config.json, tokenizer.json, state.json
+                             config.json, tokenizer.json, state.json, manifest.json
       metrics.jsonl
 
-A checkpoint is written into a temporary directory, renamed into place, and only then does
-`latest` point at it: a kill at any moment leaves the previous checkpoint intact and `latest`
-valid. Loading is strict: a missing, unexpected or misshapen tensor is an error that lists them.
+A checkpoint is written into a temporary directory, closed by its `manifest.json` (each file's size
+and SHA-256), fsynced, renamed into place, and only then does `latest` point at it: a kill at any
+moment leaves the previous checkpoint intact, and a complete checkpoint is found whatever `latest`
+says. Loading verifies the manifest and that the weights are finite, and is strict: a missing,
+unexpected or misshapen tensor is an error that lists them. A full disk is a `WriteFailed` naming
+the path, with the partial checkpoint removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +34,17 @@ from unmask.config import Config, ConfigError
 from unmask.config_io import config_from_json, to_dict
 from unmask.data.tokenizer import Tokenizer, TokenizerError
 from unmask.models.denoiser import Denoiser
+from unmask.models.integrity import (
+    IntegrityError,
+    WriteFailed,
+    check_finite,
+    fsync_dir,
+    fsync_tree,
+    is_write_error,
+    verify,
+    write_failed,
+    write_manifest,
+)
 from unmask.models.transformer import build_model
 
 
@@ -39,8 +54,15 @@ class CheckpointError(RuntimeError):
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -67,60 +89,123 @@ def save_checkpoint(
     final = run_dir / f"ckpt-{step:07d}"
     tmp = run_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     base_ref = getattr(model, "base_ref", None)  # additions trained on a frozen pretrained base
-    if base_ref is not None and model_state is None:
-        from unmask.models.pretrained.additions import delta_state, write_base
-
-        model_state = delta_state(model)
-        write_base(tmp, base_ref)
     weights = model.state_dict() if model_state is None else model_state
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
-            str(tmp / "ema.safetensors"),
+    if base_ref is not None and model_state is None:
+        from unmask.models.pretrained.additions import delta_state
+
+        weights = delta_state(model)  # only the additions: the base is not copied
+    needed = _bytes(weights) * (2 if ema is not None else 1) + (2 * _bytes(weights) if optimizer else 0)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:  # obviously too small: say so before writing anything
+        raise WriteFailed(
+            errno.ENOSPC,
+            f"cannot write the step-{step} checkpoint in {run_dir}: it needs about {needed:,} bytes and "
+            f"{free:,} are free; the previous checkpoint is untouched (free space, then --resume)",
         )
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    if model.soft_mask is not None:  # the learned scalars, readable without loading the model
-        (tmp / "soft_mask.json").write_text(json.dumps(model.soft_mask.values(), indent=2))
-    if hasattr(tokenizer, "save"):  # a pretrained base's tokenizer stays in its directory
-        tokenizer.save(tmp / "tokenizer.json")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
-    for name, path in (move_in or {}).items():
-        os.replace(path, tmp / name)
+    try:
+        tmp.mkdir()
+        if base_ref is not None and model_state is None:
+            from unmask.models.pretrained.additions import write_base
+
+            write_base(tmp, base_ref)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors")
+        )
+        if ema is not None:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()},
+                str(tmp / "ema.safetensors"),
+            )
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        if model.soft_mask is not None:  # the learned scalars, readable without loading the model
+            (tmp / "soft_mask.json").write_text(json.dumps(model.soft_mask.values(), indent=2))
+        if hasattr(tokenizer, "save"):  # a pretrained base's tokenizer stays in its directory
+            tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+        for name, path in (move_in or {}).items():
+            os.replace(path, tmp / name)
+        write_manifest(tmp, optional=("optimizer.pt", "dist/"))  # last: the checkpoint is complete
+        fsync_tree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise write_failed(tmp, e, needed) from None
+        raise
     if final.exists():  # a complete checkpoint of the same step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(run_dir / "latest", final.name)
+    fsync_dir(run_dir)
+    try:
+        _write_atomic(run_dir / "latest", final.name)
+    except OSError as e:  # the checkpoint is complete (manifest): --resume finds it without `latest`
+        if is_write_error(e):
+            raise write_failed(run_dir / "latest", e) from None
+        raise
     for old in sorted(run_dir.glob("ckpt-*"))[:-keep_optimizer]:
         (old / "optimizer.pt").unlink(missing_ok=True)
         shutil.rmtree(old / "dist", ignore_errors=True)  # the weights stay in model.safetensors
     return final
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (via `latest`) or a checkpoint directory -> the checkpoint directory."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        ckpt = path / (path / "latest").read_text().strip()
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints that are complete (a manifest whose sizes match), oldest first. A
+    checkpoint of an older version (no manifest) counts when it has its weights and state."""
+    out = []
+    for ckpt in sorted(run_dir.glob("ckpt-*")):
         if not ckpt.is_dir():
-            raise CheckpointError(f"{path}/latest points at {ckpt.name}, which does not exist")
-        return ckpt
+            continue
+        try:
+            if verify(ckpt, digests=False) or (
+                (ckpt / "model.safetensors").is_file() and (ckpt / "state.json").is_file()
+            ):
+                out.append(ckpt)
+        except IntegrityError:
+            continue
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory -> its newest complete checkpoint (whatever `latest` says: a kill between a
+    checkpoint's rename and the `latest` update leaves a newer complete one); a checkpoint
+    directory -> itself."""
+    path = Path(path)
     if (path / "model.safetensors").is_file():
         return path
+    complete = complete_checkpoints(path) if path.is_dir() else []
+    if complete:
+        return complete[-1]
+    if (path / "latest").is_file():
+        name = (path / "latest").read_text().strip()
+        raise CheckpointError(f"{path}/latest points at {name}, which is missing or incomplete")
     raise CheckpointError(
-        f"no checkpoint at {path} (expected a run directory with `latest` or a "
+        f"no checkpoint at {path} (expected a run directory with a complete ckpt-* or a "
         "checkpoint directory with model.safetensors)"
     )
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file of a checkpoint against its manifest (a resume reads them all)."""
+    try:
+        verify(ckpt)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_state_dict_strict(module: torch.nn.Module, file: Path) -> None:
     """Load safetensors into `module`; list missing, unexpected and misshapen keys on mismatch."""
     try:
+        verify(file.parent, [file.name])
         tensors = load_file(str(file))
+        check_finite(tensors, file)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from e
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {file}: corrupt or truncated ({e})") from e
     own = module.state_dict()
@@ -164,6 +249,10 @@ def load_checkpoint(
     if is_pretrained_dir(path):
         return load_as_checkpoint(path, tokenizer=tokenizer, device=device, dtype=dtype or "auto")
     ckpt = resolve_checkpoint(path)
+    try:
+        verify(ckpt, ["config.json", "state.json", "tokenizer.json", "base.json", "soft_mask.json"])
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from e
     try:
         config = config_from_json((ckpt / "config.json").read_text())
         state = json.loads((ckpt / "state.json").read_text())

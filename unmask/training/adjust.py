@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from unmask.decoding.refresh import SamplerRefresh
 from unmask.decoding.rng import row_generators
 from unmask.models.adjust_sampler import AdjustSampler, save_sampler
 from unmask.models.denoiser import Denoiser
+from unmask.models.integrity import IntegrityError, sha256
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def generate_trajectories(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="trajectories", unit="shard", disable=not progress):
         shard = out / f"traj-{start:07d}.npz"
-        if shard.exists():
+        if shard.exists() and _shard_ok(shard):
             continue
         chunk = prompts[start : start + batch_size]
         with torch.inference_mode():
@@ -125,8 +127,20 @@ def generate_trajectories(
             )
         tmp = shard.with_name(f".{shard.name}.tmp{os.getpid()}.npz")
         np.savez(tmp, prompts=chunk.numpy(), positions=pos, tokens=tok)
+        digest = sha256(tmp)
         os.replace(tmp, shard)
+        shard.with_name(shard.name + ".sha256").write_text(digest)  # after: a shard without one is redone
     return load_trajectories(out)
+
+
+def _shard_ok(shard: Path) -> bool:
+    """A shard is kept when its digest file matches it; one that is corrupt or lacks its digest
+    (killed between the two writes) is made again."""
+    sidecar = shard.with_name(shard.name + ".sha256")
+    if sidecar.is_file() and sidecar.read_text().strip() == sha256(shard):
+        return True
+    print(f"trajectories: {shard.name} is incomplete or corrupt; making it again", file=sys.stderr)
+    return False
 
 
 def load_trajectories(path: str | Path) -> Trajectories:
@@ -135,6 +149,10 @@ def load_trajectories(path: str | Path) -> Trajectories:
     if not shards:
         raise ValueError(f"no trajectory shards (traj-*.npz) in {path}")
     meta = json.loads((path / "meta.json").read_text())
+    for shard in shards:
+        sidecar = shard.with_name(shard.name + ".sha256")
+        if sidecar.is_file() and sidecar.read_text().strip() != sha256(shard):
+            raise IntegrityError(f"{shard}: its SHA-256 does not match {sidecar.name}: the shard is corrupt")
     parts = [np.load(s) for s in shards]
     return Trajectories(
         np.concatenate([p["prompts"] for p in parts]),

@@ -58,13 +58,11 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(strategy: str, batch_size: int) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; start the process group (gloo on CPU, nccl on CUDA), one device
-    per rank. Without torchrun: nothing is started, and `strategy` must be `none` or is ignored."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+def check_world(strategy: str, batch_size: int, world: int) -> None:
+    """The settings a run on `world` processes needs: checked before any process starts (by
+    `--nproc`) and again in each rank, so every world size gives the same one-line error."""
     if world == 1:
-        return Dist(), torch.device("cuda" if cuda else "cpu")
+        return
     if strategy == "none":
         raise ConfigError(f"launched on {world} processes: choose --dist.strategy ddp or fsdp")
     if batch_size % world:
@@ -72,6 +70,36 @@ def init_distributed(strategy: str, batch_size: int) -> tuple[Dist, torch.device
             f"--train.batch_size {batch_size} must be divisible by the {world} processes "
             "(each takes an equal share of every global batch)"
         )
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies (torchrun killed with -9 must not
+    leave workers writing checkpoints); exits at once if the parent is already gone."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent or parent == 1:
+        os._exit(143)
+
+
+def init_distributed(strategy: str, batch_size: int) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start the process group (gloo on CPU, nccl on CUDA), one device
+    per rank. Without torchrun: nothing is started, and `strategy` must be `none` or is ignored."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(), torch.device("cuda" if cuda else "cpu")
+    check_world(strategy, batch_size, world)
+    die_with_parent()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")

@@ -32,12 +32,15 @@ from unmask.data.corpus import PreparedData, batch_indices, prepare_data
 from unmask.data.instruct import maskable_mask, prepare_instruct, response_mask
 from unmask.models.checkpoint import (
     CheckpointError,
+    complete_checkpoints,
     load_checkpoint,
     load_state_dict_strict,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from unmask.models.denoiser import Denoiser
+from unmask.models.integrity import is_write_error, write_failed
 from unmask.models.pretrained.load import is_pretrained_dir
 from unmask.models.transformer import autocast, build_model
 from unmask.precision import resolve_precision
@@ -64,9 +67,12 @@ from unmask.training.objectives import (
 )
 from unmask.training.perplexity import Perplexity, evaluate_perplexity
 from unmask.training.runs import (
+    RunLock,
     TrainingInterrupted,
     check_resume_compatible,
+    clean_leftovers,
     prepare_run_dir,
+    rewind_log,
     stop_requests,
 )
 
@@ -191,10 +197,20 @@ class _Start:
 def _start(cfg: Config, resume: bool, init: str | None, device) -> _Start:
     """Stage 1: what the run continues from (`--resume`), or starts on (`--init`)."""
     if resume:
-        ckpt = resolve_checkpoint(Path(cfg.train.out))
+        run_dir = Path(cfg.train.out)
+        if not complete_checkpoints(run_dir):  # killed before its first checkpoint was complete
+            print(f"--resume: {run_dir} holds no complete checkpoint; starting from step 0", file=sys.stderr)
+            return _start(cfg, False, init, device)
+        ckpt = resolve_checkpoint(run_dir)
+        verify_checkpoint(ckpt)
         saved = config_from_json((ckpt / "config.json").read_text())
         check_resume_compatible(saved, cfg)
         state = json.loads((ckpt / "state.json").read_text())
+        if state["step"] >= cfg.train.steps:
+            raise ConfigError(
+                f"--resume: the run in {run_dir} is finished (step {state['step']} of --train.steps "
+                f"{cfg.train.steps}); pass --train.steps N with N > {state['step']} to train it further"
+            )
         resumed = load_checkpoint(ckpt)
         on_base = resumed.model.to(device).train() if (ckpt / "base.json").is_file() else None
         return _Start(cfg, state["step"], state, ckpt, resumed.tokenizer, on_base)
@@ -257,7 +273,17 @@ def _optimizer(model: Denoiser, cfg: Config) -> tuple[torch.optim.Optimizer, lis
 class _Run:
     """A run in progress: the stages after set-up, each a method reading the state set up once."""
 
-    def __init__(self, cfg: Config, d, device, start: _Start, data: PreparedData, model, progress: bool):
+    def __init__(
+        self,
+        cfg: Config,
+        d,
+        device,
+        start: _Start,
+        data: PreparedData,
+        model,
+        progress: bool,
+        rewind_log: bool,
+    ):
         tc = cfg.train
         self.cfg, self.tc, self.d, self.device, self.data, self.model = cfg, tc, d, device, data, model
         self.tokenizer = data.tokenizer
@@ -279,7 +305,7 @@ class _Run:
             self._restore(start)
         self.train_rows, self.val_rows = data.rows["train"], data.rows["validation"]
         self.byte_lengths = self.tokenizer.byte_lengths()
-        self.log = self._open_log(start.step, resume=start.ckpt is not None)
+        self.log = self._open_log(start.step, resume=rewind_log)
         self.tokens_seen, self.t0 = 0, time.perf_counter()
         self.memory: dict[str, float] = {}
         self.bar = tqdm(
@@ -310,15 +336,24 @@ class _Run:
     def _open_log(self, start_step: int, *, resume: bool):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
-        if self.d.main and resume and path.exists():  # drop records past the checkpoint (a killed run's tail)
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        if self.d.main and resume:  # rewind to the checkpoint: drop a killed run's tail, set torn lines aside
+            _, torn = rewind_log(path, start_step)
+            if torn:
+                print(
+                    f"--resume: {torn} torn or corrupt line(s) of {path} set aside in {path.name}.torn",
+                    file=sys.stderr,
+                )
         return path.open("a") if self.d.main else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.log is not None:
-            self.log.write(json.dumps(record) + "\n")
-            self.log.flush()
+            try:
+                self.log.write(json.dumps(record) + "\n")
+                self.log.flush()  # a record per flush: a kill tears at most the last line
+            except OSError as e:
+                if is_write_error(e):
+                    raise write_failed(self.run_dir / "metrics.jsonl", e) from None
+                raise
 
     def close(self) -> None:
         self.bar.close()
@@ -485,16 +520,28 @@ def train(
             f"precision: {resolved}" + (f"; {d.world} processes, {d.strategy}" if d.world > 1 else ""),
             file=sys.stderr,
         )
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --train.out and --overwrite replaces it: pass one")
+    run_dir = Path(cfg.train.out)
+    lock = RunLock(run_dir) if d.main else None  # one writer per run directory
+    if d.main and resume:
+        gone = clean_leftovers(run_dir)
+        if gone and progress:
+            print(f"--resume: removed what a killed run left: {', '.join(gone)}", file=sys.stderr)
     torch.manual_seed(cfg.train.seed)
     start = _start(cfg, resume, init, device)
     cfg = start.cfg
     if d.main:
-        prepare_run_dir(Path(cfg.train.out), resume=resume, overwrite=overwrite)
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     d.barrier()
     data = _data(cfg, start.tokenizer, data, progress)
     model = _model(cfg, start, data.tokenizer, init, device)
-    run = _Run(cfg, d, device, start, data, model, progress)
-    return _loop(run, start.step)
+    run = _Run(cfg, d, device, start, data, model, progress, rewind_log=resume)
+    try:
+        return _loop(run, start.step)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _loop(run: _Run, start_step: int) -> TrainResult:

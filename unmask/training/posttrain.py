@@ -42,6 +42,15 @@ def instruct_config(
         **({"data": data} if data else {}),
         **({"template": template} if template else {}),
     )
+    if stage == "r2ft" and base.instruct.stage != "sft":
+        import sys
+
+        print(
+            f"note: {checkpoint} was not post-trained with SFT (its instruct.stage is "
+            f"{base.instruct.stage!r}); R2FT is meant to follow SFT (Conv, Seo et al. 2025); "
+            "running it anyway",
+            file=sys.stderr,
+        )
     train = replace(base.train, out=out, **STAGE_DEFAULTS[stage])
     if stage == "r2ft":
         train = replace(train, lr=base.train.lr * R2FT_LR_FRACTION)

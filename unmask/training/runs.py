@@ -18,6 +18,7 @@ from unmask.models.checkpoint import CheckpointError
 
 # Config fields that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = {
+    "train.out",  # a moved or copied run resumes where it now is
     "train.steps",
     "train.eval_every",
     "train.save_every",
@@ -97,3 +98,84 @@ def check_resume_compatible(saved: Config, new: Config) -> None:
             "--resume: the config differs from the checkpoint's in "
             + ", ".join(f"--{k} ({a[k]!r} -> {b[k]!r})" for k in changed)
         )
+
+
+# leftovers of a killed run: a checkpoint being written, a `latest` being replaced, FSDP shards
+# not yet moved into a checkpoint, a manifest being written
+LEFTOVERS = (".tmp-ckpt-*", ".latest.tmp*", ".dist-*", ".metrics.jsonl.tmp*")
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Remove what killed processes left half-written in `run_dir`; the names removed."""
+    gone = []
+    for pattern in LEFTOVERS:
+        for p in sorted(run_dir.glob(pattern)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
+
+
+def rewind_log(path: Path, step: int) -> tuple[int, int]:
+    """Keep the records of `metrics.jsonl` up to `step` (what the resumed checkpoint had seen);
+    a torn or corrupt line and everything after it are set aside in `metrics.jsonl.torn`. The log
+    is rewritten through a temporary file and a rename. Returns (kept, set aside)."""
+    import json
+    import os
+
+    if not path.exists():
+        return 0, 0
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    kept, torn = [], []
+    for i, raw in enumerate(lines):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            torn = lines[i:]
+            break
+        if record.get("step", 0) <= step:
+            kept.append(raw)
+    if torn:
+        with (path.parent / (path.name + ".torn")).open("ab") as f:
+            f.write(b"\n".join(torn) + b"\n")
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    with tmp.open("wb") as f:
+        f.write(b"".join(line + b"\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(kept), len(torn)
+
+
+class RunLock:
+    """An advisory lock on a run directory held by the process that trains into it: a second
+    writer is refused, naming the holder's pid. Released when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import os
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise CheckpointError(
+                f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
+                "(a second writer would corrupt its checkpoints)"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
