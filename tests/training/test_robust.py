@@ -245,6 +245,33 @@ def test_killing_the_launcher_of_a_two_process_run_leaves_no_worker(corpus, tmp_
     assert _alive_with(str(run)) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_rank_leaves_one_message_naming_it_and_the_resume_command(corpus, tmp_path):
+    run = tmp_path / "dead-rank-run"
+    args = argv(corpus, run, 100000, "--train.save_every", "2") + ["--nproc", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "unmask", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(run.glob("ckpt-*/manifest.json")):
+        time.sleep(0.1)
+    victim = None
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and str(run) in (p / "cmdline").read_bytes().decode(errors="replace"):
+                env = (p / "environ").read_bytes().split(b"\0")
+                if b"RANK=1" in env and b"torch.distributed.run" not in (p / "cmdline").read_bytes():
+                    victim = int(p.name)
+        except OSError:
+            continue
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    summary = [line for line in err.splitlines() if line.startswith("error: training rank")]
+    assert len(summary) == 1 and "rank 1 died" in summary[0] and "--resume" in summary[0], err[-2000:]
+    assert load_checkpoint(run).state["step"] >= 2
+
+
 def test_ctrl_c_in_sample_keeps_the_finished_samples(reference, tmp_path):
     out, err = tmp_path / "s.jsonl", tmp_path / "err.txt"
     with err.open("w") as e:

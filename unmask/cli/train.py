@@ -29,10 +29,33 @@ def launch(nproc: int, argv: list[str]) -> None:
         "unmask",
         *argv,
     ]
+    import re
+    import shlex
+
     from unmask.training.distributed import die_with_parent
 
     # torchrun dies with this process (kill -9 of `unmask train --nproc` leaves no workers)
-    raise SystemExit(subprocess.run(cmd, preexec_fn=die_with_parent).returncode)
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, stderr=subprocess.PIPE, text=True, bufsize=1)
+    tail: list[str] = []
+    for line in proc.stderr:  # passed through as it comes; the end kept to name a dead rank
+        sys.stderr.write(line)
+        tail = (tail + [line])[-200:]
+    code = proc.wait()
+    if code != 0:
+        text = "".join(tail)
+        rank = re.search(r"rank\s*:\s*(\d+)", text)
+        exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", text)
+        why = re.search(r"traceback\s*:\s*(.+)", text)
+        again = ["unmask", "train", *argv[1:]]
+        again = [a for a in again if a != "--overwrite"] + ([] if "--resume" in again else ["--resume"])
+        print(
+            f"error: training rank {rank.group(1) if rank else '?'} died (exit code "
+            f"{exit_code.group(1) if exit_code else code}"
+            f"{': ' + why.group(1).strip() if why else ''}); the last complete checkpoint is intact; "
+            f"resume with: {shlex.join([*again, '--nproc', str(nproc)])}",
+            file=sys.stderr,
+        )
+    raise SystemExit(code)
 
 
 def cmd_train(ns: argparse.Namespace, rest: list[str]) -> None:

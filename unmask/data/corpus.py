@@ -29,7 +29,7 @@ import numpy as np
 
 from unmask.config import DataConfig
 from unmask.data.tokenizer import Tokenizer
-from unmask.models.integrity import sha256
+from unmask.models.integrity import is_write_error, sha256, write_failed
 
 SPLITS = ("train", "validation", "test")
 
@@ -251,9 +251,15 @@ class TokenizedSplit:
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_write_error(e):
+            raise write_failed(path, e, array.nbytes) from None
+        raise
 
 
 def _cache_ok(folder: Path, meta_file: Path) -> bool:
