@@ -10,12 +10,13 @@ import unmask
 
 # lowest first; a subpackage or a top-level module -> its layer
 LAYERS = [
-    {"config", "config_io", "schedules", "precision"},
+    {"config", "config_io", "schedules", "precision", "integrity"},
     {"data"},
     {"models"},
     {"decoding"},
     {"training"},
     {"evaluation"},
+    {"exporting"},
     {"serve"},
     {"bench"},
     {"repro"},

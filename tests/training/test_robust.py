@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unmask.cli.main import main
+from unmask.integrity import EXIT_WRITE_FAILED, write_manifest
 from unmask.models.checkpoint import CheckpointError, load_checkpoint
-from unmask.models.integrity import EXIT_WRITE_FAILED, write_manifest
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jolly baker".split()
 TIMING = {"tokens_per_s", "step_seconds", "memory"}

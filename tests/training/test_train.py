@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from unmask.config import Config, ConfigError, EvalConfig, ModelConfig, NoiseConfig, TrainConfig, replace
+from unmask.integrity import write_manifest
 from unmask.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unmask.training.loop import train
 
@@ -64,13 +65,14 @@ def test_resume_and_init_errors(tiny_data_cfg, tiny_data, tmp_path):
     changed = replace(cfg, train=replace(cfg.train, lr=1.0))
     with pytest.raises(ConfigError, match=r"--train.lr"):
         train(changed, resume=True, data=tiny_data, progress=False)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        train(
-            replace(cfg, train=replace(cfg.train, out=str(tmp_path / "none"))),
-            resume=True,
-            data=tiny_data,
-            progress=False,
-        )
+    # --resume where no complete checkpoint exists (a run killed before its first): a fresh start
+    fresh = train(
+        replace(cfg, train=replace(cfg.train, out=str(tmp_path / "none"))),
+        resume=True,
+        data=tiny_data,
+        progress=False,
+    )
+    assert fresh.step == 2 and load_checkpoint(tmp_path / "none").state["step"] == 2
 
 
 def test_clip_search_runs_and_is_saved(tiny_data_cfg, tiny_data, tmp_path):
@@ -112,6 +114,7 @@ def test_checkpoint_round_trip_and_strict_loading(tiny_data_cfg, tiny_data, tmp_
     save_checkpoint(tmp_path / "big", step=1, model=m3, config=bigger, tokenizer=loaded.tokenizer)
     cfg_file = next((tmp_path / "big").glob("ckpt-*")) / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"n_layers": 3', '"n_layers": 2'))
+    write_manifest(cfg_file.parent)  # a consistent checkpoint whose config does not fit its weights
     with pytest.raises(CheckpointError, match=r"unexpected keys \['blocks.2"):
         load_checkpoint(tmp_path / "big")
 

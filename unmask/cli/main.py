@@ -80,14 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"interrupted: unmask {ns.command} stopped (what it had finished is kept)", file=sys.stderr)
         raise SystemExit(130) from None
     except _write_failed() as e:  # disk full, read-only, I/O error: the partial output was removed
-        from unmask.models.integrity import EXIT_WRITE_FAILED
+        from unmask.integrity import EXIT_WRITE_FAILED
 
         print(f"error: {e.strerror or e}", file=sys.stderr)
         raise SystemExit(EXIT_WRITE_FAILED) from None
 
 
 def _write_failed() -> type[Exception]:
-    from unmask.models.integrity import WriteFailed
+    from unmask.integrity import WriteFailed
 
     return WriteFailed
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from unmask.config import DataConfig
 from unmask.data.tokenizer import Tokenizer
-from unmask.models.integrity import is_write_error, sha256, write_failed
+from unmask.integrity import is_write_error, sha256, write_failed
 
 SPLITS = ("train", "validation", "test")
 

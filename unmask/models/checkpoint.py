@@ -33,8 +33,7 @@ from safetensors.torch import load_file, save_file
 from unmask.config import Config, ConfigError
 from unmask.config_io import config_from_json, to_dict
 from unmask.data.tokenizer import Tokenizer, TokenizerError
-from unmask.models.denoiser import Denoiser
-from unmask.models.integrity import (
+from unmask.integrity import (
     IntegrityError,
     WriteFailed,
     check_finite,
@@ -45,6 +44,7 @@ from unmask.models.integrity import (
     write_failed,
     write_manifest,
 )
+from unmask.models.denoiser import Denoiser
 from unmask.models.transformer import build_model
 
 

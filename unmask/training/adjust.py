@@ -28,9 +28,9 @@ from unmask.decoding.plan import plan_decode
 from unmask.decoding.presets import preset_config
 from unmask.decoding.refresh import SamplerRefresh
 from unmask.decoding.rng import row_generators
+from unmask.integrity import IntegrityError, sha256
 from unmask.models.adjust_sampler import AdjustSampler, save_sampler
 from unmask.models.denoiser import Denoiser
-from unmask.models.integrity import IntegrityError, sha256
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from unmask.config import Config, ConfigError, replace
 from unmask.config_io import config_from_json
 from unmask.data.corpus import PreparedData, batch_indices, prepare_data
 from unmask.data.instruct import maskable_mask, prepare_instruct, response_mask
+from unmask.integrity import is_write_error, write_failed
 from unmask.models.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -40,7 +41,6 @@ from unmask.models.checkpoint import (
     verify_checkpoint,
 )
 from unmask.models.denoiser import Denoiser
-from unmask.models.integrity import is_write_error, write_failed
 from unmask.models.pretrained.load import is_pretrained_dir
 from unmask.models.transformer import autocast, build_model
 from unmask.precision import resolve_precision
@@ -524,20 +524,20 @@ def train(
         raise ConfigError("--resume continues the run in --train.out and --overwrite replaces it: pass one")
     run_dir = Path(cfg.train.out)
     lock = RunLock(run_dir) if d.main else None  # one writer per run directory
-    if d.main and resume:
-        gone = clean_leftovers(run_dir)
-        if gone and progress:
-            print(f"--resume: removed what a killed run left: {', '.join(gone)}", file=sys.stderr)
-    torch.manual_seed(cfg.train.seed)
-    start = _start(cfg, resume, init, device)
-    cfg = start.cfg
-    if d.main:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    d.barrier()
-    data = _data(cfg, start.tokenizer, data, progress)
-    model = _model(cfg, start, data.tokenizer, init, device)
-    run = _Run(cfg, d, device, start, data, model, progress, rewind_log=resume)
     try:
+        if d.main and resume:
+            gone = clean_leftovers(run_dir)
+            if gone and progress:
+                print(f"--resume: removed what a killed run left: {', '.join(gone)}", file=sys.stderr)
+        torch.manual_seed(cfg.train.seed)
+        start = _start(cfg, resume, init, device)
+        cfg = start.cfg
+        if d.main:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        d.barrier()
+        data = _data(cfg, start.tokenizer, data, progress)
+        model = _model(cfg, start, data.tokenizer, init, device)
+        run = _Run(cfg, d, device, start, data, model, progress, rewind_log=resume)
         return _loop(run, start.step)
     finally:
         if lock is not None:

@@ -88,13 +88,10 @@ def verify(directory: Path, names: Iterable[str] | None = None, *, digests: bool
             raise IntegrityError(f"{path} is missing (listed in {directory / MANIFEST})")
         if path.stat().st_size != want["bytes"]:
             raise IntegrityError(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {want['bytes']}: "
-                "truncated or replaced"
+                f"{path}: corrupt or truncated ({path.stat().st_size} bytes, {MANIFEST} says {want['bytes']})"
             )
         if digests and sha256(path) != want["sha256"]:
-            raise IntegrityError(
-                f"{path}: its SHA-256 does not match {directory / MANIFEST}: the file is corrupt"
-            )
+            raise IntegrityError(f"{path}: corrupt (its SHA-256 does not match {directory / MANIFEST})")
     return True
 
 
