@@ -269,6 +269,7 @@ def test_a_dead_rank_leaves_one_message_naming_it_and_the_resume_command(corpus,
     assert proc.returncode != 0
     summary = [line for line in err.splitlines() if line.startswith("error: training rank")]
     assert len(summary) == 1 and "rank 1 died" in summary[0] and "--resume" in summary[0], err[-2000:]
+    assert "SIGKILL" in summary[0] and "Traceback" not in err and "ChildFailedError" not in err
     assert load_checkpoint(run).state["step"] >= 2
 
 

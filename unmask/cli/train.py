@@ -37,15 +37,29 @@ def launch(nproc: int, argv: list[str]) -> None:
     # torchrun dies with this process (kill -9 of `unmask train --nproc` leaves no workers)
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, stderr=subprocess.PIPE, text=True, bufsize=1)
     tail: list[str] = []
+    held: list[str] = []  # a traceback being printed: shown unless it is torchrun's own report
+    launcher_report = False
     for line in proc.stderr:  # passed through as it comes; the end kept to name a dead rank
-        sys.stderr.write(line)
         tail = (tail + [line])[-200:]
+        if launcher_report:  # torchrun's failure table: summarised in one line below
+            continue
+        if held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            if line[:1] not in (" ", "T"):  # the exception line closes the traceback
+                launcher_report = "ChildFailedError" in line
+                if not launcher_report:
+                    sys.stderr.writelines(held)
+                held = []
+            continue
+        sys.stderr.write(line)
+    sys.stderr.writelines(held)
     code = proc.wait()
     if code != 0:
         text = "".join(tail)
-        rank = re.search(r"rank\s*:\s*(\d+)", text)
-        exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", text)
-        why = re.search(r"traceback\s*:\s*(.+)", text)
+        cause = text.split("Root Cause", 1)[-1]  # torchrun's first observed failure
+        rank = re.search(r"\brank\s*:\s*(\d+)", cause)
+        exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", cause)
+        why = re.search(r"traceback\s*:\s*(.+)", cause)
         again = ["unmask", "train", *argv[1:]]
         again = [a for a in again if a != "--overwrite"] + ([] if "--resume" in again else ["--resume"])
         print(
