@@ -129,7 +129,9 @@ def test_a_torn_log_line_is_set_aside_and_the_log_equals_the_uninterrupted_one(c
     assert log(run) == log(reference) and same_weights(run, reference)
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "config.json", "tokenizer.json"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.pt", "config.json", "tokenizer.json", "state.json"]
+)
 def test_flipped_bytes_are_an_error_naming_the_file(reference, tmp_path, name):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -199,6 +201,25 @@ def test_kill_9_at_random_moments_resumes_to_the_same_weights(corpus, reference,
         proc.wait()
     r = unmask(*argv(corpus, run, 6, "--train.save_every", "1", "--resume"))
     assert r.returncode == 0 or "is finished" in r.stderr, r.stderr
+    assert same_weights(run, reference)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_kill_9_of_a_two_process_run_resumes_to_the_same_weights(corpus, tmp_path):
+    two = ["--nproc", "2", "--train.save_every", "1"]
+    reference = tmp_path / "reference"
+    assert unmask(*argv(corpus, reference, 5), *two).returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "unmask", *argv(corpus, run, 5), *two],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(run.glob("ckpt-*")):
+        time.sleep(0.02)
+    time.sleep(random.Random(3).uniform(0.0, 0.5))
+    proc.kill()  # the launcher: torchrun and both ranks die with it
+    proc.wait()
+    r = unmask(*argv(corpus, run, 5, "--resume"), *two)
+    assert r.returncode == 0 or "is finished" in r.stderr, r.stderr[-3000:]
     assert same_weights(run, reference)
 
 
