@@ -17,7 +17,40 @@ def parse_overrides(default: Config, args: list[str], prog: str) -> Config:
     a ConfigError from validation) make tyro print the problem and exit 2."""
     import tyro
 
-    return tyro.cli(Config, default=default, args=args, prog=prog, config=(tyro.conf.FlagConversionOff,))
+    return tyro.cli(
+        Config, default=default, args=split_tuples(args), prog=prog, config=(tyro.conf.FlagConversionOff,)
+    )
+
+
+def _tuple_flags() -> set[str]:
+    """`--section.field` of every config field whose value is a tuple (`--noise.clip`, ...)."""
+    from dataclasses import fields
+
+    cfg = Config()
+    return {
+        f"--{sec.name}.{f.name}"
+        for sec in fields(cfg)
+        for f in fields(getattr(cfg, sec.name))
+        if isinstance(getattr(getattr(cfg, sec.name), f.name), tuple)
+    }
+
+
+def split_tuples(args: list[str]) -> list[str]:
+    """The comma form of tuple flags as the space-separated one tyro reads: `--noise.clip=0.2,0.8`
+    and `--lora.targets q_proj,v_proj` become `--noise.clip 0.2 0.8`, `--lora.targets q_proj v_proj`."""
+    tuples, out, i = _tuple_flags(), [], 0
+    while i < len(args):
+        a = args[i]
+        flag, eq, value = a.partition("=")
+        if flag in tuples and eq:
+            out += [flag, *[v for v in value.split(",") if v]]
+        elif a in tuples and i + 1 < len(args) and "," in args[i + 1] and not args[i + 1].startswith("--"):
+            out += [a, *[v for v in args[i + 1].split(",") if v]]
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 SHORTHANDS = (
@@ -105,7 +138,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, required: bool = True) -
     parser.add_argument(
         "--tokenizer", help="tokenizer directory for pretrained models that ship none (MDLM/BD3-LM)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -121,6 +156,15 @@ def load_model(ns: argparse.Namespace):
     return load_checkpoint(
         ns.checkpoint,
         tokenizer=getattr(ns, "tokenizer", None),
-        device=getattr(ns, "device", "cpu"),
+        device=resolve_device(getattr(ns, "device", "auto")),
         dtype=getattr(ns, "dtype", "auto"),
     )
+
+
+def resolve_device(device: str | None) -> str:
+    """`auto` (or nothing): cuda when this torch sees a GPU, else cpu."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

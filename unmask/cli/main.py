@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except _interrupted() as e:  # a checkpoint of the last finished step was written
-        again = ["unmask", *argv] + ([] if "--resume" in argv else ["--resume"])
-        again = [a for a in again if a != "--overwrite"]
+        again = ["unmask", *argv]
+        if hasattr(ns, "resume"):  # `train`: continue with --resume; demo / repro reuse their runs
+            again = [a for a in again if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
         print(f"{e}\nresume with: {shlex.join(again)}", file=sys.stderr)
         raise SystemExit(130 if e.signal_name == "SIGINT" else 143) from None
     except KeyboardInterrupt:  # Ctrl-C in any other command: one line, no traceback

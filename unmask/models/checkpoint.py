@@ -269,6 +269,10 @@ def load_checkpoint(
     if not (prefer_ema and weights.is_file()):
         weights = ckpt / "model.safetensors"
     load_state_dict_strict(model, weights)
+    if dtype not in (None, "auto"):  # unmask's own weights are saved in fp32: cast when asked
+        from unmask.models.pretrained.load import resolve_dtype
+
+        model = model.to(resolve_dtype(dtype, torch.device(device)))
     return Loaded(model.to(device).eval(), config, tokenizer, state, ckpt)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unmask.config import Config
-from unmask.models.checkpoint import load_checkpoint
+from unmask.models.checkpoint import complete_checkpoints, load_checkpoint
 from unmask.training.loop import train
 
 
@@ -14,7 +14,7 @@ def train_or_reuse(cfg: Config, *, progress: bool = True) -> None:
     """Train `cfg` unless its run directory already holds a checkpoint at `train.steps`;
     continue a shorter run."""
     run_dir = Path(cfg.train.out)
-    if (run_dir / "latest").is_file():
+    if complete_checkpoints(run_dir):
         step = load_checkpoint(run_dir).state["step"]
         if step >= cfg.train.steps:
             return
@@ -26,7 +26,7 @@ def train_or_reuse(cfg: Config, *, progress: bool = True) -> None:
 def continue_training(cfg: Config, init: str, *, progress: bool) -> None:
     """Continued training from `init`, cached like `train_or_reuse`."""
     run_dir = Path(cfg.train.out)
-    if (run_dir / "latest").is_file():
+    if complete_checkpoints(run_dir):
         train_or_reuse(cfg, progress=progress)
     else:
         train(cfg, init=init, progress=progress, overwrite=True)

@@ -532,6 +532,12 @@ def train(
         torch.manual_seed(cfg.train.seed)
         start = _start(cfg, resume, init, device)
         cfg = start.cfg
+        if cfg.lora.r and start.on_base is None:  # never a silent full fine-tune under a LoRA config
+            raise ConfigError(
+                f"--lora.r {cfg.lora.r}: LoRA adapters attach to a pretrained (transformers) base given "
+                "with --init DIR; this run trains unmask's own backbone, every weight of it: drop --lora.r "
+                "(or --init a pretrained directory)"
+            )
         if d.main:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
         d.barrier()
