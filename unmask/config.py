@@ -25,7 +25,10 @@ def _check(ok: bool, flag: str, message: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     corpus: str = "stdlib"
-    """Corpus: `stdlib` (embedded), a .txt/.jsonl file or a directory of them, or `hf:NAME[/CONFIG]`."""
+    """Corpus: `stdlib` (embedded), a .txt/.jsonl file or a directory of them, `hf:ORG/NAME[:CONFIG]`
+    (a Hub dataset), or `hf:DIR` (a dataset folder written by `save_to_disk`)."""
+    text_field: str = "text"
+    """The text column of .jsonl files and Hugging Face datasets."""
     seq_len: int = 256
     """Tokens per training row (L)."""
     packing: Literal["wrap", "pad"] = "wrap"
@@ -253,7 +256,7 @@ class InstructConfig:
     """none: pre-training; sft: diffusion loss on response tokens only; r2ft: the rejection loss."""
     data: str = "stdlib-functions"
     """Pairs: `stdlib-functions[:mod,...]` (embedded), an Alpaca .json/.jsonl or chat `messages`
-    .jsonl file, or `hf:NAME[/CONFIG]`."""
+    .jsonl file, or `hf:ORG/NAME[:CONFIG]`."""
     template: str = "auto"
     """Prompt template from unmask/templates.toml (alpaca, plain, chat, code); auto: code for
     stdlib-functions, alpaca otherwise."""

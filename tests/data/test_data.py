@@ -108,3 +108,37 @@ def test_batch_indices_are_a_seeded_epoch_permutation():
     assert sorted(first_epoch) == list(range(10))
     assert np.array_equal(batch_indices(10, 5, 7, 3), batch_indices(10, 5, 7, 3))
     assert not np.array_equal(batch_indices(10, 5, 0, 3), batch_indices(10, 5, 0, 4))
+
+
+def test_an_edited_file_is_tokenized_again(tmp_path):
+    """The token cache is keyed by the documents' contents, not the file's path."""
+    from unmask.config import DataConfig
+    from unmask.data.corpus import prepare_data
+
+    book = tmp_path / "book.txt"
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    book.write_text("\n\n".join(" ".join(words[(i + j) % 8] for j in range(40)) for i in range(60)))
+    cfg = DataConfig(corpus=str(book), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    first = prepare_data(cfg, splits=("train",)).rows["train"].shape[0]
+    with book.open("a") as f:  # edited in place: the same path, more text
+        f.write("\n\n" + "\n\n".join(" ".join(words) * 5 for _ in range(60)))
+    again = prepare_data(cfg, splits=("train",)).rows["train"].shape[0]
+    assert again > first
+
+
+def test_hf_corpora_name_org_slash_name_and_local_dataset_folders(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from unmask.data.corpus import DataError, load_corpus, load_hf_dataset
+
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: seen.append((name, config)) or {})
+    load_hf_dataset("hf:roneneldan/TinyStories")
+    load_hf_dataset("hf:org/name:config-1")
+    assert seen == [("roneneldan/TinyStories", None), ("org/name", "config-1")]
+    folder = tmp_path / "saved"
+    rows = [f"document number {i} " * 20 for i in range(30)]
+    datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(folder))
+    splits = load_corpus(f"hf:{folder}", text_field="body")
+    assert sum(len(v) for v in splits.values()) == 30
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_corpus(f"hf:{folder}")

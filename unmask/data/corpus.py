@@ -5,7 +5,8 @@ Corpora:
   (no download). `stdlib:json,email` keeps only those top-level modules/packages.
 - a local `.txt` file (one document per file, or one per blank-line-separated paragraph), a
   `.jsonl` file with a `text` field per line, or a directory of those (searched recursively);
-- `hf:NAME[/CONFIG]`: a Hugging Face dataset through the optional `datasets` package.
+- `hf:ORG/NAME[:CONFIG]`: a Hugging Face dataset through the optional `datasets` package;
+  `hf:DIR`: a dataset folder written by `save_to_disk`. `--data.text_field` names the column.
 - `synthetic:NAME[,key=value...]`: a known-answer task (`codebook`, `markov`; `unmask.data.synthetic`).
 
 Every document gets a stable key (relative path, line number, ...); the train/validation/test
@@ -129,7 +130,7 @@ def text_chunks(text: str, min_chars: int) -> list[str]:
     return chunks
 
 
-def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
+def _local_documents(root: Path, txt_documents: str, text_field: str = "text") -> list[tuple[str, str]]:
     files = (
         [root]
         if root.is_file()
@@ -143,7 +144,7 @@ def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
     for path in files:
         rel = path.name if path == root else path.relative_to(root).as_posix()
         if path.suffix == ".jsonl":
-            docs.extend((f"{rel}:{n}", record["text"]) for n, record in read_jsonl(path, "text"))
+            docs.extend((f"{rel}:{n}", record[text_field]) for n, record in read_jsonl(path, text_field))
         elif path.suffix == ".txt":
             text = _read_text(path)
             if txt_documents == "file":
@@ -162,15 +163,20 @@ def _local_documents(root: Path, txt_documents: str) -> list[tuple[str, str]]:
 
 
 def load_hf_dataset(spec: str, flag: str = "corpus"):
-    """`hf:NAME[/CONFIG]` through the optional `datasets` package; errors name `flag` and spec."""
+    """`hf:ORG/NAME[:CONFIG]` through the optional `datasets` package; errors name `flag` and spec."""
     try:
         import datasets
     except ImportError as e:
         raise DataError(
             f"{flag} {spec!r} needs the optional `datasets` package: pip install 'unmask[hf]'"
         ) from e
-    name, _, config = spec.removeprefix("hf:").partition("/")
+    name, _, config = spec.removeprefix("hf:").partition(":")  # ORG/NAME[:CONFIG]: `/` is in names
+    if not name:
+        raise DataError(f"{flag} {spec!r}: expected hf:ORG/NAME[:CONFIG] or hf:LOCAL_DATASET_DIR")
     try:
+        if Path(name).expanduser().is_dir():  # a dataset folder written by save_to_disk
+            loaded = datasets.load_from_disk(str(Path(name).expanduser()))
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
         return datasets.load_dataset(name, config or None)
     except Exception as e:  # offline, unknown name, ...: datasets raises many kinds
         raise DataError(
@@ -179,16 +185,26 @@ def load_hf_dataset(spec: str, flag: str = "corpus"):
         ) from e
 
 
-def _hf_documents(spec: str) -> dict[str, list[str]] | list[tuple[str, str]]:
+def _hf_documents(spec: str, text_field: str = "text") -> dict[str, list[str]] | list[tuple[str, str]]:
     ds = load_hf_dataset(spec)
-    if all(s in ds for s in SPLITS):
-        return {s: [t for t in ds[s]["text"] if t.strip()] for s in SPLITS}
     first = next(iter(ds.values()))
-    return [(f"{i}", t) for i, t in enumerate(first["text"]) if t.strip()]
+    if text_field not in first.column_names:
+        raise DataError(
+            f"corpus {spec!r} has no column {text_field!r} (columns: {', '.join(first.column_names)}); "
+            "pass --data.text_field NAME"
+        )
+    if all(s in ds for s in SPLITS):
+        return {s: [t for t in ds[s][text_field] if t.strip()] for s in SPLITS}
+    return [(f"{i}", t) for i, t in enumerate(first[text_field]) if t.strip()]
 
 
 def load_corpus(
-    spec: str, *, txt_documents: str = "auto", valid_fraction: float = 0.01, test_fraction: float = 0.01
+    spec: str,
+    *,
+    txt_documents: str = "auto",
+    valid_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    text_field: str = "text",
 ) -> dict[str, list[str]]:
     """Read a corpus and split it deterministically into train/validation/test documents: by a hash
     of each document's key, and where that leaves a held-out split empty of a corpus with at least
@@ -204,15 +220,17 @@ def load_corpus(
         except SyntheticError as e:
             raise DataError(str(e)) from e
     elif spec.startswith("hf:"):
-        loaded = _hf_documents(spec)
+        loaded = _hf_documents(spec, text_field)
         if isinstance(loaded, dict):
             return _checked(spec, loaded)
         keyed = loaded
     else:
         path = Path(spec)
         if not path.exists():
-            raise DataError(f"corpus {spec!r}: no such file or directory (and not `stdlib` or `hf:NAME`)")
-        keyed = _local_documents(path, txt_documents)
+            raise DataError(
+                f"corpus {spec!r}: no such file or directory (and not `stdlib` or `hf:ORG/NAME[:CONFIG]`)"
+            )
+        keyed = _local_documents(path, txt_documents, text_field)
     keyed_splits: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for key, text in keyed:
         if text.strip():
@@ -277,9 +295,19 @@ def _cache_ok(folder: Path, meta_file: Path) -> bool:
     return False
 
 
+def docs_digest(docs: list[str]) -> str:
+    """The documents' content: a cache keyed by it misses when a file is edited in place."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
 def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: str) -> TokenizedSplit:
-    """Tokenize documents once; later calls with the same key memory-map the cached arrays."""
-    digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}".encode()).hexdigest()[:20]
+    """Tokenize documents once; later calls with the same key, tokenizer and document contents
+    memory-map the cached arrays."""
+    digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}|{docs_digest(docs)}".encode()).hexdigest()[:20]
     folder = Path(cache_dir) / "tokens" / digest
     tok_file, off_file, meta_file = folder / "tokens.npy", folder / "offsets.npy", folder / "meta.json"
     if meta_file.is_file() and _cache_ok(folder, meta_file):
@@ -394,14 +422,16 @@ class PreparedData:
 
 
 def corpus_key(cfg: DataConfig) -> str:
-    return f"{cfg.corpus}|{cfg.txt_documents}|{cfg.valid_fraction}|{cfg.test_fraction}"
+    return f"{cfg.corpus}|{cfg.txt_documents}|{cfg.valid_fraction}|{cfg.test_fraction}|{cfg.text_field}"
 
 
 def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
     """Load the configured HF tokenizer, or train (and cache) a BPE on the training documents."""
     if cfg.tokenizer != "bpe":
         return Tokenizer.load(cfg.tokenizer)
-    key = hashlib.sha256(f"{corpus_key(cfg)}|{cfg.vocab_size}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        f"{corpus_key(cfg)}|{cfg.vocab_size}|{docs_digest(train_docs)}".encode()
+    ).hexdigest()[:20]
     path = Path(cfg.cache_dir) / "tokenizers" / f"bpe-{key}.json"
     if path.is_file():
         return Tokenizer.load(path)
@@ -428,6 +458,7 @@ def prepare_data(
         txt_documents=cfg.txt_documents,
         valid_fraction=cfg.valid_fraction,
         test_fraction=cfg.test_fraction,
+        text_field=cfg.text_field,
     )
     say(
         f"corpus {cfg.corpus}: "

@@ -7,7 +7,7 @@ Sources (`--instruct.data`):
 - an Alpaca-format `.json` (a list of records) or `.jsonl` file: `instruction`, optional `input`,
   `output`; or chat records `{"messages": [{"role": ..., "content": ...}, ...]}` whose last message
   is the assistant's reply (the response; earlier turns form the prompt);
-- `hf:NAME[/CONFIG]`: the same record shapes from a Hugging Face dataset (optional `datasets`).
+- `hf:ORG/NAME[:CONFIG]`: the same record shapes from a Hugging Face dataset (optional `datasets`).
 
 Templates are data (unmask/templates.toml). The split is decided by a hash of each pair's key
 (file:line, dataset index, or source path + line + name), like the pre-training corpus.
