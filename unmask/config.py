@@ -9,7 +9,9 @@ are errors that name the offending flag. Reading and writing them is `config_io.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -44,8 +46,16 @@ class DataConfig:
     """`bpe` trains a byte-level BPE on the training split; otherwise a local HF tokenizer directory."""
     vocab_size: int = 4096
     """Vocabulary size of the trained BPE (special tokens included)."""
-    cache_dir: str = ".cache/unmask"
-    """Where tokenizers and tokenized corpora are cached."""
+    cache_dir: str = ""
+    """Where tokenizers and tokenized corpora are cached (empty: $XDG_CACHE_HOME/unmask, by default
+    ~/.cache/unmask, so runs from any directory share it)."""
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "unmask"
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")

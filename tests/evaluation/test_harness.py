@@ -207,3 +207,22 @@ def test_bench_lm_eval_reports_every_request_type_and_the_mc_error(checkpoints, 
     se = {row["mc_samples"]: row for row in r["standard_error"]}
     assert se[1]["se_predicted"] > se[4]["se_predicted"] > se[16]["se_predicted"] > 0  # 1/sqrt(m)
     assert "SE measured" in lm_eval_table(r)
+
+
+def test_unmask_plot_draws_the_curves_of_several_runs(checkpoints, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    main(
+        [
+            "plot",
+            str(checkpoints["block_causal"]),
+            str(checkpoints["causal"]),
+            "--out",
+            str(out),
+            "--smooth",
+            "3",
+        ]
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(tmp_path / "nothing"), "--out", str(out)])
+    assert e.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def environment(*, probe: bool = True) -> dict:
         "precision_auto": str(resolve_precision("auto", device)),
         "extras": {name: _version(name, module) for name, module in EXTRAS.items()},
         "caches": {
-            "tokenized corpora": os.path.abspath(DataConfig().cache_dir),
+            "tokenized corpora": str(DataConfig().cache_path),
             "huggingface": os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")),
         },
     }

@@ -1,4 +1,6 @@
-"""The `unmask` command: train | sample | eval | posttrain | repro | demo | bench | env | serve | export.
+"""The `unmask` command: train, sample, eval, serve, export and the rest of the subcommands.
+
+Subcommands: train | sample | eval | posttrain | repro | demo | bench | env | serve | export | plot.
 
 Each subcommand wraps a public function. Config overrides are `--section.field=value` (or
 `--section.field value`), parsed by `tyro` against the config loaded from `--config` (or a
@@ -16,6 +18,7 @@ from unmask.cli.bench import add_bench_commands
 from unmask.cli.env import add_env_command
 from unmask.cli.eval import add_eval_commands
 from unmask.cli.export import add_export_command
+from unmask.cli.plot import add_plot_command
 from unmask.cli.posttrain import add_posttrain_commands
 from unmask.cli.repro import add_repro_commands
 from unmask.cli.sample import add_sample_command
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_command(sub)
     add_serve_command(sub)
     add_export_command(sub)
+    add_plot_command(sub)
     return p
 
 

@@ -432,7 +432,7 @@ def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
     key = hashlib.sha256(
         f"{corpus_key(cfg)}|{cfg.vocab_size}|{docs_digest(train_docs)}".encode()
     ).hexdigest()[:20]
-    path = Path(cfg.cache_dir) / "tokenizers" / f"bpe-{key}.json"
+    path = cfg.cache_path / "tokenizers" / f"bpe-{key}.json"
     if path.is_file():
         return Tokenizer.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +470,7 @@ def prepare_data(
         tokenizer = build_tokenizer(cfg, docs["train"])
         say(
             f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
-            f" cached under {cfg.cache_dir})"
+            f" cached under {cfg.cache_path})"
         )
         if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
             print(
@@ -482,7 +482,7 @@ def prepare_data(
     rows = {}
     for split in splits:
         t0 = time.perf_counter()
-        tokens = tokenize_split(docs[split], tokenizer, Path(cfg.cache_dir), f"{corpus_key(cfg)}|{split}")
+        tokens = tokenize_split(docs[split], tokenizer, cfg.cache_path, f"{corpus_key(cfg)}|{split}")
         rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer, name=split)
         say(
             f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "

@@ -19,6 +19,7 @@ from unmask.models.checkpoint import CheckpointError
 # Config fields that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = {
     "train.out",  # a moved or copied run resumes where it now is
+    "data.cache_dir",  # where tokens are cached does not change them
     "train.steps",
     "train.eval_every",
     "train.save_every",
