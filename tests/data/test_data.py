@@ -142,3 +142,25 @@ def test_hf_corpora_name_org_slash_name_and_local_dataset_folders(tmp_path, monk
     assert sum(len(v) for v in splits.values()) == 30
     with pytest.raises(DataError, match="no column 'text'"):
         load_corpus(f"hf:{folder}")
+
+
+def test_gzipped_text_jsonl_and_parquet_files_are_corpora(tmp_path):
+    import gzip
+
+    from unmask.data.corpus import DataError, load_corpus
+
+    rows = [f"document {i}: " + "lorem ipsum dolor " * 30 for i in range(30)]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"body": r}) + "\n" for r in rows)
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("\n\n".join(rows))
+    n = lambda splits: sum(len(v) for v in splits.values())  # noqa: E731
+    assert n(load_corpus(str(tmp_path / "a.jsonl.gz"), text_field="body")) == 30
+    assert n(load_corpus(str(tmp_path / "b.txt.gz"), txt_documents="blank_lines")) == 30
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    pq.write_table(pyarrow.table({"body": rows}), tmp_path / "c.parquet")
+    assert n(load_corpus(str(tmp_path / "c.parquet"), text_field="body")) == 30
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_corpus(str(tmp_path / "c.parquet"))

@@ -29,6 +29,7 @@ def cmd_eval_ppl(ns: argparse.Namespace, rest: list[str]) -> None:
         loaded=loaded,
         data=ns.data,
         seq_len=ns.seq_len,
+        progress=True,
     )
     results = {"binary": heldout_perplexity(ns.checkpoint, **kw)}
     if soft_model:  # soft-mask models: also the two-pass (soft-masked) bound

@@ -85,10 +85,55 @@ def stdlib_files(modules: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
 
 
 def _read_text(path: Path) -> str:
+    """A text file's contents; `.gz` files are decompressed."""
     try:
+        if path.suffix == ".gz":
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from e
+    except (OSError, EOFError) as e:  # gzip: not a gzip file, truncated
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
+LOCAL_KINDS = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet", ".arrow")
+
+
+def _kind(path: Path) -> str:
+    """`.txt`, `.jsonl` (also gzipped), `.parquet`, `.arrow`, or "" for other files."""
+    name = path.name.lower()
+    return next((k.removesuffix(".gz") for k in LOCAL_KINDS if name.endswith(k)), "")
+
+
+def _table_texts(path: Path, field: str) -> list[str]:
+    """The `field` column of a parquet or arrow file (pyarrow, installed with `datasets`)."""
+    try:
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError as e:
+        raise DataError(
+            f"corpus {path}: reading {path.suffix} needs pyarrow: pip install 'unmask[hf]'"
+        ) from e
+    try:
+        if path.suffix == ".parquet":
+            table = pyarrow.parquet.read_table(path)
+        else:
+            with pyarrow.memory_map(str(path)) as source:
+                try:
+                    table = pyarrow.ipc.open_file(source).read_all()
+                except pyarrow.ArrowInvalid:
+                    table = pyarrow.ipc.open_stream(source).read_all()
+    except (OSError, pyarrow.ArrowInvalid) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if field not in table.column_names:
+        raise DataError(
+            f"{path} has no column {field!r} (columns: {', '.join(table.column_names)}); "
+            "pass --data.text_field NAME"
+        )
+    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
 
 
 def read_jsonl(path: Path, field: str) -> list[tuple[int, dict]]:
@@ -131,21 +176,20 @@ def text_chunks(text: str, min_chars: int) -> list[str]:
 
 
 def _local_documents(root: Path, txt_documents: str, text_field: str = "text") -> list[tuple[str, str]]:
-    files = (
-        [root]
-        if root.is_file()
-        else sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-    )
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if _kind(p) and p.is_file())
     if not files:
-        raise DataError(f"corpus {root}: no .txt or .jsonl files found")
+        raise DataError(f"corpus {root}: no {', '.join(LOCAL_KINDS)} files found")
     if txt_documents == "auto":
         txt_documents = "chunks" if root.is_file() else "file"
     docs = []
     for path in files:
         rel = path.name if path == root else path.relative_to(root).as_posix()
-        if path.suffix == ".jsonl":
+        kind = _kind(path)
+        if kind == ".jsonl":
             docs.extend((f"{rel}:{n}", record[text_field]) for n, record in read_jsonl(path, text_field))
-        elif path.suffix == ".txt":
+        elif kind in (".parquet", ".arrow"):
+            docs.extend((f"{rel}:{n}", t) for n, t in enumerate(_table_texts(path, text_field)))
+        elif kind == ".txt":
             text = _read_text(path)
             if txt_documents == "file":
                 docs.append((rel, text))
@@ -158,7 +202,7 @@ def _local_documents(root: Path, txt_documents: str, text_field: str = "text") -
                 paragraphs = [p for p in text.split("\n\n") if p.strip()]
                 docs.extend((f"{rel}#{i}", p) for i, p in enumerate(paragraphs))
         else:
-            raise DataError(f"corpus {path}: unsupported file type (use .txt or .jsonl)")
+            raise DataError(f"corpus {path}: unsupported file type (use one of {', '.join(LOCAL_KINDS)})")
     return docs
 
 

@@ -28,6 +28,7 @@ def heldout_perplexity(
     loaded=None,
     data: str | None = None,
     seq_len: int | None = None,
+    progress: bool = False,
 ) -> Perplexity:
     """`mc_samples`, `max_rows` (0 = all) and `precision` default to the checkpoint's config.
     `data` (a corpus: file, folder, `hf:NAME`) replaces the checkpoint's own, as pretrained
@@ -58,4 +59,5 @@ def heldout_perplexity(
         seed=cfg.eval.seed,
         precision=precision or cfg.train.precision,
         soft=soft,
+        progress=progress,
     )

@@ -441,6 +441,7 @@ class _Run:
             precision=self.tc.precision,
             loss_positions=loss_positions,
             maskable=maskable,
+            progress=not self.bar.disable,
         )
         record = {
             "step": step,

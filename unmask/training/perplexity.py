@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from unmask.models.denoiser import Denoiser
 from unmask.models.transformer import autocast
@@ -53,6 +54,7 @@ def evaluate_perplexity(
     soft: bool = False,
     loss_positions: np.ndarray | None = None,
     maskable: np.ndarray | None = None,
+    progress: bool = False,
 ) -> Perplexity:
     """Perplexity (bound for diffusion models) of `model` on `rows` [N, L]. `soft` evaluates a
     soft-mask model through its two passes: the second pass's prediction is still a conditional
@@ -68,8 +70,13 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
+    starts = range(0, len(rows), batch_size)
+    bar = tqdm(
+        total=samples * len(starts), desc="perplexity", unit="batch", disable=not progress, leave=False
+    )
     for mc in range(samples):
-        for start in range(0, len(rows), batch_size):
+        for start in starts:
+            bar.update(1)
             x0 = torch.as_tensor(np.asarray(rows[start : start + batch_size]), device=device)
             rows_at = slice(start, start + batch_size)
             valid = (
@@ -91,6 +98,7 @@ def evaluate_perplexity(
             scored = batch.valid[:, 1:] if is_ar else batch.loss_positions
             scored_ids = (x0[:, 1:] if is_ar else x0)[scored].cpu().numpy()
             n_bytes += int(byte_lengths[scored_ids].sum())
+    bar.close()
     model.train(was_training)
     nats_per_token = nats / tokens
     return Perplexity(
