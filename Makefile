@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull the CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,eval,serve,hf]'
+	$(BIN)/pip install --quiet -e '.[dev,eval,serve,hf,track]'
 	touch $(STAMP)
 
 # The browser test drives Debian's chromium (playwright's own browser download needs the internet):

@@ -193,8 +193,17 @@ class TrainConfig:
     """Optimizer states kept: only the newest N checkpoints keep optimizer.pt (what --resume needs)."""
     out: str = "runs/unnamed"
     """Run directory: checkpoints, config and metrics.jsonl."""
+    loggers: tuple[str, ...] = ()
+    """Experiment trackers beside metrics.jsonl (always written): any of tensorboard, wandb, mlflow
+    (`--train.loggers tensorboard,wandb`; extra `[track]`)."""
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.loggers) - {"jsonl", "tensorboard", "wandb", "mlflow"})
+        _check(
+            not unknown,
+            "train.loggers",
+            f"unknown logger(s) {unknown}; choose from tensorboard, wandb, mlflow",
+        )
         for name in ("steps", "batch_size", "grad_accum", "keep_optimizer"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")

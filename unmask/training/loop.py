@@ -57,6 +57,7 @@ from unmask.training.distributed import (
     unsharded,
     wrap,
 )
+from unmask.training.loggers import build_loggers
 from unmask.training.objectives import (
     Batch,
     LossOutput,
@@ -306,6 +307,7 @@ class _Run:
         self.train_rows, self.val_rows = data.rows["train"], data.rows["validation"]
         self.byte_lengths = self.tokenizer.byte_lengths()
         self.log = self._open_log(start.step, resume=rewind_log)
+        self.trackers = build_loggers(tc.loggers, self.run_dir, cfg) if d.main else []
         self.tokens_seen, self.t0 = 0, time.perf_counter()
         self.memory: dict[str, float] = {}
         self.bar = tqdm(
@@ -354,11 +356,16 @@ class _Run:
                 if is_write_error(e):
                     raise write_failed(self.run_dir / "metrics.jsonl", e) from None
                 raise
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         self.bar.close()
         if self.log is not None:
             self.log.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     # ----------------------------------------------------------------------------- a step
 
@@ -579,6 +586,5 @@ def _loop(run: _Run, start_step: int) -> TrainResult:
                 run.close()
                 raise TrainingInterrupted(run.run_dir, done, signal_name)
     run.write({"step": tc.steps, "memory": run.memory, "world_size": d.world, "strategy": d.strategy})
-    if run.log is not None:
-        run.log.close()
+    run.close()
     return TrainResult(run.run_dir, tc.steps, val_ppl, run.t_range)

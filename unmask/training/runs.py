@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = {
     "train.eval_every",
     "train.save_every",
     "train.keep_optimizer",
+    "train.loggers",
     "train.precision",  # `auto` may resolve differently on another machine
     "dist.strategy",
     "dist.activation_checkpointing",
