@@ -8,7 +8,8 @@ optimizer state and the chosen clipped range. The learning-rate schedule is a fu
 Validation is the same estimator `unmask eval ppl` uses, on the weights a checkpoint loads as its
 model (EMA when enabled), so the number printed here is the number `eval ppl --split validation`
 gives for the saved checkpoint. Run directories and interrupts (SIGINT / SIGTERM finish the step,
-write a checkpoint and raise `TrainingInterrupted`) are `unmask.training.runs`.
+write a checkpoint and raise `TrainingInterrupted`) are `unmask.training.runs`; the set-up stages
+(resume / init, data, model, optimizer) are `unmask.training.setup`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.config import Config, ConfigError, replace
-from unmask.config_io import config_from_json
-from unmask.data.corpus import PreparedData, batch_indices, prepare_data
-from unmask.data.instruct import maskable_mask, prepare_instruct, response_mask
+from unmask.data.corpus import PreparedData, batch_indices
+from unmask.data.instruct import maskable_mask, response_mask
 from unmask.integrity import is_write_error, write_failed
 from unmask.models.checkpoint import (
-    CheckpointError,
-    complete_checkpoints,
-    load_checkpoint,
     load_state_dict_strict,
-    resolve_checkpoint,
     save_checkpoint,
-    verify_checkpoint,
 )
 from unmask.models.denoiser import Denoiser
-from unmask.models.pretrained.load import is_pretrained_dir
-from unmask.models.transformer import autocast, build_model
+from unmask.models.transformer import autocast
 from unmask.precision import resolve_precision
 from unmask.schedules import NoiseSchedule, build_schedule
 from unmask.training.clip_search import search_clip
@@ -70,12 +64,12 @@ from unmask.training.perplexity import Perplexity, evaluate_perplexity
 from unmask.training.runs import (
     RunLock,
     TrainingInterrupted,
-    check_resume_compatible,
     clean_leftovers,
     prepare_run_dir,
     rewind_log,
     stop_requests,
 )
+from unmask.training.setup import Start, run_data, run_model, run_optimizer, start_of
 
 
 @dataclass
@@ -120,55 +114,6 @@ def training_loss(
     )
 
 
-def _on_pretrained(cfg: Config, init: str, device) -> tuple[Config, torch.nn.Module, Any]:
-    """`--init` a pretrained directory: its model, frozen, with the run's trainable additions
-    (soft-mask scalars, LoRA); the run's model config becomes the base's."""
-    from unmask.models.pretrained.additions import attach
-    from unmask.models.pretrained.load import load_as_checkpoint
-
-    if cfg.soft_mask.k == 0 and cfg.lora.r == 0:
-        raise ConfigError(
-            f"--init {init} is a pretrained model: its weights stay frozen, so train something "
-            "on it: --soft-mask.k K (soft-masking) and/or --lora.r R (LoRA adapters)"
-        )
-    if cfg.train.ema > 0 or cfg.dist.strategy == "fsdp":
-        raise ConfigError(
-            "training on a pretrained base supports neither --train.ema nor --dist.strategy fsdp"
-        )
-    loaded = load_as_checkpoint(init, device=device, dtype="fp32" if device.type == "cpu" else "auto")
-    model = (
-        attach(loaded.model, soft_mask_k=cfg.soft_mask.k, lora=cfg.lora, soft_mask_init=cfg.soft_mask.init)
-        .to(device)
-        .train()
-    )
-    info = loaded.state["pretrained"]
-    model.base_ref = {
-        "path": info["path"],
-        "digest": info["digest"],
-        "family": info["family"],
-        "dtype": info["dtype"],
-    }
-    return replace(cfg, model=loaded.model.cfg), model, loaded.tokenizer
-
-
-def _load_init(model: Denoiser, base: Denoiser, init: str) -> None:
-    """Copy `base`'s weights into `model`. The only keys allowed to be missing are those of a
-    soft-mask module the base does not have (continued training with soft-masking)."""
-    missing = set(model.state_dict()) - set(base.state_dict())
-    if base.soft_mask is None and model.soft_mask is not None:
-        missing -= {n for n in model.state_dict() if n.startswith("soft_mask.")}
-    result = None
-    try:
-        result = model.load_state_dict(base.state_dict(), strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"--init {init}: its weights do not fit --model: {e}") from e
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"--init {init}: its weights do not fit --model: missing {sorted(missing)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
-
-
 def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, device) -> Batch:
     """Rows `index` of a split as a Batch: [PAD] excluded from the loss; instruction rows keep loss
     on their response only (`instruct.eos` decides the tail) and carry their spans."""
@@ -182,95 +127,6 @@ def make_batch(data: PreparedData, split: str, index: np.ndarray, cfg: Config, d
     return Batch(x0, maskable, torch.as_tensor(spans, device=device), scored)
 
 
-@dataclass
-class _Start:
-    """Where a run starts: its config, step, saved state, tokenizer and initial weights."""
-
-    cfg: Config
-    step: int = 0
-    state: dict = field(default_factory=dict)  # the resumed checkpoint's state.json
-    ckpt: Path | None = None  # the checkpoint resumed from
-    tokenizer: Any = None
-    on_base: torch.nn.Module | None = None  # a frozen pretrained base with trainable additions
-    init_model: torch.nn.Module | None = None  # `--init` weights to copy into a fresh model
-
-
-def _start(cfg: Config, resume: bool, init: str | None, device) -> _Start:
-    """Stage 1: what the run continues from (`--resume`), or starts on (`--init`)."""
-    if resume:
-        run_dir = Path(cfg.train.out)
-        if not complete_checkpoints(run_dir):  # killed before its first checkpoint was complete
-            print(f"--resume: {run_dir} holds no complete checkpoint; starting from step 0", file=sys.stderr)
-            return _start(cfg, False, init, device)
-        ckpt = resolve_checkpoint(run_dir)
-        verify_checkpoint(ckpt)
-        saved = config_from_json((ckpt / "config.json").read_text())
-        check_resume_compatible(saved, cfg)
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["step"] >= cfg.train.steps:
-            raise ConfigError(
-                f"--resume: the run in {run_dir} is finished (step {state['step']} of --train.steps "
-                f"{cfg.train.steps}); pass --train.steps N with N > {state['step']} to train it further"
-            )
-        resumed = load_checkpoint(ckpt)
-        on_base = resumed.model.to(device).train() if (ckpt / "base.json").is_file() else None
-        return _Start(cfg, state["step"], state, ckpt, resumed.tokenizer, on_base)
-    if init is not None and is_pretrained_dir(init):
-        cfg, on_base, tokenizer = _on_pretrained(cfg, init, device)
-        return _Start(cfg, tokenizer=tokenizer, on_base=on_base)
-    if init is not None:
-        base = load_checkpoint(init, prefer_ema=True)
-        if (base.path / "base.json").is_file():  # a run on a pretrained base: go on training its additions
-            return _Start(cfg, tokenizer=base.tokenizer, on_base=base.model.to(device).train())
-        return _Start(cfg, tokenizer=base.tokenizer, init_model=base.model)
-    return _Start(cfg)
-
-
-def _data(cfg: Config, tokenizer, data: PreparedData | None, progress: bool) -> PreparedData:
-    """Stage 2: the prepared corpus (or instruction pairs for post-training)."""
-    if data is None and cfg.instruct.stage != "none":
-        if tokenizer is None:
-            raise ConfigError(
-                f"--instruct.stage {cfg.instruct.stage} post-trains a checkpoint: pass --init (or --resume)"
-            )
-        data = prepare_instruct(cfg, tokenizer, verbose=progress)
-    return data or prepare_data(cfg.data, tokenizer, splits=("train", "validation"), verbose=progress)
-
-
-def _model(cfg: Config, start: _Start, tokenizer, init: str | None, device) -> Denoiser:
-    """Stage 3: the model to train, with the weights the run starts from (before any sharding)."""
-    if start.on_base is not None:
-        model = start.on_base
-    else:
-        model = build_model(
-            cfg.model,
-            tokenizer.vocab_size,
-            tokenizer.mask_id,
-            soft_mask_k=cfg.soft_mask.k,
-            soft_mask_init=cfg.soft_mask.init,
-        ).to(device)
-        if start.init_model is not None:
-            _load_init(model, start.init_model, init)
-        if start.ckpt is not None:  # full weights before any sharding (FSDP shards are read after it)
-            load_state_dict_strict(model, start.ckpt / "model.safetensors")
-    if cfg.train.compile:
-        model.compile_blocks()
-    return model
-
-
-def _optimizer(model: Denoiser, cfg: Config) -> tuple[torch.optim.Optimizer, list[float]]:
-    """Stage 4: AdamW over the trainable weights; the soft-mask scalars get their own lr, no decay."""
-    tc = cfg.train
-    soft_params = list(model.soft_mask.parameters()) if model.soft_mask is not None else []
-    weights = [p for n, p in model.named_parameters() if not n.startswith("soft_mask.") and p.requires_grad]
-    groups = [{"params": weights, "weight_decay": tc.weight_decay}]
-    base_lrs = [tc.lr]
-    if soft_params:
-        groups.append({"params": soft_params, "weight_decay": 0.0})
-        base_lrs.append(cfg.soft_mask.lr)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas), base_lrs
-
-
 class _Run:
     """A run in progress: the stages after set-up, each a method reading the state set up once."""
 
@@ -279,7 +135,7 @@ class _Run:
         cfg: Config,
         d,
         device,
-        start: _Start,
+        start: Start,
         data: PreparedData,
         model,
         progress: bool,
@@ -299,7 +155,7 @@ class _Run:
         self.step_module = wrap(
             objective, d, precision=tc.precision, checkpoint_activations=cfg.dist.activation_checkpointing
         )
-        self.optimizer, self.base_lrs = _optimizer(model, cfg)
+        self.optimizer, self.base_lrs = run_optimizer(model, cfg)
         self.ema = copy.deepcopy(model).requires_grad_(False) if tc.ema > 0 else None
         self.t_range = (max(cfg.noise.clip[0], cfg.noise.eps), cfg.noise.clip[1])
         if start.ckpt is not None:
@@ -320,7 +176,7 @@ class _Run:
             dynamic_ncols=True,
         )
 
-    def _restore(self, start: _Start) -> None:
+    def _restore(self, start: Start) -> None:
         """The optimizer, EMA and clipped range of the checkpoint resumed from."""
         ckpt = start.ckpt
         if self.ema is not None:
@@ -538,7 +394,7 @@ def train(
             if gone and progress:
                 print(f"--resume: removed what a killed run left: {', '.join(gone)}", file=sys.stderr)
         torch.manual_seed(cfg.train.seed)
-        start = _start(cfg, resume, init, device)
+        start = start_of(cfg, resume, init, device)
         cfg = start.cfg
         if cfg.lora.r and start.on_base is None:  # never a silent full fine-tune under a LoRA config
             raise ConfigError(
@@ -549,8 +405,8 @@ def train(
         if d.main:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
         d.barrier()
-        data = _data(cfg, start.tokenizer, data, progress)
-        model = _model(cfg, start, data.tokenizer, init, device)
+        data = run_data(cfg, start.tokenizer, data, progress)
+        model = run_model(cfg, start, data.tokenizer, init, device)
         run = _Run(cfg, d, device, start, data, model, progress, rewind_log=resume)
         return _loop(run, start.step)
     finally:
