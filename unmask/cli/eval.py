@@ -60,7 +60,9 @@ def cmd_eval_genppl(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.evaluation.reference import generative_perplexity, load_reference
 
     texts = [r["text"] for r in read_samples(ns.samples)]
-    g = generative_perplexity(load_reference(ns.reference), texts, window=ns.window, stride=ns.stride)
+    g = generative_perplexity(
+        load_reference(ns.reference), texts, window=ns.window, stride=ns.stride, progress=True
+    )
     _print_result(
         g,
         ns.json,

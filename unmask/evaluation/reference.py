@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from unmask.evaluation.metrics import unigram_entropy
 
@@ -131,7 +132,12 @@ def token_nlls(ref: ReferenceLM, ids: list[int], window: int, stride: int) -> np
 
 
 def generative_perplexity(
-    ref: ReferenceLM, texts: list[str], *, window: int | None = None, stride: int | None = None
+    ref: ReferenceLM,
+    texts: list[str],
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
 ) -> GenPPL:
     """exp(mean NLL per reference token) of the samples; empty texts are an error."""
     if not texts:
@@ -141,7 +147,7 @@ def generative_perplexity(
     if not 1 <= stride < window:
         raise ReferenceModelError(f"need 1 <= stride < window, got stride={stride}, window={window}")
     total, count, entropies = 0.0, 0, []
-    for text in texts:
+    for text in tqdm(texts, desc="gen-PPL", unit="sample", disable=not progress, leave=False):
         ids = ref.encode(text)
         if len(ids) < 2:
             continue
