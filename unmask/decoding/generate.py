@@ -96,6 +96,23 @@ def generate(
         yield from loop(model, plan, given, prompt is not None, generators, prompt_mask)
 
 
+def _opening(tokens, fixed, mask_id: int, P: int, at: int, steps: int) -> DecodeState:
+    """The state before the first block: tokens [B, T], nothing decoded, no row finished."""
+    return DecodeState(
+        tokens=tokens,
+        fixed=fixed,
+        mask_id=mask_id,
+        prompt_len=P,
+        window=(at, at),
+        block=-1,
+        step=0,
+        steps=steps,
+        nfe=0,
+        commit_passes=0,
+        finished=torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device),
+    )
+
+
 def _rounds(
     model: Denoiser, plan: DecodePlan, state: DecodeState, forward, call: Caller, generators, after=None
 ) -> Iterator[DecodeState]:
@@ -146,19 +163,8 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
         model(prompt[:, :start], cache=kv)
         kv.commit(start)
         commits += 1
-    state = DecodeState(
-        tokens=prompt,
-        fixed=torch.ones_like(prompt, dtype=torch.bool),
-        mask_id=model.mask_id,
-        prompt_len=P,
-        window=(start, start),
-        block=-1,
-        step=0,
-        steps=block_steps,
-        nfe=0,
-        commit_passes=commits,
-        finished=torch.zeros(B, dtype=torch.bool, device=device),
-    )
+    state = _opening(prompt, torch.ones_like(prompt, dtype=torch.bool), model.mask_id, P, start, block_steps)
+    state = state.advance(commit_passes=commits)
     for block in range(n_blocks):
         lo, hi = start + block * Lb, start + (block + 1) * Lb
         new = hi - state.tokens.shape[1]
@@ -227,19 +233,7 @@ def _canvas_loop(model: Denoiser, plan: DecodePlan, given, is_prompt, generators
         generated = torch.ones(B, T - P, dtype=torch.bool, device=device)
         key_mask = torch.cat([prompt_mask.bool(), generated], dim=1)
     call = Caller(model, plan, key_mask=key_mask, prompt_len=P)
-    state = DecodeState(
-        tokens=tokens,
-        fixed=fixed,
-        mask_id=mask_id,
-        prompt_len=P,
-        window=(P, P),
-        block=-1,
-        step=0,
-        steps=block_steps,
-        nfe=0,
-        commit_passes=0,
-        finished=torch.zeros(B, dtype=torch.bool, device=device),
-    )
+    state = _opening(tokens, fixed, mask_id, P, P, block_steps)
     after = (lambda s: _eos_fill(s, plan.eos_id)) if cfg.eos_fill and plan.eos_id is not None else None
     for block in range(n_blocks):
         lo, hi = P + block * block_len, min(P + (block + 1) * block_len, T)
@@ -274,19 +268,7 @@ def _ar_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_ma
     fill = plan.eos_id if plan.eos_id is not None else model.mask_id  # what finished rows append
     stops = torch.tensor(plan.stop_ids, dtype=torch.long, device=device)
     kv = model.new_cache(B, P + plan.cfg.max_new_tokens, device) if plan.cache == "exact" else None
-    state = DecodeState(
-        tokens=prompt,
-        fixed=torch.ones_like(prompt, dtype=torch.bool),
-        mask_id=model.mask_id,
-        prompt_len=P,
-        window=(P, P),
-        block=-1,
-        step=0,
-        steps=1,
-        nfe=0,
-        commit_passes=0,
-        finished=torch.zeros(B, dtype=torch.bool, device=device),
-    )
+    state = _opening(prompt, torch.ones_like(prompt, dtype=torch.bool), model.mask_id, P, P, 1)
     for i in range(plan.cfg.max_new_tokens):
         if kv is not None:
             feed = state.tokens if i == 0 else state.tokens[:, -1:]
