@@ -344,3 +344,25 @@ def test_newcomer_mistakes_are_one_line_errors(corpus, reference, tmp_path, caps
     r = unmask(*argv(corpus, moved, 7, "--resume"))
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(moved).state["step"] == 7
+
+
+def test_the_launcher_hides_a_surviving_ranks_echo_of_a_dead_peer_and_torchruns_report():
+    """The race CI hit once: rank 0 printed its gloo error before torchrun stopped it. The
+    traceback of a rank that only lost a peer is a consequence (the one-line summary names the
+    cause); a rank's own error and every other line still reach the user."""
+    from unmask.cli.train import shown_stderr
+
+    def traceback(rank: int, error: str) -> list[str]:
+        return [f"[rank{rank}]: Traceback (most recent call last):\n",
+                f'[rank{rank}]:   File "loop.py", line 245, in train_step\n',
+                f"[rank{rank}]:     loss.backward()\n", f"[rank{rank}]: {error}\n"]  # fmt: skip
+
+    peer = "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:19094."
+    own = "ValueError: the batch has no rows"
+    report = ["Traceback (most recent call last):\n", '  File "run.py", line 1, in <module>\n',
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n",
+              "Root Cause (first observed failure):\n", "  rank      : 1\n"]  # fmt: skip
+    lines = ["step 2 loss 5.1\n", *traceback(0, peer), "W1201 Sending closing signal SIGTERM\n",
+             *traceback(1, own), *report]  # fmt: skip
+    shown = list(shown_stderr(iter(lines)))
+    assert shown == ["step 2 loss 5.1\n", "W1201 Sending closing signal SIGTERM\n", *traceback(1, own)]

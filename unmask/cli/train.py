@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from collections.abc import Iterable, Iterator
 
 from unmask.cli.flags import SHORTHANDS, parse_overrides, shorthands
 from unmask.cli.help import config_help
 from unmask.config import Config, replace
 from unmask.config_io import load_config
+
+_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+# what a surviving rank raises when another rank died mid-collective: the consequence, not the cause
+_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+              "communicator was aborted", "Broken pipe")  # fmt: skip
+
+
+def _lost_a_peer(exception_line: str) -> bool:
+    return any(s in exception_line for s in _PEER_LOSS)
+
+
+def shown_stderr(lines: Iterable[str]) -> Iterator[str]:
+    """torchrun's stderr as the user sees it: every line, less torchrun's own failure report
+    (summarised in one line by `launch`) and the tracebacks of ranks that only lost a dead peer."""
+    held: list[str] = []  # a traceback being printed: shown once its exception line is known
+    for line in lines:
+        body = _RANK_PREFIX.sub("", line, count=1)  # torchrun prefixes a worker's lines: "[rank0]: "
+        if held or body.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            if body[:1] not in (" ", "T"):  # the exception line closes the traceback
+                if "ChildFailedError" in body:  # torchrun's failure table follows: all of it dropped
+                    return
+                if not _lost_a_peer(body):
+                    yield from held
+                held = []
+            continue
+        yield line
+    yield from held
 
 
 def launch(nproc: int, argv: list[str]) -> None:
@@ -29,7 +59,6 @@ def launch(nproc: int, argv: list[str]) -> None:
         "unmask",
         *argv,
     ]
-    import re
     import shlex
 
     from unmask.training.distributed import die_with_parent
@@ -37,22 +66,17 @@ def launch(nproc: int, argv: list[str]) -> None:
     # torchrun dies with this process (kill -9 of `unmask train --nproc` leaves no workers)
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, stderr=subprocess.PIPE, text=True, bufsize=1)
     tail: list[str] = []
-    held: list[str] = []  # a traceback being printed: shown unless it is torchrun's own report
-    launcher_report = False
-    for line in proc.stderr:  # passed through as it comes; the end kept to name a dead rank
-        tail = (tail + [line])[-200:]
-        if launcher_report:  # torchrun's failure table: summarised in one line below
-            continue
-        if held or line.startswith("Traceback (most recent call last):"):
-            held.append(line)
-            if line[:1] not in (" ", "T"):  # the exception line closes the traceback
-                launcher_report = "ChildFailedError" in line
-                if not launcher_report:
-                    sys.stderr.writelines(held)
-                held = []
-            continue
-        sys.stderr.write(line)
-    sys.stderr.writelines(held)
+
+    def kept(lines):  # every line, the end kept to name a dead rank
+        nonlocal tail
+        for line in lines:
+            tail = (tail + [line])[-200:]
+            yield line
+
+    lines = kept(proc.stderr)
+    sys.stderr.writelines(shown_stderr(lines))  # passed through as it comes
+    for _ in lines:  # torchrun's failure report: read (its root cause names the rank), not shown
+        pass
     code = proc.wait()
     if code != 0:
         text = "".join(tail)
