@@ -27,8 +27,9 @@ def _check(ok: bool, flag: str, message: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     corpus: str = "stdlib"
-    """Corpus: `stdlib` (embedded), a .txt/.jsonl file or a directory of them, `hf:ORG/NAME[:CONFIG]`
-    (a Hub dataset), or `hf:DIR` (a dataset folder written by `save_to_disk`)."""
+    """Corpus: `stdlib` (embedded), a .txt/.jsonl(.gz)/.parquet/.arrow file or a directory of them,
+    `hf:ORG/NAME[:CONFIG][@SPLIT]` (a Hub dataset), or `hf:DIR` (a `save_to_disk` folder or a folder
+    of data files)."""
     text_field: str = "text"
     """The text column of .jsonl files and Hugging Face datasets."""
     seq_len: int = 256
@@ -46,6 +47,10 @@ class DataConfig:
     """`bpe` trains a byte-level BPE on the training split; otherwise a local HF tokenizer directory."""
     vocab_size: int = 4096
     """Vocabulary size of the trained BPE (special tokens included)."""
+    num_proc: int = 1
+    """Processes that tokenize the corpus (1: this one; the tokenizer itself uses every core)."""
+    streaming: bool = False
+    """Read `hf:` datasets as a stream (nothing downloaded or converted whole)."""
     cache_dir: str = ""
     """Where tokenizers and tokenized corpora are cached (empty: $XDG_CACHE_HOME/unmask, by default
     ~/.cache/unmask, so runs from any directory share it)."""
@@ -59,6 +64,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _check(self.vocab_size >= 260, "data.vocab_size", f"must be >= 260, got {self.vocab_size}")
         for name in ("valid_fraction", "test_fraction"):
             v = getattr(self, name)

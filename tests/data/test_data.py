@@ -84,7 +84,7 @@ def test_wrap_packing_joins_documents_with_bos_eos(tiny_data):
     tok = tiny_data.tokenizer
     rows = tiny_data.rows["train"]
     assert rows.shape[1] == 32 and rows.dtype == np.int64
-    stream = rows.reshape(-1)
+    stream = np.asarray(rows).reshape(-1)
     assert stream[0] == tok.bos_id
     assert (stream == tok.bos_id).sum() >= 2 and (stream == tok.eos_id).sum() >= 1
     assert not (stream == tok.pad_id).any() and not (stream == tok.mask_id).any()
@@ -95,7 +95,7 @@ def test_pad_packing_and_token_cache(tiny_data_cfg, tiny_data, tmp_path):
     docs = ["a short doc", "x" * 400]
     split = tokenize_split(docs, tok, tmp_path, "k")
     again = tokenize_split(docs, tok, tmp_path, "k")  # from the cache (memory-mapped)
-    assert isinstance(again.tokens, np.memmap) and np.array_equal(split.tokens, again.tokens)
+    assert all(isinstance(m, np.memmap) for m in again.maps) and np.array_equal(split.tokens, again.tokens)
     rows = pack_rows(split, 16, "pad", tok)
     assert rows.shape == (2, 16)
     n = len(tok.encode("a short doc"))
@@ -131,10 +131,15 @@ def test_hf_corpora_name_org_slash_name_and_local_dataset_folders(tmp_path, monk
     from unmask.data.corpus import DataError, load_corpus, load_hf_dataset
 
     seen = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: seen.append((name, config)) or {})
-    load_hf_dataset("hf:roneneldan/TinyStories")
-    load_hf_dataset("hf:org/name:config-1")
-    assert seen == [("roneneldan/TinyStories", None), ("org/name", "config-1")]
+
+    def load_dataset(name, config=None, streaming=False):
+        seen.append((name, config, streaming))
+        return {"train": "T", "validation": "V"}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_hf_dataset("hf:roneneldan/TinyStories") == {"train": "T", "validation": "V"}
+    assert load_hf_dataset("hf:org/name:config-1@validation", streaming=True) == {"validation": "V"}
+    assert seen == [("roneneldan/TinyStories", None, False), ("org/name", "config-1", True)]
     folder = tmp_path / "saved"
     rows = [f"document number {i} " * 20 for i in range(30)]
     datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(folder))

@@ -24,6 +24,32 @@ def cmd_bench_train(ns: argparse.Namespace, rest: list[str]) -> None:
             json.dump(result, f, indent=2)
 
 
+def cmd_bench_data(ns: argparse.Namespace, rest: list[str]) -> None:
+    import dataclasses
+
+    from unmask.bench.data import bench_prepare, bench_rows, data_table, make_text, parse_size
+    from unmask.cli.flags import parse_overrides, shorthands
+
+    cfg = parse_overrides(load_config(ns.config), shorthands(rest), "unmask bench data")
+    workdir = Path(ns.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sizes = [parse_size(s) for s in ns.sizes.split(",") if s.strip()]
+    prepared = bench_prepare(cfg.data, sizes, workdir)
+    rows = None
+    if ns.train_steps:
+        corpus = make_text(workdir / f"corpus-{sizes[0] >> 20}MB.txt", sizes[0])
+        data = dataclasses.replace(
+            cfg.data, corpus=str(corpus), cache_dir=str(workdir / f"cache-{sizes[0] >> 20}MB")
+        )
+        rows = bench_rows(dataclasses.replace(cfg, data=data), steps=ns.train_steps, repeats=ns.repeats)
+    _write_bench(
+        ns.out,
+        "data",
+        {"prepare": prepared, "train": rows, "config": cfg.data.__dict__},
+        data_table(prepared, rows),
+    )
+
+
 def _bench_setup(ns):
     from unmask.cli.flags import load_model, read_prompts
     from unmask.data.prompts import file_prompts, heldout_prompts
@@ -214,7 +240,7 @@ def cmd_bench_dist(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | sample | cache | invariance | llada-ref | lm-eval | serve | dist`."""
+    """`unmask bench train | data | sample | cache | invariance | llada-ref | lm-eval | serve | dist`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser(
         "train",
@@ -225,6 +251,19 @@ def add_bench_commands(sub) -> None:
     bt.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per arm")
     bt.add_argument("--json", help="also write the results to this JSON file")
     bt.set_defaults(func=cmd_bench_train)
+
+    bd = b.add_parser(
+        "data",
+        allow_abbrev=False,
+        help="corpus preparation at growing sizes (RSS, tokens/s); shards vs memory",
+    )
+    bd.add_argument("--config", default="small-bd3lm")
+    bd.add_argument("--sizes", default="100MB,500MB,2GB", help="text corpora to generate and prepare")
+    bd.add_argument("--workdir", required=True, help="folder for the generated corpora and their caches")
+    bd.add_argument("--train-steps", type=int, default=10, help="steps per timed round (0: no training arm)")
+    bd.add_argument("--repeats", type=int, default=3, help="interleaved rounds per training arm")
+    bd.add_argument("--out", help="folder for the JSON and markdown results")
+    bd.set_defaults(func=cmd_bench_data)
 
     def sampling_args(parser, max_new: int, steps) -> None:
         add_model_flags(parser)

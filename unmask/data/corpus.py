@@ -12,7 +12,9 @@ one document per row, truncated or padded with `[PAD]` (which carries no loss).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -23,22 +25,22 @@ from pathlib import Path
 import numpy as np
 
 from unmask.config import DataConfig
+from unmask.data.shards import PadRows, ShardWriter, TokenShards, WrapRows
 from unmask.data.sources import (  # noqa: F401 - re-exported: where callers have always found them
     CHUNK_CHARS,
     CHUNKS_PER_FILE,
     LOCAL_KINDS,
     SPLITS,
     DataError,
-    _hf_documents,
-    _local_documents,
     _read_text,
+    iter_documents,
     load_hf_dataset,
     read_jsonl,
+    source_files,
     stdlib_files,
     text_chunks,
 )
 from unmask.data.tokenizer import Tokenizer
-from unmask.integrity import is_write_error, sha256, write_failed
 
 # ---------------------------------------------------------------------------------------------
 # corpora -> {split: [documents]}
@@ -57,6 +59,80 @@ def _split_of(key: str, valid_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+@dataclass(frozen=True)
+class Survey:
+    """One streamed pass over a corpus: what every later pass needs to route documents to splits
+    and to key caches by content, without holding the documents."""
+
+    digest: str  # SHA-256 of every (key, text): an edited file gives another digest
+    docs: dict[str, int]  # split -> documents
+    chars: int  # characters in all (the progress bar's total)
+    moved: dict[str, str]  # key -> held-out split: the lowest-hash training documents moved there
+
+    def split_of(self, key: str, given: str | None, valid_fraction: float, test_fraction: float) -> str:
+        return given or self.moved.get(key) or _split_of(key, valid_fraction, test_fraction)
+
+
+def _documents(cfg: DataConfig):
+    """(key, text, given split) of the corpus's non-empty documents, streamed."""
+    docs = iter_documents(cfg.corpus, txt_documents=cfg.txt_documents, text_field=cfg.text_field,
+                          streaming=cfg.streaming)  # fmt: skip
+    return ((k, t, s) for k, t, s in docs if t.strip())
+
+
+def survey_corpus(cfg: DataConfig, memo: Path | None = None) -> Survey:
+    """Split sizes and the content digest of a corpus (one pass; with `memo`, a folder, remembered
+    for local sources by their files' paths, sizes and modification times).
+
+    Documents go to splits by a hash of their key; where that leaves a held-out split empty of a
+    corpus with at least three documents, the training document whose key hashes lowest moves
+    there."""
+    stamp = None
+    files = source_files(cfg.corpus) if memo is not None else None
+    if files is not None:
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        stamp = hashlib.sha256(json.dumps([corpus_key(cfg), stats]).encode()).hexdigest()[:20]
+        try:
+            return Survey(**json.loads((memo / f"{stamp}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    h, docs, chars, given_splits = hashlib.sha256(), dict.fromkeys(SPLITS, 0), 0, False
+    lowest: list[tuple[float, str]] = []  # the two training keys that hash lowest
+    for key, text, given in _documents(cfg):
+        h.update(key.encode("utf-8", "surrogatepass") + b"\0" + text.encode("utf-8", "surrogatepass") + b"\0")
+        chars += len(text)
+        given_splits |= given is not None
+        split = given or _split_of(key, cfg.valid_fraction, cfg.test_fraction)
+        docs[split] += 1
+        if split == "train":
+            lowest = sorted([*lowest, (_key_hash(key), key)])[:2]
+    moved = {}
+    for s in ("validation", "test"):
+        if not given_splits and not docs[s] and docs["train"] >= 2:
+            _, key = lowest.pop(0)
+            moved[key], docs[s], docs["train"] = s, 1, docs["train"] - 1
+    survey = Survey(h.hexdigest()[:20], docs, chars, moved)
+    _check_splits(cfg.corpus, docs)
+    if stamp is not None:
+        memo.mkdir(parents=True, exist_ok=True)
+        tmp = memo / f"{stamp}.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(dataclasses.asdict(survey)))
+        os.replace(tmp, memo / f"{stamp}.json")
+    return survey
+
+
+def _check_splits(spec: str, docs: dict[str, int]) -> None:
+    if not any(docs.values()):
+        raise DataError(f"corpus {spec!r} has no non-empty documents")
+    for s in SPLITS:
+        if not docs[s]:
+            raise DataError(
+                f"corpus {spec!r}: the {s} split is empty ({sum(docs.values())} "
+                "documents in all, at least 3 are needed); give a bigger corpus, or split a "
+                ".txt file into more documents (--data.txt_documents chunks or blank_lines)"
+            )
+
+
 def load_corpus(
     spec: str,
     *,
@@ -65,93 +141,144 @@ def load_corpus(
     test_fraction: float = 0.01,
     text_field: str = "text",
 ) -> dict[str, list[str]]:
-    """Read a corpus and split it deterministically into train/validation/test documents: by a hash
-    of each document's key, and where that leaves a held-out split empty of a corpus with at least
-    three documents, the training document whose key hashes lowest moves there."""
-    if spec == "stdlib" or spec.startswith("stdlib:"):
-        modules = tuple(m for m in spec.removeprefix("stdlib").lstrip(":").split(",") if m)
-        keyed = [(rel, _read_text(p)) for rel, p in stdlib_files(modules)]
-    elif spec.startswith("synthetic:"):
-        from unmask.data.synthetic import SyntheticError, documents
-
-        try:
-            keyed = documents(spec)
-        except SyntheticError as e:
-            raise DataError(str(e)) from e
-    elif spec.startswith("hf:"):
-        loaded = _hf_documents(spec, text_field)
-        if isinstance(loaded, dict):
-            return _checked(spec, loaded)
-        keyed = loaded
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise DataError(
-                f"corpus {spec!r}: no such file or directory (and not `stdlib` or `hf:ORG/NAME[:CONFIG]`)"
-            )
-        keyed = _local_documents(path, txt_documents, text_field)
-    keyed_splits: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
-    for key, text in keyed:
-        if text.strip():
-            keyed_splits[_split_of(key, valid_fraction, test_fraction)].append((key, text))
-    for s in ("validation", "test"):
-        if not keyed_splits[s] and len(keyed_splits["train"]) >= 2:
-            train = keyed_splits["train"]
-            keyed_splits[s].append(train.pop(min(range(len(train)), key=lambda i: _key_hash(train[i][0]))))
-    return _checked(spec, {s: [text for _, text in docs] for s, docs in keyed_splits.items()})
-
-
-def _checked(spec: str, splits: dict[str, list[str]]) -> dict[str, list[str]]:
-    if not any(splits.values()):
-        raise DataError(f"corpus {spec!r} has no non-empty documents")
-    for s in SPLITS:
-        if not splits[s]:
-            raise DataError(
-                f"corpus {spec!r}: the {s} split is empty ({sum(map(len, splits.values()))} "
-                "documents in all, at least 3 are needed); give a bigger corpus, or split a "
-                ".txt file into more documents (--data.txt_documents chunks or blank_lines)"
-            )
+    """A corpus's documents in memory, split into train / validation / test as `prepare_data`
+    splits them (for prompts, reference texts and tests; training streams instead)."""
+    cfg = DataConfig(corpus=spec, txt_documents=txt_documents, valid_fraction=valid_fraction,
+                     test_fraction=test_fraction, text_field=text_field)  # fmt: skip
+    survey = survey_corpus(cfg)
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for key, text, given in _documents(cfg):
+        splits[survey.split_of(key, given, valid_fraction, test_fraction)].append(text)
     return splits
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenized cache
+# token shards
 
 
-@dataclass(frozen=True)
-class TokenizedSplit:
-    """A split as one flat token stream plus document boundaries (memory-mapped from the cache)."""
-
-    tokens: np.ndarray  # [N_tokens] int32, documents concatenated without specials
-    offsets: np.ndarray  # [N_docs + 1] int64, document d is tokens[offsets[d]:offsets[d+1]]
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if is_write_error(e):
-            raise write_failed(path, e, array.nbytes) from None
-        raise
+def _encode(hf, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts`, flat (uint32), and their lengths."""
+    encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast: no offsets computed
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths
 
 
-def _cache_ok(folder: Path, meta_file: Path) -> bool:
-    """A cached entry whose arrays match the digests its meta.json recorded (older entries, written
-    without digests, are trusted); a corrupt one is tokenized again."""
-    try:
-        digests = json.loads(meta_file.read_text()).get("sha256")
-    except (OSError, json.JSONDecodeError):
-        digests = {}
-    if digests is None:
-        return True
-    if digests and all((folder / n).is_file() and sha256(folder / n) == d for n, d in digests.items()):
-        return True
-    print(f"token cache {folder} is corrupt; tokenizing again", file=sys.stderr)
-    return False
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(definition: str) -> None:
+    global _WORKER_TOKENIZER
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _WORKER_TOKENIZER = HFTokenizer.from_str(definition)
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode(_WORKER_TOKENIZER, texts)
+
+
+BATCH_CHARS = 1 << 20  # characters per tokenizer call (bounds what is in flight)
+
+
+def _batches(docs, route):
+    """(split, [texts]) groups of about BATCH_CHARS characters, in corpus order per split."""
+    pending: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    for key, text, given in docs:
+        split = route(key, given)
+        if split is None:
+            continue
+        pending.setdefault(split, []).append(text)
+        sizes[split] = sizes.get(split, 0) + len(text)
+        if sizes[split] >= BATCH_CHARS:
+            yield split, pending.pop(split)
+            sizes[split] = 0
+    yield from pending.items()
+
+
+def _encoded(batches, tokenizer: Tokenizer, num_proc: int):
+    """(split, n_chars, flat ids, lengths) of each batch, in order; `num_proc` > 1 encodes in that
+    many processes with at most two batches each in flight."""
+    if num_proc <= 1:
+        for split, texts in batches:
+            yield (split, sum(map(len, texts)), *_encode(tokenizer.hf, texts))
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # tokenizers' threads do not survive a fork
+    with ProcessPoolExecutor(
+        num_proc, context, initializer=_worker_init, initargs=(tokenizer.to_str(),)
+    ) as pool:
+        window: deque = deque()
+        for split, texts in batches:
+            window.append((split, sum(map(len, texts)), pool.submit(_worker_encode, texts)))
+            if len(window) >= 2 * num_proc:
+                split_, n, future = window.popleft()
+                yield (split_, n, *future.result())
+        while window:
+            split_, n, future = window.popleft()
+            yield (split_, n, *future.result())
+
+
+def tokenize_corpus(
+    cfg: DataConfig, tokenizer: Tokenizer, survey: Survey, splits: tuple[str, ...], *, verbose: bool = False
+) -> dict[str, TokenShards]:
+    """The splits' token shards: opened from the cache, or written in one streamed pass over the
+    corpus (keyed by the corpus's settings and content, the tokenizer and the split)."""
+    folders = {}
+    for split in splits:
+        key = f"{corpus_key(cfg)}|{split}|{tokenizer.fingerprint}|{survey.digest}"
+        folders[split] = cfg.cache_path / "shards" / hashlib.sha256(key.encode()).hexdigest()[:20]
+    missing = [s for s in splits if not (folders[s].is_dir() and TokenShards.complete(folders[s]))]
+    if missing:
+        from tqdm import tqdm
+
+        writers = {s: ShardWriter(folders[s], tokenizer.vocab_size) for s in missing}
+
+        def route(key: str, given: str | None) -> str | None:
+            split = survey.split_of(key, given, cfg.valid_fraction, cfg.test_fraction)
+            return split if split in writers else None
+
+        bar = tqdm(total=survey.chars, unit="char", unit_scale=True, desc=f"tokenizing {', '.join(missing)}",
+                   disable=not verbose, file=sys.stderr, mininterval=2)  # fmt: skip
+        n_tokens, t0 = 0, time.perf_counter()
+        try:
+            with bar:
+                for split, n_chars, flat, lengths in _encoded(
+                    _batches(_documents(cfg), route), tokenizer, cfg.num_proc
+                ):
+                    writers[split].add(np.split(flat, np.cumsum(lengths)[:-1]))
+                    n_tokens += len(flat)
+                    bar.update(n_chars)
+                    bar.set_postfix_str(
+                        f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False
+                    )
+                bar.update(survey.chars - bar.n)  # documents of splits not asked for were skipped
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        for w in writers.values():
+            w.close()
+    return {s: TokenShards.open(folders[s]) for s in splits}
+
+
+def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: str) -> TokenShards:
+    """In-memory documents tokenized once into shards; later calls with the same key, tokenizer and
+    document contents open the cached shards."""
+    digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}|{docs_digest(docs)}".encode()).hexdigest()[:20]
+    folder = Path(cache_dir) / "shards" / digest
+    if folder.is_dir() and TokenShards.complete(folder):
+        return TokenShards.open(folder)
+    writer = ShardWriter(folder, tokenizer.vocab_size)
+    flat, lengths = (
+        _encode(tokenizer.hf, list(docs)) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+    )
+    writer.add(np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else [])
+    return writer.close()
 
 
 def docs_digest(docs: list[str]) -> str:
@@ -163,39 +290,44 @@ def docs_digest(docs: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: str) -> TokenizedSplit:
-    """Tokenize documents once; later calls with the same key, tokenizer and document contents
-    memory-map the cached arrays."""
-    digest = hashlib.sha256(f"{key}|{tokenizer.fingerprint}|{docs_digest(docs)}".encode()).hexdigest()[:20]
-    folder = Path(cache_dir) / "tokens" / digest
-    tok_file, off_file, meta_file = folder / "tokens.npy", folder / "offsets.npy", folder / "meta.json"
-    if meta_file.is_file() and _cache_ok(folder, meta_file):
-        return TokenizedSplit(np.load(tok_file, mmap_mode="r"), np.load(off_file))
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = tokenizer.encode_batch(docs)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in ids])
-    tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-    _atomic_save(tok_file, tokens)
-    _atomic_save(off_file, offsets)
-    tmp = meta_file.with_name(f"meta.json.tmp{os.getpid()}")
-    digests = {f.name: sha256(f) for f in (tok_file, off_file)}
-    tmp.write_text(json.dumps({"key": key, "n_docs": len(docs), "sha256": digests}))
-    os.replace(tmp, meta_file)  # written last: its presence means the cache entry is complete
-    return TokenizedSplit(np.load(tok_file, mmap_mode="r"), offsets)
-
-
 # ---------------------------------------------------------------------------------------------
 # packing
 
 
-def pack_rows(
-    split: TokenizedSplit, seq_len: int, packing: str, tokenizer: Tokenizer, name: str = "split"
-) -> np.ndarray:
-    """Rows `[N, L]` (int64) packed in `wrap` or `pad` mode; `name` names the split in errors."""
+def _specials(tokenizer: Tokenizer) -> tuple[int, int, int]:
     bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     if bos is None:  # tokenizers without BOS (SDAR, Fast-dLLM v2): documents start after an [EOS]
         bos = eos
+    return bos, eos, pad
+
+
+def packed_rows(
+    shards: TokenShards, seq_len: int, packing: str, tokenizer: Tokenizer, name: str = "split"
+) -> WrapRows | PadRows:
+    """Rows `[N, L]` (int64) of the `wrap` or `pad` packing, read from the shards when indexed;
+    `name` names the split in errors."""
+    bos, eos, pad = _specials(tokenizer)
+    if packing == "wrap":
+        rows = WrapRows(shards, seq_len, bos, eos)
+        if len(rows) == 0:
+            raise DataError(
+                f"the {name} split has {len(shards) + 2 * shards.n_docs} tokens ({shards.n_docs} documents "
+                f"with their [BOS]/[EOS]), fewer than one row of --data.seq_len {seq_len}; lower "
+                f"--data.seq_len, raise --data.valid_fraction / --data.test_fraction, or "
+                f"give a bigger corpus"
+            )
+        return rows
+    if packing == "pad":
+        return PadRows(shards, seq_len, bos, eos, pad)
+    raise DataError(f"unknown packing {packing!r} (use wrap or pad)")
+
+
+def pack_rows(
+    split: TokenShards, seq_len: int, packing: str, tokenizer: Tokenizer, name: str = "split"
+) -> np.ndarray:
+    """Rows `[N, L]` (int64) of a split in memory, built directly: the reference `packed_rows`'
+    views are tested against."""
+    bos, eos, pad = _specials(tokenizer)
     n_docs = len(split.offsets) - 1
     if packing == "wrap":
         # [BOS] doc [EOS] for every document, concatenated; the tail shorter than L is dropped.
@@ -245,7 +377,7 @@ def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -
     """Up to n held-out texts of `chars` characters, consecutive pieces of the documents of
     `CORPUS@SPLIT` (e.g. `stdlib@test`, split as `data` splits it) or of a local file/directory
     (all its documents)."""
-    corpus, _, split = spec.partition("@")
+    corpus, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
     data = data or DataConfig()
     docs = (
         load_corpus(
@@ -276,7 +408,7 @@ def text_pieces(spec: str, n: int, chars: int, data: DataConfig | None = None) -
 @dataclass(frozen=True)
 class PreparedData:
     tokenizer: Tokenizer
-    rows: dict[str, np.ndarray]  # split -> [N, L] int64
+    rows: dict[str, np.ndarray | WrapRows | PadRows]  # split -> [N, L] int64, indexable
     spans: dict[str, np.ndarray] | None = None  # instruction rows: split -> [N, 2] (response start, [EOS])
 
 
@@ -284,18 +416,19 @@ def corpus_key(cfg: DataConfig) -> str:
     return f"{cfg.corpus}|{cfg.txt_documents}|{cfg.valid_fraction}|{cfg.test_fraction}|{cfg.text_field}"
 
 
-def build_tokenizer(cfg: DataConfig, train_docs: list[str]) -> Tokenizer:
-    """Load the configured HF tokenizer, or train (and cache) a BPE on the training documents."""
+def build_tokenizer(cfg: DataConfig, survey: Survey) -> Tokenizer:
+    """Load the configured HF tokenizer, or train (and cache) a BPE on the training documents
+    (streamed to the trainer)."""
     if cfg.tokenizer != "bpe":
         return Tokenizer.load(cfg.tokenizer)
-    key = hashlib.sha256(
-        f"{corpus_key(cfg)}|{cfg.vocab_size}|{docs_digest(train_docs)}".encode()
-    ).hexdigest()[:20]
+    key = hashlib.sha256(f"{corpus_key(cfg)}|{cfg.vocab_size}|{survey.digest}".encode()).hexdigest()[:20]
     path = cfg.cache_path / "tokenizers" / f"bpe-{key}.json"
     if path.is_file():
         return Tokenizer.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer.train_bpe(train_docs, cfg.vocab_size)
+    train = (t for k, t, given in _documents(cfg)
+             if survey.split_of(k, given, cfg.valid_fraction, cfg.test_fraction) == "train")  # fmt: skip
+    tok = Tokenizer.train_bpe(train, cfg.vocab_size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tok.save(tmp)
     os.replace(tmp, path)
@@ -309,24 +442,19 @@ def prepare_data(
     *,
     verbose: bool = False,
 ) -> PreparedData:
-    """Corpus -> tokenizer (given, loaded or trained) -> cached token streams -> packed rows."""
+    """Corpus -> tokenizer (given, loaded or trained) -> token shards (cached) -> rows read from
+    them. The corpus is streamed in every pass: memory does not grow with it."""
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
-    docs = load_corpus(
-        cfg.corpus,
-        txt_documents=cfg.txt_documents,
-        valid_fraction=cfg.valid_fraction,
-        test_fraction=cfg.test_fraction,
-        text_field=cfg.text_field,
-    )
+    survey = survey_corpus(cfg, memo=cfg.cache_path / "surveys")
     say(
         f"corpus {cfg.corpus}: "
-        + ", ".join(f"{len(docs[s])} {s} documents" for s in SPLITS)
-        + f" ({time.perf_counter() - t0:.1f}s)"
+        + ", ".join(f"{survey.docs[s]} {s} documents" for s in SPLITS)
+        + f", {survey.chars:,} characters ({time.perf_counter() - t0:.1f}s)"
     )
     if tokenizer is None:
         t0 = time.perf_counter()
-        tokenizer = build_tokenizer(cfg, docs["train"])
+        tokenizer = build_tokenizer(cfg, survey)
         say(
             f"tokenizer: {cfg.tokenizer} with {tokenizer.vocab_size} ids ({time.perf_counter() - t0:.1f}s,"
             f" cached under {cfg.cache_path})"
@@ -335,16 +463,17 @@ def prepare_data(
             print(
                 f"note: the BPE vocabulary has {tokenizer.vocab_size} ids, fewer than the "
                 f"--data.vocab_size {cfg.vocab_size} asked for: the training split "
-                f"({sum(map(len, docs['train'])):,} characters) has no more merges to learn",
+                "has no more merges to learn",
                 file=sys.stderr,
             )
+    t0 = time.perf_counter()
+    shards = tokenize_corpus(cfg, tokenizer, survey, splits, verbose=verbose)
     rows = {}
     for split in splits:
-        t0 = time.perf_counter()
-        tokens = tokenize_split(docs[split], tokenizer, cfg.cache_path, f"{corpus_key(cfg)}|{split}")
-        rows[split] = pack_rows(tokens, cfg.seq_len, cfg.packing, tokenizer, name=split)
+        rows[split] = packed_rows(shards[split], cfg.seq_len, cfg.packing, tokenizer, name=split)
         say(
-            f"{split}: {len(tokens.tokens):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
-            f"({cfg.packing}, {time.perf_counter() - t0:.1f}s)"
+            f"{split}: {len(shards[split]):,} tokens -> {len(rows[split]):,} rows of {cfg.seq_len} "
+            f"({cfg.packing}, {shards[split].maps[0].dtype if shards[split].maps else 'no'} shards, "
+            f"{time.perf_counter() - t0:.1f}s)"
         )
     return PreparedData(tokenizer, rows)

@@ -20,6 +20,8 @@ from unmask.models.checkpoint import CheckpointError
 RESUMABLE_CHANGES = {
     "train.out",  # a moved or copied run resumes where it now is
     "data.cache_dir",  # where tokens are cached does not change them
+    "data.num_proc",  # ... nor how many processes tokenize
+    "data.streaming",  # ... nor whether a dataset is read as a stream
     "train.steps",
     "train.eval_every",
     "train.save_every",
