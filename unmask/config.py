@@ -47,6 +47,9 @@ class DataConfig:
     """`bpe` trains a byte-level BPE on the training split; otherwise a local HF tokenizer directory."""
     vocab_size: int = 4096
     """Vocabulary size of the trained BPE (special tokens included)."""
+    bpe_chars: int = 100_000_000
+    """The BPE trains on about this many characters of the training split: all of it when smaller,
+    else documents sampled by a hash of their key (its memory grows with what it reads)."""
     num_proc: int = 1
     """Processes that tokenize the corpus (1: this one; the tokenizer itself uses every core)."""
     streaming: bool = False
@@ -64,6 +67,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.bpe_chars >= 1, "data.bpe_chars", f"must be >= 1, got {self.bpe_chars}")
         _check(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _check(self.vocab_size >= 260, "data.vocab_size", f"must be >= 260, got {self.vocab_size}")
         for name in ("valid_fraction", "test_fraction"):

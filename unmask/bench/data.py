@@ -61,11 +61,15 @@ def _prepare(cfg: DataConfig) -> dict[str, Any]:
     """In this process: the three passes of `prepare_data`, timed, and the peak RSS."""
     from unmask.data.corpus import build_tokenizer, survey_corpus, tokenize_corpus
 
+    def peak() -> float:  # MB, the most this process has held so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    start_rss = peak()
     t0 = time.perf_counter()
     survey = survey_corpus(cfg)
-    t1 = time.perf_counter()
+    t1, survey_rss = time.perf_counter(), peak()
     tokenizer = build_tokenizer(cfg, survey)
-    t2 = time.perf_counter()
+    t2, bpe_rss = time.perf_counter(), peak()
     shards = tokenize_corpus(cfg, tokenizer, survey, ("train", "validation", "test"))
     t3 = time.perf_counter()
     tokens = sum(len(s) for s in shards.values())
@@ -76,7 +80,10 @@ def _prepare(cfg: DataConfig) -> dict[str, Any]:
         "bpe_s": t2 - t1,
         "tokenize_s": t3 - t2,
         "tokens_per_s": tokens / (t3 - t2),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "start_rss_mb": start_rss,  # after imports
+        "survey_peak_rss_mb": survey_rss,
+        "bpe_peak_rss_mb": bpe_rss,
+        "peak_rss_mb": peak(),
         "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "shard_bytes": sum(f.stat().st_size for s in shards.values() for f in s.folder.iterdir()),
     }
@@ -162,14 +169,15 @@ def bench_rows(cfg: Config, *, steps: int = 20, repeats: int = 5) -> dict[str, A
 
 def data_table(prepared: list[dict[str, Any]], rows: dict[str, Any] | None) -> str:
     lines = [
-        "| text | tokens | survey s | BPE s | tokenize s | tokens/s | peak RSS MB | workers' RSS MB "
-        "| shards MB |",
+        "| text | tokens | survey s | BPE s | tokenize s | tokens/s | peak RSS MB: imports / survey / BPE / "
+        "all | workers' RSS MB | shards MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in prepared:
         lines.append(
             f"| {r['text_mb']:.0f} MB | {r['tokens']:,} | {r['survey_s']:.1f} | {r['bpe_s']:.1f} | "
-            f"{r['tokenize_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['tokenize_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['start_rss_mb']:.0f} / "
+            f"{r['survey_peak_rss_mb']:.0f} / {r['bpe_peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} | "
             f"{r['workers_peak_rss_mb']:.0f} | {r['shard_bytes'] / (1 << 20):.0f} |"
         )
     if rows:

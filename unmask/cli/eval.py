@@ -86,7 +86,7 @@ def cmd_eval_mauve(ns: argparse.Namespace, rest: list[str]) -> None:
     else:
         p = text_pieces(ns.reference_text, len(q), int(statistics.median(len(t) for t in q)) or 1)
     require_samples(len(p), len(q), ns.min_samples)  # before loading a featuriser
-    m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples)
+    m = mauve_score(p, q, load_featurizer(ns.featurizer), min_samples=ns.min_samples, progress=True)
     _print_result(
         m,
         ns.json,

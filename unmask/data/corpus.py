@@ -178,7 +178,7 @@ def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _encode(_WORKER_TOKENIZER, texts)
 
 
-BATCH_CHARS = 1 << 20  # characters per tokenizer call (bounds what is in flight)
+BATCH_CHARS = 4 << 20  # characters per tokenizer call: enough documents for its threads, a bounded size
 
 
 def _batches(docs, route):
@@ -421,13 +421,16 @@ def build_tokenizer(cfg: DataConfig, survey: Survey) -> Tokenizer:
     (streamed to the trainer)."""
     if cfg.tokenizer != "bpe":
         return Tokenizer.load(cfg.tokenizer)
-    key = hashlib.sha256(f"{corpus_key(cfg)}|{cfg.vocab_size}|{survey.digest}".encode()).hexdigest()[:20]
+    share = min(1.0, cfg.bpe_chars / max(survey.chars, 1))  # of every document: whole corpora up to bpe_chars
+    key = f"{corpus_key(cfg)}|{cfg.vocab_size}|{survey.digest}" + (f"|{share}" if share < 1 else "")
+    key = hashlib.sha256(key.encode()).hexdigest()[:20]
     path = cfg.cache_path / "tokenizers" / f"bpe-{key}.json"
     if path.is_file():
         return Tokenizer.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     train = (t for k, t, given in _documents(cfg)
-             if survey.split_of(k, given, cfg.valid_fraction, cfg.test_fraction) == "train")  # fmt: skip
+             if survey.split_of(k, given, cfg.valid_fraction, cfg.test_fraction) == "train"
+             and (share == 1 or _key_hash(f"bpe|{k}") < share))  # fmt: skip
     tok = Tokenizer.train_bpe(train, cfg.vocab_size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tok.save(tmp)

@@ -41,36 +41,42 @@ class ShardWriter:
         self.tmp = self.folder.with_name(f"{self.folder.name}.tmp{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.shards: list[dict] = []
-        self.pending: list[np.ndarray] = []  # tokens not yet in a shard file (< shard_tokens)
-        self.n_pending = 0
+        self.shards: list[dict] = []  # the closed shard files: name, tokens
+        self.shard = None  # the open shard file and the tokens in it
+        self.in_shard = 0
         self.n_tokens = 0
         self.n_docs = 0
         self.offsets = (self.tmp / "offsets.bin").open("wb")
         self.offsets.write(np.zeros(1, dtype=np.int64).tobytes())
 
     def add(self, docs: list[np.ndarray]) -> None:
-        """Documents' token ids (each a 1-d integer array), in corpus order."""
+        """Documents' token ids (each a 1-d integer array), in corpus order; written at once (a
+        document may run on into the next shard file)."""
         if not docs:
             return
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
         self._write(self.offsets, (self.n_tokens + np.cumsum(lengths)).astype(np.int64), self.tmp)
         self.n_tokens += int(lengths.sum())
         self.n_docs += len(docs)
-        for d in docs:
-            self.pending.append(np.asarray(d, dtype=self.dtype))
-            self.n_pending += len(d)
-        while self.n_pending >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+        flat = (
+            np.concatenate(docs).astype(self.dtype, copy=False)
+            if len(docs) > 1
+            else docs[0].astype(self.dtype)
+        )
+        while len(flat):
+            if self.shard is None:
+                self.shard = (self.tmp / f"shard-{len(self.shards):05d}.bin").open("wb")
+            room = self.shard_tokens - self.in_shard
+            self._write(self.shard, flat[:room], Path(self.shard.name))
+            self.in_shard += min(room, len(flat))
+            flat = flat[room:]
+            if self.in_shard == self.shard_tokens:
+                self._close_shard()
 
-    def _flush(self, n: int) -> None:
-        flat = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        name = f"shard-{len(self.shards):05d}.bin"
-        with (self.tmp / name).open("wb") as f:
-            self._write(f, flat[:n], self.tmp / name)
-        self.shards.append({"file": name, "tokens": n})
-        rest = flat[n:]
-        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+    def _close_shard(self) -> None:
+        self.shard.close()
+        self.shards.append({"file": Path(self.shard.name).name, "tokens": self.in_shard})
+        self.shard, self.in_shard = None, 0
 
     @staticmethod
     def _write(f, array: np.ndarray, path: Path) -> None:
@@ -83,8 +89,8 @@ class ShardWriter:
 
     def close(self) -> TokenShards:
         try:
-            if self.n_pending:
-                self._flush(self.n_pending)
+            if self.shard is not None:
+                self._close_shard()
             self.offsets.close()
             for s in self.shards:
                 s["sha256"] = sha256(self.tmp / s["file"])
@@ -107,8 +113,9 @@ class ShardWriter:
         return TokenShards.open(self.folder)
 
     def abort(self) -> None:
-        if not self.offsets.closed:
-            self.offsets.close()
+        for f in (self.offsets, self.shard):
+            if f is not None and not f.closed:
+                f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -169,7 +169,8 @@ def text_chunks(text: str, min_chars: int) -> list[str]:
     return chunks
 
 
-STREAM_BYTES = 64 << 20  # .txt files above this are read as a stream (chunks of <= 1 MiB)
+STREAM_BYTES = 64 << 20  # .txt files above this are read as a stream ...
+STREAM_CHUNK_CHARS = 1 << 18  # ... in runs of at most 256 Ki characters (many documents per batch)
 
 
 def _paragraphs(f, block: int = 1 << 20) -> Iterator[str]:
@@ -216,7 +217,7 @@ def _txt_documents(path: Path, rel: str, txt_documents: str) -> Iterator[tuple[s
     nbytes = path.stat().st_size
     try:
         if txt_documents == "chunks" and nbytes > STREAM_BYTES:
-            size = min(max(CHUNK_CHARS, nbytes // CHUNKS_PER_FILE), 1 << 20)
+            size = min(max(CHUNK_CHARS, nbytes // CHUNKS_PER_FILE), STREAM_CHUNK_CHARS)
             yield from ((f"{rel}@{i}", c) for i, c in enumerate(_streamed_chunks(path, size)))
         elif txt_documents == "chunks":
             text = _read_text(path)

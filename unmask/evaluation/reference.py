@@ -236,17 +236,38 @@ def require_samples(n_p: int, n_q: int, min_samples: int) -> None:
         )
 
 
+def _features(
+    featurizer: Featurizer, texts: list[str], desc: str, progress: bool, batch: int = 32
+) -> np.ndarray:
+    """The featuriser's features of `texts`, 32 at a time (its own batch size) under a progress bar."""
+    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False)
+    parts = []
+    with bar:
+        for i in range(0, len(texts), batch):
+            parts.append(featurizer(texts[i : i + batch]))
+            bar.update(len(texts[i : i + batch]))
+    return np.concatenate(parts)
+
+
 def mauve_score(
-    p_texts: list[str], q_texts: list[str], featurizer: Featurizer, *, min_samples: int = 100, seed: int = 25
+    p_texts: list[str],
+    q_texts: list[str],
+    featurizer: Featurizer,
+    *,
+    min_samples: int = 100,
+    seed: int = 25,
+    progress: bool = False,
 ) -> Mauve:
     """MAUVE (`mauve-text`) between reference texts `p` and samples `q` on the featuriser's
-    features; fewer than `min_samples` on either side is an error."""
+    features; fewer than `min_samples` on either side is an error. `progress`: bars over the
+    featurisation (most of the time) on stderr."""
     require_samples(len(p_texts), len(q_texts), min_samples)
     try:
         import mauve
     except ImportError as e:
         raise ReferenceModelError("MAUVE needs the `mauve-text` package: pip install 'unmask[eval]'") from e
-    p, q = featurizer(p_texts), featurizer(q_texts)
+    p = _features(featurizer, p_texts, "MAUVE features (reference)", progress)
+    q = _features(featurizer, q_texts, "MAUVE features (samples)", progress)
     out = mauve.compute_mauve(
         p_features=p,
         q_features=q,
