@@ -233,7 +233,8 @@ def test_api_key_health_models_and_metrics(checkpoints):
             model="k", prompt="x", max_tokens=2
         )
         assert ok.choices
-        text = httpx.get(srv.url + "/metrics").text
+        assert httpx.get(srv.url + "/metrics").status_code == 401  # behind the key too
+        text = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer secret"}).text
         for name in (
             "unmask_queue_depth",
             "unmask_running_rows",

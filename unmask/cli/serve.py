@@ -13,7 +13,7 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
     try:
         import uvicorn
 
-        from unmask.serve.server import build_app
+        from unmask.serve.server import build_app, uvicorn_config
     except ImportError as e:
         from unmask.config import ConfigError
 
@@ -27,7 +27,7 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         ns.checkpoint,
         model_name=ns.model_name,
         preset=ns.preset,
-        api_key=ns.api_key,
+        api_key=api_key(ns),
         max_queue=ns.max_queue,
         max_batch_rows=ns.max_batch_rows,
         request_timeout=ns.request_timeout,
@@ -35,9 +35,34 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         device=ns.device,
         tokenizer=ns.tokenizer,
         dtype=ns.dtype,
+        host=ns.host,
+        allowed_hosts=tuple(h for h in (ns.allowed_hosts or "").split(",") if h),
+        max_prompt_tokens=ns.max_prompt_tokens,
+        max_new_tokens=ns.max_new_tokens,
+        max_body_bytes=ns.max_body_bytes,
+        open_metrics=ns.open_metrics,
     )
     print(f"serving {ns.checkpoint} at http://{ns.host}:{ns.port}/ (OpenAI API under /v1)")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, ns.host, ns.port, max_connections=ns.max_connections,
+                                  log_level="warning")).run()  # fmt: skip
+
+
+def api_key(ns: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, else $UNMASK_API_KEY, else --api-key (visible in `ps`)."""
+    import os
+    from pathlib import Path
+
+    from unmask.config import ConfigError
+
+    if ns.api_key_file:
+        try:
+            key = Path(ns.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {ns.api_key_file}: {e.strerror}") from e
+        if not key:
+            raise ConfigError(f"--api-key-file {ns.api_key_file} is empty")
+        return key
+    return os.environ.get("UNMASK_API_KEY") or ns.api_key
 
 
 def add_serve_command(sub) -> None:
@@ -54,7 +79,17 @@ def add_serve_command(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--preset", help="default decoder preset (default: bd3lm for block-causal, else mdlm)")
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    key_help = "require `Authorization: Bearer KEY` on /v1/*, /metrics and the API docs (visible in `ps`:"
+    s.add_argument("--api-key", help=key_help + " prefer $UNMASK_API_KEY or --api-key-file)")
+    s.add_argument("--api-key-file", help="read the API key from this file")
+    s.add_argument("--open-metrics", action="store_true", help="serve /metrics without the key (a scraper)")
+    s.add_argument("--allowed-hosts", help="comma-separated Host names to answer besides loopback ones")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted (400 beyond)")
+    s.add_argument(
+        "--max-new-tokens", type=int, default=4096, help="largest max_tokens accepted (400 beyond)"
+    )
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    s.add_argument("--max-connections", type=int, default=256, help="open connections (503 beyond)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 408")

@@ -7,7 +7,9 @@ import torch
 
 
 def row_generators(seed: int, rows: range | list[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in rows]
+    """Row r's generator: seeded by `seed * 1_000_003 + r`, taken mod 2**64 so that every seed in
+    [0, 2**63) is valid (the streams of seeds below ~1.8e13 are unchanged by the modulus)."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + r) % (1 << 64)) for r in rows]
 
 
 def row_uniform(

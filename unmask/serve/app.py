@@ -15,10 +15,13 @@ and `create_app` only wires them into a FastAPI app.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from unmask.config import ConfigError
 from unmask.decoding.plan import DecodeError
 from unmask.serve.api import (
+    DECODE_FIELDS,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,6 +42,7 @@ from unmask.serve.api import (
     usage,
 )
 from unmask.serve.engine import Engine, Job, QueueFull
+from unmask.serve.guard import Edges
 from unmask.serve.metrics import Metrics
 from unmask.serve.streaming import sse
 
@@ -45,9 +51,19 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 class Service:
-    def __init__(self, engine: Engine, *, model_name: str, default_preset: str, request_timeout: float):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_name: str,
+        default_preset: str,
+        request_timeout: float,
+        max_prompt_tokens: int = 4096,
+        max_new_tokens: int = 4096,
+    ):
         self.engine, self.model_name, self.default_preset = engine, model_name, default_preset
         self.request_timeout = request_timeout
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.metrics = Metrics()
         engine.on_batch = self.metrics.on_batch
 
@@ -63,19 +79,53 @@ class Service:
 
     def plan(self, req):
         """The request's decode plan; a DecodeError (a setting the model cannot take) is a 400."""
-        cfg = decode_settings(req, self.default_preset)
+        cfg = decode_settings(req, self.default_preset, self.max_new_tokens)
         try:
             return self.engine.plan(cfg)
-        except DecodeError as e:
-            raise APIError(str(e).replace("--decode.", ""), param=_param_of(str(e))) from e
+        except (DecodeError, ConfigError) as e:
+            raise APIError(str(e).replace("--decode.", ""), param=_param_of(str(e), req)) from e
+
+    def prompts(self, req: CompletionRequest, plan) -> list[list[int]]:
+        """Each prompt's token ids: text (bounded in characters before it is tokenized) or ids
+        (each in the vocabulary)."""
+        p = req.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
+            texts = [p] if isinstance(p, str) else p
+            for t in texts:  # a token holds at most a few dozen characters: refuse before tokenizing
+                if len(t) > 32 * self.max_prompt_tokens:
+                    raise APIError(f"the prompt has {len(t)} characters, over {self.max_prompt_tokens} "
+                                   "tokens' worth (--max-prompt-tokens)", param="prompt")  # fmt: skip
+            if req.suffix is not None:
+                return [plan.suffix_ids(t, req.suffix) for t in texts]
+            return [plan.prompt_ids(t) for t in texts]
+        if req.suffix is not None:
+            raise APIError("suffix needs a text prompt", param="suffix")
+        rows = [p] if p and isinstance(p[0], int) else p
+        vocab = self.engine.tok.vocab_size
+        for ids in rows:
+            if not ids:
+                raise APIError("a token-id prompt must not be empty", param="prompt")
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
+                               param="prompt")  # fmt: skip
+        return [list(ids) for ids in rows]
 
     def jobs(self, prompts: list[list[int]], req, plan, *, template: bool = False) -> list[Job]:
         """One job per prompt's token ids (each of `req.n` rows), checked against the canvas."""
         if req.canvas and not req.stream:
             raise APIError("canvas needs stream: true", param="canvas")
+        if req.stream_options is not None and not req.stream:
+            raise APIError("stream_options needs stream: true", param="stream_options")
         stop, loop = stops(req), asyncio.get_running_loop()
+        if len(prompts) > self.engine.max_queue:
+            raise APIError(f"{len(prompts)} prompts in one request; this server queues at most "
+                           f"{self.engine.max_queue} (--max-queue)", param="prompt")  # fmt: skip
         out = []
         for ids in prompts:
+            if len(ids) > self.max_prompt_tokens:
+                raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
+                               f"{self.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
             try:
                 plan.check_length(len(ids), template=template)
             except DecodeError as e:
@@ -93,6 +143,7 @@ class Service:
                     canvas=req.canvas,
                     stop=stop,
                     template=template,
+                    stream_usage=bool(req.stream_options and req.stream_options.include_usage),
                 )
             )
         return out
@@ -122,8 +173,11 @@ class Service:
                 status=408,
                 kind="timeout",
             ) from e
-        if kind == "error":
+        if kind == "error":  # the server is shutting down
             raise APIError(str(payload), status=503, kind="server_error")
+        if kind == "failed":  # a bug: logged with this id by the engine, never shown to clients
+            raise APIError(f"internal error while decoding (request id {payload})", status=500,
+                           kind="server_error")  # fmt: skip
         return kind, payload
 
     async def results(self, jobs: list[Job]) -> list[dict]:
@@ -174,8 +228,15 @@ class Service:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def page(self) -> HTMLResponse:
-        html = PAGE.read_text().replace("{{MODEL}}", self.model_name)
-        return HTMLResponse(html.replace("{{PRESET}}", self.default_preset))
+        def as_js(v: str) -> str:
+            return json.dumps(v).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+        # HTML-escaped in the text; a JSON string (with <, >, & escaped) inside the script
+        html = PAGE.read_text()
+        html = html.replace('"{{MODEL}}"', as_js(self.model_name)).replace(
+            '"{{PRESET}}"', as_js(self.default_preset)
+        )
+        return HTMLResponse(html.replace("{{MODEL}}", escape(self.model_name)))
 
     async def models(self) -> dict[str, Any]:
         return {
@@ -185,8 +246,7 @@ class Service:
 
     async def completions(self, req: CompletionRequest):
         self.check_model(req.model)
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not texts:
+        if not req.prompt and not isinstance(req.prompt, str):
             raise APIError("prompt must not be an empty list", param="prompt")
         plan = self.plan(req)
         if req.suffix is not None and plan.kind != "bidirectional":
@@ -194,11 +254,7 @@ class Service:
                 f"suffix (fill-in-the-middle) needs a bidirectional model; this one is {plan.kind}",
                 param="suffix",
             )
-        if req.suffix is not None:
-            prompts = [plan.suffix_ids(t, req.suffix) for t in texts]
-        else:
-            prompts = [plan.prompt_ids(t) for t in texts]
-        jobs = self.jobs(prompts, req, plan, template=req.suffix is not None)
+        jobs = self.jobs(self.prompts(req, plan), req, plan, template=req.suffix is not None)
         self.submit(jobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
@@ -217,7 +273,7 @@ class Service:
             raise APIError("messages must not be empty", param="messages")
         plan = self.plan(req)
         try:
-            ids = plan.chat_ids([m.model_dump() for m in req.messages])
+            ids = plan.chat_ids([{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:  # no chat template, a template that rejects the turns
             raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
         jobs = self.jobs([ids], req, plan)
@@ -237,11 +293,16 @@ class Service:
         return self.answer("chat.completion", rid, created, choices, done)
 
 
-def _param_of(message: str) -> str | None:
-    for name in ("cache", "cfg_scale", "rounds", "refresh", "inputs"):
-        if name in message:
-            return name
-    return None
+def _param_of(message: str, req) -> str | None:
+    """The field a plan's refusal is about: one the request sent that the message names, else its
+    preset (a preset's own settings), else the first field the message names."""
+    named = [n for n in re.findall(r"[a-z_]+", message) if n in DECODE_FIELDS]
+    sent = set(req.model_extra or {})
+    return (
+        next((n for n in named if n in sent), None)
+        or ("preset" if req.preset else None)
+        or (named[0] if named else None)
+    )
 
 
 def create_app(
@@ -251,10 +312,16 @@ def create_app(
     default_preset: str,
     api_key: str | None = None,
     request_timeout: float = 300.0,
+    max_prompt_tokens: int = 4096,
+    max_new_tokens: int = 4096,
+    max_body_bytes: int = 1 << 20,
+    allowed_hosts: tuple[str, ...] | None = None,
+    open_metrics: bool = False,
 ) -> FastAPI:
-    service = Service(
-        engine, model_name=model_name, default_preset=default_preset, request_timeout=request_timeout
-    )
+    """The app; `allowed_hosts` None accepts any Host (see `serve.guard` for the edges)."""
+    service = Service(engine, model_name=model_name, default_preset=default_preset,
+                      request_timeout=request_timeout, max_prompt_tokens=max_prompt_tokens,
+                      max_new_tokens=max_new_tokens)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -275,9 +342,23 @@ def create_app(
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return service.error(_validation_error(e))
 
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        rid = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s %s", rid, request.method, request.url.path)
+        return service.error(APIError(f"internal error (request id {rid})", status=500, kind="server_error"))
+
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
-    app.middleware("http")(_auth_and_log(service, api_key))
+    app.add_exception_handler(Exception, bug)
+    app.middleware("http")(_log(service))
+    app.add_middleware(
+        Edges,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=allowed_hosts,
+        open_metrics=open_metrics,
+        on_refused=lambda status: service.metrics.requests.labels(str(status)).inc(),
+    )
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_api_route("/metrics", service.prometheus, methods=["GET"])
     app.add_api_route("/", service.page, methods=["GET"], response_class=HTMLResponse)
@@ -298,20 +379,10 @@ def _validation_error(e: RequestValidationError) -> APIError:
     return APIError(f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=param)
 
 
-def _auth_and_log(service: Service, api_key: str | None):
+def _log(service: Service):
     async def middleware(request: Request, call_next):
         t0 = time.perf_counter()
-        wrong_key = request.headers.get("authorization") != f"Bearer {api_key}"
-        if api_key and request.url.path.startswith("/v1/") and wrong_key:
-            response = service.error(
-                APIError(
-                    "missing or wrong API key (Authorization: Bearer KEY)",
-                    status=401,
-                    kind="authentication_error",
-                )
-            )
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         log.info(
             "%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - t0
         )

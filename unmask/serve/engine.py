@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from unmask.decoding.batches import Record, Request, cut_at_stop, decode_batch
 from unmask.decoding.plan import DecodePlan, plan_decode
 from unmask.schedules import build_schedule
+
+log = logging.getLogger("unmask.serve")
 
 
 class QueueFull(Exception):
@@ -48,9 +52,15 @@ class Job:
     canvas: bool = False
     stop: tuple[str, ...] = ()
     template: bool = False
+    stream_usage: bool = False  # stream_options.include_usage
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    sent: list[str] = field(default_factory=list)  # per row: the text already streamed
+    delivered: bool = False  # its `done` (or `failed`) was emitted
+
+    def __post_init__(self) -> None:
+        self.sent = [""] * self.n
 
     @property
     def cfg(self):
@@ -156,17 +166,39 @@ class Engine:
                 batch = self._next_batch()
                 self.running_rows = sum(j.n for j in batch)
             try:
-                self._decode(batch)
-            except Exception as e:  # a bug or an input we failed to validate: the jobs get a 500-free error
-                for job in batch:
-                    job.emit("error", f"{type(e).__name__}: {e}")
+                self._isolated(batch)
             finally:
                 self.running_rows = 0
+
+    def _isolated(self, batch: list[Job]) -> None:
+        """Decode a batch; if it fails, each unfinished job again alone (outputs do not depend on the
+        batch, and text already streamed is not sent twice), so only a job that fails alone fails."""
+        try:
+            self._decode(batch)
+            return
+        except Exception:
+            if len(batch) == 1:
+                self._fail(batch[0])
+                return
+            log.exception("a batch of %d jobs failed; decoding each alone", len(batch))
+        for job in batch:
+            if job.delivered or job.cancelled.is_set():
+                continue
+            try:
+                self._decode([job])
+            except Exception:
+                self._fail(job)
+
+    def _fail(self, job: Job) -> None:
+        rid = uuid.uuid4().hex[:12]
+        log.exception("decoding failed (request id %s; prompt of %d tokens, plan %s)", rid,
+                      len(job.prompt_ids), job.plan.cfg)  # fmt: skip
+        job.delivered = True
+        job.emit("failed", rid)
 
     def _decode(self, batch: list[Job]) -> None:
         P = len(batch[0].prompt_ids)
         starts = [sum(j.n for j in batch[:i]) for i in range(len(batch))]  # each job's first row
-        sent = [[""] * j.n for j in batch]  # text already streamed, per job and row
         records: dict[int, list[Record | None]] = {id(j): [None] * j.n for j in batch}
         t0 = time.perf_counter()
         tokens, nfe, rows = 0, 0, sum(j.n for j in batch)
@@ -176,7 +208,7 @@ class Engine:
                 if job.template or job.cancelled.is_set() or None not in records[id(job)]:
                     continue  # fill-in-the-middle answers arrive whole
                 if job.stream or job.canvas:
-                    self._step_events(job, state, starts[j], P, sent[j])
+                    self._step_events(job, state, starts[j], P, job.sent)
 
         for record in decode_batch(
             self.model, [r for job in batch for r in job.requests()], on_state=on_state
@@ -197,6 +229,7 @@ class Engine:
 
     def _deliver(self, job: Job, records: list[Record], P: int) -> int:
         """The job's final texts (its rows are finished); returns the tokens they hold."""
+        job.delivered = True
         if not job.cancelled.is_set():
             choices = [
                 {

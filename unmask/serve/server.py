@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from unmask.models.checkpoint import load_checkpoint
 from unmask.serve.app import create_app
 from unmask.serve.engine import Engine
+from unmask.serve.guard import LOOPBACK_NAMES
 
 
 def build_app(
@@ -28,7 +30,15 @@ def build_app(
     device: str | None = None,
     tokenizer: str | Path | None = None,
     dtype: str | None = None,
+    host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
+    max_prompt_tokens: int = 4096,
+    max_new_tokens: int = 4096,
+    max_body_bytes: int = 1 << 20,
+    open_metrics: bool = False,
 ):
+    """The app for a checkpoint. Bound to a loopback `host`, only loopback names (and
+    `allowed_hosts`) are accepted in `Host:`; elsewhere any, unless `allowed_hosts` names them."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +63,39 @@ def build_app(
         default_preset=default,
         api_key=api_key,
         request_timeout=request_timeout,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=host_allow_list(host, allowed_hosts),
+        open_metrics=open_metrics,
     )
+
+
+def host_allow_list(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The Host names a server bound to `host` answers: loopback names (and `extra`) on loopback,
+    else `extra` when given, else any (None)."""
+    loopback = host in LOOPBACK_NAMES or host.startswith("127.")
+    if loopback:
+        return (*LOOPBACK_NAMES, host, *extra)
+    return tuple(extra) or None
+
+
+class IdleClosingH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, also closing a connection that sends nothing within the
+    keep-alive timeout of being opened (uvicorn starts that timer only after a first response)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+
+def uvicorn_config(app, host: str, port: int, *, max_connections: int = 256, **kw) -> uvicorn.Config:
+    """uvicorn's settings for serving: idle connections closed after 5 s, at most `max_connections`
+    open (503 beyond)."""
+    return uvicorn.Config(app, host=host, port=port, http=IdleClosingH11, timeout_keep_alive=5,
+                          limit_concurrency=max_connections, **kw)  # fmt: skip
 
 
 @dataclass
@@ -69,7 +111,7 @@ class RunningServer:
 
 def run_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Start `app` on host:port (0: a free port) in a daemon thread; returns once it accepts."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

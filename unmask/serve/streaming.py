@@ -1,4 +1,7 @@
-"""Server-sent events for `stream: true`: OpenAI's chunk shapes, plus `event: canvas` per step."""
+"""Server-sent events for `stream: true`: OpenAI's chunk shapes (`role` in a choice's first chat
+chunk only; with `stream_options.include_usage`, a last chunk with no choices and the usage), and
+with `canvas: true` an extension clients can ignore: chunks with no choices and a `canvas` field
+(the whole canvas after a step), shaped like the usage chunk that SDKs already pass over."""
 
 from __future__ import annotations
 
@@ -37,27 +40,29 @@ def sse(service: Service, jobs: list[Job], rid: str, created: int, *, chat: bool
     """The jobs' events as SSE: text deltas, canvases, then each row's rest and finish reason."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     n = jobs[0].n
+    include_usage = bool(jobs[0].stream_usage)
+    spoken: set[int] = set()  # chat choices whose first chunk (with the role) was sent
 
-    def chunk(index: int, text: str | None, finish: str | None, extra: dict | None = None) -> str:
+    def envelope(choices: list[dict], **extra) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": choices}
+        return f"data: {json.dumps({**body, **extra})}\n\n"
+
+    def chunk(index: int, text: str | None, finish: str | None) -> str:
         if chat:
-            delta = {"role": "assistant", "content": text} if text is not None else {}
+            delta = {} if text is None else {"content": text}
+            if index not in spoken:
+                spoken.add(index)
+                delta = {"role": "assistant", "content": text or ""}
             choice = {"index": index, "delta": delta, "finish_reason": finish}
         else:
             choice = {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
-        body = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": service.model_name,
-            "choices": [choice],
-            **(extra or {}),
-        }
-        return f"data: {json.dumps(body)}\n\n"
+        return envelope([choice], **({"usage": None} if include_usage else {}))
 
     async def events() -> AsyncIterator[str]:
         deadline = time.monotonic() + service.request_timeout
         t0 = time.perf_counter()
         status = "200"
+        done: list[dict] = []
         try:
             for p, job in enumerate(jobs):
                 streamed = [""] * n
@@ -73,19 +78,17 @@ def sse(service: Service, jobs: list[Job], rid: str, created: int, *, chat: bool
                         streamed[i] += text
                         yield chunk(p * n + i, text, None)
                     elif kind == "canvas":
-                        yield f"event: canvas\ndata: {json.dumps(payload)}\n\n"
+                        yield envelope([], canvas={"index": p * n, **payload})
                     else:  # done: the rest of each row's final text, then its finish reason
                         for i, c in enumerate(payload["choices"]):
                             rest = c["text"][len(streamed[i]) :] if c["text"].startswith(streamed[i]) else ""
                             if rest:
                                 yield chunk(p * n + i, rest, None)
-                            yield chunk(
-                                p * n + i,
-                                None if chat else "",
-                                c["finish_reason"],
-                                {"usage": usage([payload])} if i == n - 1 else None,
-                            )
+                            yield chunk(p * n + i, None if chat else "", c["finish_reason"])
+                        done.append(payload)
                         break
+            if include_usage:
+                yield envelope([], usage=usage(done))
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away: its jobs leave the queue
             for job in jobs:
