@@ -12,6 +12,9 @@
   The mean is an unbiased estimate of the negative NELBO, a *lower bound* on log p(continuation |
   context) (not the log-likelihood itself); its standard error falls as 1/sqrt(mc_samples).
   `is_greedy` is whether the one-step argmax with the whole continuation masked reproduces it.
+  With `likelihood=chain`: the chain-rule log-probability under the left-to-right decoder that
+  unmasks one token per pass (`unmask.evaluation.chain`), exact for that decoder and what the
+  server's `echo` + `logprobs` reports, so lm-eval's `local-completions` agrees with this model.
 - `loglikelihood_rolling(document)`: the same bound over the whole document, in disjoint windows of
   the model's training length each opened by [BOS] (BD3-LM: the blockwise bound); exact per window
   for AR. So perplexity tasks run on diffusion models.
@@ -33,6 +36,7 @@ from unmask.config import ConfigError, DecodeConfig
 from unmask.decoding.batches import Request, decode_batches
 from unmask.decoding.plan import DecodeError, plan_decode
 from unmask.decoding.presets import preset_config
+from unmask.evaluation.chain import chain_logprobs
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
@@ -61,6 +65,7 @@ class UnmaskLM(LM):
         checkpoint: str | None = None,
         preset: str | None = None,
         mc_samples: int = 16,
+        likelihood: str = "mc",
         seed: int = 0,
         precision: str = "auto",
         batch_size: int | str = 8,
@@ -75,6 +80,8 @@ class UnmaskLM(LM):
             raise ConfigError("model_args: checkpoint=PATH is required (a run or checkpoint directory)")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ConfigError(f"model_args: mc_samples must be an integer >= 1, got {mc_samples!r}")
+        if likelihood not in ("mc", "chain"):
+            raise ConfigError(f"model_args: likelihood must be mc or chain, got {likelihood!r}")
         if preset is not None:
             preset_config(str(preset), **decode)  # an unknown preset or field fails before any loading
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,6 +96,7 @@ class UnmaskLM(LM):
         self.schedule = build_schedule(self.config.noise.schedule, self.config.noise.eps)
         self.kind = self.model.cfg.attention
         self.mc_samples, self.seed, self.precision = mc_samples, seed, precision
+        self.likelihood = likelihood
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": our default
         self.max_len = self.config.data.seq_len  # the canvas a bidirectional model was trained on
         self._rendered: set[str] = set()  # contexts `apply_chat_template` produced (encoded as chats)
@@ -162,6 +170,18 @@ class UnmaskLM(LM):
 
     # ------------------------------------------------------------------------- log-likelihoods
 
+    def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids as lm-eval's own models split them (and so its API models,
+        against `unmask serve`): trailing whitespace of the context moves to the continuation, the
+        whole text is encoded, and the continuation is what follows the context's own encoding."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        if not context:
+            return [], self.tok.encode(continuation)
+        context_ids = self.tok.encode(context)
+        return context_ids, self.tok.encode(context + continuation)[len(context_ids) :]
+
     def _fit(self, context: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """[BOS] + context, cut from the left so that context + target fit the training length."""
         if len(target) + 1 > self.max_len:
@@ -211,6 +231,14 @@ class UnmaskLM(LM):
             out.append(nll.float().sum(-1))
         return torch.cat(out)
 
+    def _chain_logprob(self, prefix: list[int], target: list[int]) -> tuple[float, bool]:
+        """The target's chain-rule log-probability under the left-to-right one-token decoder, and
+        whether each of its tokens is that decoder's argmax (what the server's echo reports)."""
+        scores = chain_logprobs(self.model, prefix + target, pad_id=self.tok.pad_id, precision=self.precision)
+        span = slice(len(prefix), len(prefix) + len(target))
+        greedy = bool((scores.top_ids[span, 0] == torch.tensor(target)).all())
+        return float(scores.logprobs[span].sum()), greedy
+
     @torch.no_grad()
     def _one_step_greedy(self, prefix: list[int], target: list[int]) -> bool:
         x0, valid = self._rows(prefix, target)
@@ -222,12 +250,13 @@ class UnmaskLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         out = []
         for req in tqdm(requests, desc="loglikelihood", disable=disable_tqdm):
-            context, continuation = req.args
-            prefix, target = self._fit(self.tok.encode(context), self.tok.encode(continuation))
+            prefix, target = self._fit(*self._pair_ids(*req.args))
             if not target:
                 out.append((0.0, True))
             elif self.kind == "causal":
                 out.append(self._ar_logprob(prefix, target))
+            elif self.likelihood == "chain":
+                out.append(self._chain_logprob(prefix, target))
             else:
                 estimate = -float(self.mc_nelbo(prefix, target).mean())
                 out.append((estimate, self._one_step_greedy(prefix, target)))
@@ -243,6 +272,8 @@ class UnmaskLM(LM):
                 window = ids[start : start + W]
                 if self.kind == "causal":
                     total += self._ar_logprob([self.tok.bos_id], window)[0]
+                elif self.likelihood == "chain":
+                    total += self._chain_logprob([self.tok.bos_id], window)[0]
                 else:
                     total -= float(self.mc_nelbo([self.tok.bos_id], window).mean())
             out.append(total)

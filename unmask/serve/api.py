@@ -81,6 +81,24 @@ class CompletionRequest(_Common):
         description="fill-in-the-middle: the text after the completion (bidirectional models); the "
         "completion is max_tokens [MASK]s between prompt and suffix, filled in place",
     )
+    max_tokens: int | None = Field(
+        default=None, ge=0, description="new tokens (default: the preset's max_new_tokens; 0 with echo)"
+    )
+    echo: bool = Field(default=False, description="with max_tokens 0 or 1: score the prompt (see logprobs)")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="with echo: each prompt token's log-probability and the top k"
+    )
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    tokens: list[int]
 
 
 class TextPart(BaseModel):
@@ -131,9 +149,8 @@ UNSUPPORTED = {  # OpenAI fields this server refuses (unless given their neutral
     "presence_penalty": f"not implemented: {_PARALLEL}, so there are no running counts to penalise",
     "frequency_penalty": f"not implemented: {_PARALLEL}, so there are no running counts to penalise",
     "best_of": "not implemented: ask for n samples and rank them yourself",
-    "logprobs": "not implemented yet",
-    "top_logprobs": "not implemented yet",
-    "echo": "not implemented yet",
+    "logprobs": "not implemented for chat; /v1/completions with echo scores a text",
+    "top_logprobs": "not implemented for chat; /v1/completions with echo scores a text",
     "tools": "tool calling is not supported",
     "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
@@ -173,6 +190,8 @@ def decode_settings(req: _Common, default_preset: str, max_new_tokens: int = 1 <
             extra["temperature"] = req.temperature
     if req.top_p is not None:
         extra["top_p"] = req.top_p
+    if max_tokens == 0:
+        raise APIError("max_tokens 0 needs echo: true (scoring the prompt)", param="max_tokens")
     if max_tokens is not None:
         if max_tokens > max_new_tokens:
             field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"

@@ -37,6 +37,8 @@ from unmask.serve.api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     decode_settings,
     stops,
     usage,
@@ -85,9 +87,10 @@ class Service:
         except (DecodeError, ConfigError) as e:
             raise APIError(str(e).replace("--decode.", ""), param=_param_of(str(e), req)) from e
 
-    def prompts(self, req: CompletionRequest, plan) -> list[list[int]]:
+    def prompts(self, req: CompletionRequest, plan=None) -> list[list[int]]:
         """Each prompt's token ids: text (bounded in characters before it is tokenized) or ids
-        (each in the vocabulary)."""
+        (each in the vocabulary, [BOS] put in front as text prompts get it)."""
+        tok = self.engine.tok
         p = req.prompt
         if isinstance(p, str) or (p and all(isinstance(x, str) for x in p)):
             texts = [p] if isinstance(p, str) else p
@@ -97,7 +100,7 @@ class Service:
                                    "tokens' worth (--max-prompt-tokens)", param="prompt")  # fmt: skip
             if req.suffix is not None:
                 return [plan.suffix_ids(t, req.suffix) for t in texts]
-            return [plan.prompt_ids(t) for t in texts]
+            return [tok.prompt_ids(t) for t in texts]
         if req.suffix is not None:
             raise APIError("suffix needs a text prompt", param="suffix")
         rows = [p] if p and isinstance(p[0], int) else p
@@ -109,7 +112,7 @@ class Service:
             if bad is not None:
                 raise APIError(f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
                                param="prompt")  # fmt: skip
-        return [list(ids) for ids in rows]
+        return [list(ids) if ids[:1] == [tok.bos_id] else [tok.bos_id, *ids] for ids in rows]
 
     def jobs(self, prompts: list[list[int]], req, plan, *, template: bool = False) -> list[Job]:
         """One job per prompt's token ids (each of `req.n` rows), checked against the canvas."""
@@ -248,6 +251,8 @@ class Service:
         self.check_model(req.model)
         if not req.prompt and not isinstance(req.prompt, str):
             raise APIError("prompt must not be an empty list", param="prompt")
+        if req.echo or req.logprobs is not None:
+            return await self.scored(req)
         plan = self.plan(req)
         if req.suffix is not None and plan.kind != "bidirectional":
             raise APIError(
@@ -266,6 +271,91 @@ class Service:
             for i, c in enumerate(d["choices"])
         ]
         return self.answer("text_completion", rid, created, choices, done)
+
+    async def scored(self, req: CompletionRequest) -> dict[str, Any]:
+        """`echo` (+ `logprobs`): each prompt token's chain-rule log-probability (exact for AR models;
+        for diffusion models that of the left-to-right one-token decoder, see evaluation/chain), and
+        with max_tokens 1 the likeliest next token. What lm-eval's `local-completions` asks for."""
+        if not req.echo:
+            raise APIError("logprobs of generated tokens are not implemented yet; echo: true with max_tokens "
+                           "0 or 1 scores the prompt", param="logprobs")  # fmt: skip
+        for name, bad in (("max_tokens", (req.max_tokens or 0) > 1), ("n", req.n != 1),
+                          ("stream", req.stream), ("suffix", req.suffix is not None),
+                          ("max_completion_tokens", req.max_completion_tokens is not None)):  # fmt: skip
+            if bad:
+                raise APIError(
+                    f"echo scores the prompt: {name} must be unset (max_tokens 0 or 1)", param=name
+                )
+        decode_settings(req.model_copy(update={"max_tokens": None}), self.default_preset)  # the extra fields
+        p = req.prompt  # one text, texts, one token-id prompt, or several
+        texts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
+        prompts = self.prompts(req)
+        for ids in prompts:
+            if len(ids) > self.max_prompt_tokens:
+                raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
+                               f"{self.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
+        t0 = time.perf_counter()
+        rows = await asyncio.to_thread(self.engine.score, prompts, k=max(req.logprobs or 0, 1),
+                                       next_token=req.max_tokens == 1)  # fmt: skip
+        tok, choices, done = self.engine.tok, [], []
+        for p, (ids, row) in enumerate(zip(prompts, rows, strict=True)):
+            given = isinstance(texts[p], str) or texts[p][:1] == [tok.bos_id]
+            shown = ids if given and not isinstance(texts[p], str) else ids[1:]  # the client's own tokens
+            lo = len(ids) - len(shown)
+            prompt_text = texts[p] if isinstance(texts[p], str) else tok.decode(shown, skip_special=False)
+            tokens = [tok.decode([t], skip_special=False) for t in shown]
+            lps = [None if i == 0 else float(row.logprobs[i]) for i in range(lo, len(ids))]
+            tops = [None if i == 0 else {tok.decode([int(t)], skip_special=False): float(v)
+                    for t, v in zip(row.top_ids[i], row.top_logprobs[i], strict=True)}
+                    for i in range(lo, len(ids))]  # fmt: skip
+            text = prompt_text
+            if row.next is not None:
+                piece = tok.decode([row.next[0]], skip_special=False)
+                tokens, lps, text = [*tokens, piece], [*lps, row.next[1]], text + piece
+                tops.append({piece: row.next[1]})
+            offsets = [len(prompt_text) - len("".join(tokens[: len(shown)]))]
+            for t in tokens[:-1]:
+                offsets.append(offsets[-1] + len(t))
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = {
+                    "tokens": tokens,
+                    "token_logprobs": lps,
+                    "top_logprobs": tops,
+                    "text_offset": offsets,
+                }
+            choices.append({"text": text, "index": p, "logprobs": logprobs,
+                            "finish_reason": "length"})  # fmt: skip
+            done.append({"prompt_tokens": len(ids), "nfe": row.nfe,
+                         "choices": [{"tokens": int(row.next is not None)}]})  # fmt: skip
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        self.metrics.requests.labels("200").inc()
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        return self.answer("text_completion", rid, created, choices, done)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's tokenizer endpoints (lm-eval's `local-completions` uses them when present)."""
+        tok = self.engine.tok
+        ids = {"eos_token": tok.eos_id, "bos_token": tok.bos_id, "pad_token": tok.pad_id}
+        names = {k: None if i is None else tok.hf.id_to_token(i) for k, i in ids.items()}
+        template = tok.chat_template if "{%" in (tok.chat_template or "") else None  # a Jinja template only
+        return {**names, "chat_template": template, "model": self.model_name, "vocab_size": tok.vocab_size}
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        tok = self.engine.tok
+        if len(body.prompt) > 32 * self.max_prompt_tokens:
+            raise APIError(
+                f"the prompt has {len(body.prompt)} characters (--max-prompt-tokens)", param="prompt"
+            )
+        ids = tok.prompt_ids(body.prompt) if body.add_special_tokens else tok.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_prompt_tokens}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        tok = self.engine.tok
+        bad = next((t for t in body.tokens if not 0 <= t < tok.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is not in this model's vocabulary", param="tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special=False)}
 
     async def chat_completions(self, req: ChatCompletionRequest):
         self.check_model(req.model)
@@ -365,6 +455,9 @@ def create_app(
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenizer_info", service.tokenizer_info, methods=["GET"])
+    app.add_api_route("/tokenize", service.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", service.detokenize, methods=["POST"])
     return app
 
 

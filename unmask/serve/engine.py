@@ -81,6 +81,15 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
+@dataclass(frozen=True)
+class Scored:
+    logprobs: Any  # [n] float64 tensor (position 0: nan)
+    top_ids: Any  # [n, k]
+    top_logprobs: Any  # [n, k]
+    next: tuple[int, float] | None  # the likeliest next token and its log-probability
+    nfe: int  # forward passes spent
+
+
 class Engine:
     def __init__(
         self,
@@ -101,6 +110,7 @@ class Engine:
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0}
         self.on_batch = None  # callback(tokens, nfe, seconds, rows) for metrics
         self._cv = threading.Condition()
+        self.model_lock = threading.Lock()  # decoding batches and scoring take turns on the model
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="unmask-engine", daemon=True)
         self._worker.start()
@@ -144,6 +154,27 @@ class Engine:
             self._cv.notify_all()
         self._worker.join(timeout)
 
+    def score(self, prompts: list[list[int]], *, k: int = 1, next_token: bool = False) -> list[Scored]:
+        """Each prompt's chain-rule log-probabilities and top-k (see evaluation/chain), and with
+        `next_token` the likeliest next token; run in the caller's thread, between batches."""
+        from unmask.evaluation.chain import ROWS, chain_logprobs, greedy_next
+
+        out = []
+        with self.model_lock:
+            for ids in prompts:
+                scores = chain_logprobs(
+                    self.model, ids, pad_id=self.tok.pad_id, k=k, precision=self.precision
+                )
+                nxt = (
+                    greedy_next(self.model, ids, pad_id=self.tok.pad_id, precision=self.precision)
+                    if next_token
+                    else None
+                )
+                kind = self.model.cfg.attention
+                nfe = (1 if kind == "causal" else -(-(len(ids) - 1) // ROWS)) + (nxt is not None)
+                out.append(Scored(scores.logprobs, scores.top_ids, scores.top_logprobs, nxt, nfe))
+        return out
+
     # ------------------------------------------------------------------------------ worker
 
     def _next_batch(self) -> list[Job]:
@@ -166,7 +197,8 @@ class Engine:
                 batch = self._next_batch()
                 self.running_rows = sum(j.n for j in batch)
             try:
-                self._isolated(batch)
+                with self.model_lock:
+                    self._isolated(batch)
             finally:
                 self.running_rows = 0
 

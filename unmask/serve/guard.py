@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 MAX_DEPTH = 32
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+TOKENIZER_PATHS = ("/tokenizer_info", "/tokenize", "/detokenize")
 
 
 class BadBody(ValueError):
@@ -111,7 +112,8 @@ class Edges:
         self.allowed_hosts, self.open_metrics, self.on_refused = allowed_hosts, open_metrics, on_refused
 
     def _protected(self, path: str) -> bool:
-        return path.startswith("/v1/") or path in DOC_PATHS or (path == "/metrics" and not self.open_metrics)
+        api = path.startswith("/v1/") or path in DOC_PATHS or path in TOKENIZER_PATHS
+        return api or (path == "/metrics" and not self.open_metrics)
 
     async def _refuse(self, scope, receive, send, status: int, message: str, kind: str, param=None) -> None:
         if self.on_refused is not None:
