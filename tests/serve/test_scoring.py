@@ -88,9 +88,8 @@ def test_echo_logprobs_and_the_tokenizer_endpoints(served, checkpoints):
     text = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
     assert text["choices"][0]["text"] == "def f(x):" and text["usage"]["completion_tokens"] == 0
     assert "".join(text["choices"][0]["logprobs"]["tokens"]) == "def f(x):"
-    bad = httpx.post(
-        srv.url + "/v1/completions", json={"model": "m", "prompt": "x", "logprobs": 1}, timeout=60
-    )
+    body = {"model": "m", "prompt": "x", "logprobs": 1, "stream": True}
+    bad = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs"
     many = httpx.post(
         srv.url + "/v1/completions", json={"model": "m", "prompt": "x", "echo": True, "max_tokens": 5}
@@ -126,3 +125,40 @@ def test_lm_evals_local_completions_against_the_server_equals_the_in_process_mod
         for (lla, ga), (llb, gb) in zip(ra, rb, strict=True):
             assert lla == pytest.approx(llb, abs=1e-5) and ga == gb
     assert api["results"]["unmask_mc"]["acc,none"] == local["results"]["unmask_mc"]["acc,none"]
+
+
+def test_generated_tokens_carry_the_log_probability_they_were_committed_with(served, checkpoints):
+    """AR: exactly the model's next-token log-probabilities of the text it wrote (the chain scores
+    of prompt + answer); any model with greedy proposals: each token is its step's argmax, so its
+    value is the top-1's. Asking for logprobs never changes the text."""
+    kind, srv = served
+    loaded = load_checkpoint(checkpoints[kind])
+    tok = loaded.tokenizer
+    for temperature in (0, 1.0):
+        body = {"model": "m", "prompt": "import os\n", "max_tokens": 8, "seed": 4, "temperature": temperature}
+        plain = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "logprobs": 2}, timeout=60).json()[
+            "choices"
+        ][0]
+        assert r["text"] == plain["text"] and plain["logprobs"] is None
+        lp = r["logprobs"]
+        values = lp["token_logprobs"]
+        assert values and all(v is not None and v <= 1e-9 for v in values)
+        for v, top in zip(values, lp["top_logprobs"], strict=True):
+            assert 1 <= len(top) <= 2 and max(top.values()) >= v - 1e-9
+            if temperature == 0:
+                assert max(top.values()) == pytest.approx(v, abs=1e-9)
+        if kind == "causal":  # in process: the ids themselves, against the chain scores of the text
+            from unmask.decoding.batches import Request, decode_batch
+            from unmask.decoding.plan import plan_decode
+            from unmask.decoding.presets import preset_config
+            from unmask.schedules import build_schedule
+
+            extra = {"proposal": "greedy"} if temperature == 0 else {"temperature": temperature}
+            cfg = preset_config("mdlm", max_new_tokens=8, **extra)
+            plan = plan_decode(loaded.model, cfg, schedule=build_schedule("loglinear", 1e-3), tokenizer=tok)
+            prompt = tok.prompt_ids("import os\n")
+            (record,) = decode_batch(loaded.model, [Request(prompt, plan, 4, 0)], logprobs=2)
+            assert record.text == r["text"] and [v for v, _ in record.logprobs] == pytest.approx(values)
+            chain = chain_logprobs(loaded.model, prompt + record.token_ids, pad_id=tok.pad_id)
+            assert values == pytest.approx(chain.logprobs[len(prompt) :].tolist(), abs=1e-4)

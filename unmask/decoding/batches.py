@@ -58,6 +58,8 @@ class Record:
     seconds: float  # since its batch started
     batch_rows: int
     fills: list[str] = field(default_factory=list)  # templates: each hole's text, left to right
+    # with `logprobs`: per returned id, (log p when committed, [(id, log p)] the top k then)
+    logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
     def json(self) -> dict[str, Any]:
         """The JSON-ready fields `unmask sample` writes."""
@@ -113,13 +115,74 @@ def decode_batches(
         yield from decode_batch(model, batch, on_state=on_state)
 
 
+class CommitLogprobs:
+    """Watches a batch's states: the log-probability each token had in the step that committed it
+    (the model's distribution at that step, [MASK] excluded for diffusion models), and the top k.
+    Read from the logits the step used (`prev_logits`); a token committed without them (a stop's
+    fill) has none."""
+
+    def __init__(self, k: int, causal: bool):
+        self.k, self.causal = k, causal
+        self.prev: torch.Tensor | None = None  # [B, T] tokens of the last state
+        self.last_logits = None
+        self.lp: torch.Tensor | None = None  # [B, T] float64, nan where unknown
+        self.top_ids: torch.Tensor | None = None  # [B, T, k]
+        self.top_lp: torch.Tensor | None = None
+
+    def __call__(self, state: DecodeState) -> None:
+        tokens = state.tokens.cpu()
+        B, T = tokens.shape
+        if self.lp is None or self.lp.shape[1] < T:  # the canvas grew (blocks, AR tokens)
+            grow = T - (0 if self.lp is None else self.lp.shape[1])
+            nan = torch.full((B, grow), float("nan"), dtype=torch.float64)
+            self.lp = nan if self.lp is None else torch.cat([self.lp, nan], 1)
+            ids = torch.full((B, grow, self.k), -1, dtype=torch.long)
+            self.top_ids = ids if self.top_ids is None else torch.cat([self.top_ids, ids], 1)
+            vals = torch.full((B, grow, self.k), float("nan"), dtype=torch.float64)
+            self.top_lp = vals if self.top_lp is None else torch.cat([self.top_lp, vals], 1)
+        prev = tokens.new_full((B, T), state.mask_id)
+        if self.prev is not None:
+            n = min(T, self.prev.shape[1])
+            prev[:, :n] = self.prev[:, :n]
+        logits, fresh = state.prev_logits, state.prev_logits is not self.last_logits
+        self.prev, self.last_logits = tokens, state.prev_logits
+        lo, hi = state.window
+        new = (prev == state.mask_id) & (tokens != state.mask_id) & ~state.fixed.cpu()
+        new[:, :lo] = False
+        new[:, hi:] = False
+        if logits is None or not fresh or not new.any():
+            return
+        rows, cols = new.nonzero(as_tuple=True)
+        picked = logits[rows.to(logits.device), (cols - lo).to(logits.device)].float()  # [N, V]
+        if not self.causal:
+            picked[:, state.mask_id] = -torch.inf
+        lsm = picked.log_softmax(-1).cpu()
+        self.lp[rows, cols] = lsm.gather(-1, tokens[rows, cols][:, None]).squeeze(-1).double()
+        values, indices = lsm.topk(self.k, dim=-1)
+        self.top_ids[rows, cols], self.top_lp[rows, cols] = indices, values.double()
+
+    def of(self, row: int, start: int, n: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        out = []
+        for c in range(start, start + n):
+            value = float(self.lp[row, c])
+            top = [
+                (int(i), float(v))
+                for i, v in zip(self.top_ids[row, c], self.top_lp[row, c], strict=True)
+                if i >= 0
+            ]
+            out.append((None if value != value else value, top))
+        return out
+
+
 def decode_batch(
     model: Denoiser,
     batch: list[Request],
     *,
     on_state: Callable[[list[Request], DecodeState], None] | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[Record]:
-    """One batch of requests that share a `batch_key`."""
+    """One batch of requests that share a `batch_key`; with `logprobs` k, each record carries its
+    tokens' log-probabilities when committed and the top k (`CommitLogprobs`)."""
     first = batch[0]
     if any(r.batch_key != first.batch_key for r in batch):
         raise ValueError("decode_batch: requests of one batch need the same plan and prompt length")
@@ -130,20 +193,25 @@ def decode_batch(
     t0 = time.perf_counter()
     done = [False] * len(batch)
     state = None
+    watch = (
+        CommitLogprobs(max(logprobs, 1), model.cfg.attention == "causal") if logprobs is not None else None
+    )
     for state in generate(model, first.plan, generators=generators, **given):
         if on_state is not None:
             on_state(batch, state)
+        if watch is not None:
+            watch(state)
         finished = state.finished.tolist()
         for r, req in enumerate(batch):
             if finished[r] and not done[r]:
                 done[r] = True
-                yield _record(req, state, r, time.perf_counter() - t0, len(batch))
+                yield _record(req, state, r, time.perf_counter() - t0, len(batch), watch)
     for r, req in enumerate(batch):
         if not done[r]:
-            yield _record(req, state, r, time.perf_counter() - t0, len(batch))
+            yield _record(req, state, r, time.perf_counter() - t0, len(batch), watch)
 
 
-def _record(req: Request, state: DecodeState, row: int, seconds: float, rows: int) -> Record:
+def _record(req: Request, state: DecodeState, row: int, seconds: float, rows: int, watch=None) -> Record:
     plan, tok = req.plan, req.plan.tokenizer
     costs = dict(nfe=state.nfe, commit_passes=state.commit_passes, refresh_passes=state.refresh_passes)
     if req.template:
@@ -172,7 +240,8 @@ def _record(req: Request, state: DecodeState, row: int, seconds: float, rows: in
         text, stopped = cut_at_stop(text, req.stop)
         if stopped:
             ids, reason = _ids_for(tok, ids, text), "stop"
-    return Record(req, text, ids, reason, **costs, seconds=seconds, batch_rows=rows)
+    lps = watch.of(row, state.prompt_len, len(ids)) if watch is not None else None
+    return Record(req, text, ids, reason, **costs, seconds=seconds, batch_rows=rows, logprobs=lps)
 
 
 def _ids_for(tok, ids: list[int], text: str) -> list[int]:

@@ -291,6 +291,7 @@ def _ar_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_ma
             step=1,
             nfe=state.nfe + 1,
             finished=finished,
+            prev_logits=logits[:, None],  # [B, 1, V] what the token was drawn from
         )
         yield state
         if finished.all():

@@ -147,6 +147,7 @@ class Service:
                     stop=stop,
                     template=template,
                     stream_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    logprobs=getattr(req, "logprobs", None),
                 )
             )
         return out
@@ -251,8 +252,10 @@ class Service:
         self.check_model(req.model)
         if not req.prompt and not isinstance(req.prompt, str):
             raise APIError("prompt must not be an empty list", param="prompt")
-        if req.echo or req.logprobs is not None:
+        if req.echo:
             return await self.scored(req)
+        if req.logprobs is not None and req.stream:
+            raise APIError("logprobs are returned with stream: false only", param="logprobs")
         plan = self.plan(req)
         if req.suffix is not None and plan.kind != "bidirectional":
             raise APIError(
@@ -266,7 +269,12 @@ class Service:
             return sse(self, jobs, rid, created, chat=False)
         done = await self.results(jobs)
         choices = [
-            {"text": c["text"], "index": p * req.n + i, "logprobs": None, "finish_reason": c["finish_reason"]}
+            {
+                "text": c["text"],
+                "index": p * req.n + i,
+                "logprobs": c["logprobs"],
+                "finish_reason": c["finish_reason"],
+            }
             for p, d in enumerate(done)
             for i, c in enumerate(d["choices"])
         ]
@@ -276,9 +284,6 @@ class Service:
         """`echo` (+ `logprobs`): each prompt token's chain-rule log-probability (exact for AR models;
         for diffusion models that of the left-to-right one-token decoder, see evaluation/chain), and
         with max_tokens 1 the likeliest next token. What lm-eval's `local-completions` asks for."""
-        if not req.echo:
-            raise APIError("logprobs of generated tokens are not implemented yet; echo: true with max_tokens "
-                           "0 or 1 scores the prompt", param="logprobs")  # fmt: skip
         for name, bad in (("max_tokens", (req.max_tokens or 0) > 1), ("n", req.n != 1),
                           ("stream", req.stream), ("suffix", req.suffix is not None),
                           ("max_completion_tokens", req.max_completion_tokens is not None)):  # fmt: skip

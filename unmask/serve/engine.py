@@ -53,6 +53,7 @@ class Job:
     stop: tuple[str, ...] = ()
     template: bool = False
     stream_usage: bool = False  # stream_options.include_usage
+    logprobs: int | None = None  # each generated token's log-probability when committed, and the top k
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -242,8 +243,12 @@ class Engine:
                 if job.stream or job.canvas:
                     self._step_events(job, state, starts[j], P, job.sent)
 
+        wanted = [j.logprobs for j in batch if j.logprobs is not None]
         for record in decode_batch(
-            self.model, [r for job in batch for r in job.requests()], on_state=on_state
+            self.model,
+            [r for job in batch for r in job.requests()],
+            on_state=on_state,
+            logprobs=max(wanted) if wanted else None,
         ):
             job, i = record.request.tag
             records[id(job)][i] = record
@@ -268,6 +273,7 @@ class Engine:
                     "text": r.fills[0] if job.template else r.text,
                     "tokens": len(r.token_ids),
                     "finish_reason": r.finish_reason,
+                    "logprobs": self._logprobs(r, job.logprobs) if job.logprobs is not None else None,
                 }
                 for r in records
             ]
@@ -282,6 +288,24 @@ class Engine:
                 },
             )
         return sum(len(r.token_ids) for r in records)
+
+    def _logprobs(self, record: Record, k: int) -> dict[str, Any]:
+        """OpenAI's (legacy completions) logprobs object for a record's returned tokens."""
+        tokens = [self.tok.decode([t], skip_special=False) for t in record.token_ids]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        lps = record.logprobs or [(None, [])] * len(tokens)
+        tops = [
+            {self.tok.decode([i], skip_special=False): v for i, v in top[:k]} if k else None for _, top in lps
+        ]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [v for v, _ in lps],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
     def _step_events(self, job: Job, state, row: int, P: int, sent: list[str]) -> None:
         mask = self.model.mask_id
