@@ -289,3 +289,24 @@ def test_a_connection_that_sends_nothing_is_closed(bd3):
         t0 = time.monotonic()
         assert s.recv(1) == b""  # closed by the server
         assert 3 < time.monotonic() - t0 < 15
+
+
+def test_litellm_on_the_new_fields(bd3, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price table
+    litellm = pytest.importorskip("litellm")
+    kw = dict(model="openai/tiny-bd3lm", api_base=bd3.url + "/v1", api_key="x", seed=2)
+    messages = [{"role": "user", "content": "hi"}]
+    want = litellm.completion(messages=messages, max_tokens=6, **kw).choices[0].message.content
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert (
+        litellm.completion(messages=parts, max_completion_tokens=6, **kw).choices[0].message.content == want
+    )
+    chunks = list(litellm.completion(messages=messages, max_tokens=6, stream=True,
+                                     stream_options={"include_usage": True}, **kw))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens >= 1  # litellm shows the usage of a stream
+    text = dict(model="text-completion-openai/tiny-bd3lm", api_base=bd3.url + "/v1", api_key="x")
+    r = litellm.text_completion(prompt="def f(", max_tokens=6, seed=2, logprobs=1, **text).choices[0]
+    assert len(r.logprobs.token_logprobs) == len(r.logprobs.tokens) >= 1
+    echo = litellm.text_completion(prompt="def f(", max_tokens=0, echo=True, logprobs=1, **text).choices[0]
+    assert echo.text == "def f(" and "".join(echo.logprobs.tokens) == "def f("
