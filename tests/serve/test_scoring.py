@@ -125,6 +125,16 @@ def test_lm_evals_local_completions_against_the_server_equals_the_in_process_mod
         for (lla, ga), (llb, gb) in zip(ra, rb, strict=True):
             assert lla == pytest.approx(llb, abs=1e-5) and ga == gb
     assert api["results"]["unmask_mc"]["acc,none"] == local["results"]["unmask_mc"]["acc,none"]
+    # the other two request types run against the server too (generation; rolling log-likelihood
+    # in lm-eval's own windows, so only finite, not equal to the in-process windows)
+    rest = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={srv.url}/v1/completions,model=m,tokenizer_backend=remote,max_retries=1,"
+        "max_gen_toks=8",
+        tasks=["unmask_gen", "unmask_ppl"], task_manager=manager, limit=2,
+    )  # fmt: skip
+    assert 0 <= rest["results"]["unmask_gen"]["exact_match,none"] <= 1
+    assert math.isfinite(rest["results"]["unmask_ppl"]["bits_per_byte,none"])
 
 
 def test_generated_tokens_carry_the_log_probability_they_were_committed_with(served, checkpoints):

@@ -57,7 +57,8 @@ MC_CHUNK = 64  # Monte Carlo rows per forward batch
 class UnmaskLM(LM):
     """model_args: checkpoint=PATH (required: a run, checkpoint or pretrained directory), preset=NAME
     (default: mdlm, or a pretrained family's own), any DecodeConfig field (steps=64, ...),
-    mc_samples (diffusion log-likelihoods), seed, precision (auto | fp32 | bf16), device, and for
+    mc_samples (diffusion log-likelihoods), likelihood (mc | chain), seed, precision (auto | fp32 |
+    bf16), device, and for
     pretrained directories dtype and tokenizer."""
 
     def __init__(
