@@ -145,3 +145,33 @@ def test_hf_data_file_folders_stream_and_a_split_can_be_named(tmp_path):
                                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
     data = prepare_data(cfg)
     assert sum(len(r) for r in data.rows.values()) > 0
+
+
+def test_a_preparation_killed_with_sigkill_leaves_nothing_read_as_complete(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from unmask.bench.data import make_text
+    from unmask.config import DataConfig
+
+    corpus = make_text(tmp_path / "corpus.txt", 6 << 20)
+    cfg = DataConfig(corpus=str(corpus), seq_len=16, vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    code = ("import sys; from unmask.config import DataConfig; from unmask.data.corpus import prepare_data; "
+            f"prepare_data(DataConfig(corpus={str(corpus)!r}, seq_len=16, vocab_size=300, "
+            f"cache_dir={cfg.cache_dir!r}))")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    shards = tmp_path / "cache" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(shards.glob("*.tmp*/shard-*.bin")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-tokenization: a shard file is being written
+    proc.wait()
+    assert list(shards.glob("*.tmp*"))  # what the kill left behind
+    assert all(TokenShards.complete(d) for d in shards.iterdir() if ".tmp" not in d.name)
+    again = prepare_data(cfg)
+    fresh = prepare_data(dataclasses.replace(cfg, cache_dir=str(tmp_path / "fresh")))
+    for split in ("train", "validation", "test"):
+        assert np.array_equal(np.asarray(again.rows[split]), np.asarray(fresh.rows[split]))

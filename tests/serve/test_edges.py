@@ -310,3 +310,32 @@ def test_litellm_on_the_new_fields(bd3, monkeypatch):
     assert len(r.logprobs.token_logprobs) == len(r.logprobs.tokens) >= 1
     echo = litellm.text_completion(prompt="def f(", max_tokens=0, echo=True, logprobs=1, **text).choices[0]
     assert echo.text == "def f(" and "".join(echo.logprobs.tokens) == "def f("
+
+
+def test_headers_trickled_slower_than_the_header_timeout_close_the_connection(checkpoints):
+    srv = run_in_thread(build_app(checkpoints["block_causal"], model_name="m"), header_timeout=2.0)
+    try:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+            closed = False
+            for _ in range(12):  # a byte a second: never the end of the headers
+                time.sleep(0.5)
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    closed = True
+                    break
+                s.settimeout(0.5)
+                try:
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+            assert closed and time.monotonic() - t0 < 5
+        ok = httpx.get(srv.url + "/health")  # a normal client on a kept-alive connection is served
+        assert ok.status_code == 200
+    finally:
+        srv.stop()

@@ -156,10 +156,13 @@ def load_corpus(
 # token shards
 
 
-def _encode(hf, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts`, flat (uint32), and their lengths."""
-    encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast: no offsets computed
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+def _encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` (no specials), flat (uint32), and their lengths."""
+    fast = getattr(tokenizer.hf, "encode_batch_fast", None)  # a `tokenizers` one: no offsets computed
+    if isinstance(tokenizer, Tokenizer) and fast is not None:
+        ids = [e.ids for e in fast(texts, add_special_tokens=False)]
+    else:  # a pretrained family's transformers tokenizer
+        ids = tokenizer.encode_batch(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths
 
@@ -167,11 +170,9 @@ def _encode(hf, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 _WORKER_TOKENIZER = None
 
 
-def _worker_init(definition: str) -> None:
+def _worker_init(tokenizer) -> None:
     global _WORKER_TOKENIZER
-    from tokenizers import Tokenizer as HFTokenizer
-
-    _WORKER_TOKENIZER = HFTokenizer.from_str(definition)
+    _WORKER_TOKENIZER = tokenizer
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,16 +203,14 @@ def _encoded(batches, tokenizer: Tokenizer, num_proc: int):
     many processes with at most two batches each in flight."""
     if num_proc <= 1:
         for split, texts in batches:
-            yield (split, sum(map(len, texts)), *_encode(tokenizer.hf, texts))
+            yield (split, sum(map(len, texts)), *_encode(tokenizer, texts))
         return
     import multiprocessing
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # tokenizers' threads do not survive a fork
-    with ProcessPoolExecutor(
-        num_proc, context, initializer=_worker_init, initargs=(tokenizer.to_str(),)
-    ) as pool:
+    with ProcessPoolExecutor(num_proc, context, initializer=_worker_init, initargs=(tokenizer,)) as pool:
         window: deque = deque()
         for split, texts in batches:
             window.append((split, sum(map(len, texts)), pool.submit(_worker_encode, texts)))
@@ -275,7 +274,7 @@ def tokenize_split(docs: list[str], tokenizer: Tokenizer, cache_dir: Path, key: 
         return TokenShards.open(folder)
     writer = ShardWriter(folder, tokenizer.vocab_size)
     flat, lengths = (
-        _encode(tokenizer.hf, list(docs)) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+        _encode(tokenizer, list(docs)) if docs else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
     )
     writer.add(np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else [])
     return writer.close()

@@ -342,7 +342,7 @@ class Service:
         """vLLM's tokenizer endpoints (lm-eval's `local-completions` uses them when present)."""
         tok = self.engine.tok
         ids = {"eos_token": tok.eos_id, "bos_token": tok.bos_id, "pad_token": tok.pad_id}
-        names = {k: None if i is None else tok.hf.id_to_token(i) for k, i in ids.items()}
+        names = {k: None if i is None else tok.decode([i], skip_special=False) for k, i in ids.items()}
         template = tok.chat_template if "{%" in (tok.chat_template or "") else None  # a Jinja template only
         return {**names, "chat_template": template, "model": self.model_name, "vocab_size": tok.vocab_size}
 

@@ -80,21 +80,59 @@ def host_allow_list(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] |
     return tuple(extra) or None
 
 
-class IdleClosingH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, also closing a connection that sends nothing within the
-    keep-alive timeout of being opened (uvicorn starts that timer only after a first response)."""
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two more timers: a connection that sends nothing is closed
+    after the keep-alive timeout (uvicorn starts that timer only after a first response), and a
+    request's headers must be complete within `header_timeout` of the connection opening or of the
+    previous response (a client trickling bytes cannot hold a connection)."""
+
+    header_timeout = 10.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._armed_for = self.cycle  # the request cycle before the one whose headers are awaited
+        self._header_task = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        task = getattr(self, "_header_task", None)
+        if task is not None:
+            task.cancel()
+        self._header_task = None
+
+    def _headers_too_slow(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not getattr(self, "_armed_for", None):  # a new request's headers arrived
+            self._cancel_header_timer()
+            self._armed_for = self.cycle
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
 
-def uvicorn_config(app, host: str, port: int, *, max_connections: int = 256, **kw) -> uvicorn.Config:
-    """uvicorn's settings for serving: idle connections closed after 5 s, at most `max_connections`
-    open (503 beyond)."""
-    return uvicorn.Config(app, host=host, port=port, http=IdleClosingH11, timeout_keep_alive=5,
+def uvicorn_config(
+    app, host: str, port: int, *, max_connections: int = 256, header_timeout: float = 10.0, **kw
+) -> uvicorn.Config:
+    """uvicorn's settings for serving: idle connections closed after 5 s, headers due within
+    `header_timeout`, at most `max_connections` open (503 beyond)."""
+    protocol = type("GuardedH11", (GuardedH11,), {"header_timeout": header_timeout})
+    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=5,
                           limit_concurrency=max_connections, **kw)  # fmt: skip
 
 
@@ -109,9 +147,10 @@ class RunningServer:
         self.thread.join(timeout)
 
 
-def run_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
-    """Start `app` on host:port (0: a free port) in a daemon thread; returns once it accepts."""
-    server = uvicorn.Server(uvicorn_config(app, host, port, log_level="warning", lifespan="on"))
+def run_in_thread(app, host: str = "127.0.0.1", port: int = 0, **config) -> RunningServer:
+    """Start `app` on host:port (0: a free port) in a daemon thread; returns once it accepts.
+    `config`: more `uvicorn_config` settings (header_timeout, max_connections)."""
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
