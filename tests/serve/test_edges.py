@@ -28,13 +28,6 @@ def bd3(checkpoints):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def mdlm(checkpoints):
-    srv = run_in_thread(build_app(checkpoints["bidirectional"], model_name="tiny-mdlm"))
-    yield srv
-    srv.stop()
-
-
 def cmpl(**kw):
     return {"model": "tiny-bd3lm", "prompt": "def f(", "max_tokens": 4, **kw}
 
