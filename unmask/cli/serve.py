@@ -84,10 +84,9 @@ def add_serve_command(sub) -> None:
     s.add_argument("--api-key-file", help="read the API key from this file")
     s.add_argument("--open-metrics", action="store_true", help="serve /metrics without the key (a scraper)")
     s.add_argument("--allowed-hosts", help="comma-separated Host names to answer besides loopback ones")
-    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted (400 beyond)")
-    s.add_argument(
-        "--max-new-tokens", type=int, default=4096, help="largest max_tokens accepted (400 beyond)"
-    )
+    context = "default: a pretrained family's context, else 4096"
+    s.add_argument("--max-prompt-tokens", type=int, help=f"longest prompt (400 beyond; {context})")
+    s.add_argument("--max-new-tokens", type=int, help=f"largest max_tokens (400 beyond; {context})")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     s.add_argument("--max-connections", type=int, default=256, help="open connections (503 beyond)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")

@@ -32,8 +32,8 @@ def build_app(
     dtype: str | None = None,
     host: str = "127.0.0.1",
     allowed_hosts: tuple[str, ...] = (),
-    max_prompt_tokens: int = 4096,
-    max_new_tokens: int = 4096,
+    max_prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     open_metrics: bool = False,
 ):
@@ -44,6 +44,8 @@ def build_app(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(checkpoint, tokenizer=tokenizer, device=device, dtype=dtype)
     model = loaded.model.to(device).eval()
+    context = getattr(model, "max_len", None) or 4096  # a pretrained family's context, else 4096
+    max_prompt_tokens, max_new_tokens = max_prompt_tokens or context, max_new_tokens or context
     engine = Engine(
         model,
         loaded.tokenizer,
