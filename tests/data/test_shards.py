@@ -9,6 +9,7 @@ import pytest
 
 from unmask.data import corpus as corpus_module
 from unmask.data import sources
+from unmask.data import tokenize as tokenize_module
 from unmask.data.corpus import batch_indices, load_corpus, prepare_data
 from unmask.data.shards import ShardWriter, TokenShards, token_dtype
 
@@ -72,11 +73,11 @@ def test_a_preparation_that_dies_leaves_nothing_read_as_complete(tiny_data_cfg, 
 
     # the survey and the BPE succeed; tokenizing dies part-way
     prepare_data(dataclasses.replace(cfg, packing="pad"), splits=("test",))
-    monkeypatch.setattr(corpus_module, "_documents", dies_midway)
+    monkeypatch.setattr(tokenize_module, "_documents", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         corpus_module.tokenize_corpus(cfg, prepare_data(cfg, splits=("test",)).tokenizer,
                                       corpus_module.survey_corpus(cfg), ("train",))  # fmt: skip
-    monkeypatch.setattr(corpus_module, "_documents", real)
+    monkeypatch.setattr(tokenize_module, "_documents", real)
     shard_dirs = list((tmp_path / "cache" / "shards").iterdir())
     assert not [d for d in shard_dirs if ".tmp" in d.name]  # the writer cleaned up after itself
     # a kill -9 leaves a temp folder behind: it is never read, and the next run writes its own
