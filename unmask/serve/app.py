@@ -46,6 +46,7 @@ from unmask.serve.api import (
 from unmask.serve.engine import Engine, Job, QueueFull
 from unmask.serve.guard import Edges
 from unmask.serve.metrics import Metrics
+from unmask.serve.scoring import scored_answer, tokenizer_info
 from unmask.serve.streaming import sse
 
 log = logging.getLogger("unmask.serve")
@@ -253,7 +254,7 @@ class Service:
         if not req.prompt and not isinstance(req.prompt, str):
             raise APIError("prompt must not be an empty list", param="prompt")
         if req.echo:
-            return await self.scored(req)
+            return await scored_answer(self, req)
         if req.logprobs is not None and req.stream:
             raise APIError("logprobs are returned with stream: false only", param="logprobs")
         plan = self.plan(req)
@@ -280,71 +281,9 @@ class Service:
         ]
         return self.answer("text_completion", rid, created, choices, done)
 
-    async def scored(self, req: CompletionRequest) -> dict[str, Any]:
-        """`echo` (+ `logprobs`): each prompt token's chain-rule log-probability (exact for AR models;
-        for diffusion models that of the left-to-right one-token decoder, see evaluation/chain), and
-        with max_tokens 1 the likeliest next token. What lm-eval's `local-completions` asks for."""
-        for name, bad in (("max_tokens", (req.max_tokens or 0) > 1), ("n", req.n != 1),
-                          ("stream", req.stream), ("suffix", req.suffix is not None),
-                          ("max_completion_tokens", req.max_completion_tokens is not None)):  # fmt: skip
-            if bad:
-                raise APIError(
-                    f"echo scores the prompt: {name} must be unset (max_tokens 0 or 1)", param=name
-                )
-        decode_settings(req.model_copy(update={"max_tokens": None}), self.default_preset)  # the extra fields
-        p = req.prompt  # one text, texts, one token-id prompt, or several
-        texts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
-        prompts = self.prompts(req)
-        for ids in prompts:
-            if len(ids) > self.max_prompt_tokens:
-                raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
-                               f"{self.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
-        t0 = time.perf_counter()
-        rows = await asyncio.to_thread(self.engine.score, prompts, k=max(req.logprobs or 0, 1),
-                                       next_token=req.max_tokens == 1)  # fmt: skip
-        tok, choices, done = self.engine.tok, [], []
-        for p, (ids, row) in enumerate(zip(prompts, rows, strict=True)):
-            given = isinstance(texts[p], str) or texts[p][:1] == [tok.bos_id]
-            shown = ids if given and not isinstance(texts[p], str) else ids[1:]  # the client's own tokens
-            lo = len(ids) - len(shown)
-            prompt_text = texts[p] if isinstance(texts[p], str) else tok.decode(shown, skip_special=False)
-            tokens = [tok.decode([t], skip_special=False) for t in shown]
-            lps = [None if i == 0 else float(row.logprobs[i]) for i in range(lo, len(ids))]
-            tops = [None if i == 0 else {tok.decode([int(t)], skip_special=False): float(v)
-                    for t, v in zip(row.top_ids[i], row.top_logprobs[i], strict=True)}
-                    for i in range(lo, len(ids))]  # fmt: skip
-            text = prompt_text
-            if row.next is not None:
-                piece = tok.decode([row.next[0]], skip_special=False)
-                tokens, lps, text = [*tokens, piece], [*lps, row.next[1]], text + piece
-                tops.append({piece: row.next[1]})
-            offsets = [len(prompt_text) - len("".join(tokens[: len(shown)]))]
-            for t in tokens[:-1]:
-                offsets.append(offsets[-1] + len(t))
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = {
-                    "tokens": tokens,
-                    "token_logprobs": lps,
-                    "top_logprobs": tops,
-                    "text_offset": offsets,
-                }
-            choices.append({"text": text, "index": p, "logprobs": logprobs,
-                            "finish_reason": "length"})  # fmt: skip
-            done.append({"prompt_tokens": len(ids), "nfe": row.nfe,
-                         "choices": [{"tokens": int(row.next is not None)}]})  # fmt: skip
-        self.metrics.latency.observe(time.perf_counter() - t0)
-        self.metrics.requests.labels("200").inc()
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        return self.answer("text_completion", rid, created, choices, done)
-
     async def tokenizer_info(self) -> dict[str, Any]:
         """vLLM's tokenizer endpoints (lm-eval's `local-completions` uses them when present)."""
-        tok = self.engine.tok
-        ids = {"eos_token": tok.eos_id, "bos_token": tok.bos_id, "pad_token": tok.pad_id}
-        names = {k: None if i is None else tok.decode([i], skip_special=False) for k, i in ids.items()}
-        template = tok.chat_template if "{%" in (tok.chat_template or "") else None  # a Jinja template only
-        return {**names, "chat_template": template, "model": self.model_name, "vocab_size": tok.vocab_size}
+        return tokenizer_info(self.engine.tok, self.model_name, self.max_prompt_tokens)
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         tok = self.engine.tok

@@ -33,6 +33,7 @@ from typing import Any
 from unmask.decoding.batches import Record, Request, cut_at_stop, decode_batch
 from unmask.decoding.plan import DecodePlan, plan_decode
 from unmask.schedules import build_schedule
+from unmask.serve.scoring import generated_logprobs
 
 log = logging.getLogger("unmask.serve")
 
@@ -273,7 +274,9 @@ class Engine:
                     "text": r.fills[0] if job.template else r.text,
                     "tokens": len(r.token_ids),
                     "finish_reason": r.finish_reason,
-                    "logprobs": self._logprobs(r, job.logprobs) if job.logprobs is not None else None,
+                    "logprobs": None
+                    if job.logprobs is None
+                    else generated_logprobs(self.tok, r.token_ids, r.logprobs, job.logprobs),
                 }
                 for r in records
             ]
@@ -288,24 +291,6 @@ class Engine:
                 },
             )
         return sum(len(r.token_ids) for r in records)
-
-    def _logprobs(self, record: Record, k: int) -> dict[str, Any]:
-        """OpenAI's (legacy completions) logprobs object for a record's returned tokens."""
-        tokens = [self.tok.decode([t], skip_special=False) for t in record.token_ids]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        lps = record.logprobs or [(None, [])] * len(tokens)
-        tops = [
-            {self.tok.decode([i], skip_special=False): v for i, v in top[:k]} if k else None for _, top in lps
-        ]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [v for v, _ in lps],
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
 
     def _step_events(self, job: Job, state, row: int, P: int, sent: list[str]) -> None:
         mask = self.model.mask_id
