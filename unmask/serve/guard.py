@@ -38,8 +38,8 @@ def host_name(header: str) -> str:
 
 
 def _depth(value: Any, limit: int, depth: int = 1) -> bool:
-    """Whether a parsed JSON value nests deeper than `limit` (checked iteratively in effect: a value
-    that deep was already refused by the parser's own recursion limit or by this bound)."""
+    """Whether a parsed JSON value nests deeper than `limit` (the recursion stops at `limit`; what the
+    parser itself could not nest raised RecursionError before)."""
     if depth > limit:
         return True
     if isinstance(value, dict):
