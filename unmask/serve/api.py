@@ -123,11 +123,10 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
 
 
-_DECODE_TYPES = {f.name: (f.type, None) for f in dataclasses.fields(DecodeConfig) if f.name in DECODE_FIELDS}
 DecodeFields = create_model(
     "DecodeFields",
     __config__=ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"),
-    **{name: (typing.get_type_hints(DecodeConfig)[name] | None, None) for name in _DECODE_TYPES},
+    **{name: (typing.get_type_hints(DecodeConfig)[name] | None, None) for name in sorted(DECODE_FIELDS)},
 )
 
 

@@ -115,6 +115,12 @@ class Service:
                                param="prompt")  # fmt: skip
         return [list(ids) if ids[:1] == [tok.bos_id] else [tok.bos_id, *ids] for ids in rows]
 
+    def check_prompt_tokens(self, prompts: list[list[int]]) -> None:
+        for ids in prompts:
+            if len(ids) > self.max_prompt_tokens:
+                raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
+                               f"{self.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
+
     def jobs(self, prompts: list[list[int]], req, plan, *, template: bool = False) -> list[Job]:
         """One job per prompt's token ids (each of `req.n` rows), checked against the canvas."""
         if req.canvas and not req.stream:
@@ -125,11 +131,9 @@ class Service:
         if len(prompts) > self.engine.max_queue:
             raise APIError(f"{len(prompts)} prompts in one request; this server queues at most "
                            f"{self.engine.max_queue} (--max-queue)", param="prompt")  # fmt: skip
+        self.check_prompt_tokens(prompts)
         out = []
         for ids in prompts:
-            if len(ids) > self.max_prompt_tokens:
-                raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
-                               f"{self.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
             try:
                 plan.check_length(len(ids), template=template)
             except DecodeError as e:

@@ -79,10 +79,7 @@ async def scored_answer(service, req) -> dict[str, Any]:
     p = req.prompt  # one text, texts, one token-id prompt, or several
     texts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
     prompts = service.prompts(req)
-    for ids in prompts:
-        if len(ids) > service.max_prompt_tokens:
-            raise APIError(f"the prompt has {len(ids)} tokens; this server takes at most "
-                           f"{service.max_prompt_tokens} (--max-prompt-tokens)", param="prompt")  # fmt: skip
+    service.check_prompt_tokens(prompts)
     t0 = time.perf_counter()
     rows = await asyncio.to_thread(service.engine.score, prompts, k=max(req.logprobs or 0, 1),
                                    next_token=req.max_tokens == 1)  # fmt: skip
