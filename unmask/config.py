@@ -352,22 +352,42 @@ class DecodeConfig:
     """Keep the k most likely tokens (0 = all)."""
     top_p: float = 1.0
     """Nucleus: keep the smallest set of tokens with this much probability (1 = all)."""
+    top_p_rule: Literal["crossing", "within"] = "crossing"
+    """Which tokens top-p keeps: `crossing` = every token whose preceding mass is <= top_p, so the
+    token that crosses top_p is kept (Dream, SDAR, transformers); `within` = the tokens whose
+    inclusive cumulative probability is <= top_p, at least the most likely (the BD3-LM / MDLM
+    reference's nucleus)."""
+    processing: Literal["unmask", "dream", "sdar"] = "unmask"
+    """How a proposal's distribution is made, and which distribution scores read. `unmask`: top-k /
+    top-p truncate the model's distribution, the temperature then tempers the candidates, scores
+    read the model's (temperature 1, untruncated) distribution. `dream`: logits / temperature, then
+    top-p, then top-k; `sdar` (also LLaDA2): logits / temperature, top-k, then top-p of the
+    renormalised top-k; both score the processed distribution ([MASK] stays in it for the families
+    that keep it). Greedy `sdar` ranks by the untruncated softmax (LLaDA2 at temperature 0)."""
     score: Literal["prob", "max-prob", "margin", "neg-entropy", "random"] = "prob"
     """Confidence: the proposed token's probability, the max probability, the top-2 margin, -H, or
     a uniform draw (LLaDA's `random` remasking)."""
     kernel: int = 0
     """Conv decoding: odd width of the locality window (0 = off)."""
-    select: Literal["ancestral", "first-hitting", "top-n", "threshold", "dream"] = "ancestral"
+    select: Literal["ancestral", "first-hitting", "top-n", "threshold", "dream", "sequential"] = "ancestral"
     """Which masked positions to commit per step (`dream`: Dream's count int(R (1 - s/t)) on
-    linspace(1, eps, S+1), the most confident or, with `alg_temp`, sampled)."""
+    linspace(1, time_eps, S+1), the most confident or, with `alg_temp`, sampled; `sequential`: the
+    leftmost, SDAR's)."""
     alg_temp: float = 0.0
     """`dream` selector: > 0 samples the positions from softmax(confidence / alg_temp) (Dream's
     alg_temp) instead of taking the most confident."""
     ban_stop: bool = False
-    """The EOS / end-of-turn logits are -inf (LLaDA's `logits_eos_inf`): answers use the whole budget."""
+    """Every stop id's logit (EOS and end of turn) is -inf: answers use the whole budget (stricter
+    than LLaDA's `logits_eos_inf`, which bans EOS alone)."""
     defer_stop: bool = False
-    """EOS / end-of-turn proposals get confidence -inf (LLaDA's `confidence_eos_eot_inf`): committed
-    only where nothing else is left to commit."""
+    """Proposals of any stop id get confidence -inf: committed only where nothing else is left
+    (stricter than LLaDA's `confidence_eos_eot_inf`)."""
+    logits_eos_inf: bool = False
+    """LLaDA's knob: the EOS logit alone is -inf before the proposal (end of turn stays)."""
+    confidence_eos_eot_inf: bool = False
+    """LLaDA's knob, as its loop runs it: once the proposal is chosen, the confidence softmax drops
+    end of turn (and EOS too for greedy proposals, where LLaDA's noised logits are the logits), so
+    those proposals score 0 and the others are renormalised."""
     cfg_scale: float = 0.0
     """Classifier-free guidance (LLaDA): logits un + (s + 1)(cond - un), the prompt masked in the
     unconditional copy; 0 = off. Needs `cache none`."""
@@ -380,6 +400,13 @@ class DecodeConfig:
     block until it is done and ignoring `steps` (Fast-dLLM); `budget` = the count `steps` implies."""
     steps: int = 64
     """Denoising steps for `max_new_tokens` tokens; each block gets its share."""
+    step_counts: Literal["remaining", "block"] = "remaining"
+    """Counted selectors' count at step k of S: `remaining` = ceil(R / (S - k)) of the R masks left
+    (LLaDA); `block` = the window's width split evenly over the S steps, remainder to the first
+    steps, whatever was committed before (SDAR, LLaDA2), at most the masks left."""
+    time_eps: float = 0.0
+    """The reverse-time grid runs from 1 down to this (Dream's `eps`, 1e-3), for the ancestral
+    selector's rates and the `dream` count."""
     block_len: int = 0
     """Semi-AR block length for bidirectional models (0 = the whole canvas); block-causal models
     always use their own block size."""
@@ -429,6 +456,7 @@ class DecodeConfig:
         _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
         _check(self.rounds >= 1, "decode.rounds", f"must be >= 1, got {self.rounds}")
+        _check(0 <= self.time_eps < 1, "decode.time_eps", f"must be in [0, 1), got {self.time_eps}")
 
 
 @dataclass(frozen=True, kw_only=True)

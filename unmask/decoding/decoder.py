@@ -40,6 +40,9 @@ class Decoder:
     # ids whose proposals rank last (`defer_stop`: EOS / end of turn)
     subs: bool = True
     deferred: tuple[int, ...] = ()
+    # ids dropped from the confidence's softmax once the proposal is chosen (LLaDA's
+    # `confidence_eos_eot_inf`): proposing them scores 0, the other proposals are renormalised
+    unscored: tuple[int, ...] = ()
 
     def step(
         self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
@@ -62,7 +65,7 @@ class Decoder:
         if scored.any():
             excluded = self._excluded(state)
             proposal = self._propose(logits, scored, u_token, excluded)
-            confidence[scored] = (self.score(proposal) * gate[scored]).double()
+            confidence[scored] = (self.score(self._unscored(proposal)) * gate[scored]).double()
             if self.score.random:  # LLaDA's random remasking
                 confidence[scored] = u_select[scored] * gate[scored].double()
             if self.deferred:  # e.g. EOS / end of turn: only where nothing else is left
@@ -82,10 +85,20 @@ class Decoder:
         return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
 
     def _excluded(self, state: DecodeState) -> int | None:
-        """The token proposals never take: [MASK], except for greedy proposals on models whose
-        reference loops rank by the full softmax (LLaDA, Dream, SDAR: `subs = False`); a sampled
-        [MASK] would be no decision at all."""
-        return None if not self.subs and isinstance(self.propose, Greedy) else state.mask_id
+        """The token proposals never take: [MASK], except on models whose reference loops rank by
+        the full softmax (LLaDA, Dream, SDAR: `subs = False`) with proposals that keep it there
+        (greedy ones, and the families' own `Processed` draws); our own sampled proposals never
+        draw [MASK], which would be no decision at all."""
+        keeps = getattr(self.propose, "keeps_mask", isinstance(self.propose, Greedy))
+        return None if not self.subs and keeps else state.mask_id
+
+    def _unscored(self, proposal: Proposal) -> Proposal:
+        """The proposal scored on its distribution without the `unscored` ids (renormalised)."""
+        if not self.unscored:
+            return proposal
+        logits = proposal.dist.logits.clone()
+        logits[:, list(self.unscored)] = -torch.inf
+        return proposal._replace(dist=Distribution.from_logits(logits, None, copy=False))
 
     def _propose(
         self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int | None

@@ -276,8 +276,9 @@ def _ar_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_ma
             kv.commit(feed.shape[1])
         else:
             logits = model(state.tokens).logits[:, -1]
-        if plan.ban_ids or i < plan.cfg.min_new_tokens:  # no stop yet (ban_stop: never)
-            logits[:, list(plan.stop_ids)] = -torch.inf
+        banned = plan.stop_ids if i < plan.cfg.min_new_tokens else plan.ban_ids  # no stop yet
+        if banned:
+            logits[:, list(banned)] = -torch.inf
         u = row_uniform(generators, 1, device)[:, 0]
         proposal = plan.decoder.propose(Distribution.from_logits(logits, model.mask_id), u)
         nxt = torch.where(state.finished, fill, proposal.tokens)

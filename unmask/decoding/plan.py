@@ -24,6 +24,7 @@ from unmask.config import DecodeConfig
 from unmask.decoding.decoder import Decoder
 from unmask.decoding.inputs import BinaryInputs
 from unmask.decoding.presets import build_decoder
+from unmask.decoding.proposals import Greedy
 from unmask.decoding.refresh import Refresher, SamplerRefresh, build_refresher
 from unmask.models.denoiser import Denoiser
 from unmask.schedules import LogLinear, NoiseSchedule
@@ -58,8 +59,11 @@ class DecodePlan:
 
     @property
     def ban_ids(self) -> tuple[int, ...]:
-        """Ids whose logits are -inf (`ban_stop`: answers use the whole budget)."""
-        return self.stop_ids if self.cfg.ban_stop else ()
+        """Ids whose logits are -inf: every stop id with `ban_stop` (answers use the whole budget),
+        EOS alone with LLaDA's `logits_eos_inf`."""
+        if self.cfg.ban_stop:
+            return self.stop_ids
+        return (self.eos_id,) if self.cfg.logits_eos_inf and self.eos_id is not None else ()
 
     # ------------------------------------------------------------------------------ input
 
@@ -152,6 +156,17 @@ class DecodePlan:
         return tok.encode_chat(tok.chat(messages))
 
 
+def _unscored_ids(cfg: DecodeConfig, decoder: Decoder, eos_id, stop_ids) -> tuple[int, ...]:
+    """LLaDA's `confidence_eos_eot_inf` as its loop runs: `logits_with_noise[EOS] = logits[EoT] =
+    -inf` after x0 is drawn, and the confidence is softmax(logits)[x0]. Without temperature the
+    noised logits are the logits themselves, so greedy proposals lose both; sampled ones only EoT."""
+    if not cfg.confidence_eos_eot_inf:
+        return ()
+    eot = tuple(i for i in stop_ids if i != eos_id)
+    greedy = getattr(decoder.propose, "greedy", isinstance(decoder.propose, Greedy))
+    return eot + ((eos_id,) if greedy and eos_id is not None else ())
+
+
 def plan_decode(
     model: Denoiser,
     cfg: DecodeConfig,
@@ -186,7 +201,12 @@ def plan_decode(
             raise DecodeError(str(e)) from None
     decoder = decoder if decoder is not None else build_decoder(cfg, schedule or LogLinear())
     # the family's conventions, read once: [MASK] in the softmax or not, the ids deferred to last
-    decoder = replace(decoder, subs=model.subs, deferred=stop_ids if cfg.defer_stop else ())
+    decoder = replace(
+        decoder,
+        subs=model.subs,
+        deferred=stop_ids if cfg.defer_stop else (),
+        unscored=_unscored_ids(cfg, decoder, eos_id, stop_ids),
+    )
     if not isinstance(decoder.inputs, BinaryInputs) and model.soft_mask is None:
         raise DecodeError(
             "soft inputs (--decode.inputs soft) need a model trained with soft-masking "

@@ -11,9 +11,9 @@ from dataclasses import fields, replace
 from unmask.config import ConfigError, DecodeConfig
 from unmask.decoding.decoder import Decoder
 from unmask.decoding.inputs import BinaryInputs, SoftInputs
-from unmask.decoding.proposals import Greedy, Sample
+from unmask.decoding.proposals import Greedy, Processed, Sample
 from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, Random, TokenProb
-from unmask.decoding.selectors import Ancestral, DreamSchedule, FirstHitting, Threshold, TopN
+from unmask.decoding.selectors import Ancestral, DreamSchedule, FirstHitting, Sequential, Threshold, TopN
 from unmask.schedules import NoiseSchedule
 
 SCORES = {
@@ -25,15 +25,17 @@ SCORES = {
 }
 INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
+BD3 = dict(top_p_rule="within")  # the MDLM / BD3-LM reference's nucleus (when top_p < 1)
+
 PRESETS: dict[str, dict[str, object]] = {
     # MDLM ancestral sampling over the whole canvas (Sahoo et al. 2024).
-    "mdlm": dict(proposal="sample", select="ancestral", block_len=0),
+    "mdlm": dict(proposal="sample", select="ancestral", block_len=0, **BD3),
     # One uniformly random masked position per call (when steps = max_new_tokens, the default).
-    "first-hitting": dict(proposal="sample", select="first-hitting", block_len=0),
-    # BD3-LM reference sampler: nucleus 0.9, first-hitting, exact block KV cache.
-    "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting"),
+    "first-hitting": dict(proposal="sample", select="first-hitting", block_len=0, **BD3),
+    # BD3-LM reference sampler: nucleus 0.9 (its rule), first-hitting, exact block KV cache.
+    "bd3lm": dict(proposal="sample", top_p=0.9, select="first-hitting", **BD3),
     # MDLM ancestral inside semi-autoregressive blocks.
-    "semi-ar": dict(proposal="sample", select="ancestral", block_len=32),
+    "semi-ar": dict(proposal="sample", select="ancestral", block_len=32, **BD3),
     # LLaDA: greedy proposals, low-confidence remasking, fixed count per step, semi-AR blocks;
     # no EOS-fill (its reference loop has none).
     "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32, eos_fill=False),
@@ -52,7 +54,52 @@ PRESETS: dict[str, dict[str, object]] = {
     # Dream (Ye et al. 2025): whole canvas, Dream's count schedule, `entropy` ordering (its README's
     # choice); --decode.score prob | margin gives maskgit_plus | topk_margin, --decode.select
     # ancestral gives `origin`, --decode.alg_temp samples the positions.
-    "dream": dict(proposal="greedy", score="neg-entropy", select="dream", block_len=0, eos_fill=False),
+    # Its `sample_tokens` order (temperature, top-p, top-k; confidences of the processed softmax) and
+    # its time grid linspace(1, 1e-3, S + 1).
+    "dream": dict(
+        proposal="greedy",
+        score="neg-entropy",
+        select="dream",
+        block_len=0,
+        eos_fill=False,
+        processing="dream",
+        time_eps=1e-3,
+    ),
+    # SDAR's `block_diffusion_generate` as its README runs it: `low_confidence_dynamic` with threshold
+    # 0.9 (every position above it, else the fixed count of the block's schedule), greedy (the
+    # README's (G) setting; --decode.proposal sample gives its temperature / top-k / top-p draw).
+    "sdar": dict(
+        proposal="greedy",
+        score="prob",
+        select="threshold",
+        threshold=0.9,
+        threshold_floor="budget",
+        step_counts="block",
+        processing="sdar",
+        eos_fill=False,
+    ),
+    # SDAR's `low_confidence_static`: the block's fixed count per step, most confident first
+    # (--decode.select sequential: its `sequential`, leftmost first).
+    "sdar-static": dict(
+        proposal="greedy",
+        score="prob",
+        select="top-n",
+        step_counts="block",
+        processing="sdar",
+        eos_fill=False,
+    ),
+    # LLaDA2's `generate()` with its model card's settings: threshold 0.95, else the fixed count of
+    # the block's schedule; greedy, no cache (our exact block cache gives the same logits).
+    "llada2": dict(
+        proposal="greedy",
+        score="prob",
+        select="threshold",
+        threshold=0.95,
+        threshold_floor="budget",
+        step_counts="block",
+        processing="sdar",
+        eos_fill=False,
+    ),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
@@ -86,18 +133,25 @@ def preset_config(name: str, **overrides) -> DecodeConfig:
 
 
 def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
-    if cfg.proposal == "greedy":
-        propose = Greedy(top_k=cfg.top_k, top_p=cfg.top_p)
+    truncation = dict(top_k=cfg.top_k, top_p=cfg.top_p, rule=cfg.top_p_rule)
+    if cfg.processing != "unmask":
+        propose = Processed(
+            cfg.processing, greedy=cfg.proposal == "greedy", temperature=cfg.temperature, **truncation
+        )
+    elif cfg.proposal == "greedy":
+        propose = Greedy(**truncation)
     else:
-        propose = Sample(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        propose = Sample(temperature=cfg.temperature, **truncation)
     score = SCORES[cfg.score]()
     if cfg.kernel:
         score = Conv(score, cfg.kernel)
+    counts = cfg.step_counts
     select = {
-        "ancestral": lambda: Ancestral(schedule, normalize=cfg.normalize),
-        "first-hitting": FirstHitting,
-        "top-n": TopN,
-        "threshold": lambda: Threshold(cfg.threshold, cfg.threshold_floor),
-        "dream": lambda: DreamSchedule(alg_temp=cfg.alg_temp),
+        "ancestral": lambda: Ancestral(schedule, normalize=cfg.normalize, eps=cfg.time_eps),
+        "first-hitting": lambda: FirstHitting(counts),
+        "top-n": lambda: TopN(counts),
+        "sequential": lambda: Sequential(counts),
+        "threshold": lambda: Threshold(cfg.threshold, cfg.threshold_floor, counts),
+        "dream": lambda: DreamSchedule(eps=cfg.time_eps, alg_temp=cfg.alg_temp),
     }[cfg.select]()
     return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))

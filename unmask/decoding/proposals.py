@@ -64,35 +64,51 @@ class Proposal(NamedTuple):
     kept_mass: torch.Tensor  # [N] float64 probability mass kept by top-k / top-p (1 when neither)
 
 
-def candidates(dist: Distribution, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def in_nucleus(p_desc: torch.Tensor, top_p: float, rule: str = "crossing") -> torch.Tensor:
+    """[N, C] bool: which of the probabilities `p_desc` (sorted descending) the nucleus keeps.
+    `crossing`: the mass before the token is <= top_p (the token that crosses top_p is kept);
+    `within`: the inclusive cumulative mass is <= top_p, and always the first token (BD3-LM)."""
+    cum = p_desc.cumsum(-1)
+    if rule == "crossing":
+        return (cum - p_desc) <= top_p
+    keep = cum <= top_p
+    keep[:, 0] = True
+    return keep
+
+
+def candidates(
+    dist: Distribution, top_k: int, top_p: float, rule: str = "crossing"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Candidate probabilities `[N, C]` float64 (not renormalised; zero = excluded) and their token
     ids (None when the candidates are the whole vocabulary in order)."""
     V = dist.logits.shape[-1]
     if top_k and top_k < V:
         logit, ids = dist.logits.topk(top_k, dim=-1)  # sorted, descending
     elif top_p < 1.0:
-        return _nucleus(dist, top_p)
+        return _nucleus(dist, top_p, rule)
     else:
         return dist.probs.double(), None
     p = dist.prob_of(logit)
-    if top_p < 1.0:  # nucleus: the smallest prefix holding top_p of the mass
-        before = p.cumsum(-1) - p
-        p = torch.where(before < top_p, p, 0.0)
+    if top_p < 1.0:  # nucleus of the model's distribution, within the top k
+        p = torch.where(in_nucleus(p, top_p, rule), p, 0.0)
     return p, ids
 
 
-def _nucleus(dist: Distribution, top_p: float) -> tuple[torch.Tensor, None]:
+def sorted_desc(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] values sorted descending. On CPU numpy's SIMD sort is ~15x faster than torch.sort,
+    and no argsort is needed."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
+
+
+def _nucleus(dist: Distribution, top_p: float, rule: str) -> tuple[torch.Tensor, None]:
     """Top-p candidates over the vocabulary `[N, V]` float64, zero outside the nucleus. Only the
     sorted *values* are needed: they give the smallest kept logit tau, and the nucleus is
-    {logit >= tau} (ties at tau are all kept). On CPU numpy's SIMD sort is ~15x faster than
-    torch.sort, and no argsort is needed."""
+    {logit >= tau} (ties at tau are all kept)."""
     x = dist.logits
-    if x.device.type == "cpu":
-        desc = torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
-    else:
-        desc = x.sort(dim=-1, descending=True).values
-    p_desc = dist.prob_of(desc)
-    keep = (p_desc.cumsum(-1) - p_desc) < top_p  # mass strictly above each token
+    desc = sorted_desc(x)
+    keep = in_nucleus(dist.prob_of(desc), top_p, rule)
     tau = desc.gather(-1, (keep.sum(-1, keepdim=True) - 1).clamp_min(0))  # [N, 1] smallest kept logit
     return torch.where(x >= tau, dist.prob_of(x), 0.0), None
 
@@ -120,11 +136,13 @@ class Greedy:
 
     top_k: int = 0
     top_p: float = 1.0
+    rule: str = "crossing"  # top-p's rule (`in_nucleus`)
+    keeps_mask = True  # with a family's full softmax (subs = False), [MASK] may rank first
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         if not self.top_k and self.top_p >= 1.0:
             return Proposal(dist.logits.argmax(-1), dist, _mass(dist.lse, None))
-        p, ids = candidates(dist, self.top_k, self.top_p)
+        p, ids = candidates(dist, self.top_k, self.top_p, self.rule)
         return Proposal(_tokens(p.argmax(-1), ids), dist, _mass(p, ids))
 
 
@@ -135,10 +153,64 @@ class Sample:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    rule: str = "crossing"
+    keeps_mask = False  # a sampled [MASK] would be no decision at all
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
-        p, ids = candidates(dist, self.top_k, self.top_p)
+        p, ids = candidates(dist, self.top_k, self.top_p, self.rule)
         mass = _mass(p, ids)
         if self.temperature != 1.0:
             p = p ** (1.0 / self.temperature)
         return Proposal(_tokens(categorical(p, u), ids), dist, mass)
+
+
+def top_k_logits(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, V] logits with -inf below the k-th largest (ties with it kept)."""
+    if not k or k >= x.shape[-1]:
+        return x
+    kth = x.topk(k, dim=-1).values[:, -1:]
+    return x.masked_fill(x < kth, -torch.inf)
+
+
+def top_p_logits(x: torch.Tensor, top_p: float, rule: str = "crossing") -> torch.Tensor:
+    """[N, V] logits with -inf outside the nucleus of softmax(x) (`in_nucleus`'s rule)."""
+    if top_p >= 1.0:
+        return x
+    desc = sorted_desc(x)
+    p_desc = torch.softmax(desc.double(), -1)
+    keep = in_nucleus(p_desc, top_p, rule)
+    tau = desc.gather(-1, (keep.sum(-1, keepdim=True) - 1).clamp_min(0))
+    return x.masked_fill(x < tau, -torch.inf)
+
+
+@dataclass(frozen=True)
+class Processed:
+    """The families' own proposal (Dream's `sample_tokens`, SDAR's and LLaDA2's
+    `sample_with_temperature_topk_topp`): logits / temperature, truncated (`dream`: top-p then
+    top-k; `sdar`: top-k, then top-p of the renormalised top-k), softmax; the token is its argmax
+    (greedy) or a draw, and the proposal's distribution *is* this processed one, so scores read it.
+    Greedy `sdar` takes the argmax and the untruncated softmax (LLaDA2 at temperature 0)."""
+
+    order: str  # dream | sdar
+    greedy: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rule: str = "crossing"
+    keeps_mask = True  # the references draw from the full softmax, [MASK] included (subs = False)
+
+    def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
+        ones = _mass(dist.lse, None)
+        if self.greedy and self.order == "sdar":
+            return Proposal(dist.logits.argmax(-1), dist, ones)
+        x = dist.logits
+        if not self.greedy and self.temperature != 1.0:
+            x = x / self.temperature
+        if self.order == "dream":
+            x = top_k_logits(top_p_logits(x, self.top_p, self.rule), self.top_k)
+        else:
+            x = top_p_logits(top_k_logits(x, self.top_k), self.top_p, self.rule)
+        processed = Distribution.from_logits(x, None, copy=x is dist.logits)
+        if self.greedy:
+            return Proposal(processed.logits.argmax(-1), processed, ones)
+        return Proposal(categorical(processed.probs.double(), u), processed, ones)

@@ -29,10 +29,21 @@ class SelectContext(NamedTuple):
     u: torch.Tensor  # [B, W] float64 uniforms (per-row streams)
 
 
-def step_count(masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
-    """[B] positions to commit: ceil(R / (S - k))."""
+def step_count(masked: torch.Tensor, step: int, steps: int, counts: str = "remaining") -> torch.Tensor:
+    """[B] positions to commit at step k of S. `remaining`: ceil(R / (S - k)) of the R masks left;
+    `block`: the window's width W split evenly over the S steps, the remainder to the first steps
+    (SDAR's and LLaDA2's fixed schedule; `top_n` takes at most the masks left)."""
+    if counts == "block":
+        W = masked.shape[-1]
+        n = W // steps + (step < W % steps)
+        return torch.full(masked.shape[:1], n, dtype=torch.long, device=masked.device)
     remaining = masked.sum(-1)
     return torch.div(remaining + (steps - step) - 1, steps - step, rounding_mode="floor")
+
+
+def reverse_times(step: int, steps: int, eps: float = 0.0) -> tuple[float, float]:
+    """(t, s): consecutive points k, k + 1 of linspace(1, eps, S + 1)."""
+    return 1 - (1 - eps) * step / steps, 1 - (1 - eps) * (step + 1) / steps
 
 
 def top_n(values: torch.Tensor, n: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,7 @@ class Ancestral:
 
     schedule: NoiseSchedule
     normalize: bool = False
+    eps: float = 0.0  # the time grid's end (Dream's `origin`: 1e-3)
 
     until_done = False
 
@@ -62,8 +74,7 @@ class Ancestral:
         """Unmask weight A_i [B, W] (0 off the masked set) and the stay-masked weight 1 - a_s.
         A position unmasks with prob A_i / (A_i + 1 - a_s), one categorical draw over
         {candidates, stay} as in the reference. Without gate/normalization A_i = a_s - a_t."""
-        t = torch.tensor(1 - c.step / c.steps, dtype=torch.float64)
-        s = torch.tensor(1 - (c.step + 1) / c.steps, dtype=torch.float64)
+        t, s = (torch.tensor(x, dtype=torch.float64) for x in reverse_times(c.step, c.steps, self.eps))
         a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
         weight = c.gate.double()
         if self.normalize:
@@ -83,32 +94,52 @@ class Ancestral:
 class FirstHitting:
     """Uniformly random masked positions, n per step (one per call when S equals the block)."""
 
+    counts: str = "remaining"  # `step_count`'s rule
     needs_proposals = False
     until_done = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
-        return top_n(c.u, step_count(c.masked, c.step, c.steps), c.masked)
+        return top_n(c.u, step_count(c.masked, c.step, c.steps, self.counts), c.masked)
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """The n leftmost masked positions (SDAR's `sequential`)."""
+
+    counts: str = "remaining"
+    needs_proposals = False
+    until_done = False
+
+    def __call__(self, c: SelectContext) -> torch.Tensor:
+        leftmost = -torch.arange(c.masked.shape[-1], dtype=torch.float64, device=c.masked.device)
+        return top_n(
+            leftmost.expand(c.masked.shape), step_count(c.masked, c.step, c.steps, self.counts), c.masked
+        )
 
 
 @dataclass(frozen=True)
 class TopN:
-    """The n most confident positions (LLaDA low-confidence remasking; Conv ranked)."""
+    """The n most confident positions (LLaDA low-confidence remasking, SDAR's static one; Conv
+    ranked)."""
 
+    counts: str = "remaining"
     needs_proposals = True
     until_done = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
-        return top_n(c.confidence, step_count(c.masked, c.step, c.steps), c.masked)
+        return top_n(c.confidence, step_count(c.masked, c.step, c.steps, self.counts), c.masked)
 
 
 @dataclass(frozen=True)
 class Threshold:
     """Fast-dLLM: every position with confidence > tau, and at least the most confident one
     (`floor="one"`: a block is decoded until done, whatever the step budget) or at least the
-    count the step budget implies (`floor="budget"`)."""
+    count the step budget implies (`floor="budget"`; with `counts="block"` SDAR's
+    `low_confidence_dynamic` and LLaDA2's threshold rule)."""
 
     tau: float
     floor: str = "one"
+    counts: str = "remaining"
     needs_proposals = True
 
     @property
@@ -119,7 +150,7 @@ class Threshold:
         if self.floor == "one":
             minimum = top_n(c.confidence, c.masked.any(-1).long(), c.masked)
         else:
-            minimum = TopN()(c)
+            minimum = TopN(self.counts)(c)
         return ((c.confidence > self.tau) & c.masked) | minimum
 
 
@@ -140,8 +171,7 @@ class DreamSchedule:
         if c.step >= c.steps - 1:
             n = remaining
         else:
-            t = 1 - (1 - self.eps) * c.step / c.steps
-            s = 1 - (1 - self.eps) * (c.step + 1) / c.steps
+            t, s = reverse_times(c.step, c.steps, self.eps)
             n = torch.floor(remaining * (1 - s / t)).long()
         keys = c.confidence
         if self.alg_temp > 0:

@@ -72,7 +72,7 @@ FAMILIES = (
         mask_id=151669,
         mask_token="<|MASK|>",
         stop_tokens=("<|endoftext|>", "<|im_end|>"),
-        preset="bd3lm",
+        preset="sdar",
     ),
     Family(
         "fast-dllm-v2",
@@ -99,7 +99,7 @@ FAMILIES = (
         mask_id=156895,
         mask_token="<|mask|>",
         stop_tokens=("<|endoftext|>", "<|role_end|>"),
-        preset="fast-dllm",
+        preset="llada2",
     ),
     Family(
         "mdlm",
