@@ -410,6 +410,13 @@ class DecodeConfig:
     block_len: int = 0
     """Semi-AR block length for bidirectional models (0 = the whole canvas); block-causal models
     always use their own block size."""
+    sub_block: int = 0
+    """Decode each block in sub-blocks of this width, left to right: only the leftmost sub-block
+    with masks left is eligible (Fast-dLLM v2's `small_block_size`; 0 = the whole block)."""
+    ar_first_token: bool = False
+    """Shifted block-causal models (Fast-dLLM v2): a block's first token is the argmax of the
+    previous block's last logit, committed before the block's first step, as its reference loop
+    does (a block holding the prompt's tail keeps it)."""
     cache: Literal["auto", "none", "prefix", "dual"] = "auto"
     """KV cache. auto: exact for block-causal/causal models, none for bidirectional ones; prefix /
     dual: Fast-dLLM caches for bidirectional models (approximate; for block-causal models prefix
@@ -454,6 +461,7 @@ class DecodeConfig:
         )
         _check(0 <= self.threshold <= 1, "decode.threshold", f"must be in [0, 1], got {self.threshold}")
         _check(self.block_len >= 0, "decode.block_len", f"must be >= 0, got {self.block_len}")
+        _check(self.sub_block >= 0, "decode.sub_block", f"must be >= 0, got {self.sub_block}")
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
         _check(self.rounds >= 1, "decode.rounds", f"must be >= 1, got {self.rounds}")
         _check(0 <= self.time_eps < 1, "decode.time_eps", f"must be in [0, 1), got {self.time_eps}")

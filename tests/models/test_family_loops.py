@@ -388,8 +388,10 @@ class Tilted(torch.nn.Module):
     def forward(self, *args, **kw):
         out = self.inner(*args, **kw)
         logits = out if isinstance(out, torch.Tensor) else out.logits
-        logits.mul_(self.scale)
-        logits[..., self.ids] += self.by
+        for x in (logits, getattr(out, "next_logits", None)):
+            if x is not None:
+                x.mul_(self.scale)
+                x[..., self.ids] += self.by
         return out
 
 
@@ -463,3 +465,79 @@ def test_llada_eos_knobs_mean_what_llada_means(dirs, logits_eos_inf, conf_inf):
     assert torch.equal(got, ref), (got.tolist(), ref.tolist())
     if logits_eos_inf:
         assert not (got[:, 5:] == eos).any()
+
+
+# ------------------------------------------------------------------------------------ Fast-dLLM v2
+
+
+def fast_dllm_v2_reference(native, prompt, *, mask_id, gen_length, block_length, small_block, threshold):
+    """Fast-dLLM v2's `batch_sample` for one row, greedy, without its block cache: a prompt longer
+    than a block is prefilled up to its last block boundary, and when it ends on the boundary the
+    prefill's last logit gives the next token (argmax); blocks run up to
+    `gen_length // L + P // L`; each block is decoded in sub-blocks of `small_block`, left to
+    right, each until no mask is left: the block is forwarded against the prefix, the logits
+    shifted inside the block (`cat(logits[:1], logits[:-1])`), p = softmax (full vocabulary),
+    every masked position of the sub-block with argmax probability > threshold and the most
+    confident one are committed. A finished block is forwarded once more and its last logit's
+    argmax opens the next block. The model is the native one recomputing the whole prefix with
+    the block-causal mask (its KV cache gives the same logits)."""
+    (P,) = prompt.shape
+    L = block_length
+    x = prompt.clone()
+    if P > L and P % L == 0:
+        x = torch.cat([x, native(x[None])[0, -1].argmax()[None]])
+    for b in range(P // L, gen_length // L + P // L):
+        lo, hi = b * L, (b + 1) * L
+        x = torch.cat([x, torch.full((hi - len(x),), mask_id)])
+        for sub in range(L // small_block):
+            s_lo, s_hi = lo + sub * small_block, lo + (sub + 1) * small_block
+            while (x[s_lo:s_hi] == mask_id).any():
+                out = native(x[None, :hi])[0, lo:hi]
+                logits = torch.cat([out[:1], out[:-1]])[s_lo - lo : s_hi - lo]
+                p = torch.softmax(logits, -1)
+                x1 = p.argmax(-1)
+                masked = x[s_lo:s_hi] == mask_id
+                x1_p = torch.where(masked, p.gather(-1, x1[:, None])[:, 0], -torch.inf)
+                pick = x1_p > threshold
+                pick[x1_p.argmax()] = True
+                pick &= masked
+                x[s_lo:s_hi][pick] = x1[pick]
+        x = torch.cat([x, native(x[None, :hi])[0, -1].argmax()[None]])
+    return x
+
+
+@pytest.mark.parametrize("threshold", [0.03, 0.9])
+@pytest.mark.parametrize("P,small", [(8, 2), (6, 2), (3, 2), (9, 4), (12, 1)])
+def test_fast_dllm_v2_preset_is_token_identical_to_its_loop(dirs, P, small, threshold):
+    """Several blocks, the block-opening token from the previous block, sub-blocks; the prompt on a
+    block boundary, inside one, and shorter than one."""
+    raw = load(dirs, "fast-dllm-v2")
+    no_mask = dict(ids=(raw.mask_id,), by=-30.0)  # an argmax [MASK] would be committed as no token
+    model, native = Tilted(raw, **no_mask), Tilted(dirs[1]["fast-dllm-v2"], **no_mask)
+    L, new = BLOCK["fast-dllm-v2"], 16
+    prompt = prompt_of(P, seed=20 + P)
+    cfg = preset_config("fast-dllm-v2", max_new_tokens=new, sub_block=small, threshold=threshold)
+    got = ours(model, cfg, prompt)
+    for row in range(prompt.shape[0]):
+        ref = fast_dllm_v2_reference(
+            native,
+            prompt[row],
+            mask_id=raw.mask_id,
+            gen_length=new,
+            block_length=L,
+            small_block=small,
+            threshold=threshold,
+        )
+        n = (new // L + P // L) * L  # the reference's last full block
+        assert torch.equal(got[row, :n], ref[:n]), (row, got[row].tolist(), ref.tolist())
+    assert load_checkpoint(dirs[0] / "fast-dllm-v2", dtype="fp32").config.decode.preset == "fast-dllm-v2"
+
+
+def test_the_block_opening_token_needs_a_shifted_block_causal_model_with_its_cache(dirs):
+    with pytest.raises(Exception, match="ar_first_token"):
+        plan_decode(load(dirs, "fast-dllm-v2"), preset_config("fast-dllm-v2", cache="none"))
+    with pytest.raises(Exception, match="ar_first_token"):
+        plan_decode(load(dirs, "llada"), preset_config("fast-dllm-v2"))
+    sdar = load(dirs, "sdar")  # block-causal but unshifted: its last output predicts nothing after it
+    with pytest.raises(Exception, match="last output predicts the next position"):
+        ours(sdar, preset_config("fast-dllm-v2", max_new_tokens=8), prompt_of(4, seed=0))

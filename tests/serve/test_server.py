@@ -388,7 +388,7 @@ def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatc
 
 def test_a_pretrained_directory_is_served_with_its_familys_decoder(tmp_path):
     """An SDAR-layout model (native Qwen3 class): the official client's completion equals
-    `sample()` with SDAR's own preset (bd3lm, exact block cache)."""
+    `sample()` with SDAR's own preset (`sdar`: its dynamic loop, exact block cache)."""
     from pretrained_layouts import write_family
 
     write_family("sdar", tmp_path / "sdar")
@@ -401,7 +401,7 @@ def test_a_pretrained_directory_is_served_with_its_familys_decoder(tmp_path):
         srv.stop()
     assert (
         r.choices[0].text
-        == alone(tmp_path / "sdar", "w1 w2 w3", preset="bd3lm", seed=2, max_new_tokens=8, steps=8)[0]
+        == alone(tmp_path / "sdar", "w1 w2 w3", preset="sdar", seed=2, max_new_tokens=8, steps=8)[0]
     )
 
 

@@ -29,6 +29,16 @@ class Selector(Protocol):
     def __call__(self, c: SelectContext) -> torch.Tensor: ...
 
 
+def leftmost_sub_block(masked: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, W] masked -> the masked positions of each row's leftmost sub-block (of `width`, counted
+    from the window's start) that has any (all of them with width 0)."""
+    if not width or width >= masked.shape[-1]:
+        return masked
+    sub = torch.arange(masked.shape[-1], device=masked.device) // width  # [W] sub-block index
+    first = torch.where(masked, sub, masked.shape[-1]).min(-1, keepdim=True).values  # [B, 1]
+    return masked & (sub == first)
+
+
 @dataclass(frozen=True)
 class Decoder:
     propose: ProposalPolicy
@@ -43,6 +53,7 @@ class Decoder:
     # ids dropped from the confidence's softmax once the proposal is chosen (LLaDA's
     # `confidence_eos_eot_inf`): proposing them scores 0, the other proposals are renormalised
     unscored: tuple[int, ...] = ()
+    sub_block: int = 0  # > 0: only the leftmost sub-block of this width with masks is eligible
 
     def step(
         self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
@@ -55,7 +66,7 @@ class Decoder:
         """
         lo, hi = state.window
         window = state.tokens[:, lo:hi]  # [B, W]
-        masked = state.masked  # [B, W]
+        masked = leftmost_sub_block(state.masked, self.sub_block)  # [B, W] eligible positions
         gate = self.score.gate(state.tokens != state.mask_id)  # [B, T] or None
         gate = torch.ones(window.shape, device=window.device) if gate is None else gate[:, lo:hi]
         confidence = torch.full(window.shape, -torch.inf, dtype=torch.float64, device=window.device)

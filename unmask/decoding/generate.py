@@ -159,8 +159,9 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
     kv = model.new_cache(B, start + n_blocks * Lb, device) if plan.cache == "exact" else None
     call = Caller(model, plan, prompt_len=P)
     commits = 0
+    upcoming = None  # [B, V] what the last committed position predicts next (ar_first_token)
     if kv is not None and start > 0:
-        model(prompt[:, :start], cache=kv)
+        upcoming = model(prompt[:, :start], cache=kv).next_logits
         kv.commit(start)
         commits += 1
     state = _opening(prompt, torch.ones_like(prompt, dtype=torch.bool), model.mask_id, P, start, block_steps)
@@ -174,6 +175,8 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
         state = state.advance(
             tokens=tokens, fixed=fixed, window=(lo, hi), block=block, step=0, prev_logits=None
         )
+        if cfg.ar_first_token and lo >= P:
+            state = _open_block(state, upcoming, call, lo)
 
         def forward(state, block=block, lo=lo, hi=hi) -> View:  # the active block's output
             if kv is not None:
@@ -184,13 +187,27 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
         while state.step < block_steps and state.masked.any():
             state = yield from _rounds(model, plan, state, forward, call, generators)
         if kv is not None:  # append the finished block's clean K/V
-            model(state.tokens[:, lo:hi], cache=kv)
+            upcoming = model(state.tokens[:, lo:hi], cache=kv).next_logits
             kv.commit(Lb)
             state = state.advance(commit_passes=state.commit_passes + 1)
         state = _finish_rows(state, plan, P, cap, model.vocab_size)
         if state.finished.all():
             break
     yield state.advance(tokens=state.tokens[:, :cap], fixed=state.fixed[:, :cap])
+
+
+def _open_block(state: DecodeState, upcoming: torch.Tensor | None, call: Caller, lo: int) -> DecodeState:
+    """Fast-dLLM v2's block opening: position `lo` becomes the argmax of `upcoming` [B, V], the
+    logits the previous block's last output (or the prompt's) gives it, before any step."""
+    if upcoming is None:
+        raise DecodeError(
+            "--decode.ar_first_token needs a model whose last output predicts the next position (a "
+            "shifted block-causal family such as Fast-dLLM v2); this model gives no such logits"
+        )
+    logits = call.suppress(View(lo, upcoming[:, None].clone(), upcoming[:, None])).logits[:, 0]  # [B, V]
+    tokens = state.tokens.clone()
+    tokens[:, lo] = torch.where(state.fixed[:, lo], tokens[:, lo], logits.argmax(-1))
+    return state.advance(tokens=tokens)
 
 
 def _finish_rows(state: DecodeState, plan: DecodePlan, P: int, cap: int, vocab: int) -> DecodeState:

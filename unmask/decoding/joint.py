@@ -29,6 +29,11 @@ from unmask.decoding.state import DecodeState
 from unmask.models.denoiser import Denoiser
 
 
+def _view(out) -> View:
+    """The whole-canvas view of a model output."""
+    return View(0, out.logits, out.hidden)
+
+
 def unroll_weights(K: int) -> torch.Tensor:
     """P(J = j) for j = 1..K-1 (decoding refreshes K-1 times per full forward):
     softmax(0.5^0, ..., 0.5^(K-2)), short unrolls slightly favoured."""
@@ -61,13 +66,13 @@ def adjust_kl(
     unrolled J times from the full model's output for x^(0), gradients flowing through it.
     """
     with torch.no_grad():
-        view = View(0, *base(start))  # logits and h_0 [B, T, D] of x^(0)
+        view = _view(base(start))  # logits and h_0 [B, T, D] of x^(0)
     rows = torch.arange(start.shape[0], device=start.device)
     tokens = start
     for j in range(reveal_pos.shape[1]):
         tokens = tokens.clone()
         tokens[rows, reveal_pos[:, j]] = reveal_tok[:, j]  # x^(j+1)
-        view = refresher(base, tokens, view, lambda tokens=tokens: View(0, *base(tokens)))
+        view = refresher(base, tokens, view, lambda tokens=tokens: _view(base(tokens)))
     logits = view.logits
     with torch.no_grad():
         target = base(tokens).logits  # p_full(. | x^(J))

@@ -219,6 +219,12 @@ def plan_decode(
             "classifier-free guidance (cfg_scale > 0) needs a diffusion model, a prompt and "
             "--decode.cache none (the unconditional copy has no cache of its own)"
         )
+    if cfg.ar_first_token and (kind != "block_causal" or cache != "exact"):
+        raise DecodeError(
+            "ar_first_token (Fast-dLLM v2's block-opening token) reads the last logit of the previous "
+            f"block's commit pass: it needs a block-causal model and its block KV cache, not a {kind} "
+            f"model with cache={cfg.cache!r}"
+        )
     if cfg.rounds > 1 and kind == "causal":
         raise DecodeError(
             "commit rounds per forward (rounds > 1, ADJUST) need a diffusion model; a causal "

@@ -51,6 +51,19 @@ PRESETS: dict[str, dict[str, object]] = {
         cache="prefix",
         eos_fill=False,
     ),
+    # Fast-dLLM v2 (its model card: block 32 from the checkpoint, sub-blocks of 8, threshold 0.9):
+    # a block's first token is the argmax of the previous block's last logit, then each sub-block is
+    # decoded until done, every position above the threshold and at least the most confident one.
+    "fast-dllm-v2": dict(
+        proposal="greedy",
+        score="prob",
+        select="threshold",
+        threshold=0.9,
+        threshold_floor="one",
+        sub_block=8,
+        ar_first_token=True,
+        eos_fill=False,
+    ),
     # Dream (Ye et al. 2025): whole canvas, Dream's count schedule, `entropy` ordering (its README's
     # choice); --decode.score prob | margin gives maskgit_plus | topk_margin, --decode.select
     # ancestral gives `origin`, --decode.alg_temp samples the positions.
@@ -154,4 +167,4 @@ def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
         "threshold": lambda: Threshold(cfg.threshold, cfg.threshold_floor, counts),
         "dream": lambda: DreamSchedule(eps=cfg.time_eps, alg_temp=cfg.alg_temp),
     }[cfg.select]()
-    return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg))
+    return Decoder(propose, score, select, INPUTS[cfg.inputs](cfg), sub_block=cfg.sub_block)

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class DenoiserOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
     hidden: torch.Tensor  # [B, T, D] final-norm hidden states
+    # [B, V] the logits of the position *after* the input, where the model's last output predicts
+    # it (shifted block-causal families: Fast-dLLM v2's block-opening token); None elsewhere
+    next_logits: torch.Tensor | None = None
 
 
 @runtime_checkable

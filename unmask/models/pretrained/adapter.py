@@ -119,10 +119,14 @@ class HFDenoiser(nn.Module):
             allowed = masks.dense_mask(self.predicate, positions, torch.arange(visible, device=h.device))
         if key_mask is not None:
             allowed = masks.with_key_mask(allowed, key_mask[:, :visible], T)  # [B, T, S]
-        hidden = self.run(h, positions, allowed, cache)
-        if self.family.shift:
-            hidden = self._shift(hidden, cache, start)
-        return DenoiserOutput(invariant.linear(self.native.lm_head, hidden), hidden)
+        raw = self.run(h, positions, allowed, cache)
+        if not self.family.shift:
+            return DenoiserOutput(invariant.linear(self.native.lm_head, raw), raw)
+        hidden = self._shift(raw, cache, start)
+        upcoming = None  # what the last output predicts: the next position (block-causal: unaffected by it)
+        if self.cfg.attention == "block_causal":
+            upcoming = invariant.linear(self.native.lm_head, raw[:, -1:])[:, 0]
+        return DenoiserOutput(invariant.linear(self.native.lm_head, hidden), hidden, upcoming)
 
     def _shift(self, raw: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         """raw [B, T, D] outputs at start..start+T-1 -> the outputs at start-1..start+T-2."""

@@ -86,7 +86,7 @@ FAMILIES = (
         mask_id=151665,
         mask_token="|<MASK>|",
         stop_tokens=("<|im_end|>", "<|endoftext|>"),
-        preset="fast-dllm",
+        preset="fast-dllm-v2",
     ),
     Family(
         "llada2",
