@@ -299,6 +299,107 @@ def test_wrong_weight_shape_is_named(family_dirs, tmp_path):
         load_checkpoint(d)
 
 
+def _edit(d, config=None, drop=(), add=None, rename=None):
+    """Rewrite a copied directory: config.json fields, and weights dropped / added / renamed."""
+    from safetensors.torch import load_file, save_file
+
+    if config:
+        raw = json.loads((d / "config.json").read_text())
+        raw.update(config)
+        (d / "config.json").write_text(json.dumps(raw))
+    w = load_file(str(d / "model.safetensors"))
+    w = {(rename or {}).get(k, k): v for k, v in w.items() if k not in drop}
+    w.update(add or {})
+    save_file(w, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["dream", "fast-dllm-v2", "sdar"])
+def test_a_tied_checkpoint_uses_its_embedding_as_the_output_layer(family_dirs, tmp_path, family):
+    """`tie_word_embeddings: true` and no lm_head.weight (Qwen2.5-1.5B-based checkpoints ship so):
+    the logits are the embedding's, as transformers' own class computes them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from unmask.models.pretrained.native import native_config
+
+    d = copy_family(family_dirs, family, tmp_path)
+    _edit(d, config={"tie_word_embeddings": True}, drop=("lm_head.weight",))
+    model = load_checkpoint(d, dtype="fp32").model
+    raw = json.loads((d / "config.json").read_text())
+    from unmask.models.pretrained.families import detect
+
+    hf = native_config(detect(raw), raw, "config.json")
+    ref = AutoModelForCausalLM.from_config(hf)
+    missing, _ = ref.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+    ref.tie_weights()
+    assert missing == ["lm_head.weight"] and ref.lm_head.weight is ref.model.embed_tokens.weight
+    torch.testing.assert_close(model.head.weight, ref.model.embed_tokens.weight, rtol=0, atol=0)
+    x = tokens(T=8)
+    with torch.no_grad():
+        out = model(x).logits
+    assert torch.isfinite(out).all()
+    # a tied config whose checkpoint ships a different output layer contradicts itself
+    d2 = copy_family(family_dirs, family, tmp_path / "untied")
+    _edit(d2, config={"tie_word_embeddings": True})
+    with pytest.raises(PretrainedError, match="tie_word_embeddings is true.*lm_head.weight differs"):
+        load_checkpoint(d2)
+
+
+def test_an_untied_checkpoint_without_its_output_layer_says_how_to_tie_it(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "dream", tmp_path)
+    _edit(d, drop=("lm_head.weight",))
+    with pytest.raises(PretrainedError, match=r"missing \['lm_head.weight'\].*tie_word_embeddings true"):
+        load_checkpoint(d)
+
+
+def test_llada_without_mlp_hidden_size_uses_mlp_ratio(family_dirs, tmp_path):
+    """OLMo's convention: mlp_hidden_size null -> mlp_ratio x d_model (here 1.5 x 32 = 48)."""
+    base = load(family_dirs, "llada").model
+    d = copy_family(family_dirs, "llada", tmp_path)
+    _edit(d, config={"mlp_hidden_size": None, "mlp_ratio": 1.5})
+    model = load_checkpoint(d, dtype="fp32").model
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base(x).logits)
+    _edit(d, config={"mlp_ratio": 2})  # 64 wide: the weights say 48, and the error names them
+    with pytest.raises(PretrainedError, match=r"mlp\.(gate|up|down)_proj"):
+        load_checkpoint(d)
+
+
+def test_llada_with_weight_tying_uses_wte_as_the_output_layer(family_dirs, tmp_path):
+    d = copy_family(family_dirs, "llada", tmp_path)
+    _edit(d, config={"weight_tying": True}, drop=("model.transformer.ff_out.weight",))
+    model = load_checkpoint(d, dtype="fp32").model
+    assert torch.equal(model.head.weight, model.tok_embed.weight)
+
+
+def test_weights_the_config_does_not_describe_are_an_error(family_dirs, tmp_path):
+    """No checkpoint weight is silently ignored: a config with fewer blocks / layers / experts than
+    the checkpoint holds, or a stray tensor, is refused naming them."""
+    d = copy_family(family_dirs, "bd3lm", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    _edit(d, config={"n_blocks": raw["n_blocks"] - 1})
+    with pytest.raises(PretrainedError, match=r"n_blocks=1; the checkpoint also holds blocks \[1\]"):
+        load_checkpoint(d, tokenizer=family_dirs[0] / "gpt2")
+    d = copy_family(family_dirs, "mdlm", tmp_path)
+    _edit(d, add={"backbone.extra.weight": torch.zeros(2)})
+    with pytest.raises(PretrainedError, match="backbone.extra.weight"):
+        load_checkpoint(d, tokenizer=family_dirs[0] / "gpt2")
+    d = copy_family(family_dirs, "sdar", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    _edit(d, config={"num_hidden_layers": 1, "layer_types": ["full_attention"]})
+    with pytest.raises(PretrainedError, match=r"unexpected \['model.layers.1"):
+        load_checkpoint(d)
+    _edit(d, config={"layer_types": ["full_attention"] * 3})  # transformers' own check, as our error
+    with pytest.raises(PretrainedError, match="(?s)Qwen3Config refuses this config.*layer_types"):
+        load_checkpoint(d)
+    d = copy_family(family_dirs, "llada2", tmp_path)
+    raw = json.loads((d / "config.json").read_text())
+    _edit(d, config={"num_experts": raw["num_experts"] - 1})
+    with pytest.raises(PretrainedError, match="beyond config.json's num_experts"):
+        load_checkpoint(d)
+
+
 def test_unsupported_field_is_refused_by_name(family_dirs, tmp_path):
     d = copy_family(family_dirs, "llada2", tmp_path)
     raw = json.loads((d / "config.json").read_text())

@@ -83,9 +83,25 @@ def _modulation(tensors: dict[str, torch.Tensor], prefix: str, c: torch.Tensor |
     ).chunk(n)
 
 
+class _Used(dict):
+    """A dict that remembers which keys were read."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+# checkpoint entries that are not weights of the denoiser: BD3-LM's clipped-schedule buffers, rope
+NOT_WEIGHTS = {"sampling_eps_min", "sampling_eps_max", "rotary_emb.inv_freq"}
+
+
 def fold(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
     """Checkpoint tensors (`backbone.*`) -> `DiT` state dict, adaLN folded at sigma = 0."""
-    t = {k.removeprefix("backbone."): v for k, v in tensors.items()}
+    t = _Used({k.removeprefix("backbone."): v for k, v in tensors.items()})
     c = None
     if "sigma_map.mlp.0.weight" in t:
         half = FREQ_DIM // 2
@@ -129,4 +145,15 @@ def fold(tensors: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Ten
             f"missing weight backbone.{e.args[0]} (an MDLM/BD3-LM checkpoint has "
             "backbone.vocab_embed, backbone.blocks.*, backbone.output_layer.*)"
         ) from e
+    unused = sorted(k for k in tensors if k.removeprefix("backbone.") not in t.used | NOT_WEIGHTS)
+    if unused:
+        blocks = sorted({int(k.split(".")[2]) for k in unused if k.startswith("backbone.blocks.")})
+        hint = (
+            f" (config.json has n_blocks={n_layers}; the checkpoint also holds blocks {blocks})"
+            if blocks
+            else ""
+        )
+        raise PretrainedError(
+            f"the checkpoint has weights the model its config.json describes does not use{hint}: {unused[:5]}"
+        )
     return out

@@ -109,9 +109,12 @@ def assign(
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not (ignored and ignored.search(k))]
     if shapes or missing or unexpected:
+        hint = ""
+        if "lm_head.weight" in missing:
+            hint = " (a checkpoint without lm_head.weight ties it to the embedding: tie_word_embeddings true)"
         raise PretrainedError(
             f"weights in {where} do not fit the model its config.json describes: "
-            f"wrong shapes {shapes[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"wrong shapes {shapes[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}{hint}"
         )
     model.load_state_dict({k: state[k] for k in own}, strict=True, assign=True)
 
@@ -201,7 +204,7 @@ def _load_native(path: Path, raw, family: Family, block: int, dtype, where):
     tensors, origin = read_weights(path, dtype)
     with torch.device("meta"):
         native = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    assign(native, convert(family, hf_cfg, tensors), origin, path, IGNORED)
+    assign(native, tie(convert(family, hf_cfg, tensors), hf_cfg, where), origin, path, IGNORED)
     _rebuild_buffers(native, hf_cfg)
     cfg = ModelConfig(
         attention=family.attention,
@@ -213,6 +216,22 @@ def _load_native(path: Path, raw, family: Family, block: int, dtype, where):
     vocab = native.lm_head.out_features
     max_len = int(getattr(hf_cfg, "max_position_embeddings", 0) or 4096)
     return HFDenoiser(native, family, cfg, mask_id=fam.mask_id(family, raw, vocab), max_len=max_len), max_len
+
+
+def tie(state: dict[str, torch.Tensor], hf_cfg, where: str) -> dict[str, torch.Tensor]:
+    """A tied checkpoint (`tie_word_embeddings`) has no output layer of its own: it is the input
+    embedding. One that ships a different lm_head.weight contradicts its config and is refused."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not getattr(hf_cfg, "tie_word_embeddings", False) or embed not in state:
+        return state
+    if head not in state:
+        return {**state, head: state[embed]}
+    if not torch.equal(state[head], state[embed]):
+        raise PretrainedError(
+            f"{where}: tie_word_embeddings is true, but the checkpoint's lm_head.weight differs from "
+            f"{embed}; set tie_word_embeddings to false to use its own output layer"
+        )
+    return state
 
 
 def _rebuild_buffers(native: nn.Module, hf_cfg) -> None:

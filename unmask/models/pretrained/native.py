@@ -62,7 +62,6 @@ def _llada(raw: dict[str, Any], where: str) -> LlamaConfig:
         "include_bias",
         "include_qkv_bias",
         "bias_for_layer_norm",
-        "weight_tying",
         "scale_logits",
         "input_emb_norm",
         "attention_layer_norm",
@@ -72,17 +71,19 @@ def _llada(raw: dict[str, Any], where: str) -> LlamaConfig:
         require(raw, where, flag, {False, None}, why)
     require(raw, where, "rope", {True}, why)
     vocab = raw.get("embedding_size") or raw["vocab_size"]
+    # OLMo's convention: without mlp_hidden_size the MLP is mlp_ratio x d_model wide
+    hidden = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4) * raw["d_model"])
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=raw["d_model"],
-        intermediate_size=raw["mlp_hidden_size"],
+        intermediate_size=hidden,
         num_hidden_layers=raw["n_layers"],
         num_attention_heads=raw["n_heads"],
         num_key_value_heads=raw.get("n_kv_heads") or raw["n_heads"],
         max_position_embeddings=raw.get("max_sequence_length", 4096),
         rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
         rope_parameters={"rope_type": "default", "rope_theta": float(raw.get("rope_theta", 10000.0))},
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(raw.get("weight_tying", False)),  # the output layer is wte
         attention_bias=False,
         mlp_bias=False,
         hidden_act="silu",
@@ -98,7 +99,12 @@ def _qwen(cls):
         )
         require(raw, where, "hidden_act", {"silu"}, f"loaded as {cls.__name__}")
         fields = {k: v for k, v in raw.items() if k not in META}
-        return cls(**fields)
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            return cls(**fields)
+        except (ValueError, TypeError, StrictDataclassError) as e:  # transformers' own validation
+            raise PretrainedError(f"{where}: {cls.__name__} refuses this config: {e}") from None
 
     return build
 
@@ -211,6 +217,12 @@ def _convert_llada2(cfg: Glm4MoeConfig, tensors: dict[str, torch.Tensor]) -> dic
     # down_proj [E, D, I]
     for prefix in sorted({p for p, _, _ in experts}):
         n = cfg.n_routed_experts
+        beyond = sorted({e for p, e, _ in experts if p == prefix and e >= n})
+        if beyond:
+            raise PretrainedError(
+                f"{prefix}: the checkpoint holds experts {beyond[:4]}{' ...' if len(beyond) > 4 else ''} "
+                f"beyond config.json's num_experts={n}"
+            )
         missing = [
             f"{prefix}.{e}.{w}.weight"
             for e in range(n)
