@@ -189,6 +189,24 @@ def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
     _write_bench(ns.out, "llada_reference", r, table)
 
 
+def cmd_bench_family(ns: argparse.Namespace, rest: list[str]) -> None:
+    from unmask.bench.families import bench_family_reference, family_table
+
+    loaded, prompts = _bench_setup(ns)
+    try:
+        r = bench_family_reference(
+            loaded,
+            prompts=prompts,
+            max_new_tokens=ns.max_new_tokens,
+            steps=ns.steps,
+            block_len=ns.block_len,
+            repeats=ns.repeats,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    _write_bench(ns.out, f"family_ref_{r['family']}", r, family_table(r))
+
+
 def cmd_bench_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
     from unmask.bench.harness import bench_lm_eval, lm_eval_table
 
@@ -240,7 +258,8 @@ def cmd_bench_dist(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def add_bench_commands(sub) -> None:
-    """`unmask bench train | data | sample | cache | invariance | llada-ref | lm-eval | serve | dist`."""
+    """`unmask bench train | data | sample | cache | invariance | llada-ref | family-ref | lm-eval | serve |
+    dist`."""
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser(
         "train",
@@ -304,6 +323,16 @@ def add_bench_commands(sub) -> None:
     bl.add_argument("--block-len", type=int, default=32)
     bl.add_argument("--repeats", type=int, default=3)
     bl.set_defaults(func=cmd_bench_llada)
+    bf = b.add_parser(
+        "family-ref",
+        allow_abbrev=False,
+        help="a pretrained family's default preset vs its authors' own loop (llada, dream, sdar, llada2, "
+        "fast-dllm-v2)",
+    )
+    sampling_args(bf, 64, 64)
+    bf.add_argument("--block-len", type=int, default=32, help="LLaDA's semi-AR block")
+    bf.add_argument("--repeats", type=int, default=3)
+    bf.set_defaults(func=cmd_bench_family)
     be = b.add_parser(
         "lm-eval",
         allow_abbrev=False,

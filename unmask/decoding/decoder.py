@@ -109,7 +109,9 @@ class Decoder:
             return proposal
         logits = proposal.dist.logits.clone()
         logits[:, list(self.unscored)] = -torch.inf
-        return proposal._replace(dist=Distribution.from_logits(logits, None, copy=False))
+        return proposal._replace(
+            dist=Distribution.from_logits(logits, None, copy=False, softmax=proposal.dist.softmax)
+        )
 
     def _propose(
         self, logits: torch.Tensor, at: torch.Tensor, u: torch.Tensor, mask_id: int | None

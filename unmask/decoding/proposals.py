@@ -26,9 +26,14 @@ class Distribution:
 
     logits: torch.Tensor  # [N, V] float32
     lse: torch.Tensor  # [N] float32 log-normaliser
+    # probabilities (and what scores read of them) as the families' own loops compute them:
+    # torch.softmax in float32, Dream's entropy sum p log(p + 1e-10) (`Processed` proposals)
+    softmax: bool = False
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, mask_id: int | None, *, copy: bool = True) -> Distribution:
+    def from_logits(
+        cls, logits: torch.Tensor, mask_id: int | None, *, copy: bool = True, softmax: bool = False
+    ) -> Distribution:
         """SUBS: the [MASK] token is excluded (mask_id None: models whose reference loops keep it,
         e.g. LLaDA). Works on a float32 copy of `logits`, or on `logits` itself with copy=False
         (for a fresh float32 tensor the caller gives away)."""
@@ -38,17 +43,21 @@ class Distribution:
         m = x.max(-1, keepdim=True).values
         # exp-sum-log is cheaper than torch.logsumexp on CPU; the sum is each row's own (batch-invariant)
         lse = invariant.row_sum((x - m).exp_()).log_().add_(m.squeeze(-1))
-        return cls(x, lse)
+        return cls(x, lse, softmax)
 
     @cached_property
     def probs(self) -> torch.Tensor:
         """[N, V] float32 probabilities (built on first use)."""
+        if self.softmax:
+            return torch.softmax(self.logits, -1)
         return (self.logits - self.lse[:, None]).exp_()
 
     def entropy(self) -> torch.Tensor:
         """H(p) [N] float64: -sum p * (logit - lse) in float32 over [N, V]; excluded tokens
         ([MASK], p = 0, logit -inf) contribute 0."""
         probs = self.probs
+        if self.softmax:  # Dream's `sample_tokens`
+            return -invariant.row_sum(probs * torch.log(probs + 1e-10)).double()
         plogp = torch.where(probs > 0, probs * (self.logits - self.lse[:, None]), 0.0)
         return -invariant.row_sum(plogp).double()
 
@@ -202,7 +211,7 @@ class Processed:
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         ones = _mass(dist.lse, None)
         if self.greedy and self.order == "sdar":
-            return Proposal(dist.logits.argmax(-1), dist, ones)
+            return Proposal(dist.logits.argmax(-1), Distribution(dist.logits, dist.lse, softmax=True), ones)
         x = dist.logits
         if not self.greedy and self.temperature != 1.0:
             x = x / self.temperature
@@ -210,7 +219,7 @@ class Processed:
             x = top_k_logits(top_p_logits(x, self.top_p, self.rule), self.top_k)
         else:
             x = top_p_logits(top_k_logits(x, self.top_k), self.top_p, self.rule)
-        processed = Distribution.from_logits(x, None, copy=x is dist.logits)
+        processed = Distribution.from_logits(x, None, copy=x is dist.logits, softmax=True)
         if self.greedy:
             return Proposal(processed.logits.argmax(-1), processed, ones)
         return Proposal(categorical(processed.probs.double(), u), processed, ones)

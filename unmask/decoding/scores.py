@@ -24,6 +24,8 @@ class TokenProb:
     random = False  # True: the confidence is a uniform draw the decoder fills in (see `Random`)
 
     def __call__(self, p: Proposal) -> torch.Tensor:
+        if p.dist.softmax:  # the family's own float32 softmax
+            return p.dist.probs.gather(-1, p.tokens[:, None]).squeeze(-1).double()
         return p.dist.prob_of(p.dist.logits.gather(-1, p.tokens[:, None]).squeeze(-1))
 
     def gate(self, decoded: torch.Tensor) -> torch.Tensor | None:
@@ -35,6 +37,8 @@ class MaxProb(TokenProb):
     """Largest probability at the position (Dream `maskgit_plus`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
+        if p.dist.softmax:
+            return p.dist.probs.max(-1).values.double()
         return p.dist.prob_of(p.dist.logits.max(-1).values)
 
 
@@ -43,6 +47,9 @@ class Margin(TokenProb):
     """Top-1 minus top-2 probability (Dream `topk_margin`)."""
 
     def __call__(self, p: Proposal) -> torch.Tensor:
+        if p.dist.softmax:
+            top = p.dist.probs.topk(2, dim=-1).values
+            return (top[:, 0] - top[:, 1]).double()
         top = p.dist.prob_of(p.dist.logits.topk(2, dim=-1).values)
         return top[:, 0] - top[:, 1]
 

@@ -192,10 +192,14 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 
 class _Routed(torch.overrides.TorchFunctionMode):
-    """Sends the calls of code we do not own (transformers' modeling files) to the invariant ops."""
+    """Sends the calls of code we do not own (transformers' modeling files) to the invariant ops.
+    Every torch call of the forward passes here, so the common case (not a routed function) is
+    one set lookup."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _ROUTED:
+            return func(*args, **kwargs)
         if args and isinstance(args[0], torch.Tensor) and active(args[0]):
             if func is F.linear:  # (input, weight, bias), positional or by name
                 given = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
@@ -210,6 +214,11 @@ class _Routed(torch.overrides.TorchFunctionMode):
             if func is F.gelu:
                 return gelu(args[0], kwargs.get("approximate", "none"))
         return func(*args, **kwargs)
+
+
+_ROUTED = frozenset(
+    {F.linear, F.scaled_dot_product_attention, F.silu, torch.sigmoid, torch.Tensor.sigmoid, F.gelu}
+)
 
 
 @contextmanager

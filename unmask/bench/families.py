@@ -1,0 +1,256 @@
+"""`unmask bench family-ref`: a pretrained family's default preset against its authors' own loop.
+
+Each loop below is the family's published generation loop as docs/CHECKPOINTS.md §5 describes it,
+greedy, run on the same loaded model with the authors' own cache strategy (SDAR and Fast-dLLM v2
+keep a prefix KV cache and run each block against it; LLaDA, Dream and LLaDA2 recompute the whole
+sequence every step). One row at a time for the loops written for one row (SDAR, LLaDA2, Fast-dLLM
+v2), the whole batch for the batched ones (LLaDA, Dream). The tokens must come out identical; the
+tests check the same loops against transformers' own modules (tests/models/test_family_loops.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from unmask.bench.sampling import llada_reference, run_decode
+from unmask.bench.training import interleaved, ratio
+
+
+def _counts(width: int, steps: int) -> list[int]:
+    """SDAR's / LLaDA2's `get_num_transfer_tokens`: the width split evenly, remainder first."""
+    base, rem = divmod(width, steps)
+    return [base + (i < rem) for i in range(steps)]
+
+
+@torch.inference_mode()
+def sdar_loop(model, prompt, *, gen_length: int, steps: int, threshold: float) -> torch.Tensor:
+    """SDAR's `block_diffusion_generate`, `low_confidence_dynamic`, argmax for its draw; one row
+    [1, P]. Complete prompt blocks are prefilled into the cache; each block is denoised against
+    it (written, not committed) and committed once clean."""
+    L, mask_id = model.cfg.block_size, model.mask_id
+    P = prompt.shape[1]
+    n_blocks = (P + gen_length + L - 1) // L
+    x = torch.full((1, n_blocks * L), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    kv = model.new_cache(1, n_blocks * L, prompt.device)
+    start = P // L * L
+    if start:
+        model(x[:, :start], cache=kv)
+        kv.commit(start)
+    counts = _counts(L, steps)
+    for b in range(P // L, n_blocks):
+        cur = x[:, b * L : (b + 1) * L]
+        for step in range(steps + 1):
+            masked = cur[0] == mask_id
+            if not masked.any():
+                model(cur, cache=kv)
+                kv.commit(L)
+                break
+            p = torch.softmax(model(cur, cache=kv).logits[0], -1)
+            x0_p, x0 = p.max(-1)
+            conf = torch.where(masked, x0_p, -torch.inf)
+            high = conf > threshold
+            if int(high.sum()) >= counts[step]:
+                pick = high
+            else:
+                pick = torch.zeros_like(masked)
+                pick[conf.topk(min(counts[step], int(masked.sum()))).indices] = True
+            cur[0, pick] = x0[pick]
+    return x[:, : P + gen_length]
+
+
+@torch.inference_mode()
+def llada2_loop(model, prompt, *, gen_length: int, steps: int, threshold: float) -> torch.Tensor:
+    """LLaDA2's `generate()` at temperature 0; one row [1, P]: the whole prefix recomputed with the
+    block-causal mask every step (its code keeps no cache)."""
+    L, mask_id = model.cfg.block_size, model.mask_id
+    P = prompt.shape[1]
+    n_blocks = (P + gen_length + L - 1) // L
+    x = torch.full((1, n_blocks * L), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    counts = _counts(L, steps)
+    for b in range(P // L, n_blocks):
+        end = (b + 1) * L
+        for step in range(steps):
+            masked = x[0, end - L : end] == mask_id
+            if not masked.any():
+                break
+            p = torch.softmax(model(x[:, :end]).logits[0, -L:], -1)
+            x0_p, x0 = p.max(-1)
+            conf = torch.where(masked, x0_p, -torch.inf)
+            high = conf > threshold
+            if int(high.sum()) >= counts[step]:
+                pick = high
+            else:
+                pick = torch.zeros_like(masked)
+                pick[conf.topk(min(counts[step], int(masked.sum()))).indices] = True
+            x[0, end - L : end][pick] = x0[pick]
+    return x[:, : P + gen_length]
+
+
+@torch.inference_mode()
+def fast_dllm_v2_loop(model, prompt, *, gen_length: int, small_block: int, threshold: float) -> torch.Tensor:
+    """Fast-dLLM v2's `batch_sample`, one row [1, P], without its block cache: prefix cache, the
+    block-opening token from the previous block's (or the prompt's) last logit, sub-blocks left
+    to right each until done (every position above the threshold and the most confident one)."""
+    L, mask_id = model.cfg.block_size, model.mask_id
+    P = prompt.shape[1]
+    n_blocks = gen_length // L + P // L
+    x = torch.full((1, n_blocks * L), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    kv = model.new_cache(1, n_blocks * L, prompt.device)
+    upcoming = None
+    if P >= L:
+        start = P // L * L
+        upcoming = model(x[:, :start], cache=kv).next_logits
+        kv.commit(start)
+    for b in range(P // L, n_blocks):
+        lo, hi = b * L, (b + 1) * L
+        if lo >= P:
+            x[0, lo] = upcoming[0].argmax()
+        block = x[:, lo:hi]
+        for s in range(0, L, small_block):
+            for tries in range(small_block + 1):
+                if not (block[0, s : s + small_block] == mask_id).any():
+                    break
+                if tries == small_block:  # each pass commits one position unless the argmax is [MASK]
+                    raise ValueError("the reference loop stalls: the model's argmax is [MASK] (untrained?)")
+                p = torch.softmax(model(block, cache=kv).logits[0, s : s + small_block], -1)
+                x1_p, x1 = p.max(-1)
+                masked = block[0, s : s + small_block] == mask_id
+                x1_p = torch.where(masked, x1_p, -torch.inf)
+                pick = x1_p > threshold
+                pick[x1_p.argmax()] = True
+                pick &= masked
+                block[0, s : s + small_block][pick] = x1[pick]
+        upcoming = model(block, cache=kv).next_logits
+        kv.commit(L)
+    return x
+
+
+@torch.inference_mode()
+def dream_loop(model, prompt, *, gen_length: int, steps: int, eps: float = 1e-3) -> torch.Tensor:
+    """Dream's `diffusion_generate` at temperature 0 with `alg="entropy"` (its README's choice): the
+    canvas recomputed every step, int(n_mask (1 - s/t)) positions per step on linspace(1, eps,
+    steps + 1) by negative entropy of the softmax ([MASK] included). The model's logits are already
+    aligned with the canvas (Dream's shift is the adapter's)."""
+    B, P = prompt.shape
+    mask_id = model.mask_id
+    x = torch.cat([prompt, torch.full((B, gen_length), mask_id, dtype=torch.long)], 1)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        masked = x == mask_id
+        probs = torch.softmax(model(x).logits[masked], -1)
+        x0 = probs.argmax(-1)
+        confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        t, s = timesteps[i], timesteps[i + 1]
+        n_mask = masked.sum() / B  # Dream's count is the batch's mean mask count
+        n = int(n_mask * (1 - s / t)) if i < steps - 1 else int(n_mask)
+        full = torch.full(x.shape, -torch.inf)
+        full[masked] = confidence
+        cand = torch.full_like(x, mask_id)
+        cand[masked] = x0
+        if n > 0:
+            idx = full.topk(n, dim=-1).indices
+            x.scatter_(1, idx, cand.gather(1, idx))
+    return x
+
+
+FAMILY_PRESETS = {  # the family's default preset and the settings its loop takes from it
+    "llada": "llada",
+    "dream": "dream",
+    "sdar": "sdar",
+    "llada2": "llada2",
+    "fast-dllm-v2": "fast-dllm-v2",
+}
+
+
+def bench_family_reference(
+    loaded, *, prompts: torch.Tensor, max_new_tokens: int, steps: int, block_len: int = 32, repeats: int = 3
+) -> dict[str, Any]:
+    """The family's default preset vs its own loop on `prompts` [B, P], interleaved, with the
+    settings of the family's model card (thresholds, sub-blocks) and `steps` for `max_new_tokens`."""
+    from unmask.decoding.presets import preset_config
+    from unmask.schedules import build_schedule
+
+    family = loaded.state.get("pretrained", {}).get("family")
+    if family not in FAMILY_PRESETS:
+        raise ValueError(
+            f"bench family-ref needs a pretrained directory of {', '.join(FAMILY_PRESETS)}; "
+            f"{loaded.path} is {family or 'an unmask run'}"
+        )
+    model, config = loaded.model, loaded.config
+    preset = FAMILY_PRESETS[family]
+    over: dict[str, Any] = {"max_new_tokens": max_new_tokens, "steps": steps}
+    if family == "llada":
+        over |= {"block_len": block_len}
+    cfg = preset_config(preset, **over)
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    L = model.cfg.block_size
+    per_block = max(1, round(steps * L / max_new_tokens))  # the loop's steps per block
+
+    def reference_rows(x: torch.Tensor) -> torch.Tensor:
+        if family == "llada":
+            return llada_reference(model, x, gen_length=max_new_tokens, steps=steps, block_length=block_len)
+        if family == "dream":
+            return dream_loop(model, x, gen_length=max_new_tokens, steps=steps)
+        rows = []
+        for row in x.split(1):
+            if family == "sdar":
+                out = sdar_loop(
+                    model, row, gen_length=max_new_tokens, steps=per_block, threshold=cfg.threshold
+                )
+            elif family == "llada2":
+                out = llada2_loop(
+                    model, row, gen_length=max_new_tokens, steps=per_block, threshold=cfg.threshold
+                )
+            else:
+                out = fast_dllm_v2_loop(
+                    model, row, gen_length=max_new_tokens, small_block=cfg.sub_block, threshold=cfg.threshold
+                )
+            rows.append(out[:, : x.shape[1] + max_new_tokens])
+        return torch.cat(rows)
+
+    B = len(prompts)
+
+    def ours():
+        r = run_decode(model, cfg, prompts, batch_size=B, seed=0, eos_id=None, schedule=schedule)
+        return {"seconds": r["seconds"], "tokens": r["samples"]}
+
+    def reference():
+        t = time.perf_counter()
+        x = reference_rows(prompts)
+        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1] :].tolist()}
+
+    runs = interleaved({"ours": ours, "reference": reference}, repeats)
+    # Fast-dLLM v2's loop stops at whole blocks (gen // L + P // L of them): compare what both made
+    identical = all(
+        all(a[: len(b)] == b for a, b in zip(mine["tokens"], theirs["tokens"], strict=True))
+        for mine, theirs in zip(runs["ours"], runs["reference"], strict=True)
+    )
+    return {
+        "family": family,
+        "preset": preset,
+        "speedup": ratio(runs, "reference", "ours"),
+        "identical_tokens": identical,
+        "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
+        "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
+        "max_new_tokens": max_new_tokens,
+        "steps": steps,
+        "rows": B,
+        "repeats": repeats,
+    }
+
+
+def family_table(r: dict[str, Any]) -> str:
+    q = r["speedup"]
+    return (
+        f"{r['family']} (`{r['preset']}` preset) vs its own loop, {r['max_new_tokens']} new tokens, "
+        f"{r['steps']} steps, {r['rows']} rows: ours {r['ours_seconds']:.3f}s vs reference "
+        f"{r['reference_seconds']:.3f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
+        f"identical tokens: {r['identical_tokens']}"
+    )
