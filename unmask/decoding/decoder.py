@@ -19,12 +19,15 @@ from unmask.decoding.state import DecodeState
 
 
 class ProposalPolicy(Protocol):
+    random: bool  # draws (reads its uniforms); greedy proposals do not
+
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal: ...
 
 
 class Selector(Protocol):
     needs_proposals: bool  # False: selection ignores proposals, so only chosen positions get one
     until_done: bool  # True: >= 1 commit per step, each block decoded until done (Fast-dLLM's threshold)
+    random: bool  # reads its uniforms (policies without the attribute are taken to)
 
     def __call__(self, c: SelectContext) -> torch.Tensor: ...
 
@@ -94,6 +97,16 @@ class Decoder:
         tokens = state.tokens.clone()
         tokens[:, lo:hi] = torch.where(chosen, proposed, window)
         return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
+
+    @property
+    def random(self) -> bool:
+        """Whether a step reads its uniforms: a sampled proposal, a random selector or score."""
+        return (
+            getattr(self.propose, "random", True)
+            or getattr(self.select, "random", True)
+            or self.score.random
+            or not isinstance(self.inputs, BinaryInputs)
+        )
 
     def _excluded(self, state: DecodeState) -> int | None:
         """The token proposals never take: [MASK], except on models whose reference loops rank by

@@ -124,7 +124,9 @@ def _rounds(
     view = forward(state)
     for r in range(rounds):
         logits = view.logits[:, lo - view.start : hi - view.start]  # [B, W, V] the window's
-        state = plan.decoder.step(state.advance(nfe=call.nfe), logits, *_uniforms(state, generators))
+        state = plan.decoder.step(
+            state.advance(nfe=call.nfe), logits, *_uniforms(state, generators, plan.decoder)
+        )
         if after is not None:
             state = after(state)
         yield state
@@ -140,8 +142,11 @@ def _rounds(
     return state
 
 
-def _uniforms(state: DecodeState, generators) -> tuple[torch.Tensor, torch.Tensor]:
+def _uniforms(state: DecodeState, generators, decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = state.window
+    if not decoder.random:  # greedy proposals, a deterministic selector: no draw is read
+        zeros = torch.zeros(state.tokens.shape[0], hi - lo, dtype=torch.float64, device=state.tokens.device)
+        return zeros, zeros
     # only rows with masks left in the window draw: alone, a row whose block is done stops stepping
     u = row_uniform(generators, 2 * (hi - lo), state.tokens.device, rows=state.masked.any(-1).tolist())
     return u[:, : hi - lo], u[:, hi - lo :]

@@ -147,6 +147,7 @@ class Greedy:
     top_p: float = 1.0
     rule: str = "crossing"  # top-p's rule (`in_nucleus`)
     keeps_mask = True  # with a family's full softmax (subs = False), [MASK] may rank first
+    random = False  # reads no uniforms
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         if not self.top_k and self.top_p >= 1.0:
@@ -164,6 +165,7 @@ class Sample:
     top_p: float = 1.0
     rule: str = "crossing"
     keeps_mask = False  # a sampled [MASK] would be no decision at all
+    random = True
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         p, ids = candidates(dist, self.top_k, self.top_p, self.rule)
@@ -208,11 +210,19 @@ class Processed:
     rule: str = "crossing"
     keeps_mask = True  # the references draw from the full softmax, [MASK] included (subs = False)
 
+    @property
+    def random(self) -> bool:
+        return not self.greedy
+
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         ones = _mass(dist.lse, None)
         if self.greedy and self.order == "sdar":
             return Proposal(dist.logits.argmax(-1), Distribution(dist.logits, dist.lse, softmax=True), ones)
         x = dist.logits
+        if (self.greedy or self.temperature == 1.0) and not self.top_k and self.top_p >= 1.0:
+            processed = Distribution(x, dist.lse, softmax=True)  # nothing to process: the same logits
+            tokens = x.argmax(-1) if self.greedy else categorical(processed.probs.double(), u)
+            return Proposal(tokens, processed, ones)
         if not self.greedy and self.temperature != 1.0:
             x = x / self.temperature
         if self.order == "dream":

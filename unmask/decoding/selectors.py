@@ -65,6 +65,7 @@ class Ancestral:
     eps: float = 0.0  # the time grid's end (Dream's `origin`: 1e-3)
 
     until_done = False
+    random = True
 
     @property
     def needs_proposals(self) -> bool:  # the global normalization reads the kept top-k mass
@@ -97,6 +98,7 @@ class FirstHitting:
     counts: str = "remaining"  # `step_count`'s rule
     needs_proposals = False
     until_done = False
+    random = True
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.u, step_count(c.masked, c.step, c.steps, self.counts), c.masked)
@@ -109,6 +111,7 @@ class Sequential:
     counts: str = "remaining"
     needs_proposals = False
     until_done = False
+    random = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         leftmost = -torch.arange(c.masked.shape[-1], dtype=torch.float64, device=c.masked.device)
@@ -125,6 +128,7 @@ class TopN:
     counts: str = "remaining"
     needs_proposals = True
     until_done = False
+    random = False
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         return top_n(c.confidence, step_count(c.masked, c.step, c.steps, self.counts), c.masked)
@@ -141,6 +145,7 @@ class Threshold:
     floor: str = "one"
     counts: str = "remaining"
     needs_proposals = True
+    random = False
 
     @property
     def until_done(self) -> bool:
@@ -165,6 +170,10 @@ class DreamSchedule:
     alg_temp: float = 0.0
     needs_proposals = True
     until_done = False
+
+    @property
+    def random(self) -> bool:  # alg_temp > 0 samples the positions
+        return self.alg_temp > 0
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         remaining = c.masked.sum(-1)

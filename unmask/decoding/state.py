@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -26,8 +27,9 @@ class DecodeState:
     def advance(self, **changes) -> DecodeState:
         return replace(self, **changes)
 
-    @property
+    @cached_property
     def masked(self) -> torch.Tensor:
-        """[B, hi - lo] bool: still-masked positions of the active window in unfinished rows."""
+        """[B, hi - lo] bool: still-masked positions of the active window in unfinished rows
+        (computed once per state: a state is never changed, `advance` makes a new one)."""
         lo, hi = self.window
         return (self.tokens[:, lo:hi] == self.mask_id) & ~self.finished[:, None]
