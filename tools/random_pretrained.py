@@ -32,7 +32,7 @@ LLADA_NAMES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["llada", "sdar"])
+    ap.add_argument("family", choices=["llada", "sdar", "dream", "fast-dllm-v2"])
     ap.add_argument("out")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1536)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument(
+        "--logit-scale", type=float, default=8.0, help="scale the output layer (peaked predictions)"
+    )
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,31 @@ def main() -> None:
             "include_bias": False,
             "mask_token_id": mask,
         }
+    elif a.family in ("dream", "fast-dllm-v2"):  # Qwen2 weights, 1:1 names; the families' config fields
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers,
+            num_attention_heads=a.heads,
+            num_key_value_heads=a.kv_heads,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
+        )
+        model = Qwen2ForCausalLM(cfg)
+        tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        config = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures")}
+        if a.family == "dream":
+            config.update(model_type="Dream", architectures=["DreamModel"], mask_token_id=mask)
+        else:
+            config.update(
+                model_type="Fast_dLLM_Qwen",
+                architectures=["Fast_dLLM_QwenForCausalLM"],
+                bd_size=a.block_size,
+                mask_token_id=mask,
+            )
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -108,6 +136,11 @@ def main() -> None:
         config.update(
             model_type="sdar", architectures=["SDARForCausalLM"], block_size=a.block_size, mask_token_id=mask
         )
+    # a trained model never argmaxes [MASK], and its predictions are peaked: an untrained one's
+    # near-uniform softmax would leave greedy ranks to float rounding
+    head = "model.transformer.ff_out.weight" if a.family == "llada" else "lm_head.weight"
+    tensors[head] = (tensors[head].float() * a.logit_scale).to(torch.bfloat16)
+    tensors[head][mask] = 0
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=1))
     vocab = {f"w{i}": i for i in range(a.vocab - 4)}

@@ -6,6 +6,8 @@ transformers model of `pretrained_layouts` (full recompute, the family's attenti
 reference needs a random draw, the test compares distributions (first-step proposals) instead.
 """
 
+from functools import partial
+
 import pytest
 import torch
 from pretrained_layouts import BLOCK, write_family
@@ -39,6 +41,15 @@ def ours(model, cfg, prompt, **plan_kw):
     plan = plan_decode(model, cfg, **plan_kw)
     gens = row_generators(0, list(range(prompt.shape[0])))
     return final_state(generate(model, plan, prompt=prompt, generators=gens)).tokens
+
+
+def assert_each_row_is_its_reference(got, prompt, reference, **kw):
+    """Our batched rows [B, T] each equal the reference loop run on that row alone (so batching
+    changes no row either), over the tokens the reference made."""
+    for row in range(prompt.shape[0]):
+        ref = reference(prompt[row], **kw)
+        n = min(len(ref), got.shape[1])
+        assert torch.equal(got[row, :n], ref[:n]), (row, got[row].tolist(), ref.tolist())
 
 
 # ------------------------------------------------------------------------------------------- SDAR
@@ -113,18 +124,17 @@ def test_sdar_presets_are_token_identical_to_sdars_loop(dirs, strategy, P, steps
     if preset is None:
         preset, over["select"] = "sdar-static", "sequential"
     got = ours(model, preset_config(preset, **over), prompt)
-    for row in range(prompt.shape[0]):
-        ref = sdar_reference(
-            native,
-            prompt[row],
-            mask_id=model.mask_id,
-            gen_length=new,
-            block_length=L,
-            steps=steps,
-            strategy=strategy,
-            threshold=threshold,
-        )
-        assert torch.equal(got[row], ref), (row, got[row].tolist(), ref.tolist())
+    assert_each_row_is_its_reference(
+        got,
+        prompt,
+        partial(sdar_reference, native),
+        mask_id=model.mask_id,
+        gen_length=new,
+        block_length=L,
+        steps=steps,
+        strategy=strategy,
+        threshold=threshold,
+    )
 
 
 def test_the_sdar_family_defaults_to_its_own_loop(dirs):
@@ -182,17 +192,16 @@ def test_llada2_preset_is_token_identical_to_llada2_generate(dirs, P, steps, thr
     prompt = prompt_of(P, seed=10 + P + steps)
     cfg = preset_config("llada2", max_new_tokens=new, steps=new * steps // L, threshold=threshold)
     got = ours(model, cfg, prompt)
-    for row in range(prompt.shape[0]):
-        ref = llada2_reference(
-            native,
-            prompt[row],
-            mask_id=model.mask_id,
-            gen_length=new,
-            block_length=L,
-            steps=steps,
-            threshold=threshold,
-        )
-        assert torch.equal(got[row], ref), (row, got[row].tolist(), ref.tolist())
+    assert_each_row_is_its_reference(
+        got,
+        prompt,
+        partial(llada2_reference, native),
+        mask_id=model.mask_id,
+        gen_length=new,
+        block_length=L,
+        steps=steps,
+        threshold=threshold,
+    )
     assert load_checkpoint(dirs[0] / "llada2", dtype="fp32").config.decode.preset == "llada2"
 
 
@@ -266,18 +275,17 @@ def test_dream_preset_with_top_p_is_token_identical_to_diffusion_generate(dirs, 
     prompt = prompt_of(6, seed=3)
     over = dict(max_new_tokens=12, steps=6, score=score, top_p=top_p or 1.0, top_k=top_k or 0)
     got = ours(model, preset_config("dream", **over), prompt)
-    for row in range(prompt.shape[0]):
-        ref = dream_reference(
-            native,
-            prompt[row],
-            mask_id=model.mask_id,
-            gen_length=12,
-            steps=6,
-            alg=alg,
-            top_p=top_p,
-            top_k=top_k,
-        )
-        assert torch.equal(got[row], ref), (row, got[row].tolist(), ref.tolist())
+    assert_each_row_is_its_reference(
+        got,
+        prompt,
+        partial(dream_reference, native),
+        mask_id=model.mask_id,
+        gen_length=12,
+        steps=6,
+        alg=alg,
+        top_p=top_p,
+        top_k=top_k,
+    )
 
 
 def sdar_processed(logits, *, temperature, top_k, top_p):
@@ -518,18 +526,16 @@ def test_fast_dllm_v2_preset_is_token_identical_to_its_loop(dirs, P, small, thre
     prompt = prompt_of(P, seed=20 + P)
     cfg = preset_config("fast-dllm-v2", max_new_tokens=new, sub_block=small, threshold=threshold)
     got = ours(model, cfg, prompt)
-    for row in range(prompt.shape[0]):
-        ref = fast_dllm_v2_reference(
-            native,
-            prompt[row],
-            mask_id=raw.mask_id,
-            gen_length=new,
-            block_length=L,
-            small_block=small,
-            threshold=threshold,
-        )
-        n = (new // L + P // L) * L  # the reference's last full block
-        assert torch.equal(got[row, :n], ref[:n]), (row, got[row].tolist(), ref.tolist())
+    assert_each_row_is_its_reference(  # the reference stops at its last full block
+        got,
+        prompt,
+        partial(fast_dllm_v2_reference, native),
+        mask_id=raw.mask_id,
+        gen_length=new,
+        block_length=L,
+        small_block=small,
+        threshold=threshold,
+    )
     assert load_checkpoint(dirs[0] / "fast-dllm-v2", dtype="fp32").config.decode.preset == "fast-dllm-v2"
 
 
@@ -541,3 +547,54 @@ def test_the_block_opening_token_needs_a_shifted_block_causal_model_with_its_cac
     sdar = load(dirs, "sdar")  # block-causal but unshifted: its last output predicts nothing after it
     with pytest.raises(Exception, match="last output predicts the next position"):
         ours(sdar, preset_config("fast-dllm-v2", max_new_tokens=8), prompt_of(4, seed=0))
+
+
+# --------------------------------------------------------------------------------- bench family-ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_family_ref_times_each_preset_against_its_loop_at_identical_tokens(dirs, family):
+    """The bench's loops (on the loaded model, with the authors' cache strategy) make the tokens
+    our family preset makes; the result carries the side-by-side ratio."""
+    from unmask.bench.families import bench_family_reference, family_table
+
+    loaded = load_checkpoint(dirs[0] / family, dtype="fp32")
+    with torch.no_grad():  # peaked predictions and no [MASK] argmax, as a trained model has
+        loaded.model.head.weight.mul_(8.0)
+        loaded.model.head.weight[loaded.model.mask_id] = 0
+    r = bench_family_reference(
+        loaded, prompts=prompt_of(9, seed=1), max_new_tokens=16, steps=16, block_len=8, repeats=1
+    )
+    assert r["identical_tokens"] and r["family"] == family and r["speedup"]["median"] > 0
+    assert family in family_table(r) and "identical tokens: True" in family_table(r)
+
+
+def test_bench_family_ref_on_the_command_line_and_its_refusal(dirs, tmp_path, capsys):
+    import json
+
+    from unmask.cli.main import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3 w4 w5"}\n{"prompt": "w6 w7 w8 w9 w10"}\n')
+    args = ["bench", "family-ref", "--checkpoint", str(dirs[0] / "sdar"), "--prompts-file", str(prompts)]
+    main([*args, "--max-new-tokens", "8", "--steps", "8", "--repeats", "1", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "family_ref_sdar.json").read_text())
+    assert saved["preset"] == "sdar" and "machine" in saved and "speedup" in saved
+    assert "sdar (`sdar` preset) vs its own loop" in capsys.readouterr().out
+    from pretrained_layouts import write_gpt2_like_tokenizer
+
+    write_family("bd3lm", tmp_path / "bd3lm")
+    write_gpt2_like_tokenizer(tmp_path / "gpt2")
+    with pytest.raises(SystemExit, match="family-ref needs a pretrained directory of llada, dream"):
+        main(
+            [
+                "bench",
+                "family-ref",
+                "--checkpoint",
+                str(tmp_path / "bd3lm"),
+                "--tokenizer",
+                str(tmp_path / "gpt2"),
+                "--prompts-file",
+                str(prompts),
+            ]
+        )

@@ -10,20 +10,30 @@ tests check the same loops against transformers' own modules (tests/models/test_
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
 
-from unmask.bench.sampling import llada_reference, run_decode
-from unmask.bench.training import interleaved, ratio
+from unmask.bench.sampling import llada_reference, side_by_side
 
 
 def _counts(width: int, steps: int) -> list[int]:
     """SDAR's / LLaDA2's `get_num_transfer_tokens`: the width split evenly, remainder first."""
     base, rem = divmod(width, steps)
     return [base + (i < rem) for i in range(steps)]
+
+
+def _dynamic(x0_p: torch.Tensor, masked: torch.Tensor, threshold: float, count: int) -> torch.Tensor:
+    """SDAR's `low_confidence_dynamic` / LLaDA2's rule on one block [L]: every masked position
+    above the threshold if there are at least `count`, else the `count` most confident (at most
+    the masks left)."""
+    conf = torch.where(masked, x0_p, -torch.inf)
+    high = conf > threshold
+    if int(high.sum()) >= count:
+        return high
+    pick = torch.zeros_like(masked)
+    pick[conf.topk(min(count, int(masked.sum()))).indices] = True
+    return pick
 
 
 @torch.inference_mode()
@@ -50,15 +60,8 @@ def sdar_loop(model, prompt, *, gen_length: int, steps: int, threshold: float) -
                 model(cur, cache=kv)
                 kv.commit(L)
                 break
-            p = torch.softmax(model(cur, cache=kv).logits[0], -1)
-            x0_p, x0 = p.max(-1)
-            conf = torch.where(masked, x0_p, -torch.inf)
-            high = conf > threshold
-            if int(high.sum()) >= counts[step]:
-                pick = high
-            else:
-                pick = torch.zeros_like(masked)
-                pick[conf.topk(min(counts[step], int(masked.sum()))).indices] = True
+            x0_p, x0 = torch.softmax(model(cur, cache=kv).logits[0], -1).max(-1)
+            pick = _dynamic(x0_p, masked, threshold, counts[step])
             cur[0, pick] = x0[pick]
     return x[:, : P + gen_length]
 
@@ -79,15 +82,8 @@ def llada2_loop(model, prompt, *, gen_length: int, steps: int, threshold: float)
             masked = x[0, end - L : end] == mask_id
             if not masked.any():
                 break
-            p = torch.softmax(model(x[:, :end]).logits[0, -L:], -1)
-            x0_p, x0 = p.max(-1)
-            conf = torch.where(masked, x0_p, -torch.inf)
-            high = conf > threshold
-            if int(high.sum()) >= counts[step]:
-                pick = high
-            else:
-                pick = torch.zeros_like(masked)
-                pick[conf.topk(min(counts[step], int(masked.sum()))).indices] = True
+            x0_p, x0 = torch.softmax(model(x[:, :end]).logits[0, -L:], -1).max(-1)
+            pick = _dynamic(x0_p, masked, threshold, counts[step])
             x[0, end - L : end][pick] = x0[pick]
     return x[:, : P + gen_length]
 
@@ -208,42 +204,17 @@ def bench_family_reference(
                 out = llada2_loop(
                     model, row, gen_length=max_new_tokens, steps=per_block, threshold=cfg.threshold
                 )
-            else:
+            else:  # as many blocks as ours decodes (its own count stops short when P % L > 0)
+                P = row.shape[1]
+                blocks = -(-(P + max_new_tokens - P // L * L) // L)
                 out = fast_dllm_v2_loop(
-                    model, row, gen_length=max_new_tokens, small_block=cfg.sub_block, threshold=cfg.threshold
+                    model, row, gen_length=blocks * L, small_block=cfg.sub_block, threshold=cfg.threshold
                 )
             rows.append(out[:, : x.shape[1] + max_new_tokens])
         return torch.cat(rows)
 
-    B = len(prompts)
-
-    def ours():
-        r = run_decode(model, cfg, prompts, batch_size=B, seed=0, eos_id=None, schedule=schedule)
-        return {"seconds": r["seconds"], "tokens": r["samples"]}
-
-    def reference():
-        t = time.perf_counter()
-        x = reference_rows(prompts)
-        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1] :].tolist()}
-
-    runs = interleaved({"ours": ours, "reference": reference}, repeats)
-    # Fast-dLLM v2's loop stops at whole blocks (gen // L + P // L of them): compare what both made
-    identical = all(
-        all(a[: len(b)] == b for a, b in zip(mine["tokens"], theirs["tokens"], strict=True))
-        for mine, theirs in zip(runs["ours"], runs["reference"], strict=True)
-    )
-    return {
-        "family": family,
-        "preset": preset,
-        "speedup": ratio(runs, "reference", "ours"),
-        "identical_tokens": identical,
-        "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
-        "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
-        "max_new_tokens": max_new_tokens,
-        "steps": steps,
-        "rows": B,
-        "repeats": repeats,
-    }
+    r = side_by_side(model, cfg, prompts, reference_rows, schedule=schedule, repeats=repeats)
+    return {"family": family, "preset": preset, **r, "max_new_tokens": max_new_tokens, "steps": steps}
 
 
 def family_table(r: dict[str, Any]) -> str:

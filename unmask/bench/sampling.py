@@ -451,27 +451,39 @@ def bench_llada_reference(
     cfg = preset_config(
         "llada", steps=steps, max_new_tokens=max_new_tokens, block_len=block_len, eos_fill=False
     )
-    B = len(prompts)
+
+    def reference(x):
+        return llada_reference(model, x, gen_length=max_new_tokens, steps=steps, block_length=block_len)
+
+    r = side_by_side(model, cfg, prompts, reference, schedule=schedule, repeats=repeats)
+    return {**r, "max_new_tokens": max_new_tokens, "steps": steps, "block_len": block_len}
+
+
+def side_by_side(model, cfg, prompts: torch.Tensor, reference, *, schedule, repeats: int) -> dict[str, Any]:
+    """Our decode of `prompts` [B, P] with `cfg` vs `reference(prompts)` -> [B, >= P] tokens,
+    interleaved `repeats` times: the speedup (reference time / ours), whether the tokens are
+    identical (over the tokens both made: a reference may stop at whole blocks), the medians."""
+    B, P = prompts.shape
 
     def ours():
         r = run_decode(model, cfg, prompts, batch_size=B, seed=0, eos_id=None, schedule=schedule)
         return {"seconds": r["seconds"], "tokens": r["samples"]}
 
-    def reference():
+    def theirs():
         t = time.perf_counter()
-        x = llada_reference(model, prompts, gen_length=max_new_tokens, steps=steps, block_length=block_len)
-        return {"seconds": time.perf_counter() - t, "tokens": x[:, prompts.shape[1] :].tolist()}
+        x = reference(prompts)
+        return {"seconds": time.perf_counter() - t, "tokens": x[:, P:].tolist()}
 
-    runs = interleaved({"ours": ours, "reference": reference}, repeats)
-    identical = all(a["tokens"] == b["tokens"] for a, b in zip(runs["ours"], runs["reference"], strict=True))
+    runs = interleaved({"ours": ours, "reference": theirs}, repeats)
+    identical = all(
+        all(a[: len(b)] == b[: len(a)] for a, b in zip(mine["tokens"], other["tokens"], strict=True))
+        for mine, other in zip(runs["ours"], runs["reference"], strict=True)
+    )
     return {
         "speedup": ratio(runs, "reference", "ours"),
         "identical_tokens": identical,
         "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
         "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
-        "max_new_tokens": max_new_tokens,
-        "steps": steps,
-        "block_len": block_len,
         "rows": B,
         "repeats": repeats,
     }

@@ -26,6 +26,9 @@ SCORES = {
 INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
 BD3 = dict(top_p_rule="within")  # the MDLM / BD3-LM reference's nucleus (when top_p < 1)
+# SDAR's and LLaDA2's loops: greedy (their temperature 0), the confidence of the softmax, the
+# block's width split into fixed per-step counts, no EOS-fill
+FIXED_COUNTS = dict(proposal="greedy", score="prob", step_counts="block", processing="sdar", eos_fill=False)
 
 PRESETS: dict[str, dict[str, object]] = {
     # MDLM ancestral sampling over the whole canvas (Sahoo et al. 2024).
@@ -81,38 +84,13 @@ PRESETS: dict[str, dict[str, object]] = {
     # SDAR's `block_diffusion_generate` as its README runs it: `low_confidence_dynamic` with threshold
     # 0.9 (every position above it, else the fixed count of the block's schedule), greedy (the
     # README's (G) setting; --decode.proposal sample gives its temperature / top-k / top-p draw).
-    "sdar": dict(
-        proposal="greedy",
-        score="prob",
-        select="threshold",
-        threshold=0.9,
-        threshold_floor="budget",
-        step_counts="block",
-        processing="sdar",
-        eos_fill=False,
-    ),
+    "sdar": dict(**FIXED_COUNTS, select="threshold", threshold=0.9, threshold_floor="budget"),
     # SDAR's `low_confidence_static`: the block's fixed count per step, most confident first
     # (--decode.select sequential: its `sequential`, leftmost first).
-    "sdar-static": dict(
-        proposal="greedy",
-        score="prob",
-        select="top-n",
-        step_counts="block",
-        processing="sdar",
-        eos_fill=False,
-    ),
+    "sdar-static": dict(**FIXED_COUNTS, select="top-n"),
     # LLaDA2's `generate()` with its model card's settings: threshold 0.95, else the fixed count of
     # the block's schedule; greedy, no cache (our exact block cache gives the same logits).
-    "llada2": dict(
-        proposal="greedy",
-        score="prob",
-        select="threshold",
-        threshold=0.95,
-        threshold_floor="budget",
-        step_counts="block",
-        processing="sdar",
-        eos_fill=False,
-    ),
+    "llada2": dict(**FIXED_COUNTS, select="threshold", threshold=0.95, threshold_floor="budget"),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked

@@ -22,10 +22,10 @@ from unmask.models import invariant
 
 @dataclass(frozen=True)
 class Distribution:
-    """The model's distribution at N positions: logits [N, V] ([MASK] at -inf) and lse [N]."""
+    """The model's distribution at N positions: logits [N, V] ([MASK] at -inf); its log-normaliser
+    `lse` [N] and `probs` are computed when first read."""
 
     logits: torch.Tensor  # [N, V] float32
-    lse: torch.Tensor  # [N] float32 log-normaliser
     # probabilities (and what scores read of them) as the families' own loops compute them:
     # torch.softmax in float32, Dream's entropy sum p log(p + 1e-10) (`Processed` proposals)
     softmax: bool = False
@@ -40,10 +40,15 @@ class Distribution:
         x = logits.to(torch.float32, copy=copy)
         if mask_id is not None:
             x[..., mask_id] = -torch.inf
+        return cls(x, softmax)
+
+    @cached_property
+    def lse(self) -> torch.Tensor:
+        """[N] float32 log-normaliser."""
+        x = self.logits
         m = x.max(-1, keepdim=True).values
         # exp-sum-log is cheaper than torch.logsumexp on CPU; the sum is each row's own (batch-invariant)
-        lse = invariant.row_sum((x - m).exp_()).log_().add_(m.squeeze(-1))
-        return cls(x, lse, softmax)
+        return invariant.row_sum((x - m).exp_()).log_().add_(m.squeeze(-1))
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -56,8 +61,8 @@ class Distribution:
         """H(p) [N] float64: -sum p * (logit - lse) in float32 over [N, V]; excluded tokens
         ([MASK], p = 0, logit -inf) contribute 0."""
         probs = self.probs
-        if self.softmax:  # Dream's `sample_tokens`
-            return -invariant.row_sum(probs * torch.log(probs + 1e-10)).double()
+        if self.softmax:  # Dream's `sample_tokens`: sum p log(p + 1e-10), in place (one [N, V] buffer)
+            return -invariant.row_sum(probs.add(1e-10).log_().mul_(probs)).double()
         plogp = torch.where(probs > 0, probs * (self.logits - self.lse[:, None]), 0.0)
         return -invariant.row_sum(plogp).double()
 
@@ -151,7 +156,7 @@ class Greedy:
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
         if not self.top_k and self.top_p >= 1.0:
-            return Proposal(dist.logits.argmax(-1), dist, _mass(dist.lse, None))
+            return Proposal(dist.logits.argmax(-1), dist, _mass(dist.logits, None))
         p, ids = candidates(dist, self.top_k, self.top_p, self.rule)
         return Proposal(_tokens(p.argmax(-1), ids), dist, _mass(p, ids))
 
@@ -215,12 +220,12 @@ class Processed:
         return not self.greedy
 
     def __call__(self, dist: Distribution, u: torch.Tensor) -> Proposal:
-        ones = _mass(dist.lse, None)
+        ones = _mass(dist.logits, None)
         if self.greedy and self.order == "sdar":
-            return Proposal(dist.logits.argmax(-1), Distribution(dist.logits, dist.lse, softmax=True), ones)
+            return Proposal(dist.logits.argmax(-1), Distribution(dist.logits, softmax=True), ones)
         x = dist.logits
         if (self.greedy or self.temperature == 1.0) and not self.top_k and self.top_p >= 1.0:
-            processed = Distribution(x, dist.lse, softmax=True)  # nothing to process: the same logits
+            processed = Distribution(x, softmax=True)  # nothing to process: the same logits
             tokens = x.argmax(-1) if self.greedy else categorical(processed.probs.double(), u)
             return Proposal(tokens, processed, ones)
         if not self.greedy and self.temperature != 1.0:
