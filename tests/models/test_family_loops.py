@@ -98,9 +98,6 @@ def sdar_reference(native, prompt, *, mask_id, gen_length, block_length, steps, 
 
 
 SDAR_CASES = [  # (strategy, prompt length, steps per block): the prompt on / off a block boundary
-    ("low_confidence_dynamic", 8, 4),
-    ("low_confidence_dynamic", 6, 4),
-    ("low_confidence_dynamic", 6, 2),
     ("low_confidence_static", 8, 4),
     ("low_confidence_static", 6, 4),
     ("low_confidence_static", 8, 2),
@@ -108,14 +105,16 @@ SDAR_CASES = [  # (strategy, prompt length, steps per block): the prompt on / of
     ("sequential", 8, 4),
     ("sequential", 6, 4),
     ("sequential", 8, 2),
+] + [  # the tiny model's confidences straddle 0.03: both branches of `dynamic` run
+    ("low_confidence_dynamic", P, steps, threshold)
+    for P, steps in ((8, 4), (6, 4), (6, 2))
+    for threshold in (0.03, 0.9)
 ]
 
 
-@pytest.mark.parametrize("threshold", [0.03, 0.9])  # the tiny model's confidences straddle 0.03
-@pytest.mark.parametrize("strategy,P,steps", SDAR_CASES)
-def test_sdar_presets_are_token_identical_to_sdars_loop(dirs, strategy, P, steps, threshold):
-    if threshold != 0.03 and strategy != "low_confidence_dynamic":
-        pytest.skip("the threshold only acts on the dynamic strategy")
+@pytest.mark.parametrize("case", SDAR_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sdar_presets_are_token_identical_to_sdars_loop(dirs, case):
+    strategy, P, steps, threshold = (*case, 0.03)[:4]
     model, native = load(dirs, "sdar"), dirs[1]["sdar"]
     L, new = BLOCK["sdar"], 16
     prompt = prompt_of(P, seed=P + steps)
