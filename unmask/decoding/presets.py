@@ -26,6 +26,11 @@ SCORES = {
 INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
 
 BD3 = dict(top_p_rule="within")  # the MDLM / BD3-LM reference's nucleus (when top_p < 1)
+# Fast-dLLM's threshold rule: greedy, every position above 0.9 and at least the most confident one,
+# each block until done, no EOS-fill
+THRESHOLD = dict(
+    proposal="greedy", score="prob", select="threshold", threshold=0.9, threshold_floor="one", eos_fill=False
+)
 # SDAR's and LLaDA2's loops: greedy (their temperature 0), the confidence of the softmax, the
 # block's width split into fixed per-step counts, no EOS-fill
 FIXED_COUNTS = dict(proposal="greedy", score="prob", step_counts="block", processing="sdar", eos_fill=False)
@@ -44,34 +49,16 @@ PRESETS: dict[str, dict[str, object]] = {
     "llada": dict(proposal="greedy", score="prob", select="top-n", block_len=32, eos_fill=False),
     # Fast-dLLM: confidence threshold (at least one per step, each block until done), prefix KV
     # cache refreshed at block boundaries, no EOS-fill.
-    "fast-dllm": dict(
-        proposal="greedy",
-        score="prob",
-        select="threshold",
-        threshold=0.9,
-        threshold_floor="one",
-        block_len=32,
-        cache="prefix",
-        eos_fill=False,
-    ),
+    "fast-dllm": dict(**THRESHOLD, block_len=32, cache="prefix"),
     # Fast-dLLM v2 (its model card: block 32 from the checkpoint, sub-blocks of 8, threshold 0.9):
     # a block's first token is the argmax of the previous block's last logit, then each sub-block is
     # decoded until done, every position above the threshold and at least the most confident one.
-    "fast-dllm-v2": dict(
-        proposal="greedy",
-        score="prob",
-        select="threshold",
-        threshold=0.9,
-        threshold_floor="one",
-        sub_block=8,
-        ar_first_token=True,
-        eos_fill=False,
-    ),
+    "fast-dllm-v2": dict(**THRESHOLD, sub_block=8, ar_first_token=True),
     # Dream (Ye et al. 2025): whole canvas, Dream's count schedule, `entropy` ordering (its README's
-    # choice); --decode.score prob | margin gives maskgit_plus | topk_margin, --decode.select
-    # ancestral gives `origin`, --decode.alg_temp samples the positions.
-    # Its `sample_tokens` order (temperature, top-p, top-k; confidences of the processed softmax) and
-    # its time grid linspace(1, 1e-3, S + 1).
+    # choice), its `sample_tokens` order (temperature, top-p, top-k; confidences of the processed
+    # softmax) and time grid linspace(1, 1e-3, S + 1); --decode.score prob | margin gives
+    # maskgit_plus | topk_margin, --decode.select ancestral gives `origin`, --decode.alg_temp samples
+    # the positions.
     "dream": dict(
         proposal="greedy",
         score="neg-entropy",
