@@ -5,12 +5,8 @@ import json
 import pytest
 import torch
 
-from unmask.bench.sampling import (
-    bench_cache,
-    bench_llada_reference,
-    bench_sample,
-    llada_reference,
-)
+from unmask.bench.families import bench_llada_reference, llada_reference
+from unmask.bench.sampling import bench_cache, bench_sample
 from unmask.cli.main import main
 from unmask.data.prompts import heldout_prompts
 from unmask.decoding.presets import preset_config

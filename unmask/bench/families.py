@@ -1,4 +1,4 @@
-"""`unmask bench family-ref`: a pretrained family's default preset against its authors' own loop.
+"""`unmask bench family-ref` / `llada-ref`: a family's default preset against its authors' own loop.
 
 Each loop below is the family's published generation loop as docs/CHECKPOINTS.md §5 describes it,
 greedy, run on the same loaded model with the authors' own cache strategy (SDAR and Fast-dLLM v2
@@ -10,11 +10,104 @@ tests check the same loops against transformers' own modules (tests/models/test_
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import torch
 
-from unmask.bench.sampling import llada_reference, side_by_side
+from unmask.bench.sampling import run_decode
+from unmask.bench.training import interleaved, ratio
+
+
+@torch.inference_mode()
+def llada_reference(
+    model, prompt: torch.Tensor, *, gen_length: int, steps: int, block_length: int
+) -> torch.Tensor:
+    """A plain loop written the way the public LLaDA reference decodes (greedy, low-confidence
+    remasking): the whole sequence recomputed every step, semi-AR blocks, a fixed number of
+    tokens per step with the remainder to the first steps. The [MASK] logit is excluded for our
+    SUBS models (which never predict it) and kept for pretrained families, as LLaDA's loop does."""
+    mask_id = model.mask_id
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    n_blocks = gen_length // block_length
+    steps_per_block = steps // n_blocks
+    for b in range(n_blocks):
+        lo = prompt.shape[1] + b * block_length
+        hi = lo + block_length
+        block_mask = x[:, lo:hi] == mask_id
+        count = block_mask.sum(dim=1, keepdim=True)
+        base, rem = count // steps_per_block, count % steps_per_block
+        schedule = base.repeat(1, steps_per_block)
+        for i in range(steps_per_block):
+            schedule[:, i] += (i < rem[:, 0]).long()
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            logits = model(x).logits.double()
+            if model.subs:
+                logits[..., mask_id] = -torch.inf
+            x0 = logits.argmax(dim=-1)
+            p = torch.softmax(logits, dim=-1)
+            x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+            x0_p[:, hi:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, idx = torch.topk(confidence[j], k=int(schedule[j, i]))
+                transfer[j, idx] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def bench_llada_reference(
+    model, config, *, prompts: torch.Tensor, max_new_tokens: int, steps: int, block_len: int, repeats: int = 3
+) -> dict[str, Any]:
+    """Our `llada` preset vs `llada_reference` on the same checkpoint and prompts."""
+    from unmask.decoding.presets import preset_config
+    from unmask.schedules import build_schedule
+
+    schedule = build_schedule(config.noise.schedule, config.noise.eps)
+    cfg = preset_config(
+        "llada", steps=steps, max_new_tokens=max_new_tokens, block_len=block_len, eos_fill=False
+    )
+
+    def reference(x):
+        return llada_reference(model, x, gen_length=max_new_tokens, steps=steps, block_length=block_len)
+
+    r = side_by_side(model, cfg, prompts, reference, schedule=schedule, repeats=repeats)
+    return {**r, "max_new_tokens": max_new_tokens, "steps": steps, "block_len": block_len}
+
+
+def side_by_side(model, cfg, prompts: torch.Tensor, reference, *, schedule, repeats: int) -> dict[str, Any]:
+    """Our decode of `prompts` [B, P] with `cfg` vs `reference(prompts)` -> [B, >= P] tokens,
+    interleaved `repeats` times: the speedup (reference time / ours), whether the tokens are
+    identical (over the tokens both made: a reference may stop at whole blocks), the medians."""
+    B, P = prompts.shape
+
+    def ours():
+        r = run_decode(model, cfg, prompts, batch_size=B, seed=0, eos_id=None, schedule=schedule)
+        return {"seconds": r["seconds"], "tokens": r["samples"]}
+
+    def theirs():
+        t = time.perf_counter()
+        x = reference(prompts)
+        return {"seconds": time.perf_counter() - t, "tokens": x[:, P:].tolist()}
+
+    runs = interleaved({"ours": ours, "reference": theirs}, repeats)
+    identical = all(
+        all(a[: len(b)] == b[: len(a)] for a, b in zip(mine["tokens"], other["tokens"], strict=True))
+        for mine, other in zip(runs["ours"], runs["reference"], strict=True)
+    )
+    return {
+        "speedup": ratio(runs, "reference", "ours"),
+        "identical_tokens": identical,
+        "ours_seconds": statistics.median(r["seconds"] for r in runs["ours"]),
+        "reference_seconds": statistics.median(r["seconds"] for r in runs["reference"]),
+        "rows": B,
+        "repeats": repeats,
+    }
 
 
 def _counts(width: int, steps: int) -> list[int]:

@@ -167,7 +167,7 @@ def cmd_bench_invariance(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_bench_llada(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.bench.sampling import bench_llada_reference
+    from unmask.bench.families import bench_llada_reference
 
     loaded, prompts = _bench_setup(ns)
     r = bench_llada_reference(
