@@ -347,7 +347,14 @@ class DecodeConfig:
     proposal: Literal["greedy", "sample"] = "sample"
     """How a candidate token is drawn: argmax, or a categorical draw (float64)."""
     temperature: float = 1.0
-    """Softmax temperature of the proposal (sample only)."""
+    """Softmax temperature of the proposal (sample only); with `temperature_schedule linear`, the
+    first step's."""
+    temperature_schedule: Literal["constant", "linear"] = "constant"
+    """`linear`: the temperature falls from `temperature` at a block's first step to
+    `temperature_end` in equal parts, T_k = end + (temperature - end) (S - k) / S at step k of S
+    (DiffusionGemma's schedule, t_max 0.8 -> t_min 0.4)."""
+    temperature_end: float = 0.4
+    """The `linear` schedule's limit (reached just after a block's last step)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = all)."""
     top_p: float = 1.0
@@ -369,10 +376,22 @@ class DecodeConfig:
     a uniform draw (LLaDA's `random` remasking)."""
     kernel: int = 0
     """Conv decoding: odd width of the locality window (0 = off)."""
-    select: Literal["ancestral", "first-hitting", "top-n", "threshold", "dream", "sequential"] = "ancestral"
+    select: Literal[
+        "ancestral", "first-hitting", "top-n", "threshold", "dream", "sequential", "entropy-bound"
+    ] = "ancestral"
     """Which masked positions to commit per step (`dream`: Dream's count int(R (1 - s/t)) on
     linspace(1, time_eps, S+1), the most confident or, with `alg_temp`, sampled; `sequential`: the
-    leftmost, SDAR's)."""
+    leftmost, SDAR's; `entropy-bound`: uniform-noise models (DiffusionGemma) - every step accepts
+    the lowest-entropy positions within `entropy_bound` and re-noises the rest, nothing is final
+    until the block stops)."""
+    entropy_bound: float = 0.1
+    """`entropy-bound` selector: accept the k lowest-entropy positions with
+    sum(H_1..H_k) - max(H_1..H_k) <= this (at least one)."""
+    stop_confidence: float = 0.0
+    """`entropy-bound` selector: a block stops early once its argmax is stable (`stop_stable`
+    steps) and its mean entropy is below this (0 = run every step)."""
+    stop_stable: int = 1
+    """Steps the argmax canvas must stay the same for the early stop (0 = no stability test)."""
     alg_temp: float = 0.0
     """`dream` selector: > 0 samples the positions from softmax(confidence / alg_temp) (Dream's
     alg_temp) instead of taking the most confident."""
@@ -400,6 +419,9 @@ class DecodeConfig:
     block until it is done and ignoring `steps` (Fast-dLLM); `budget` = the count `steps` implies."""
     steps: int = 64
     """Denoising steps for `max_new_tokens` tokens; each block gets its share."""
+    block_steps: int = 0
+    """Denoising steps per block (block-causal models), whatever `max_new_tokens` is (DiffusionGemma's
+    `max_denoising_steps`); 0 = the block's share of `steps`."""
     step_counts: Literal["remaining", "block"] = "remaining"
     """Counted selectors' count at step k of S: `remaining` = ceil(R / (S - k)) of the R masks left
     (LLaDA); `block` = the window's width split evenly over the S steps, remainder to the first
@@ -430,9 +452,11 @@ class DecodeConfig:
     stop_entropy: float = 0.0
     """Block decoding: stop a row when the unigram entropy (nats) of its last 256 tokens falls
     below this (0 = never)."""
-    inputs: Literal["binary", "soft"] = "binary"
-    """What still-masked positions feed the model: the [MASK] embedding, or the soft-mask blend
-    of the previous call's predictions (needs a model trained with --soft-mask.k)."""
+    inputs: Literal["binary", "soft", "renoise"] = "binary"
+    """What still-masked positions feed the model: the [MASK] embedding, the soft-mask blend
+    of the previous call's predictions (needs a model trained with --soft-mask.k), or (`renoise`,
+    uniform-noise models) fresh uniform random tokens, with the previous step's processed logits
+    as the model's self-conditioning input."""
     rounds: int = 1
     """Commit rounds per full forward (ADJUST's K tokens per forward): the decoder steps this many
     times on one forward's output, `refresh` updating the distributions in between. `steps`
@@ -465,6 +489,17 @@ class DecodeConfig:
         _check(self.stop_entropy >= 0, "decode.stop_entropy", "must be >= 0")
         _check(self.rounds >= 1, "decode.rounds", f"must be >= 1, got {self.rounds}")
         _check(0 <= self.time_eps < 1, "decode.time_eps", f"must be in [0, 1), got {self.time_eps}")
+        _check(self.block_steps >= 0, "decode.block_steps", f"must be >= 0, got {self.block_steps}")
+        _check(self.entropy_bound > 0, "decode.entropy_bound", f"must be > 0, got {self.entropy_bound}")
+        _check(self.stop_confidence >= 0, "decode.stop_confidence", "must be >= 0")
+        _check(self.stop_stable >= 0, "decode.stop_stable", f"must be >= 0, got {self.stop_stable}")
+        if self.temperature_schedule == "linear":
+            _check(
+                0 <= self.temperature_end < self.temperature,
+                "decode.temperature_end",
+                f"must be in [0, temperature = {self.temperature}) for the linear schedule, "
+                f"got {self.temperature_end}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

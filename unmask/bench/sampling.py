@@ -32,14 +32,14 @@ class TimedModel(torch.nn.Module):
             model.subs,
         )
         self.soft_mask, self.head, self.tok_embed = model.soft_mask, model.head, model.tok_embed
-        self.new_cache = model.new_cache
+        self.new_cache, self.noising = model.new_cache, model.noising
         self.seconds, self.calls, self.flops = 0.0, 0, 0
 
-    def forward(self, tokens=None, *, cache=None, embeds=None, key_mask=None):
+    def forward(self, tokens=None, *, cache=None, embeds=None, key_mask=None, **extra):
         B, T = (tokens if embeds is None else embeds).shape[:2]
         keys = T if cache is None else max(cache.write_start + T, cache.length)
         t = time.perf_counter()
-        out = self.inner(tokens, cache=cache, embeds=embeds, key_mask=key_mask)
+        out = self.inner(tokens, cache=cache, embeds=embeds, key_mask=key_mask, **extra)
         self.seconds += time.perf_counter() - t
         self.calls += 1
         if hasattr(self.inner, "forward_flops"):

@@ -19,6 +19,7 @@ PRESET_NAMES = (
     "fast-dllm",
     "fast-dllm-v2",
     "dream",
+    "diffusion-gemma",
     "sdar",
     "sdar-static",
     "llada2",

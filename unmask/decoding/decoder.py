@@ -13,6 +13,7 @@ import torch
 
 from unmask.decoding.inputs import BinaryInputs, InputPolicy
 from unmask.decoding.proposals import Distribution, Greedy, Proposal
+from unmask.decoding.rng import row_uniform
 from unmask.decoding.scores import TokenProb
 from unmask.decoding.selectors import SelectContext
 from unmask.decoding.state import DecodeState
@@ -57,6 +58,25 @@ class Decoder:
     # `confidence_eos_eot_inf`): proposing them scores 0, the other proposals are renormalised
     unscored: tuple[int, ...] = ()
     sub_block: int = 0  # > 0: only the leftmost sub-block of this width with masks is eligible
+
+    def open(self, state: DecodeState, generators: list[torch.Generator]) -> DecodeState:
+        """The state at a block's opening, before its first step (masked decoders: as it is)."""
+        return state
+
+    def draws(
+        self, state: DecodeState, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `step` reads after the logits: [B, W] float64 uniforms for the proposals and the
+        selector, from each row's generator. Only rows with masks left in the window draw
+        (alone, a row whose block is done stops stepping); deterministic decoders draw nothing."""
+        lo, hi = state.window
+        if not self.random:  # greedy proposals, a deterministic selector: no draw is read
+            zeros = torch.zeros(
+                state.tokens.shape[0], hi - lo, dtype=torch.float64, device=state.tokens.device
+            )
+            return zeros, zeros
+        u = row_uniform(generators, 2 * (hi - lo), state.tokens.device, rows=state.masked.any(-1).tolist())
+        return u[:, : hi - lo], u[:, hi - lo :]
 
     def step(
         self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor

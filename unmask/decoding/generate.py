@@ -124,9 +124,7 @@ def _rounds(
     view = forward(state)
     for r in range(rounds):
         logits = view.logits[:, lo - view.start : hi - view.start]  # [B, W, V] the window's
-        state = plan.decoder.step(
-            state.advance(nfe=call.nfe), logits, *_uniforms(state, generators, plan.decoder)
-        )
+        state = plan.decoder.step(state.advance(nfe=call.nfe), logits, *plan.decoder.draws(state, generators))
         if after is not None:
             state = after(state)
         yield state
@@ -142,25 +140,19 @@ def _rounds(
     return state
 
 
-def _uniforms(state: DecodeState, generators, decoder: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = state.window
-    if not decoder.random:  # greedy proposals, a deterministic selector: no draw is read
-        zeros = torch.zeros(state.tokens.shape[0], hi - lo, dtype=torch.float64, device=state.tokens.device)
-        return zeros, zeros
-    # only rows with masks left in the window draw: alone, a row whose block is done stops stepping
-    u = row_uniform(generators, 2 * (hi - lo), state.tokens.device, rows=state.masked.any(-1).tolist())
-    return u[:, : hi - lo], u[:, hi - lo :]
-
-
 def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt_mask):
     cfg, eos_id = plan.cfg, plan.eos_id
     B, P = prompt.shape
     Lb = model.cfg.block_size
     device = prompt.device
     cap = P + cfg.max_new_tokens
-    start = (P // Lb) * Lb  # the first active block holds the prompt's tail, if any
+    # the first active block holds the prompt's tail, if any; a model without a block grid
+    # (DiffusionGemma: a causal encoder, canvases placed anywhere) starts its first canvas at P
+    start = P if plan.blocks_from_prompt else (P // Lb) * Lb
     n_blocks = math.ceil((cap - start) / Lb)
-    block_steps = Lb if _until_done(plan.decoder) else max(1, round(cfg.steps * Lb / cfg.max_new_tokens))
+    block_steps = cfg.block_steps or max(1, round(cfg.steps * Lb / cfg.max_new_tokens))
+    if _until_done(plan.decoder):
+        block_steps = Lb
     kv = model.new_cache(B, start + n_blocks * Lb, device) if plan.cache == "exact" else None
     call = Caller(model, plan, prompt_len=P)
     commits = 0
@@ -182,6 +174,7 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
         )
         if cfg.ar_first_token and lo >= P:
             state = _open_block(state, upcoming, call, lo)
+        state = plan.decoder.open(state, generators)
 
         def forward(state, block=block, lo=lo, hi=hi) -> View:  # the active block's output
             if kv is not None:

@@ -54,3 +54,17 @@ class SoftInputs:
         fraction = (state.tokens[:, lo:hi] == model.mask_id).float().mean(-1)  # [B] per row
         scale = self.scale(fraction)[in_window.nonzero(as_tuple=True)[0]]  # [N]
         return {"embeds": model.soft_mask.blend(model.tok_embed, tokens, soft, logits, model.mask_id, scale)}
+
+
+@dataclass(frozen=True)
+class Renoised:
+    """Uniform-noise models (DiffusionGemma): the window's undecided positions feed the state's
+    noisy canvas (accepted draws, fresh uniform tokens elsewhere) and the model gets the previous
+    step's processed logits as its self-conditioning input (none at a block's first step)."""
+
+    def __call__(self, model, tokens: torch.Tensor, start: int, state) -> dict[str, torch.Tensor]:
+        """tokens [B, W]: the window itself (the block's step call with its KV cache)."""
+        if state is None or state.noisy is None or state.window != (start, start + tokens.shape[1]):
+            raise ValueError("re-noised inputs are the active window's, after the decoder's block opening")
+        fed = torch.where(tokens == model.mask_id, state.noisy, tokens)
+        return {"tokens": fed, "decode": True, "self_conditioning": state.prev_logits}

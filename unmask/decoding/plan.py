@@ -26,6 +26,7 @@ from unmask.decoding.inputs import BinaryInputs
 from unmask.decoding.presets import build_decoder
 from unmask.decoding.proposals import Greedy
 from unmask.decoding.refresh import Refresher, SamplerRefresh, build_refresher
+from unmask.decoding.renoising import RenoisingDecoder
 from unmask.models.denoiser import Denoiser
 from unmask.schedules import LogLinear, NoiseSchedule
 
@@ -56,6 +57,7 @@ class DecodePlan:
     max_len: int | None = None  # the longest canvas the model allows (None: no limit)
     precision: str = "fp32"
     tokenizer: Any = None  # encodes prompts / chats / infill templates and decodes records
+    blocks_from_prompt: bool = False  # the first block starts at the prompt's end, not on the L' grid
 
     @property
     def ban_ids(self) -> tuple[int, ...]:
@@ -207,7 +209,11 @@ def plan_decode(
         deferred=stop_ids if cfg.defer_stop else (),
         unscored=_unscored_ids(cfg, decoder, eos_id, stop_ids),
     )
-    if not isinstance(decoder.inputs, BinaryInputs) and model.soft_mask is None:
+    uniform = model.noising == "uniform"
+    if uniform or isinstance(decoder, RenoisingDecoder):
+        _check_uniform(model, cfg, decoder, kind, cache, uniform)
+        decoder = replace(decoder, vocab=model.vocab_size, keep_dtype=model.tok_embed.weight.dtype)
+    elif not isinstance(decoder.inputs, BinaryInputs) and model.soft_mask is None:
         raise DecodeError(
             "soft inputs (--decode.inputs soft) need a model trained with soft-masking "
             "(--soft-mask.k); this checkpoint has no soft-mask module"
@@ -247,4 +253,42 @@ def plan_decode(
         max_len=max_len,
         precision=precision,
         tokenizer=tokenizer,
+        blocks_from_prompt=uniform,
     )
+
+
+# what a uniform-noise model's decoding (renoising.py) cannot take, and why
+NOT_UNIFORM = {
+    "kernel": "the Conv gate weighs confidences by decoded neighbours, and a canvas has none until it stops",
+    "rounds": "commit rounds / ADJUST refresh distributions of [MASK] positions",
+    "cfg_scale": "classifier-free guidance masks the prompt, and the model has no [MASK]",
+    "ar_first_token": "the block-opening token is Fast-dLLM v2's",
+    "sub_block": "sub-blocks decode [MASK] positions left to right",
+    "defer_stop": "it ranks [MASK] proposals",
+    "confidence_eos_eot_inf": "it renormalises a [MASK] proposal's confidence",
+}
+
+
+def _check_uniform(model: Denoiser, cfg: DecodeConfig, decoder: Decoder, kind, cache, uniform: bool) -> None:
+    """A uniform-noise model takes the re-noising decoder and nothing mask-based; the re-noising
+    decoder needs such a model and its encoder's KV cache."""
+    if not uniform:
+        raise DecodeError(
+            "the re-noising decoder (--decode.select entropy-bound, --decode.inputs renoise) needs a "
+            "uniform-noise model such as DiffusionGemma; this model decodes [MASK] positions"
+        )
+    if not isinstance(decoder, RenoisingDecoder) or cfg.inputs != "renoise":
+        raise DecodeError(
+            "a uniform-noise model (DiffusionGemma) has no [MASK]: decode it with --preset diffusion-gemma "
+            "(--decode.select entropy-bound --decode.inputs renoise), not a mask-based decoder"
+        )
+    if kind != "block_causal" or cache != "exact":
+        raise DecodeError(
+            "DiffusionGemma decodes each canvas against its encoder's KV cache: use --decode.cache auto"
+        )
+    for name, why in NOT_UNIFORM.items():
+        value = getattr(cfg, name)
+        if value != getattr(DecodeConfig, name, None) and not (name == "rounds" and value == 1):
+            raise DecodeError(f"--decode.{name} does not apply to a uniform-noise model: {why}")
+    if cfg.refresh != "none":
+        raise DecodeError("--decode.refresh does not apply to a uniform-noise model (no commit rounds)")

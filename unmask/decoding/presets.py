@@ -10,8 +10,9 @@ from dataclasses import fields, replace
 
 from unmask.config import ConfigError, DecodeConfig
 from unmask.decoding.decoder import Decoder
-from unmask.decoding.inputs import BinaryInputs, SoftInputs
+from unmask.decoding.inputs import BinaryInputs, Renoised, SoftInputs
 from unmask.decoding.proposals import Greedy, Processed, Sample
+from unmask.decoding.renoising import AdaptiveStop, Annealed, EntropyBound, RenoisingDecoder
 from unmask.decoding.scores import Conv, Margin, MaxProb, NegEntropy, Random, TokenProb
 from unmask.decoding.selectors import Ancestral, DreamSchedule, FirstHitting, Sequential, Threshold, TopN
 from unmask.schedules import NoiseSchedule
@@ -23,7 +24,11 @@ SCORES = {
     "neg-entropy": NegEntropy,
     "random": Random,
 }
-INPUTS = {"binary": lambda cfg: BinaryInputs(), "soft": lambda cfg: SoftInputs(cfg.soft_schedule)}
+INPUTS = {
+    "binary": lambda cfg: BinaryInputs(),
+    "soft": lambda cfg: SoftInputs(cfg.soft_schedule),
+    "renoise": lambda cfg: Renoised(),
+}
 
 BD3 = dict(top_p_rule="within")  # the MDLM / BD3-LM reference's nucleus (when top_p < 1)
 # Fast-dLLM's threshold rule: greedy, every position above 0.9 and at least the most confident one,
@@ -78,6 +83,21 @@ PRESETS: dict[str, dict[str, object]] = {
     # LLaDA2's `generate()` with its model card's settings: threshold 0.95, else the fixed count of
     # the block's schedule; greedy, no cache (our exact block cache gives the same logits).
     "llada2": dict(**FIXED_COUNTS, select="threshold", threshold=0.95, threshold_floor="budget"),
+    # DiffusionGemma's `generate()` defaults: canvases of uniform noise, 48 steps each, temperature
+    # 0.8 -> 0.4, entropy bound 0.1, early stop at a stable argmax with mean entropy < 0.005.
+    "diffusion-gemma": dict(
+        proposal="sample",
+        temperature=0.8,
+        temperature_schedule="linear",
+        temperature_end=0.4,
+        select="entropy-bound",
+        entropy_bound=0.1,
+        inputs="renoise",
+        block_steps=48,
+        stop_confidence=0.005,
+        stop_stable=1,
+        eos_fill=False,
+    ),
     # Top-k + global normalization (Seo et al. 2025), no locality.
     "topk-glob": dict(proposal="sample", top_k=20, select="ancestral", normalize=True, block_len=0),
     # Exact joint sampling (ADJUST's reference): one token per call, the lowest-entropy masked
@@ -111,6 +131,17 @@ def preset_config(name: str, **overrides) -> DecodeConfig:
 
 
 def build_decoder(cfg: DecodeConfig, schedule: NoiseSchedule) -> Decoder:
+    if cfg.select == "entropy-bound":
+        annealed = Annealed(
+            cfg.temperature, cfg.temperature_end, cfg.temperature_schedule == "linear", cfg.top_k, cfg.top_p
+        )
+        return RenoisingDecoder(
+            annealed,
+            SCORES["neg-entropy"](),
+            EntropyBound(cfg.entropy_bound),
+            INPUTS[cfg.inputs](cfg),
+            stop=AdaptiveStop(cfg.stop_confidence, cfg.stop_stable),
+        )
     truncation = dict(top_k=cfg.top_k, top_p=cfg.top_p, rule=cfg.top_p_rule)
     if cfg.processing != "unmask":
         propose = Processed(

@@ -23,6 +23,10 @@ class DecodeState:
     finished: torch.Tensor  # [B] bool: rows that stopped (EOS, entropy collapse, length)
     prev_logits: torch.Tensor | None = None  # [B, W, V] last call's logits for the window (soft inputs)
     refresh_passes: int = 0  # ADJUST sampler passes between commit rounds (not full forwards)
+    # uniform-noise decoders (renoising.py): [B, W] the canvas fed at the window's undecided
+    # positions (accepted draws and fresh uniform tokens), [B, k, W] the last k argmax canvases
+    noisy: torch.Tensor | None = None
+    drafts: torch.Tensor | None = None
 
     def advance(self, **changes) -> DecodeState:
         return replace(self, **changes)

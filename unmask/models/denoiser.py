@@ -36,6 +36,9 @@ class Denoiser(Protocol):
     soft_mask: SoftMask | None  # the soft-masking module, when the model was trained with one
     head: nn.Module  # the LM head: hidden [.., D] -> logits [.., V] (the ADJUST sampler's refresh)
     tok_embed: nn.Module  # the token embedding (soft inputs blend its rows)
+    # absorbing: [MASK] positions are decoded; uniform: canvases of random tokens re-noised each
+    # step (DiffusionGemma; `mask_id` is then the virtual V marking undecided positions)
+    noising: str
 
     def __call__(
         self,

@@ -106,6 +106,7 @@ class Transformer(nn.Module):
     """Token embedding -> blocks -> RMSNorm -> LM head over the full vocabulary (mask included)."""
 
     subs = True  # SUBS parameterization: decoders never propose [MASK] (MDLM, BD3-LM)
+    noising = "absorbing"
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ class ShiftError(RuntimeError):
 
 
 class HFDenoiser(nn.Module):
+    noising = "absorbing"
+
     def __init__(self, native: nn.Module, family: Family, cfg: ModelConfig, *, mask_id: int, max_len: int):
         super().__init__()
         self.native, self.family, self.cfg = native, family, cfg

@@ -34,6 +34,9 @@ class Family:
     prepend_bos: bool = False  # raw prompts start with the tokenizer's BOS
     preset: str = "llada"  # the decoder its authors use
     tokenizer_shipped: bool = True
+    # absorbing ([MASK]) or uniform: canvases of random tokens re-noised each step (DiffusionGemma,
+    # whose mask id is the virtual V, one past the vocabulary)
+    noising: str = "absorbing"
 
 
 FAMILIES = (
@@ -125,6 +128,19 @@ FAMILIES = (
         preset="bd3lm",
         tokenizer_shipped=False,
     ),
+    Family(
+        "diffusion-gemma",
+        ("diffusion_gemma",),
+        ("DiffusionGemmaForBlockDiffusion",),
+        "diffusion_gemma",
+        "block_causal",
+        block_key="canvas_length",
+        block_default=256,
+        stop_tokens=("<eos>", "<end_of_turn>", "<turn|>"),
+        prepend_bos=True,
+        preset="diffusion-gemma",
+        noising="uniform",
+    ),
     # causal LMs in transformers' own layouts: AR baselines, and where `unmask export` writes AR runs
     Family(
         "llama",
@@ -180,9 +196,18 @@ def detect(raw: dict[str, Any], where: str | Path = "config.json") -> Family:
 
 
 def mask_id(family: Family, raw: dict[str, Any], vocab_size: int) -> int:
-    """config.json's mask_token_id, else the family's (MDLM/BD3-LM: the last id)."""
+    """config.json's mask_token_id, else the family's (MDLM/BD3-LM: the last id); a uniform-noise
+    family's is the virtual V (it has none)."""
+    if family.noising == "uniform":
+        return vocab_size
     value = raw.get("mask_token_id", family.mask_id)
     return vocab_size - 1 if value is None else int(value)
+
+
+def vocab_size(raw: dict[str, Any]) -> int | None:
+    """config.json's vocabulary (LLaDA's padded `embedding_size`; a multimodal config's text part)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    return int(raw.get("embedding_size") or raw.get("vocab_size") or text.get("vocab_size") or 0) or None
 
 
 def block_size(family: Family, raw: dict[str, Any]) -> int:

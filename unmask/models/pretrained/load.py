@@ -167,6 +167,10 @@ def load_pretrained_full(
     block = fam.block_size(family, raw)
     if family.backbone == "dit":
         model, max_len = _load_dit(path, raw, family, block, target, where)
+    elif family.backbone == "diffusion_gemma":
+        from unmask.models.pretrained.diffusion_gemma import load_diffusion_gemma
+
+        model, max_len = load_diffusion_gemma(path, raw, family, target, where)
     else:
         model, max_len = _load_native(path, raw, family, block, target, where)
         if device.type == "cpu" and hasattr(model.native, "set_experts_implementation"):
@@ -265,7 +269,7 @@ def load_as_checkpoint(
     model = pre.model
     tok = _tokenizer(path, pre.raw, pre.family, model.vocab_size, tokenizer)
     model.mask_id = tok.mask_id
-    if not 0 <= model.mask_id < model.vocab_size:
+    if pre.family.noising == "absorbing" and not 0 <= model.mask_id < model.vocab_size:
         raise PretrainedError(
             f"{path}: mask id {model.mask_id} is outside the model's vocabulary of "
             f"{model.vocab_size} (set mask_token_id in config.json)"
@@ -290,7 +294,9 @@ def _tokenizer(path: Path, raw: dict, family: Family, vocab_size: int | None, to
     tok = open_tokenizer(
         tokenizer or path, family=family, mask_id=mask, model_dir=path, vocab_size=vocab_size
     )
-    if "mask_token_id" not in raw and family.mask_token:  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
+    if (
+        "mask_token_id" not in raw and family.mask_token and family.noising == "absorbing"
+    ):  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
         found = tok.token_id(family.mask_token)
         if found is not None:
             tok.mask_id = found
@@ -303,8 +309,7 @@ def load_tokenizer(path: str | Path, *, tokenizer: str | Path | None = None):
     path = Path(path).expanduser()
     raw = fam.read_config(path)
     family = fam.detect(raw, path / "config.json")
-    vocab = int(raw.get("embedding_size") or raw.get("vocab_size") or 0) or None
-    return _tokenizer(path, raw, family, vocab, tokenizer)
+    return _tokenizer(path, raw, family, fam.vocab_size(raw), tokenizer)
 
 
 def run_config(family: Family, model_cfg: ModelConfig, max_len: int, tokenizer: str | Path):
@@ -335,6 +340,16 @@ def pretrained_config(path: str | Path):
         return run_config(
             family, dit_config(raw, where, family.attention, block), int(raw.get("model_length", 1024)), path
         )
+    if family.backbone == "diffusion_gemma":
+        text = raw.get("text_config") or {}
+        cfg = ModelConfig(
+            attention=family.attention,
+            block_size=max(block, 1),
+            dim=int(text.get("hidden_size", 2304)),
+            n_layers=int(text.get("num_hidden_layers", 30)),
+            n_heads=int(text.get("num_attention_heads", 8)),
+        )
+        return run_config(family, cfg, int(text.get("max_position_embeddings", 0) or 4096), path)
     from unmask.models.pretrained.native import native_config
 
     hf = native_config(family, raw, where)
