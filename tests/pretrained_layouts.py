@@ -28,6 +28,7 @@ SPECIAL = {  # family -> (bos, eos, extra stop / chat tokens, mask token)
     "sdar": (None, "<|endoftext|>", ["<|im_end|>"], "<|MASK|>"),
     "fast-dllm-v2": (None, "<|im_end|>", ["<|endoftext|>"], "|<MASK>|"),
     "llada2": (None, "<|endoftext|>", ["<|role_end|>"], "<|mask|>"),
+    "diffusion-gemma": ("<bos>", "<eos>", ["<end_of_turn>"], None),
 }
 CHAT = (
     "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
@@ -92,11 +93,57 @@ def write_family(family: str, path: Path, seed: int = 0):
         "llada2": _llada2,
         "mdlm": _dit,
         "bd3lm": _dit,
+        "diffusion-gemma": lambda family, path: write_diffusion_gemma(path, seed=seed),
     }[family]
     reference = writer(family, path)
     if family in SPECIAL:
         write_tokenizer(path, family)
     return reference
+
+
+def write_diffusion_gemma(
+    path: Path, *, seed: int = 0, canvas: int = 8, window: int = 6, scale: float = 40.0
+):
+    """A tiny random `DiffusionGemmaForBlockDiffusion` (MoE, sliding + full layers of different
+    head shapes, a vision tower) saved with its own `save_pretrained`, with the family's tokenizer;
+    the tied embedding / head is scaled by `scale` so that predictions are peaked enough for the
+    entropy bound to accept several positions and for the adaptive stop to fire. Returns the
+    native model, reloaded with `from_pretrained` (the reference; `write_family` adds the tokenizer)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        num_experts=2,
+        top_k_experts=1,
+        moe_intermediate_size=16,
+        max_position_embeddings=512,
+    )
+    vision = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    model = DiffusionGemmaForBlockDiffusion(
+        DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas)
+    )
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight.mul_(scale)
+    model.save_pretrained(str(path))
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path)).eval()
 
 
 def _native_reference(model, block: int | None):
