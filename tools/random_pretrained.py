@@ -32,7 +32,7 @@ LLADA_NAMES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["llada", "sdar", "dream", "fast-dllm-v2"])
+    ap.add_argument("family", choices=["llada", "sdar", "dream", "fast-dllm-v2", "diffusion-gemma"])
     ap.add_argument("out")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
@@ -116,6 +116,8 @@ def main() -> None:
                 bd_size=a.block_size,
                 mask_token_id=mask,
             )
+    elif a.family == "diffusion-gemma":  # transformers' own class and save_pretrained (--block-size: canvas)
+        _diffusion_gemma(a, out)
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -136,13 +138,14 @@ def main() -> None:
         config.update(
             model_type="sdar", architectures=["SDARForCausalLM"], block_size=a.block_size, mask_token_id=mask
         )
-    # a trained model never argmaxes [MASK], and its predictions are peaked: an untrained one's
-    # near-uniform softmax would leave greedy ranks to float rounding
-    head = "model.transformer.ff_out.weight" if a.family == "llada" else "lm_head.weight"
-    tensors[head] = (tensors[head].float() * a.logit_scale).to(torch.bfloat16)
-    tensors[head][mask] = 0
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    if a.family != "diffusion-gemma":
+        # a trained model never argmaxes [MASK], and its predictions are peaked: an untrained one's
+        # near-uniform softmax would leave greedy ranks to float rounding
+        head = "model.transformer.ff_out.weight" if a.family == "llada" else "lm_head.weight"
+        tensors[head] = (tensors[head].float() * a.logit_scale).to(torch.bfloat16)
+        tensors[head][mask] = 0
+        save_file(tensors, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps(config, indent=1))
     vocab = {f"w{i}": i for i in range(a.vocab - 4)}
     for t in ("<|endoftext|>", "<|startoftext|>", "[UNK]", "<|mask|>"):
         vocab[t] = len(vocab)
@@ -165,8 +168,41 @@ def main() -> None:
         for _ in range(16):
             words = torch.randint(0, a.vocab - 4, (16,), generator=g).tolist()
             f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in words)}) + "\n")
-    n = sum(v.numel() for v in tensors.values())
-    print(f"wrote {a.family} layout to {out}: {n / 1e6:.1f}M parameters")
+    print(f"wrote {a.family} layout to {out}")
+
+
+def _diffusion_gemma(a, out: Path) -> None:
+    """Gemma-4-style: sliding / full layers 5:1 (window 512, full layers with twice the head
+    width), MoE of 4 experts (top 2) beside the dense MLP, a minimal vision tower (dropped when
+    unmask loads it); the tied embedding scaled by --logit-scale / 2 for peaked predictions."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    head_dim = a.hidden // a.heads
+    text = dict(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=head_dim,
+        global_head_dim=2 * head_dim,
+        num_global_key_value_heads=max(1, a.kv_heads // 2),
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=max(16, a.intermediate // 4),
+        max_position_embeddings=4096,
+        eos_token_id=a.vocab - 4,
+        bos_token_id=a.vocab - 3,
+        pad_token_id=a.vocab - 4,
+    )
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=a.block_size)
+    model = DiffusionGemmaForBlockDiffusion(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight.mul_(a.logit_scale / 2)
+    model.save_pretrained(str(out))
 
 
 if __name__ == "__main__":

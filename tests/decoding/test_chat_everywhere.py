@@ -30,17 +30,23 @@ from unmask.models.checkpoint import load_checkpoint  # noqa: E402
 from unmask.schedules import build_schedule  # noqa: E402
 from unmask.serve.server import build_app, run_in_thread  # noqa: E402
 
-CHAT_FAMILIES = ("llada", "dream", "sdar", "fast-dllm-v2", "llada2")
+CHAT_FAMILIES = ("llada", "dream", "sdar", "fast-dllm-v2", "llada2", "diffusion-gemma")
 END_OF_TURN = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "sdar": "<|im_end|>",
-               "fast-dllm-v2": "<|im_end|>", "llada2": "<|role_end|>"}  # fmt: skip
+               "fast-dllm-v2": "<|im_end|>", "llada2": "<|role_end|>",
+               "diffusion-gemma": "<end_of_turn>"}  # fmt: skip
 PROMPT, N = "w1 w2 w3", 12
 FIELDS = {"proposal": "sample", "steps": N}  # sampled proposals: the seed picks the answer
+FAMILY_FIELDS = {"diffusion-gemma": {"block_steps": 8}}  # its sampler always draws; 8 steps per canvas
+
+
+def fields_of(family: str) -> dict:
+    return FAMILY_FIELDS.get(family, FIELDS)
 
 
 def end_of_turn_seed(loaded, family: str, chat: bool) -> tuple[int, object]:
     """The first seed whose answer stops at the family's end-of-turn token after >= 1 token."""
     tok, model = loaded.tokenizer, loaded.model
-    cfg = preset_config(loaded.config.decode.preset, max_new_tokens=N, **FIELDS)
+    cfg = preset_config(loaded.config.decode.preset, max_new_tokens=N, **fields_of(family))
     max_len = loaded.config.data.seq_len if model.cfg.attention == "bidirectional" else None
     schedule = build_schedule(loaded.config.noise.schedule, loaded.config.noise.eps)
     plan = plan_decode(model, cfg, schedule=schedule, tokenizer=tok, max_len=max_len)
@@ -74,14 +80,14 @@ def test_sample_serve_and_lm_eval_agree_and_stop_at_end_of_turn(tmp_path, capsys
 
             out = tmp_path / f"sample-{chat}.jsonl"
             main(["sample", "--checkpoint", str(path), "--dtype", "fp32", "--precision", "fp32",
-                  "--prompt", PROMPT, "--seed", str(seed), "--max-new-tokens", str(N),
-                  "--decode.proposal", "sample", "--decode.steps", str(N), "--output", str(out)]
+                  "--prompt", PROMPT, "--seed", str(seed), "--max-new-tokens", str(N), "--output", str(out)]
+                 + [f for k, v in fields_of(family).items() for f in (f"--decode.{k}", str(v))]
                  + (["--chat"] if chat else []))  # fmt: skip
             (cli,) = [json.loads(line) for line in out.read_text().splitlines()]
             assert cli["text"] == want and cli["finish_reason"] == "stop"
             assert cli["token_ids"] == record.token_ids
 
-            body = dict(model="m", max_tokens=N, seed=seed, extra_body=FIELDS)
+            body = dict(model="m", max_tokens=N, seed=seed, extra_body=fields_of(family))
             if chat:
                 r = client.chat.completions.create(messages=[{"role": "user", "content": PROMPT}], **body)
                 served = r.choices[0].message.content
@@ -91,7 +97,9 @@ def test_sample_serve_and_lm_eval_agree_and_stop_at_end_of_turn(tmp_path, capsys
             assert served == want and r.choices[0].finish_reason == "stop"
             assert r.usage.completion_tokens == len(record.token_ids) < N
 
-            lm = UnmaskLM(checkpoint=str(path), dtype="fp32", precision="fp32", seed=seed, **FIELDS)
+            lm = UnmaskLM(
+                checkpoint=str(path), dtype="fp32", precision="fp32", seed=seed, **fields_of(family)
+            )
             context = lm.apply_chat_template([{"role": "user", "content": PROMPT}]) if chat else PROMPT
             request = SimpleNamespace(args=(context, {"until": [], "max_gen_toks": N}))
             assert lm.generate_until([request], disable_tqdm=True) == [want]

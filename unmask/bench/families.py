@@ -4,8 +4,9 @@ Each loop below is the family's published generation loop as docs/CHECKPOINTS.md
 greedy, run on the same loaded model with the authors' own cache strategy (SDAR and Fast-dLLM v2
 keep a prefix KV cache and run each block against it; LLaDA, Dream and LLaDA2 recompute the whole
 sequence every step). One row at a time for the loops written for one row (SDAR, LLaDA2, Fast-dLLM
-v2), the whole batch for the batched ones (LLaDA, Dream). The tokens must come out identical; the
-tests check the same loops against transformers' own modules (tests/models/test_family_loops.py).
+v2), the whole batch for the batched ones (LLaDA, Dream). DiffusionGemma's is transformers' own
+`generate`. The tokens must come out identical; the tests check the same loops against
+transformers' own modules (tests/models/test_family_loops.py, test_diffusion_gemma.py).
 """
 
 from __future__ import annotations
@@ -255,7 +256,51 @@ FAMILY_PRESETS = {  # the family's default preset and the settings its loop take
     "sdar": "sdar",
     "llada2": "llada2",
     "fast-dllm-v2": "fast-dllm-v2",
+    "diffusion-gemma": "diffusion-gemma",
 }
+
+
+@torch.inference_mode()
+def diffusion_gemma_generate(model, prompt: torch.Tensor, *, max_new_tokens: int, steps: int, per_row: bool):
+    """transformers' own `DiffusionGemmaForBlockDiffusion.generate` (its defaults otherwise), no
+    stop id (as ours runs here). `per_row`: one row [1, P] at a time with the global generator
+    seeded as unmask seeds that row's stream (`row_generators(0, [i])`), so both draw the same
+    numbers; else the whole batch in one call (its speed)."""
+    from unmask.decoding.rng import row_generators
+
+    if not per_row:
+        torch.manual_seed(0)
+        out = model.native.generate(prompt, max_new_tokens=max_new_tokens, max_denoising_steps=steps)
+        return out.sequences[:, : prompt.shape[1] + max_new_tokens]
+    rows = []
+    for i, row in enumerate(prompt.split(1)):
+        torch.manual_seed(row_generators(0, [i])[0].initial_seed())
+        out = model.native.generate(row, max_new_tokens=max_new_tokens, max_denoising_steps=steps)
+        rows.append(out.sequences[:, : prompt.shape[1] + max_new_tokens])
+    return torch.cat(rows)
+
+
+def _diffusion_gemma(model, cfg, prompts, *, schedule, max_new_tokens: int, steps: int, repeats: int):
+    """Timed: our preset on the batch vs `generate` on the batch in one call. Tokens: the
+    sampler's self-conditioning loop amplifies last-bit differences step after step, so ours
+    equals `generate` row for row on the kernels `generate` runs (`invariant.fused()`); on our
+    batch-invariant kernels (the default) the rows are our own, whatever the batch."""
+    from unmask.models import invariant
+
+    def theirs(x, per_row):
+        return diffusion_gemma_generate(model, x, max_new_tokens=max_new_tokens, steps=steps, per_row=per_row)
+
+    r = side_by_side(model, cfg, prompts, lambda x: theirs(x, False), schedule=schedule, repeats=repeats)
+    reference = theirs(prompts, True)[:, prompts.shape[1] :].tolist()
+
+    def ours(fused: bool) -> list[list[int]]:
+        with invariant.fused() if fused else torch.inference_mode():
+            return run_decode(model, cfg, prompts, batch_size=prompts.shape[0], seed=0, eos_id=None,
+                              schedule=schedule)["samples"]  # fmt: skip
+
+    r["identical_tokens"] = ours(True) == reference
+    r["identical_tokens_invariant_kernels"] = ours(False) == reference
+    return r
 
 
 def bench_family_reference(
@@ -277,6 +322,8 @@ def bench_family_reference(
     over: dict[str, Any] = {"max_new_tokens": max_new_tokens, "steps": steps}
     if family == "llada":
         over |= {"block_len": block_len}
+    if family == "diffusion-gemma":  # its steps are per canvas (`max_denoising_steps`)
+        over |= {"block_steps": steps}
     cfg = preset_config(preset, **over)
     schedule = build_schedule(config.noise.schedule, config.noise.eps)
     L = model.cfg.block_size
@@ -306,7 +353,11 @@ def bench_family_reference(
             rows.append(out[:, : x.shape[1] + max_new_tokens])
         return torch.cat(rows)
 
-    r = side_by_side(model, cfg, prompts, reference_rows, schedule=schedule, repeats=repeats)
+    if family == "diffusion-gemma":
+        kw = dict(schedule=schedule, max_new_tokens=max_new_tokens, steps=steps, repeats=repeats)
+        r = _diffusion_gemma(model, cfg, prompts, **kw)
+    else:
+        r = side_by_side(model, cfg, prompts, reference_rows, schedule=schedule, repeats=repeats)
     return {"family": family, "preset": preset, **r, "max_new_tokens": max_new_tokens, "steps": steps}
 
 
@@ -317,4 +368,9 @@ def family_table(r: dict[str, Any]) -> str:
         f"{r['steps']} steps, {r['rows']} rows: ours {r['ours_seconds']:.3f}s vs reference "
         f"{r['reference_seconds']:.3f}s -> {q['median']:.2f}x (min {q['min']:.2f}, max {q['max']:.2f}); "
         f"identical tokens: {r['identical_tokens']}"
+        + (
+            f" (on its kernels; on our batch-invariant ones: {r['identical_tokens_invariant_kernels']})"
+            if "identical_tokens_invariant_kernels" in r
+            else ""
+        )
     )

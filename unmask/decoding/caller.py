@@ -70,7 +70,8 @@ class Caller:
         logits, hidden = self._forward(self.decoder.inputs(self.model, tokens, start, state), cache, start)
         self.nfe += 1
         view = self.suppress(View(start, logits, hidden))
-        self.last = (tokens, key, view)
+        if self.reusable:  # else nothing reads it: do not keep a [B, n, V] output alive between calls
+            self.last = (tokens, key, view)
         return view
 
     def suppress(self, view: View) -> View:

@@ -167,11 +167,15 @@ class DiffusionGemmaDenoiser(nn.Module):
         return n - (0 if embeddings else self.tok_embed.weight.numel())
 
 
-def load_diffusion_gemma(path: Path, raw: dict[str, Any], family: Family, dtype: torch.dtype, where: str):
+def load_diffusion_gemma(
+    path: Path, raw: dict[str, Any], family: Family, dtype: torch.dtype, where: str, device: torch.device
+):
     """The directory's weights in transformers' own `DiffusionGemmaForBlockDiffusion` (its loader
     ties the encoder to the decoder and the head to the embedding); every missing, unexpected or
     misshapen weight is an error naming it. The vision tower is dropped after loading: unmask
-    decodes text."""
+    decodes text. On a CPU the experts run as one F.linear each (routed through the invariant
+    ops): the grouped GEMM groups tokens by expert, so a token's numbers would depend on its
+    batch-mates (set at load: the text config does not take it later)."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
@@ -185,16 +189,24 @@ def load_diffusion_gemma(path: Path, raw: dict[str, Any], family: Family, dtype:
             f"{where}: canvas_length must be a positive block size, got {config.canvas_length}"
         )
     config._attn_implementation = "sdpa"
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the missing-weight warnings become our error below
+    hf_logging.disable_progress_bar()
     try:
         native, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            str(path), config=config, dtype=dtype, local_files_only=True, output_loading_info=True
+            str(path),
+            config=config,
+            dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
+            **({"experts_implementation": "eager"} if device.type == "cpu" else {}),
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise PretrainedError(f"cannot load the weights in {path}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise PretrainedError(

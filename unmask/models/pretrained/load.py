@@ -170,7 +170,7 @@ def load_pretrained_full(
     elif family.backbone == "diffusion_gemma":
         from unmask.models.pretrained.diffusion_gemma import load_diffusion_gemma
 
-        model, max_len = load_diffusion_gemma(path, raw, family, target, where)
+        model, max_len = load_diffusion_gemma(path, raw, family, target, where, device)
     else:
         model, max_len = _load_native(path, raw, family, block, target, where)
         if device.type == "cpu" and hasattr(model.native, "set_experts_implementation"):
