@@ -31,7 +31,11 @@ from unmask.models.checkpoint import load_checkpoint
 from unmask.models.pretrained.families import PretrainedError
 
 pytest.importorskip("transformers.models.diffusion_gemma")
-from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    LogitsProcessorList,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (  # noqa: E402
     EntropyBoundSamplerConfig,
 )
@@ -60,9 +64,21 @@ def ours(loaded, prompt, generators, *, kernels="native", **fields):
         return final_state(generate(loaded.model, plan, prompt=prompt, generators=generators))
 
 
-def reference(native, prompt, seed, *, eos, top_k=0, **kw):
+class PerPositionTopP(TopPLogitsWarper):
+    """transformers' top-p warper on each canvas position: it scatters along dim 1 of [N, V]
+    scores, and generate() hands processors [B, L, V]."""
+
+    def __call__(self, input_ids, scores):
+        return super().__call__(input_ids, scores.reshape(-1, scores.shape[-1])).view(scores.shape)
+
+
+def reference(native, prompt, seed, *, eos, top_k=0, top_p=1.0, **kw):
+    """`generate` with the global generator seeded by `seed`; top-k / top-p as a user passes them,
+    logits processors run before its temperature schedule."""
     torch.manual_seed(seed)
-    processors = LogitsProcessorList([TopKLogitsWarper(top_k)]) if top_k else None
+    processors = LogitsProcessorList(
+        ([TopKLogitsWarper(top_k)] if top_k else []) + ([PerPositionTopP(top_p)] if top_p < 1 else [])
+    )
     out = native.generate(prompt, logits_processor=processors, eos_token_id=eos, pad_token_id=0, **kw)
     return out.sequences[0, prompt.shape[1] :].tolist()
 
@@ -110,6 +126,7 @@ CASES = [  # (prompt length, our fields, the reference's generate() arguments)
     (5, {}, {}),
     (1, {"block_steps": 10}, {"max_denoising_steps": 10}),
     (9, {"top_k": 5}, {"top_k": 5}),  # the window of 6 is overrun by the prompt alone
+    (6, {"top_k": 8, "top_p": 0.7}, {"top_k": 8, "top_p": 0.7}),
     (5, {"stop_confidence": 3.0, "entropy_bound": 1.0},
      {"confidence_threshold": 3.0, "sampler_config": EntropyBoundSamplerConfig(1.0)}),
     (3, {"stop_confidence": 3.0, "entropy_bound": 1.0, "stop_stable": 2},
@@ -165,6 +182,8 @@ def test_what_does_not_compose_is_refused_with_the_reason(dg, checkpoints):
         "rounds": ({"rounds": 2}, "rounds"),
         "cfg": ({"cfg_scale": 1.0}, "guidance"),
         "cache": ({"cache": "none"}, "cache auto"),
+        "soft inputs": ({"inputs": "soft"}, "has no \\[MASK\\]"),
+        "ADJUST-style rounds": ({"rounds": 4, "refresh": "model"}, "rounds"),
     }
     for fields, why in refusals.values():
         with pytest.raises(DecodeError, match=why):
@@ -205,3 +224,23 @@ def test_bench_family_ref_times_the_preset_against_transformers_generate(dg, tmp
     assert saved["preset"] == "diffusion-gemma" and saved["identical_tokens"] is True
     assert saved["speedup"]["median"] > 0
     assert "diffusion-gemma (`diffusion-gemma` preset) vs its own loop" in capsys.readouterr().out
+
+
+def test_only_the_self_conditioning_logits_are_kept_between_steps_in_the_models_dtype(dg):
+    """Memory per row: between two steps the state holds one [B, W, V] tensor, the processed
+    logits in the embedding's dtype (bf16 for a bf16 model, as `generate` keeps them)."""
+    path, _, _ = dg
+    loaded = load_checkpoint(path, dtype="bf16")
+    cfg = preset_config("diffusion-gemma", max_new_tokens=CANVAS, block_steps=3)
+    plan = plan_decode(loaded.model, cfg, tokenizer=loaded.tokenizer)
+    states = list(
+        generate(loaded.model, plan, prompt=prompt_of(4, 0, B=2), generators=row_generators(0, range(2)))
+    )
+    mid = states[0]
+    big = [
+        name
+        for name, v in vars(mid).items()
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] > 8
+    ]
+    assert big == ["prev_logits"] and mid.prev_logits.dtype == torch.bfloat16
+    assert mid.prev_logits.shape == (2, CANVAS, loaded.model.vocab_size)
