@@ -28,7 +28,7 @@ class CountingModel(torch.nn.Module):
             model.head,
             model.tok_embed,
         )
-        self.new_cache, self.embed = model.new_cache, model.embed
+        self.new_cache, self.embed, self.noising = model.new_cache, model.embed, model.noising
 
     def forward(self, *a, **k):
         self.calls += 1

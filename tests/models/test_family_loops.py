@@ -388,7 +388,7 @@ class Tilted(torch.nn.Module):
     def __init__(self, inner, scale=1.0, ids=(), by=0.0):
         super().__init__()
         self.inner, self.scale, self.ids, self.by = inner, scale, list(ids), by
-        for name in ("cfg", "vocab_size", "mask_id", "subs", "new_cache", "embed"):
+        for name in ("cfg", "vocab_size", "mask_id", "subs", "new_cache", "embed", "noising"):
             if hasattr(inner, name):
                 setattr(self, name, getattr(inner, name))
 

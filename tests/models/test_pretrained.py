@@ -854,7 +854,7 @@ class EosFirst(torch.nn.Module):
             model.mask_id,
             model.subs,
         )
-        self.new_cache, self.embed = model.new_cache, model.embed
+        self.new_cache, self.embed, self.noising = model.new_cache, model.embed, model.noising
 
     def forward(self, tokens=None, *, cache=None, embeds=None, key_mask=None):
         out = self.inner(tokens, cache=cache, embeds=embeds, key_mask=key_mask)
