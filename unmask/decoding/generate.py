@@ -184,13 +184,13 @@ def _block_loop(model: Denoiser, plan: DecodePlan, prompt, _, generators, prompt
 
         while state.step < block_steps and state.masked.any():
             state = yield from _rounds(model, plan, state, forward, call, generators)
-        if kv is not None:  # append the finished block's clean K/V
-            upcoming = model(state.tokens[:, lo:hi], cache=kv).next_logits
-            kv.commit(Lb)
-            state = state.advance(commit_passes=state.commit_passes + 1)
         state = _finish_rows(state, plan, P, cap, model.vocab_size)
         if state.finished.all():
             break
+        if kv is not None:  # append the finished block's clean K/V (not after the last block)
+            upcoming = model(state.tokens[:, lo:hi], cache=kv).next_logits
+            kv.commit(Lb)
+            state = state.advance(commit_passes=state.commit_passes + 1)
     yield state.advance(tokens=state.tokens[:, :cap], fixed=state.fixed[:, :cap])
 
 

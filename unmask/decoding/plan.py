@@ -286,9 +286,9 @@ def _check_uniform(model: Denoiser, cfg: DecodeConfig, decoder: Decoder, kind, c
         raise DecodeError(
             "DiffusionGemma decodes each canvas against its encoder's KV cache: use --decode.cache auto"
         )
+    default = DecodeConfig()
     for name, why in NOT_UNIFORM.items():
-        value = getattr(cfg, name)
-        if value != getattr(DecodeConfig, name, None) and not (name == "rounds" and value == 1):
+        if getattr(cfg, name) != getattr(default, name):
             raise DecodeError(f"--decode.{name} does not apply to a uniform-noise model: {why}")
     if cfg.refresh != "none":
         raise DecodeError("--decode.refresh does not apply to a uniform-noise model (no commit rounds)")
