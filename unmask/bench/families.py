@@ -283,8 +283,9 @@ def diffusion_gemma_generate(model, prompt: torch.Tensor, *, max_new_tokens: int
 def _diffusion_gemma(model, cfg, prompts, *, schedule, max_new_tokens: int, steps: int, repeats: int):
     """Timed: our preset on the batch vs `generate` on the batch in one call. Tokens: the
     sampler's self-conditioning loop amplifies last-bit differences step after step, so ours
-    equals `generate` row for row on the kernels `generate` runs (`invariant.fused()`); on our
-    batch-invariant kernels (the default) the rows are our own, whatever the batch."""
+    equals `generate` row for row on the kernels `generate` runs (`invariant.fused()`, one row at
+    a time, as their numbers depend on the batch); on our batch-invariant kernels (the default)
+    the rows are our own, whatever the batch."""
     from unmask.models import invariant
 
     def theirs(x, per_row):
@@ -294,9 +295,10 @@ def _diffusion_gemma(model, cfg, prompts, *, schedule, max_new_tokens: int, step
     reference = theirs(prompts, True)[:, prompts.shape[1] :].tolist()
 
     def ours(fused: bool) -> list[list[int]]:
+        """Row by row on `generate`'s kernels (their numbers depend on the batch), else batched."""
         with invariant.fused() if fused else torch.inference_mode():
-            return run_decode(model, cfg, prompts, batch_size=prompts.shape[0], seed=0, eos_id=None,
-                              schedule=schedule)["samples"]  # fmt: skip
+            return run_decode(model, cfg, prompts, batch_size=1 if fused else prompts.shape[0], seed=0,
+                              eos_id=None, schedule=schedule)["samples"]  # fmt: skip
 
     r["identical_tokens"] = ours(True) == reference
     r["identical_tokens_invariant_kernels"] = ours(False) == reference
