@@ -332,3 +332,58 @@ def test_headers_trickled_slower_than_the_header_timeout_close_the_connection(ch
         assert ok.status_code == 200
     finally:
         srv.stop()
+
+
+def _running(engine, deadline: float) -> int:
+    """The engine's running rows once they reach 0 or the deadline passes."""
+    while time.time() < deadline and engine.running_rows:
+        time.sleep(0.02)
+    return engine.running_rows
+
+
+def test_a_timed_out_or_abandoned_request_stops_its_batch_within_a_step(checkpoints):
+    """A 408 and a non-streamed client that hangs up both cancel the job; the worker stops its batch
+    at the next step (it no longer decodes a job nobody waits for, so later requests are served)."""
+    app = build_app(checkpoints["block_causal"], model_name="m", request_timeout=1.0, max_batch_rows=1)
+    engine, srv = app.state.engine, run_in_thread(app)
+    long = {"model": "m", "prompt": "a", "max_tokens": 4096, "steps": 1024, "ban_stop": True}  # > 1 s here
+    try:
+        t = time.time()
+        r = httpx.post(srv.url + "/v1/completions", json=long, timeout=60)
+        assert r.status_code == 408 and time.time() - t < 5, r.text
+        assert _running(engine, time.time() + 2.0) == 0  # stopped, not decoding 4096 tokens on
+        ok = httpx.post(
+            srv.url + "/v1/completions", json={"model": "m", "prompt": "b", "max_tokens": 8}, timeout=60
+        )
+        assert ok.status_code == 200
+
+        closed = app.state.metrics.requests.labels("499")._value.get()
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes
+            httpx.post(srv.url + "/v1/completions", json={**long, "prompt": "c"}, timeout=0.3)
+        assert _running(engine, time.time() + 2.0) == 0
+        deadline = time.time() + 2.0
+        while time.time() < deadline and app.state.metrics.requests.labels("499")._value.get() == closed:
+            time.sleep(0.02)
+        assert app.state.metrics.requests.labels("499")._value.get() == closed + 1
+        assert app.state.metrics.in_flight._value.get() == 0
+    finally:
+        srv.stop()
+
+
+def test_metrics_show_batching_queueing_and_minute_long_latencies(checkpoints):
+    app = build_app(checkpoints["block_causal"], model_name="m")
+    srv = run_in_thread(app)
+    try:
+        for prompt in ("a", "b"):
+            body = {"model": "m", "prompt": prompt, "max_tokens": 8}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200
+        text = httpx.get(srv.url + "/metrics", timeout=10).text
+        for name in ("unmask_rows_per_forward", "unmask_tokens_per_forward", "unmask_queue_seconds",
+                     "unmask_batch_seconds"):  # fmt: skip
+            count = next(line for line in text.splitlines() if line.startswith(f"{name}_count"))
+            assert float(count.split()[-1]) > 0, name
+        assert 'unmask_request_seconds_bucket{le="600.0"}' in text  # buckets up to minutes
+        assert 'unmask_rows_per_forward_bucket{le="1.0"}' in text
+    finally:
+        srv.stop()

@@ -53,6 +53,9 @@ log = logging.getLogger("unmask.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
+DISCONNECT_POLL = 0.25  # seconds between two checks that a non-streamed request's client is there
+
+
 class Service:
     def __init__(
         self,
@@ -69,6 +72,7 @@ class Service:
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.metrics = Metrics()
         engine.on_batch = self.metrics.on_batch
+        engine.on_queued = self.metrics.queued.observe
 
     # ------------------------------------------------------------------------------ stages
 
@@ -173,15 +177,26 @@ class Service:
         self.metrics.in_flight.inc()
         self.metrics.queue.set(len(self.engine.waiting))
 
-    async def next_event(self, job: Job, deadline: float) -> tuple[str, Any]:
-        try:
-            kind, payload = await asyncio.wait_for(job.events.get(), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError as e:
-            raise APIError(
-                f"the request took longer than --request-timeout {self.request_timeout:g}s",
-                status=408,
-                kind="timeout",
-            ) from e
+    async def next_event(self, job: Job, deadline: float, raw: Request | None = None) -> tuple[str, Any]:
+        """The job's next event; with `raw` (a non-streamed request), a client that hangs up is
+        noticed within `DISCONNECT_POLL` seconds (streams are cancelled by Starlette instead)."""
+        while True:
+            left = deadline - time.monotonic()
+            wait = max(min(left, DISCONNECT_POLL) if raw is not None else left, 0.001)
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), wait)
+                break
+            except TimeoutError as e:
+                if time.monotonic() >= deadline:
+                    raise APIError(
+                        f"the request took longer than --request-timeout {self.request_timeout:g}s",
+                        status=408,
+                        kind="timeout",
+                    ) from e
+                if raw is not None and await raw.is_disconnected():
+                    raise APIError(
+                        "the client closed the connection", status=499, kind="client_closed"
+                    ) from e
         if kind == "error":  # the server is shutting down
             raise APIError(str(payload), status=503, kind="server_error")
         if kind == "failed":  # a bug: logged with this id by the engine, never shown to clients
@@ -189,15 +204,16 @@ class Service:
                            kind="server_error")  # fmt: skip
         return kind, payload
 
-    async def results(self, jobs: list[Job]) -> list[dict]:
-        """Every job's `done` payload (a non-streamed answer); its latency and 200 are recorded."""
+    async def results(self, jobs: list[Job], raw: Request | None = None) -> list[dict]:
+        """Every job's `done` payload (a non-streamed answer); its latency and 200 are recorded. A
+        timeout or a client gone cancels the jobs: the engine stops their batch at its next step."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.request_timeout
         out = []
         try:
             for job in jobs:
                 while True:
-                    kind, payload = await self.next_event(job, deadline)
+                    kind, payload = await self.next_event(job, deadline, raw)
                     if kind == "done":
                         out.append(payload)
                         break
@@ -253,7 +269,7 @@ class Service:
             "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "unmask"}],
         }
 
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, raw: Request):
         self.check_model(req.model)
         if not req.prompt and not isinstance(req.prompt, str):
             raise APIError("prompt must not be an empty list", param="prompt")
@@ -267,12 +283,13 @@ class Service:
                 f"suffix (fill-in-the-middle) needs a bidirectional model; this one is {plan.kind}",
                 param="suffix",
             )
-        jobs = self.jobs(self.prompts(req, plan), req, plan, template=req.suffix is not None)
+        prompts = await asyncio.to_thread(self.prompts, req, plan)  # tokenizing off the event loop
+        jobs = self.jobs(prompts, req, plan, template=req.suffix is not None)
         self.submit(jobs)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return sse(self, jobs, rid, created, chat=False)
-        done = await self.results(jobs)
+        done = await self.results(jobs, raw)
         choices = [
             {
                 "text": c["text"],
@@ -295,7 +312,8 @@ class Service:
             raise APIError(
                 f"the prompt has {len(body.prompt)} characters (--max-prompt-tokens)", param="prompt"
             )
-        ids = tok.prompt_ids(body.prompt) if body.add_special_tokens else tok.encode(body.prompt)
+        encode = tok.prompt_ids if body.add_special_tokens else tok.encode
+        ids = await asyncio.to_thread(encode, body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_prompt_tokens}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
@@ -305,13 +323,14 @@ class Service:
             raise APIError(f"token id {bad} is not in this model's vocabulary", param="tokens")
         return {"prompt": tok.decode(body.tokens, skip_special=False)}
 
-    async def chat_completions(self, req: ChatCompletionRequest):
+    async def chat_completions(self, req: ChatCompletionRequest, raw: Request):
         self.check_model(req.model)
         if not req.messages:
             raise APIError("messages must not be empty", param="messages")
         plan = self.plan(req)
+        turns = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = plan.chat_ids([{"role": m.role, "content": m.text()} for m in req.messages])
+            ids = await asyncio.to_thread(plan.chat_ids, turns)  # tokenizing off the event loop
         except ValueError as e:  # no chat template, a template that rejects the turns
             raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
         jobs = self.jobs([ids], req, plan)
@@ -319,7 +338,7 @@ class Service:
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return sse(self, jobs, rid, created, chat=True)
-        done = await self.results(jobs)
+        done = await self.results(jobs, raw)
         choices = [
             {
                 "index": i,
@@ -388,7 +407,7 @@ def create_app(
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, bug)
-    app.middleware("http")(_log(service))
+    app.add_middleware(AccessLog)
     app.add_middleware(
         Edges,
         api_key=api_key,
@@ -420,13 +439,24 @@ def _validation_error(e: RequestValidationError) -> APIError:
     return APIError(f"{'.'.join(loc) + ': ' if loc else ''}{message}", param=param)
 
 
-def _log(service: Service):
-    async def middleware(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        log.info(
-            "%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - t0
-        )
-        return response
+class AccessLog:
+    """One log line per request (method, path, status, seconds). Pure ASGI, so the handler's
+    `Request.is_disconnected()` sees the client leave (Starlette's `BaseHTTPMiddleware` hides it)."""
 
-    return middleware
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            log.info("%s %s %d %.3fs", scope["method"], scope["path"], status[0], time.perf_counter() - t0)

@@ -15,8 +15,10 @@ A job of `n` samples is `n` rows with sample indices 0..n-1: the same rows `unma
 Each job receives events on its own asyncio queue: `delta` (newly committed text of a row: for
 block-causal models the finished blocks, for canvas decoding the left-to-right prefix that no later
 step can change), `canvas` (the whole canvas of row 0 after a step, when asked for), and `done`.
-A cancelled job (client gone, timeout) leaves the queue at once; if it is already decoding, its
-rows finish with the batch and are dropped.
+A cancelled job (client gone, timeout) leaves the queue at once; if it is already decoding, the
+batch stops at the next step once every job in it is cancelled (the worker moves on to the queue);
+in a batch that other jobs still need, its rows decode on with them and are dropped (a static
+batch cannot shed rows).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ log = logging.getLogger("unmask.serve")
 
 class QueueFull(Exception):
     """The engine's queue holds `max_queue` waiting jobs."""
+
+
+class _Abandoned(Exception):
+    """Every job of the running batch was cancelled (timed out, client gone): stop decoding it."""
 
 
 @dataclass(eq=False)
@@ -111,6 +117,7 @@ class Engine:
         self.running_rows = 0
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0}
         self.on_batch = None  # callback(tokens, nfe, seconds, rows) for metrics
+        self.on_queued = None  # callback(seconds a job waited before its batch started)
         self._cv = threading.Condition()
         self.model_lock = threading.Lock()  # decoding batches and scoring take turns on the model
         self._stopping = False
@@ -210,6 +217,9 @@ class Engine:
         try:
             self._decode(batch)
             return
+        except _Abandoned:
+            log.info("a batch of %d cancelled job(s) stopped mid-decode", len(batch))
+            return
         except Exception:
             if len(batch) == 1:
                 self._fail(batch[0])
@@ -220,6 +230,8 @@ class Engine:
                 continue
             try:
                 self._decode([job])
+            except _Abandoned:
+                continue
             except Exception:
                 self._fail(job)
 
@@ -237,7 +249,13 @@ class Engine:
         t0 = time.perf_counter()
         tokens, nfe, rows = 0, 0, sum(j.n for j in batch)
 
+        for job in batch:
+            if self.on_queued is not None:
+                self.on_queued(t0 - job.submitted)
+
         def on_state(requests, state) -> None:
+            if all(job.cancelled.is_set() for job in batch):
+                raise _Abandoned  # every client left: this step is the batch's last
             for j, job in enumerate(batch):
                 if job.template or job.cancelled.is_set() or None not in records[id(job)]:
                     continue  # fill-in-the-middle answers arrive whole
