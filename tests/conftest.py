@@ -24,6 +24,15 @@ from unmask.training.loop import train
 VOCAB, MASK = 67, 66
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that builds a server sets torch's threads for the process (`--threads`); the next
+    test starts with the suite's own count again."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(attention: str = "block_causal", block_size: int = 4, seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(attention=attention, block_size=block_size, dim=32, n_layers=2, n_heads=4, **kw)

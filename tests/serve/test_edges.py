@@ -7,6 +7,7 @@ an escaped model name, idle connections closed)."""
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import socket
 import time
 
@@ -387,3 +388,17 @@ def test_metrics_show_batching_queueing_and_minute_long_latencies(checkpoints):
         assert 'unmask_rows_per_forward_bucket{le="1.0"}' in text
     finally:
         srv.stop()
+
+
+def test_decoding_threads_default_to_every_core_but_one_and_are_checked(checkpoints):
+    import torch
+
+    from unmask.config import ConfigError
+    from unmask.serve.server import default_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_threads() == max(1, cores - 1)
+    build_app(checkpoints["block_causal"], model_name="m", threads=1)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ConfigError, match="--threads must be >= 0"):
+        build_app(checkpoints["block_causal"], model_name="m", threads=-1)

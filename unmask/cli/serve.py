@@ -41,6 +41,7 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         max_new_tokens=ns.max_new_tokens,
         max_body_bytes=ns.max_body_bytes,
         open_metrics=ns.open_metrics,
+        threads=ns.threads,
     )
     print(f"serving {ns.checkpoint} at http://{ns.host}:{ns.port}/ (OpenAI API under /v1)")
     uvicorn.Server(uvicorn_config(app, ns.host, ns.port, max_connections=ns.max_connections,
@@ -77,6 +78,12 @@ def add_serve_command(sub) -> None:
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for decoding (default 0: every core but one, kept for the event loop)",
+    )
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--preset", help="default decoder preset (default: bd3lm for block-causal, else mdlm)")
     key_help = "require `Authorization: Bearer KEY` on /v1/*, /metrics and the API docs (visible in `ps`:"

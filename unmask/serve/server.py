@@ -17,6 +17,16 @@ from unmask.serve.engine import Engine
 from unmask.serve.guard import LOOPBACK_NAMES
 
 
+def default_threads() -> int:
+    """Decoding threads: every core but one, which the event loop (HTTP, tokenizing, streaming)
+    keeps, so the decode worker never competes with it for every core (measured in
+    docs/results.md, "Serving threads"); one on a one- or two-core machine."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def build_app(
     checkpoint: str | Path,
     *,
@@ -36,10 +46,18 @@ def build_app(
     max_new_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     open_metrics: bool = False,
+    threads: int = 0,
 ):
     """The app for a checkpoint. Bound to a loopback `host`, only loopback names (and
-    `allowed_hosts`) are accepted in `Host:`; elsewhere any, unless `allowed_hosts` names them."""
+    `allowed_hosts`) are accepted in `Host:`; elsewhere any, unless `allowed_hosts` names them.
+    `threads`: torch's intra-op threads for decoding (0: `default_threads()`)."""
     import torch
+
+    if threads < 0:
+        from unmask.config import ConfigError
+
+        raise ConfigError(f"--threads must be >= 0 (0: every core but one), got {threads}")
+    torch.set_num_threads(threads or default_threads())
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_checkpoint(checkpoint, tokenizer=tokenizer, device=device, dtype=dtype)
