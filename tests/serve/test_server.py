@@ -331,6 +331,25 @@ def test_bench_serve_measures_concurrency_and_the_batching_gain(checkpoints, tmp
     assert all(row["errors"] == 0 and row["requests_per_s"] > 0 for row in r["rows"])
     assert 0 <= r["rows"][0]["overhead"] < 1 and r["batched_over_one_at_a_time"] > 0
     assert "batched over one-at-a-time" in serve_table(r) and plot_serve(r, tmp_path).is_file()
+    assert all(row["rows_per_batch"] >= 1 for row in r["rows"])
+
+
+def test_bench_serve_mixes_prompt_lengths_and_settings(checkpoints, tmp_path, capsys):
+    import json
+
+    from unmask.bench.serve import MIXED_SETTINGS
+    from unmask.cli.main import main
+
+    main(["bench", "serve", "--checkpoint", str(checkpoints["block_causal"]), "--mix", "mixed",
+          "--clients", "2", "--requests", "4", "--max-tokens", "4", "--num-prompts", "3",
+          "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "serve_mixed.json").read_text())
+    assert saved["mix"] == "mixed" and all(row["errors"] == 0 for row in saved["rows"])
+    assert len({m["preset"] for m in MIXED_SETTINGS}) == 3 and "mix: mixed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mix 'odd'"):
+        from unmask.bench.serve import bench_serve
+
+        bench_serve(str(checkpoints["block_causal"]), ["a"], mix="odd")
 
 
 def test_a_request_leaves_its_batch_when_its_rows_finish(checkpoints, monkeypatch):

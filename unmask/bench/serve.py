@@ -2,9 +2,10 @@
 clients (loopback only, a bounded number of requests), and the gain of batching: the same request
 mix at the same concurrency against a server that decodes one request at a time, in the same run.
 
-Each client sends its requests one after another; the request mix cycles through a fixed list of
-prompts with fixed settings. Server overhead is the share of a request's latency spent outside
-`generate()` at one client (the engine's decode time against the client-side latency).
+Each client sends its requests one after another; the request mix cycles through a list of prompts
+(`--mix same`: one token length; `lengths`: 5 to 150 tokens) with fixed settings, or (`mixed`)
+with each request's own preset and step budget. Server overhead is the share of a request's
+latency spent outside `generate()` at one client (the engine's decode time against the client-side latency).
 """
 
 from __future__ import annotations
@@ -19,22 +20,38 @@ import httpx
 
 from unmask.serve.server import build_app, run_in_thread
 
+MIXED_SETTINGS = [  # `--mix mixed`: request i takes settings i mod 6 (presets x step budgets)
+    {"preset": preset, "steps": steps} for preset in ("bd3lm", "mdlm", "conv") for steps in (16, 32)
+]
+
 
 def _load(
-    url: str, model: str, prompts: list[str], *, clients: int, per_client: int, body: dict[str, Any]
+    url: str,
+    model: str,
+    prompts: list[str],
+    *,
+    clients: int,
+    per_client: int,
+    body: dict[str, Any],
+    settings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`settings`: per-request decoder fields over `body`'s, request i taking settings[i % len]."""
+
     def client(c: int) -> list[tuple[float, int, int]]:
         out = []
         with httpx.Client(timeout=600) as http:
             for r in range(per_client):
                 t = time.perf_counter()
+                i = c * per_client + r
+                own = settings[i % len(settings)] if settings else {}
                 resp = http.post(
                     f"{url}/v1/completions",
                     json={
                         "model": model,
-                        "seed": c * per_client + r,
+                        "seed": i,
                         "prompt": prompts[(c + r) % len(prompts)],
                         **body,
+                        **own,
                     },
                 )
                 tokens = resp.json()["usage"]["completion_tokens"] if resp.status_code == 200 else 0
@@ -70,10 +87,18 @@ def bench_serve(
     preset: str = "bd3lm",
     steps: int | None = None,
     compare_at: int = 16,
+    mix: str = "same",
 ) -> dict[str, Any]:
     """`requests` requests at each concurrency (split over the clients), batched server; then the same
-    at `compare_at` clients against a one-row-at-a-time server."""
+    at `compare_at` clients against a one-row-at-a-time server. `mix`: `same` (the prompts as
+    given: one token length), `lengths` (the caller's prompts of many lengths), `mixed` (lengths,
+    and each request its own preset and step budget, `MIXED_SETTINGS`)."""
+    if mix not in ("same", "lengths", "mixed"):
+        raise ValueError(f"--mix {mix!r}: choose same, lengths or mixed")
+    if compare_at not in clients:  # compare where the batched server was measured
+        compare_at = max(clients)
     body = {"max_tokens": max_tokens, "preset": preset, **({"steps": steps} if steps else {})}
+    settings = MIXED_SETTINGS if mix == "mixed" else None
     rows = []
     for mode, max_rows in (("batched", 64), ("one at a time", 1)):
         app = build_app(checkpoint, model_name="bench", max_queue=1024, max_batch_rows=max_rows)
@@ -83,8 +108,13 @@ def bench_serve(
             _load(srv.url, "bench", prompts, clients=1, per_client=2, body=body)  # warm-up
             for c in clients if mode == "batched" else (compare_at,):
                 before = engine.stats["decode_seconds"]
-                r = _load(srv.url, "bench", prompts, clients=c, per_client=max(1, requests // c), body=body)
+                batches, batch_rows = engine.stats["batches"], engine.stats["rows"]
+                r = _load(srv.url, "bench", prompts, clients=c, per_client=max(1, requests // c), body=body,
+                          settings=settings)  # fmt: skip
                 r["mode"] = mode
+                r["rows_per_batch"] = (engine.stats["rows"] - batch_rows) / max(
+                    1, engine.stats["batches"] - batches
+                )
                 if c == 1:  # one request at a time: everything outside decode is server overhead
                     decode = engine.stats["decode_seconds"] - before
                     r["overhead"] = 1 - decode / r["latency_sum_s"]
@@ -100,6 +130,7 @@ def bench_serve(
         "max_tokens": max_tokens,
         "preset": preset,
         "steps": steps,
+        "mix": mix,
         "checkpoint": str(checkpoint),
         "prompts": len(prompts),
     }
@@ -107,13 +138,17 @@ def bench_serve(
 
 def serve_table(result: dict[str, Any]) -> str:
     lines = [
-        "| server | clients | requests | errors | requests/s | output tokens/s | p50 s | p99 s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"mix: {result.get('mix', 'same')}",
+        "",
+        "| server | clients | requests | errors | requests/s | output tokens/s | p50 s | p99 s "
+        "| rows/batch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
-            f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+            f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} "
+            f"| {r.get('rows_per_batch', 0):.1f} |"
         )
     one = next((r for r in result["rows"] if "overhead" in r), None)
     lines += [

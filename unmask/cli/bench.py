@@ -234,8 +234,16 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask bench serve`: {' '.join(rest)}")
     loaded = load_checkpoint(ns.checkpoint)
-    ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
-    prompts = [loaded.tokenizer.decode(row[1:].tolist()) for row in ids]
+    if ns.mix == "same":
+        ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
+        prompts = [loaded.tokenizer.decode(row[1:].tolist()) for row in ids]
+    else:  # prompt lengths 5..150 tokens, spread evenly over the prompts
+        ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, 151)
+        n = len(ids)
+        prompts = [
+            loaded.tokenizer.decode(row[1 : 1 + 5 + (145 * i) // max(1, n - 1)].tolist())
+            for i, row in enumerate(ids)
+        ]
     result = bench_serve(
         ns.checkpoint,
         prompts,
@@ -244,8 +252,9 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         max_tokens=ns.max_tokens,
         preset=ns.preset,
         steps=ns.steps or None,
+        mix=ns.mix,
     )
-    _write_bench(ns.out, "serve", result, serve_table(result))
+    _write_bench(ns.out, f"serve_{ns.mix}" if ns.mix != "same" else "serve", result, serve_table(result))
     if ns.out:
         print(f"plot: {plot_serve(result, ns.out)}")
 
@@ -358,6 +367,12 @@ def add_bench_commands(sub) -> None:
     bv.add_argument("--preset", default="bd3lm")
     bv.add_argument("--steps", type=int, default=0, help="decoding steps (default: the preset's)")
     bv.add_argument("--num-prompts", type=int, default=8, help="held-out prefixes in the request mix")
+    bv.add_argument(
+        "--mix",
+        default="same",
+        choices=["same", "lengths", "mixed"],
+        help="traffic: one prompt length; lengths 5-150 tokens; lengths and per-request presets / steps",
+    )
     bv.add_argument("--prompt-tokens", type=int, default=16)
     bv.add_argument("--out", help="folder for the JSON, markdown and plot")
     bv.set_defaults(func=cmd_bench_serve)
