@@ -188,8 +188,10 @@ def test_what_does_not_compose_is_refused_with_the_reason(dg, checkpoints):
     for fields, why in refusals.values():
         with pytest.raises(DecodeError, match=why):
             plan_decode(model, preset_config("diffusion-gemma", **fields), tokenizer=tok)
-    with pytest.raises(DecodeError, match="needs a uniform-noise model"):
-        plan_decode(load_checkpoint(checkpoints["block_causal"]).model, preset_config("diffusion-gemma"))
+    masked = load_checkpoint(checkpoints["block_causal"]).model
+    for cfg in (preset_config("diffusion-gemma"), preset_config("mdlm", inputs="renoise")):
+        with pytest.raises(DecodeError, match="needs a uniform-noise model"):
+            plan_decode(masked, cfg)
     with pytest.raises(PretrainedError, match="uniform-noise model"):
         model.forward_bd3_train(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
 

@@ -210,7 +210,7 @@ def plan_decode(
         unscored=_unscored_ids(cfg, decoder, eos_id, stop_ids),
     )
     uniform = model.noising == "uniform"
-    if uniform or isinstance(decoder, RenoisingDecoder):
+    if uniform or isinstance(decoder, RenoisingDecoder) or cfg.inputs == "renoise":
         _check_uniform(model, cfg, decoder, kind, cache, uniform)
         decoder = replace(decoder, vocab=model.vocab_size, keep_dtype=model.tok_embed.weight.dtype)
     elif not isinstance(decoder.inputs, BinaryInputs) and model.soft_mask is None:
