@@ -467,3 +467,63 @@ def test_completion_tokens_count_what_a_stop_string_leaves(mdlm, checkpoints):
         loaded.model, [Request(plan.prompt_ids("def f("), plan, seed=1, stop=(text[3:5],))]
     )
     assert cut.usage.completion_tokens == len(rec.token_ids) < full.usage.completion_tokens
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "block_causal", "causal"])
+def test_every_response_is_the_request_decoded_alone_whatever_arrives_with_it(checkpoints, kind):
+    """A property of the engine, on random traffic: random arrival times, prompt lengths, presets,
+    step budgets, sample counts and seeds. Each response equals `unmask sample` on that request
+    alone, whatever it was batched with (some requests must share a batch)."""
+    import random
+    import threading
+
+    rnd = random.Random(f"traffic-{kind}")
+    words = "def return import self value class for in while print data".split()
+    reqs = [
+        {
+            "prompt": " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 5))),  # fits a 32-token canvas
+            "seed": rnd.randrange(1000),
+            "n": rnd.choice((1, 1, 2)),
+            "preset": rnd.choice(("mdlm", "bd3lm", "first-hitting", "conv")),
+            "steps": rnd.choice((4, 8)),
+            "delay": rnd.uniform(0, 0.3),
+        }
+        for _ in range(10)
+    ]
+    for i in range(4):  # a burst at t = 0 of 4 pairs of one shape: at least 3 pairs wait together
+        reqs[i]["delay"] = 0.0
+        reqs.append(dict(reqs[i], seed=reqs[i]["seed"] + 1))
+    app = build_app(checkpoints[kind], model_name="m", max_batch_rows=8)
+    srv = run_in_thread(app)
+    engine, got = app.state.engine, {}
+    try:
+        c = client(srv)
+
+        def send(i: int) -> None:
+            r = reqs[i]
+            time.sleep(r["delay"])
+            try:
+                body = {"prompt": r["prompt"], "max_tokens": 8, "seed": r["seed"], "n": r["n"]}
+                extra = {"preset": r["preset"], "steps": r["steps"]}
+                out = c.completions.create(model="m", extra_body=extra, **body)
+            except Exception as e:  # noqa: BLE001 - shown by the assertion below
+                got[i] = e
+                return
+            got[i] = [choice.text for choice in sorted(out.choices, key=lambda ch: ch.index)]
+
+        before = engine.stats["batches"]
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        batches = engine.stats["batches"] - before
+    finally:
+        srv.stop()
+    assert sorted(got) == list(range(len(reqs)))
+    assert not [e for e in got.values() if isinstance(e, Exception)]
+    for i, r in enumerate(reqs):
+        fields = {"steps": r["steps"], "max_new_tokens": 8}
+        want = alone(checkpoints[kind], r["prompt"], preset=r["preset"], n=r["n"], seed=r["seed"], **fields)
+        assert got[i] == want, (i, r)
+    assert batches < len(reqs)  # some requests shared a batch
