@@ -884,3 +884,22 @@ def test_stop_token_knobs(family_dirs):
     assert plain[0] == tok.eos_id  # committed at the first step (the most confident position)
     assert tok.eos_id not in banned and banned[-1] != model.mask_id
     assert deferred[-2] == tok.eos_id and all(t == model.mask_id for t in deferred[:-2])  # the last step
+
+
+def test_generation_configs_eos_ids_are_stop_ids_too(family_dirs, tmp_path):
+    """Where the family's own `generate` stops (`generation_config.json`'s eos_token_id, an id or a
+    list) is where ours stops as well; a malformed one is an error naming the file."""
+    import shutil
+
+    from unmask.models.pretrained.load import load_tokenizer
+
+    path = tmp_path / "sdar"
+    shutil.copytree(family_dirs[0] / "sdar", path)
+    before = load_tokenizer(path).stop_ids
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [before[0], 7, 9]}))
+    assert load_tokenizer(path).stop_ids == (*before, 7, 9)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert load_tokenizer(path).stop_ids == (*before, 11)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": "eos"}))
+    with pytest.raises(PretrainedError, match="generation_config.json: eos_token_id"):
+        load_tokenizer(path)

@@ -294,13 +294,31 @@ def _tokenizer(path: Path, raw: dict, family: Family, vocab_size: int | None, to
     tok = open_tokenizer(
         tokenizer or path, family=family, mask_id=mask, model_dir=path, vocab_size=vocab_size
     )
-    if (
-        "mask_token_id" not in raw and family.mask_token and family.noising == "absorbing"
-    ):  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
-        found = tok.token_id(family.mask_token)
+    if "mask_token_id" not in raw and family.mask_token and family.noising == "absorbing":
+        found = tok.token_id(family.mask_token)  # e.g. Fast-dLLM v2, LLaDA2: the tokenizer's
         if found is not None:
             tok.mask_id = found
+    extra = [
+        i for i in generation_eos_ids(path) if i not in tok.stop_ids and 0 <= i < (vocab_size or 1 << 62)
+    ]
+    tok.stop_ids = (*tok.stop_ids, *extra)
     return tok
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """`generation_config.json`'s eos_token_id (an id or a list): where the family's own `generate`
+    stops (e.g. a chat model's end of turn); [] without the file."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return []
+    try:
+        value = json.loads(file.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise PretrainedError(f"cannot read {file}: {e}") from e
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise PretrainedError(f"{file}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return ids
 
 
 def load_tokenizer(path: str | Path, *, tokenizer: str | Path | None = None):
