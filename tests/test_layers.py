@@ -10,7 +10,7 @@ import unmask
 
 # lowest first; a subpackage or a top-level module -> its layer
 LAYERS = [
-    {"config", "config_io", "schedules", "precision", "integrity"},
+    {"config", "config_check", "decode_config", "config_io", "schedules", "precision", "integrity"},
     {"data"},
     {"models"},
     {"decoding"},
