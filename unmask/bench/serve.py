@@ -100,32 +100,35 @@ def bench_serve(
     body = {"max_tokens": max_tokens, "preset": preset, **({"steps": steps} if steps else {})}
     settings = MIXED_SETTINGS if mix == "mixed" else None
     rows = []
-    for mode, max_rows in (("batched", 64), ("one at a time", 1)):
-        app = build_app(checkpoint, model_name="bench", max_queue=1024, max_batch_rows=max_rows)
+    servers = (("continuous", 64, "continuous"), ("static", 64, "static"), ("one at a time", 1, "continuous"))
+    for mode, max_rows, batching in servers:
+        app = build_app(checkpoint, model_name="bench", max_queue=1024, max_batch_rows=max_rows,
+                        batching=batching)  # fmt: skip
         engine = app.state.engine
         srv = run_in_thread(app)
         try:
             _load(srv.url, "bench", prompts, clients=1, per_client=2, body=body)  # warm-up
-            for c in clients if mode == "batched" else (compare_at,):
-                before = engine.stats["decode_seconds"]
-                batches, batch_rows = engine.stats["batches"], engine.stats["rows"]
+            for c in clients if mode == "continuous" else (compare_at,):
+                before = dict(engine.stats)
                 r = _load(srv.url, "bench", prompts, clients=c, per_client=max(1, requests // c), body=body,
                           settings=settings)  # fmt: skip
+                d = {k: engine.stats[k] - before[k] for k in before}
                 r["mode"] = mode
-                r["rows_per_batch"] = (engine.stats["rows"] - batch_rows) / max(
-                    1, engine.stats["batches"] - batches
-                )
+                r["rows_per_forward"] = d["forward_rows"] / max(1, d["forwards"])
+                r["calls_per_forward"] = d["forward_calls"] / max(1, d["forwards"])
                 if c == 1:  # one request at a time: everything outside decode is server overhead
-                    decode = engine.stats["decode_seconds"] - before
-                    r["overhead"] = 1 - decode / r["latency_sum_s"]
+                    r["overhead"] = 1 - d["decode_seconds"] / r["latency_sum_s"]
+                    r["outside_forwards"] = 1 - d["forward_seconds"] / max(d["round_seconds"], 1e-9)
                 rows.append(r)
         finally:
             srv.stop()
-    batched = next(r for r in rows if r["mode"] == "batched" and r["clients"] == compare_at)
+    batched = next(r for r in rows if r["mode"] == "continuous" and r["clients"] == compare_at)
+    static = next(r for r in rows if r["mode"] == "static")
     single = next(r for r in rows if r["mode"] == "one at a time")
     return {
         "rows": rows,
         "batched_over_one_at_a_time": batched["requests_per_s"] / single["requests_per_s"],
+        "static_over_one_at_a_time": static["requests_per_s"] / single["requests_per_s"],
         "compare_at": compare_at,
         "max_tokens": max_tokens,
         "preset": preset,
@@ -141,24 +144,26 @@ def serve_table(result: dict[str, Any]) -> str:
         f"mix: {result.get('mix', 'same')}",
         "",
         "| server | clients | requests | errors | requests/s | output tokens/s | p50 s | p99 s "
-        "| rows/batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rows/forward | lanes/forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
             f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} "
-            f"| {r.get('rows_per_batch', 0):.1f} |"
+            f"| {r.get('rows_per_forward', 0):.1f} | {r.get('calls_per_forward', 0):.1f} |"
         )
     one = next((r for r in result["rows"] if "overhead" in r), None)
     lines += [
         "",
-        f"batched over one-at-a-time at {result['compare_at']} clients: "
-        f"**{result['batched_over_one_at_a_time']:.2f}x** requests/s",
+        f"at {result['compare_at']} clients, requests/s over one-at-a-time: continuous "
+        f"**{result['batched_over_one_at_a_time']:.2f}x**, static {result['static_over_one_at_a_time']:.2f}x",
     ]
     if one:
         lines.append(
-            f"server overhead at 1 client (latency outside generate()): {100 * one['overhead']:.1f}%"
+            f"at 1 client: server overhead (latency outside the lane's decode) {100 * one['overhead']:.1f}%, "
+            f"engine time outside forwards (the lane's own decoding policies included) "
+            f"{100 * one['outside_forwards']:.1f}%"
         )
     return "\n".join(lines)
 
@@ -169,11 +174,12 @@ def plot_serve(result: dict[str, Any], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["mode"] == "batched"]
+    rows = [r for r in result["rows"] if r["mode"] == "continuous"]
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label="batched")
-    single = [r for r in result["rows"] if r["mode"] != "batched"]
-    ax.plot([r["clients"] for r in single], [r["tokens_per_s"] for r in single], "s", label="one at a time")
+    ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label="continuous")
+    for mode, marker in (("static", "^"), ("one at a time", "s")):
+        single = [r for r in result["rows"] if r["mode"] == mode]
+        ax.plot([r["clients"] for r in single], [r["tokens_per_s"] for r in single], marker, label=mode)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")

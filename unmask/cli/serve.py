@@ -30,6 +30,8 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str]) -> None:
         api_key=api_key(ns),
         max_queue=ns.max_queue,
         max_batch_rows=ns.max_batch_rows,
+        max_batch_tokens=ns.max_batch_tokens,
+        batching=ns.batching,
         request_timeout=ns.request_timeout,
         precision=ns.precision,
         device=ns.device,
@@ -97,7 +99,14 @@ def add_serve_command(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     s.add_argument("--max-connections", type=int, default=256, help="open connections (503 beyond)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    s.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together")
+    s.add_argument(
+        "--max-batch-rows", type=int, default=32, help="rows decoded together (running jobs' rows)"
+    )
+    s.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="positions (rows x padded width) one shared forward computes at most")  # fmt: skip
+    s.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: jobs join and leave at every step, sharing forwards whatever their "
+                   "prompt and settings; static: one batch of same-length, same-settings jobs at a time")  # fmt: skip
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 408")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -71,8 +71,56 @@ class KVCache:
         visible = max(end, self.length)
         return self.k[layer][:, :, :visible], self.v[layer][:, :, :visible]
 
+    def visible(self, n: int) -> int:
+        """Keys a call of `n` new positions sees: the committed prefix and its own writes."""
+        return max(self.write_start + n, self.length)
+
     def commit(self, n: int) -> None:
         """Make the next `n` written positions part of the committed prefix."""
         if n < 0 or self.length + n > self.max_len:
             raise ValueError(f"cannot commit {n} positions at length {self.length} (max_len={self.max_len})")
         self.length += n
+
+
+class RaggedCache:
+    """The rows of several `KVCache`s in one call, each row at its own position (the serving
+    engine's shared forward: lanes at different blocks of different prompts).
+
+    `parts` pairs each cache with the number of real positions its rows have in the call (the call
+    is right-padded to its longest part). A write stores each part's real positions in its own
+    cache at its own `write_start` and returns the visible K/V of all rows, each part's right-padded
+    with zeros to the longest: a row's keys keep their absolute positions (so the invariant
+    attention sums them in the same chunks as alone) and `key_mask()` hides the rest.
+    """
+
+    def __init__(self, parts: list[tuple[KVCache, int]]):
+        self.parts = parts
+        self.rows = [cache.k[0].shape[0] for cache, _ in parts]
+        device = parts[0][0].k[0].device
+        self.write_start = torch.cat(  # [B] each row's first position in the call
+            [torch.full((b,), c.write_start, device=device) for b, (c, _) in zip(self.rows, parts)]
+        )
+        self.ends = [cache.visible(n) for cache, n in parts]  # keys each part sees
+        self.length = max(self.ends)
+
+    def visible(self, n: int) -> int:
+        return self.length
+
+    def key_mask(self) -> torch.Tensor:
+        """[B, S] True at the keys each row's own call would hold."""
+        keys = torch.arange(self.length, device=self.write_start.device)
+        return torch.cat([(keys < end)[None].expand(b, -1) for b, end in zip(self.rows, self.ends)])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H, T, Dh] (T: the longest part) -> all rows' visible K/V [B, H, S, Dh]."""
+        keys, values, row = [], [], 0
+        for b, (cache, n) in zip(self.rows, self.parts):
+            kk, vv = cache.write(layer, k[row : row + b, :, :n], v[row : row + b, :, :n])
+            pad = self.length - kk.shape[2]
+            if pad:
+                kk = torch.cat([kk, kk.new_zeros(kk.shape[:2] + (pad, kk.shape[3]))], dim=2)
+                vv = torch.cat([vv, vv.new_zeros(vv.shape[:2] + (pad, vv.shape[3]))], dim=2)
+            keys.append(kk)
+            values.append(vv)
+            row += b
+        return torch.cat(keys), torch.cat(values)

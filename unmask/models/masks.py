@@ -54,12 +54,15 @@ def bd3_train(seq_len: int, block_size: int) -> MaskPredicate:
 
 
 def dense_mask(predicate: MaskPredicate, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
-    """Materialise `predicate` as a boolean `[Tq, Tk]` mask."""
-    return predicate(q_index[:, None], k_index[None, :])
+    """Materialise `predicate` as a boolean `[Tq, Tk]` mask (`[B, Tq, Tk]` for per-row query
+    positions `q_index` [B, Tq])."""
+    return predicate(q_index[..., :, None], k_index[None, :])
 
 
 def with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
-    """`mask` [T, S] (None: all keys) restricted to the keys `key_mask` [B, S] marks real (left
-    padding excluded) -> [B, T, S]."""
+    """`mask` [T, S] or [B, T, S] (None: all keys) restricted to the keys `key_mask` [B, S] marks
+    real (padding excluded) -> [B, T, S]."""
     keys = key_mask[:, None, :].expand(-1, n_query, -1)
-    return keys if mask is None else keys & mask[None]
+    if mask is None:
+        return keys
+    return keys & (mask if mask.dim() == 3 else mask[None])

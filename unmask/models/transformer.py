@@ -22,6 +22,9 @@ from unmask.models.soft_mask import W_S_INIT, SoftMask
 from unmask.precision import resolve_precision
 
 
+ROPE_CHUNK = 512  # positions per chunk of the inference rotary table
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dim; x [B, H, T, Dh], cos/sin [T, Dh/2]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -128,6 +131,9 @@ class Transformer(nn.Module):
         head_dim = cfg.dim // cfg.n_heads
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            None  # (inv_freq, cos, sin)
+        )
         self.reset_parameters()
         self.soft_mask = SoftMask(soft_mask_k, vocab_size, w_s=soft_mask_w_s) if soft_mask_k else None
 
@@ -159,6 +165,26 @@ class Transformer(nn.Module):
             device=device,
         )
 
+    def rotary_angles(self, positions: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [.., T, Dh/2] of `positions` [T] or [B, T]. On the invariant path they are read
+        from a table computed in chunks of ROPE_CHUNK positions, so a position's values never
+        depend on where it sits in its call (vectorised cos and sin compute a tensor's scalar tail
+        differently from its body; a row of a shared call sits elsewhere than alone)."""
+        if not invariant.active(h):
+            angles = positions[..., None].float() * self.inv_freq  # [.., T, Dh/2]
+            return angles.cos(), angles.sin()
+        table = self._rope_table
+        if table is None or not torch.equal(table[0], self.inv_freq):
+            table = self._rope_table = (self.inv_freq.clone(), self.inv_freq.new_zeros(0, self.inv_freq.numel()),
+                                        self.inv_freq.new_zeros(0, self.inv_freq.numel()))  # fmt: skip
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        while table[1].shape[0] < need:
+            lo = table[1].shape[0]
+            angles = torch.arange(lo, lo + ROPE_CHUNK, device=h.device)[:, None].float() * self.inv_freq
+            table = self._rope_table = (table[0], torch.cat([table[1], angles.cos()]),
+                                        torch.cat([table[2], angles.sin()]))  # fmt: skip
+        return table[1][positions], table[2][positions]
+
     def run(
         self,
         h: torch.Tensor,
@@ -166,9 +192,11 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Blocks + final norm on input embeddings `h` [B, T, D] at `positions` [T]; mask [T, S]."""
-        angles = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
-        cos, sin = angles.cos(), angles.sin()
+        """Blocks + final norm on input embeddings `h` [B, T, D] at `positions` [T] (or per row,
+        [B, T]); mask [T, S] or [B, 1, T, S]."""
+        cos, sin = self.rotary_angles(positions, h)  # [T, Dh/2] | [B, T, Dh/2]
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh/2] against q, k [B, H, T, Dh]
         for i, block in enumerate(self.blocks):
             h = block(h, cos, sin, mask, cache, i)
         return self.norm(h)
@@ -182,18 +210,22 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor | None = None,
     ) -> DenoiserOutput:
         """Logits for `tokens` [B, T] (or `embeds` [B, T, D]) placed after the cache's prefix.
-        `key_mask` [B, >= S] (True = a real token) hides left padding from every query."""
+        `key_mask` [B, >= S] (True = a real token) hides padding from every query. With a
+        `RaggedCache` each row starts at its own position (`write_start` [B])."""
         h = self.embed(tokens) if embeds is None else embeds
-        start = cache.write_start if cache is not None else 0
+        start = cache.write_start if cache is not None else 0  # int | [B]
         T = h.shape[1]
-        positions = torch.arange(start, start + T, device=h.device)
-        visible = max(start + T, cache.length) if cache is not None else T
+        offset = start[:, None] if isinstance(start, torch.Tensor) else start
+        positions = torch.arange(T, device=h.device) + offset  # [T] | [B, T]
+        visible = cache.visible(T) if cache is not None else T
         mask = None
         if self.cfg.attention != "bidirectional":
             keys = torch.arange(visible, device=h.device)
-            mask = masks.dense_mask(self.predicate, positions, keys)  # [T, start + T]
+            mask = masks.dense_mask(self.predicate, positions, keys)  # [T | B, T, start + T]
         if key_mask is not None:
-            mask = masks.with_key_mask(mask, key_mask[:, :visible], T)[:, None]  # [B, 1, T, S]
+            mask = masks.with_key_mask(mask, key_mask[:, :visible], T)  # [B, T, S]
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # [B, 1, T, S]
         hidden = self.run(h, positions, mask, cache)
         return DenoiserOutput(invariant.linear(self.head, hidden), hidden)
 

@@ -72,6 +72,7 @@ class Service:
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.metrics = Metrics()
         engine.on_batch = self.metrics.on_batch
+        engine.on_forward = self.metrics.on_forward
         engine.on_queued = self.metrics.queued.observe
 
     # ------------------------------------------------------------------------------ stages

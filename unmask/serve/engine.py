@@ -1,24 +1,34 @@
-"""The serving engine: a bounded queue of decoding jobs in front of `generate()`, one worker thread
-that batches them, and per-job event streams.
+"""The serving engine: a bounded queue of decoding jobs, one worker thread that decodes every
+running job a step at a time with shared forward passes, and per-job event streams.
 
-Batching keeps every row's output exactly what it would be alone: `generate()` is batch-invariant
-when rows have the same prompt length and decode plan and each row draws from its own random
-stream (seeded by its request's seed and its sample index). So the worker takes the oldest waiting
-job and every other waiting job with the same `batch_key` (prompt length, plan), up to
-`max_batch_rows` rows, and decodes them as one batch through `decode_batch` (the driver `unmask
-sample` and the lm-eval model use); jobs that arrive meanwhile join the next batch (at a batch
-boundary, not mid-batch). A job leaves as soon as its rows are finished (a stop id, for
-block-causal and AR models, whose rows stop at different blocks), not when the whole batch ends.
-A job of `n` samples is `n` rows with sample indices 0..n-1: the same rows `unmask sample
---num-samples n --seed S` decodes.
+Continuous batching. Each running job is a *lane*: the decode `unmask sample` runs (`decode_batch`
+-> `generate()`) over the job's rows, in a greenlet, seeing the model through a `LaneModel`
+(`serve/shared_forward`). The worker runs rounds: it resumes every lane until its next model call
+(or its end), then runs the round's calls as shared forwards (rows of every prompt length, block,
+canvas and decoder setting in one pass: right-padded with key masks, cached rows through a
+`RaggedCache` at their own positions) and hands each lane its output. Decoders, rounds,
+refreshers, caches and soft inputs stay the lane's own, as in `unmask sample`: only the forward is
+shared. A job joins at the next round (the next step, for every model kind) and leaves with its
+last state, its rows freed for the next job. Since the shared forward is batch-invariant (each
+row's output equals its output alone) and each row draws from its own random stream (seeded by
+its request's seed and sample index), every response is what the request gives alone.
+
+Scheduling: first come first served. The oldest waiting job is admitted when its rows fit under
+`max_batch_rows` beside the running lanes (with every same-settings job waiting behind it that fits:
+they share the lane, as in `unmask sample --batch-size`); no later job overtakes it, so none
+starves. A round's calls are split into forwards of at most `max_batch_tokens` padded positions
+(and of widths within a factor of `shared_forward.SPREAD`). `batching="static"` is the engine
+before continuous batching, kept for comparison (`unmask bench serve`): one lane at a time, of
+same-prompt-length, same-settings jobs. A job of `n` samples is `n` rows with sample indices
+0..n-1: the rows `unmask sample --num-samples n --seed S` decodes.
 
 Each job receives events on its own asyncio queue: `delta` (newly committed text of a row: for
 block-causal models the finished blocks, for canvas decoding the left-to-right prefix that no later
 step can change), `canvas` (the whole canvas of row 0 after a step, when asked for), and `done`.
-A cancelled job (client gone, timeout) leaves the queue at once; if it is already decoding, the
-batch stops at the next step once every job in it is cancelled (the worker moves on to the queue);
-in a batch that other jobs still need, its rows decode on with them and are dropped (a static
-batch cannot shed rows).
+A cancelled job (client gone, timeout) leaves the queue at once; if it is running, its lane stops
+at its next step once every job in it is cancelled.
+A failed shared forward is run again call by call, so only the lane whose own call fails sees the
+error; a failing lane fails its own jobs (each retried alone first), never another lane.
 """
 
 from __future__ import annotations
@@ -32,10 +42,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet
+import torch
+
 from unmask.decoding.batches import Record, Request, cut_at_stop, decode_batch
 from unmask.decoding.plan import DecodePlan, plan_decode
+from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
 from unmask.serve.scoring import generated_logprobs
+from unmask.serve.shared_forward import Call, LaneModel, buckets, run_shared
+
+BATCHING = ("continuous", "static")
 
 log = logging.getLogger("unmask.serve")
 
@@ -89,6 +106,20 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
+@dataclass(eq=False)
+class Lane:
+    """Running jobs that share their rows' decode (one `decode_batch`), suspended at a model call."""
+
+    jobs: list[Job]
+    run: greenlet.greenlet
+    call: Call | None = None  # the call it waits on
+    reply: Any = None  # what it resumes with: the call's output, or an exception to raise there
+
+    @property
+    def rows(self) -> int:
+        return sum(j.n for j in self.jobs)
+
+
 @dataclass(frozen=True)
 class Scored:
     logprobs: Any  # [n] float64 tensor (position 0: nan)
@@ -107,17 +138,29 @@ class Engine:
         *,
         max_queue: int = 64,
         max_batch_rows: int = 32,
+        max_batch_tokens: int = 16384,
         precision: str = "auto",
+        batching: str = "continuous",
     ):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if max_batch_rows < 1 or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_rows and max_batch_tokens must be >= 1, got {max_batch_rows}, "
+                             f"{max_batch_tokens}")  # fmt: skip
         self.model, self.tok, self.config = model, tokenizer, config
         self.schedule = build_schedule(config.noise.schedule, config.noise.eps)
         self.max_len = config.data.seq_len if model.cfg.attention == "bidirectional" else None
         self.max_queue, self.max_batch_rows, self.precision = max_queue, max_batch_rows, precision
+        self.max_batch_tokens, self.batching = max_batch_tokens, batching
+        self.device = next(model.parameters()).device
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running_rows = 0
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0}
-        self.on_batch = None  # callback(tokens, nfe, seconds, rows) for metrics
-        self.on_queued = None  # callback(seconds a job waited before its batch started)
+        self.lanes: list[Lane] = []
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0,
+                      "forwards": 0, "forward_rows": 0, "forward_calls": 0, "forward_seconds": 0.0,
+                      "round_seconds": 0.0}  # fmt: skip
+        self.on_batch = None  # callback(tokens, nfe, seconds, rows) when a lane ends, for metrics
+        self.on_forward = None  # callback(rows, positions, seconds) after each shared forward
+        self.on_queued = None  # callback(seconds a job waited before its lane started)
         self._cv = threading.Condition()
         self.model_lock = threading.Lock()  # decoding batches and scoring take turns on the model
         self._stopping = False
@@ -186,34 +229,96 @@ class Engine:
 
     # ------------------------------------------------------------------------------ worker
 
-    def _next_batch(self) -> list[Job]:
+    @property
+    def running_rows(self) -> int:
+        return sum(lane.rows for lane in self.lanes)
+
+    def _next_batch(self, room: int) -> list[Job]:
+        """The oldest waiting job and the same-settings jobs behind it that fit in `room` rows."""
         first = self.waiting.popleft()
         batch, rows = [first], first.n
         for job in list(self.waiting):
-            if job.key == first.key and rows + job.n <= self.max_batch_rows:
+            if job.key == first.key and rows + job.n <= room:
                 self.waiting.remove(job)
                 batch.append(job)
                 rows += job.n
         return batch
 
+    def _admit(self) -> None:
+        """Start lanes for waiting jobs, oldest first, while their rows fit (under `_cv`). A job
+        larger than the budget runs when nothing else does."""
+        while self.waiting:
+            running = self.running_rows
+            if self.lanes and (
+                self.batching == "static" or running + self.waiting[0].n > self.max_batch_rows
+            ):
+                return
+            jobs = self._next_batch(max(self.max_batch_rows - running, self.waiting[0].n))
+            self.lanes.append(Lane(jobs, greenlet.greenlet(lambda jobs=jobs: self._isolated(jobs))))
+
     def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self.waiting and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self.waiting:
-                    return
-                batch = self._next_batch()
-                self.running_rows = sum(j.n for j in batch)
-            try:
+        with torch.inference_mode(), autocast(self.precision, self.device):  # the lanes' own modes
+            while True:
+                with self._cv:
+                    while not self.waiting and not self.lanes and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping and not self.waiting and not self.lanes:
+                        return
+                    self._admit()
                 with self.model_lock:
-                    self._isolated(batch)
-            finally:
-                self.running_rows = 0
+                    self._round()
+
+    def _round(self) -> None:
+        """Every lane to its next model call (or its end), then the calls as shared forwards."""
+        t0 = time.perf_counter()
+        for lane in list(self.lanes):
+            reply, lane.reply, lane.call = lane.reply, None, None
+            if not lane.run:  # not started
+                call = lane.run.switch()
+            elif isinstance(reply, BaseException):
+                call = lane.run.throw(reply)
+            else:
+                call = lane.run.switch(reply)
+            if lane.run.dead:
+                self.lanes.remove(lane)
+            else:
+                lane.call = call
+        waiting = {id(lane.call): lane for lane in self.lanes if lane.call is not None}
+        for bucket in buckets([lane.call for lane in waiting.values()], self.max_batch_tokens):
+            self._forward(bucket, [waiting[id(c)] for c in bucket])
+        self.stats["round_seconds"] += time.perf_counter() - t0
+
+    def _forward(self, calls: list[Call], lanes: list[Lane]) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = run_shared(self.model, calls)
+        except Exception as e:
+            if len(calls) == 1:
+                lanes[0].reply = e
+                return
+            log.exception("a shared forward of %d calls failed; running each alone", len(calls))
+            outs = []
+            for call in calls:
+                try:
+                    outs.append(run_shared(self.model, [call]))
+                except Exception as err:  # only this call's lane sees it
+                    outs.append(err)
+            outs = [o[0] if isinstance(o, list) else o for o in outs]
+        for lane, out in zip(lanes, outs, strict=True):
+            lane.reply = out
+        seconds = time.perf_counter() - t0
+        rows = sum(c.rows for c in calls)
+        self.stats["forwards"] += 1
+        self.stats["forward_rows"] += rows
+        self.stats["forward_calls"] += len(calls)
+        self.stats["forward_seconds"] += seconds
+        if self.on_forward is not None:
+            self.on_forward(rows, rows * max(c.width for c in calls), seconds)
 
     def _isolated(self, batch: list[Job]) -> None:
-        """Decode a batch; if it fails, each unfinished job again alone (outputs do not depend on the
-        batch, and text already streamed is not sent twice), so only a job that fails alone fails."""
+        """A lane's body: decode its jobs; if that fails, each unfinished job again alone (outputs
+        do not depend on the batch, and text already streamed is not sent twice), so only a job
+        that fails alone fails."""
         try:
             self._decode(batch)
             return
@@ -264,7 +369,7 @@ class Engine:
 
         wanted = [j.logprobs for j in batch if j.logprobs is not None]
         for record in decode_batch(
-            self.model,
+            LaneModel(self.model),
             [r for job in batch for r in job.requests()],
             on_state=on_state,
             logprobs=max(wanted) if wanted else None,

@@ -35,6 +35,8 @@ def build_app(
     api_key: str | None = None,
     max_queue: int = 64,
     max_batch_rows: int = 32,
+    max_batch_tokens: int = 16384,
+    batching: str = "continuous",
     request_timeout: float = 300.0,
     precision: str = "auto",
     device: str | None = None,
@@ -70,7 +72,9 @@ def build_app(
         loaded.config,
         max_queue=max_queue,
         max_batch_rows=max_batch_rows,
+        max_batch_tokens=max_batch_tokens,
         precision=precision,
+        batching=batching,
     )
     default = preset or (
         loaded.config.decode.preset  # a pretrained family's own decoder

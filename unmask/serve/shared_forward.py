@@ -1,0 +1,167 @@
+"""Shared forwards: the model calls of many decode lanes at one step, run as few forward passes.
+
+Each lane of the serving engine is an ordinary decode (`decode_batch` -> `generate()`, the loop
+`unmask sample` runs) over its own rows, running in a greenlet. It sees the model through a
+`LaneModel`: a call that can share a forward suspends the lane (the greenlet switches to the
+engine with a `Call`), and the engine resumes it with the call's output once every lane has
+reached its next call. Calls of one round are grouped into buckets (`buckets`) and each bucket
+runs as one forward (`run_shared`):
+
+- no cache: the rows are right-padded to the bucket's longest call and the padding is hidden by a
+  key mask, so a row's positions stay 0..n-1 and the padded keys add exact zeros to its attention
+  sums (the invariant attention sums keys in chunks of absolute positions);
+- a KV cache (our backbones: block-causal and causal exact caches, the Fast-dLLM caches): the
+  calls' caches are seen through one `RaggedCache`, each row at its own position with its own
+  committed length, its keys at their absolute positions and the rest masked;
+- token calls and embedding calls (soft inputs) share a forward as embeddings (the model embeds
+  tokens itself first, the same computation).
+
+So a row's output in a shared forward equals its output alone, bit for bit, wherever the models'
+inference ops are batch-invariant (`models/invariant`: CPU inference); the engine's exactness tests
+check it on every model kind. Calls that cannot share a forward run inside their lane, alone:
+other keyword arguments (DiffusionGemma's decoder pass), the pretrained adapter with a cache (its
+transformers cache takes one position per call) or with a shifted block-causal family (its next-
+position logits are read off the last input position), and any call off the invariant path (CUDA,
+whose kernels are not covered by the construction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import greenlet
+import torch
+
+from unmask.models import invariant
+from unmask.models.denoiser import Denoiser, DenoiserOutput
+from unmask.models.kv_cache import KVCache, RaggedCache
+from unmask.models.transformer import Transformer
+
+SPREAD = 2.0  # calls share a padded forward when the longest is at most this many times the shortest
+
+
+@dataclass(eq=False)
+class Call:
+    """One lane's model call, waiting for its round's shared forward."""
+
+    tokens: torch.Tensor | None  # [b, n]
+    embeds: torch.Tensor | None  # [b, n, D]
+    cache: KVCache | None
+    key_mask: torch.Tensor | None  # [b, >= S]
+
+    @property
+    def rows(self) -> int:
+        return self.given.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.given.shape[1]
+
+    @property
+    def given(self) -> torch.Tensor:
+        return self.tokens if self.tokens is not None else self.embeds
+
+
+def shareable(model: Denoiser, kwargs: dict) -> bool:
+    """Whether a call `model(**kwargs)` may run inside a shared forward (see the module note)."""
+    if set(kwargs) - {"tokens", "embeds", "cache", "key_mask"}:
+        return False
+    given = kwargs.get("tokens")
+    given = kwargs.get("embeds") if given is None else given
+    if given is None or not invariant.active(given):
+        return False
+    cache = kwargs.get("cache")
+    if isinstance(model, Transformer):
+        return cache is None or type(cache) is KVCache
+    from unmask.models.pretrained.adapter import HFDenoiser
+
+    if isinstance(model, HFDenoiser):
+        shifted_next = model.family.shift and model.cfg.attention == "block_causal"
+        return cache is None and not shifted_next
+    return False
+
+
+class LaneModel:
+    """The model as a lane sees it: shareable calls go to the engine (the lane's parent greenlet),
+    the rest run here; every other attribute is the model's own."""
+
+    def __init__(self, model: Denoiser):
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, tokens: torch.Tensor | None = None, **kwargs) -> DenoiserOutput:
+        if tokens is not None:
+            kwargs["tokens"] = tokens
+        if not shareable(self._model, kwargs):
+            return self._model(**kwargs)
+        call = Call(kwargs.get("tokens"), kwargs.get("embeds"), kwargs.get("cache"), kwargs.get("key_mask"))
+        return greenlet.getcurrent().parent.switch(call)
+
+
+def buckets(calls: list[Call], max_tokens: int) -> list[list[Call]]:
+    """The calls of one round grouped into forwards: cached and uncached calls apart; within each,
+    widest first, a call joins the open forward while the forward's width is at most SPREAD times
+    its own and the padded positions stay within `max_tokens` (a call wider than that runs alone)."""
+    out = []
+    for cached in (False, True):
+        group = sorted((c for c in calls if (c.cache is not None) == cached), key=lambda c: -c.width)
+        current: list[Call] = []
+        for call in group:
+            if current:
+                width = current[0].width
+                rows = sum(c.rows for c in current) + call.rows
+                if width <= SPREAD * call.width and rows * width <= max_tokens:
+                    current.append(call)
+                    continue
+                out.append(current)
+            current = [call]
+        if current:
+            out.append(current)
+    return out
+
+
+def run_shared(model: Denoiser, calls: list[Call]) -> list[DenoiserOutput]:
+    """One forward for `calls` (one bucket); each call's output, as it would be alone."""
+    if len(calls) == 1:
+        c = calls[0]
+        return [model(tokens=c.tokens, embeds=c.embeds, cache=c.cache, key_mask=c.key_mask)]
+    N = max(c.width for c in calls)
+    mixed = any(c.embeds is not None for c in calls)
+    parts, masks = [], []
+    cache = RaggedCache([(c.cache, c.width) for c in calls]) if calls[0].cache is not None else None
+    S = cache.length if cache is not None else N
+    for c in calls:
+        x = model.embed(c.tokens) if mixed and c.embeds is None else c.given  # [b, n] | [b, n, D]
+        pad = N - c.width
+        if pad:
+            filler = (
+                x.new_zeros((c.rows, pad) + x.shape[2:])
+                if x.dim() == 3
+                else x.new_full((c.rows, pad), model.mask_id)
+            )
+            x = torch.cat([x, filler], dim=1)
+        parts.append(x)
+        keys = torch.zeros(c.rows, S, dtype=torch.bool, device=x.device)  # the keys its own call holds
+        if c.key_mask is not None:
+            n = min(S, c.key_mask.shape[1], c.width if cache is None else S)
+            keys[:, :n] = c.key_mask[:, :n].bool()
+        else:
+            keys[:, : c.width if cache is None else S] = True
+        masks.append(keys)
+    key_mask = torch.cat(masks)  # [B, S]
+    if cache is not None:
+        key_mask &= cache.key_mask()  # each row's committed prefix and its own new positions
+    given = torch.cat(parts)
+    out = model(
+        **({"embeds": given} if given.dim() == 3 else {"tokens": given}), cache=cache, key_mask=key_mask
+    )
+    results, row = [], 0
+    for c in calls:
+        rows = slice(row, row + c.rows)
+        # contiguous, as a call of its own returns them (later ops then take the same kernels)
+        logits, hidden = out.logits[rows, : c.width].contiguous(), out.hidden[rows, : c.width].contiguous()
+        results.append(DenoiserOutput(logits, hidden, None))
+        row += c.rows
+    return results
