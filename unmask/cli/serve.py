@@ -106,7 +106,8 @@ def add_serve_command(sub) -> None:
                    help="positions (rows x padded width) one shared forward computes at most")  # fmt: skip
     s.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous: jobs join and leave at every step, sharing forwards whatever their "
-                   "prompt and settings; static: one batch of same-length, same-settings jobs at a time")  # fmt: skip
+                   "prompt and settings; static: one batch of same-length, same-settings jobs at a "
+                   "time")  # fmt: skip
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request gets 408")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -98,7 +98,10 @@ class RaggedCache:
         self.rows = [cache.k[0].shape[0] for cache, _ in parts]
         device = parts[0][0].k[0].device
         self.write_start = torch.cat(  # [B] each row's first position in the call
-            [torch.full((b,), c.write_start, device=device) for b, (c, _) in zip(self.rows, parts)]
+            [
+                torch.full((b,), c.write_start, device=device)
+                for b, (c, _) in zip(self.rows, parts, strict=True)
+            ]
         )
         self.ends = [cache.visible(n) for cache, n in parts]  # keys each part sees
         self.length = max(self.ends)
@@ -109,12 +112,14 @@ class RaggedCache:
     def key_mask(self) -> torch.Tensor:
         """[B, S] True at the keys each row's own call would hold."""
         keys = torch.arange(self.length, device=self.write_start.device)
-        return torch.cat([(keys < end)[None].expand(b, -1) for b, end in zip(self.rows, self.ends)])
+        return torch.cat(
+            [(keys < end)[None].expand(b, -1) for b, end in zip(self.rows, self.ends, strict=True)]
+        )
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, H, T, Dh] (T: the longest part) -> all rows' visible K/V [B, H, S, Dh]."""
         keys, values, row = [], [], 0
-        for b, (cache, n) in zip(self.rows, self.parts):
+        for b, (cache, n) in zip(self.rows, self.parts, strict=True):
             kk, vv = cache.write(layer, k[row : row + b, :, :n], v[row : row + b, :, :n])
             pad = self.length - kk.shape[2]
             if pad:

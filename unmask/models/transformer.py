@@ -21,7 +21,6 @@ from unmask.models.kv_cache import KVCache
 from unmask.models.soft_mask import W_S_INIT, SoftMask
 from unmask.precision import resolve_precision
 
-
 ROPE_CHUNK = 512  # positions per chunk of the inference rotary table
 
 
@@ -175,8 +174,8 @@ class Transformer(nn.Module):
             return angles.cos(), angles.sin()
         table = self._rope_table
         if table is None or not torch.equal(table[0], self.inv_freq):
-            table = self._rope_table = (self.inv_freq.clone(), self.inv_freq.new_zeros(0, self.inv_freq.numel()),
-                                        self.inv_freq.new_zeros(0, self.inv_freq.numel()))  # fmt: skip
+            empty = self.inv_freq.new_zeros(0, self.inv_freq.numel())
+            table = self._rope_table = (self.inv_freq.clone(), empty, empty)
         need = int(positions.max()) + 1 if positions.numel() else 0
         while table[1].shape[0] < need:
             lo = table[1].shape[0]
