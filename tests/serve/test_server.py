@@ -324,14 +324,17 @@ def test_bench_serve_measures_concurrency_and_the_batching_gain(checkpoints, tmp
         compare_at=2,
     )
     assert [(row["mode"], row["clients"]) for row in r["rows"]] == [
-        ("batched", 1),
-        ("batched", 2),
+        ("continuous", 1),
+        ("continuous", 2),
+        ("static", 2),
         ("one at a time", 2),
     ]
     assert all(row["errors"] == 0 and row["requests_per_s"] > 0 for row in r["rows"])
-    assert 0 <= r["rows"][0]["overhead"] < 1 and r["batched_over_one_at_a_time"] > 0
-    assert "batched over one-at-a-time" in serve_table(r) and plot_serve(r, tmp_path).is_file()
-    assert all(row["rows_per_batch"] >= 1 for row in r["rows"])
+    assert 0 <= r["rows"][0]["overhead"] < 1 and 0 <= r["rows"][0]["outside_forwards"] < 1
+    assert r["batched_over_one_at_a_time"] > 0 and r["static_over_one_at_a_time"] > 0
+    assert "over one-at-a-time: continuous" in serve_table(r) and plot_serve(r, tmp_path).is_file()
+    assert all(row["rows_per_forward"] >= 1 and row["calls_per_forward"] >= 1 for row in r["rows"])
+    assert r["rows"][-1]["rows_per_forward"] == 1  # one row at a time
 
 
 def test_bench_serve_mixes_prompt_lengths_and_settings(checkpoints, tmp_path, capsys):
@@ -511,13 +514,14 @@ def test_every_response_is_the_request_decoded_alone_whatever_arrives_with_it(ch
                 return
             got[i] = [choice.text for choice in sorted(out.choices, key=lambda ch: ch.index)]
 
-        before = engine.stats["batches"]
+        before = dict(engine.stats)
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
-        batches = engine.stats["batches"] - before
+        forwards = engine.stats["forwards"] - before["forwards"]
+        calls = engine.stats["forward_calls"] - before["forward_calls"]
     finally:
         srv.stop()
     assert sorted(got) == list(range(len(reqs)))
@@ -526,4 +530,4 @@ def test_every_response_is_the_request_decoded_alone_whatever_arrives_with_it(ch
         fields = {"steps": r["steps"], "max_new_tokens": 8}
         want = alone(checkpoints[kind], r["prompt"], preset=r["preset"], n=r["n"], seed=r["seed"], **fields)
         assert got[i] == want, (i, r)
-    assert batches < len(reqs)  # some requests shared a batch
+    assert calls > forwards  # some forwards served several requests
