@@ -81,6 +81,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its lane began decoding
     sent: list[str] = field(default_factory=list)  # per row: the text already streamed
     delivered: bool = False  # its `done` (or `failed`) was emitted
 
@@ -355,6 +356,7 @@ class Engine:
         tokens, nfe, rows = 0, 0, sum(j.n for j in batch)
 
         for job in batch:
+            job.started = job.started or t0
             if self.on_queued is not None:
                 self.on_queued(t0 - job.submitted)
 

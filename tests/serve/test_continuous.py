@@ -1,0 +1,163 @@
+"""The continuous-batching engine without HTTP: lanes that join and leave at every round, first come
+first served under the row budget, cancellation within a round, and a failure that stays in its lane."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+from test_server import alone
+
+from unmask.config import DecodeConfig
+from unmask.decoding.presets import preset_config
+from unmask.models.checkpoint import load_checkpoint
+from unmask.models.transformer import Transformer
+from unmask.serve.engine import Engine, Job
+
+
+@pytest.fixture(scope="module")
+def bd3(checkpoints):
+    return load_checkpoint(checkpoints["block_causal"])
+
+
+def _run(engine: Engine, specs: list[dict], *, cancel: int | None = None, timeout: float = 60.0):
+    """Submit jobs (`prompt`, `seed`, DecodeConfig fields; `after` seconds later than the previous
+    one) and wait for each one's final event; `cancel`: the job cancelled once it is decoding."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for spec in specs:
+            spec = dict(spec)
+            await asyncio.sleep(spec.pop("after", 0.0))
+            prompt, seed, n = spec.pop("prompt"), spec.pop("seed", 0), spec.pop("n", 1)
+            cfg = preset_config(spec.pop("preset", "bd3lm"), **spec)
+            plan = engine.plan(cfg)
+            job = Job(plan.prompt_ids(prompt), plan, seed, n, loop)  # as `unmask sample` feeds it
+            engine.submit(job)
+            jobs.append(job)
+        if cancel is not None:
+            while jobs[cancel].started is None:
+                await asyncio.sleep(0.005)
+            engine.cancel(jobs[cancel])
+
+        async def final(job):  # (kind, payload, when it arrived)
+            while True:
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout)
+                if kind in ("done", "failed", "error"):
+                    return kind, payload, time.perf_counter()
+
+        waits = [final(job) for i, job in enumerate(jobs) if i != cancel]
+        out = list(await asyncio.gather(*waits))
+        if cancel is not None:
+            out.insert(cancel, None)
+        return jobs, out
+
+    return asyncio.run(main())
+
+
+def _texts(event) -> list[str]:
+    return [c["text"] for c in event[1]["choices"]]
+
+
+def test_a_short_job_leaves_at_once_and_a_waiting_job_takes_its_row(bd3, checkpoints):
+    """Two rows: a long and a short job run; the third waits, starts when the short one leaves
+    (while the long one still runs) and finishes first; each text is the request decoded alone."""
+    engine = Engine(bd3.model, bd3.tokenizer, bd3.config, max_batch_rows=2)
+    specs = [
+        {"prompt": "def a(", "max_new_tokens": 48, "ban_stop": True},
+        {"prompt": "import os", "max_new_tokens": 8, "seed": 1},
+        {"prompt": "x", "max_new_tokens": 8, "seed": 2},
+    ]
+    try:
+        jobs, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    long, short, late = out
+    assert all(o[0] == "done" for o in out)
+    assert jobs[2].started >= short[2] - 0.5 and jobs[2].started < long[2]
+    assert late[2] < long[2]  # joined the running decode, did not wait for it to end
+    for spec, o in zip(specs, out, strict=True):
+        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed")}
+        want = alone(
+            checkpoints["block_causal"], spec["prompt"], preset="bd3lm", seed=spec.get("seed", 0), **fields
+        )
+        assert _texts(o) == want
+
+
+def test_the_oldest_waiting_job_is_never_overtaken(bd3):
+    """One row free and the oldest waiting job needs two: the one-row job behind it waits too."""
+    engine = Engine(bd3.model, bd3.tokenizer, bd3.config, max_batch_rows=3)
+    specs = [
+        {"prompt": "def a(", "max_new_tokens": 32, "ban_stop": True, "n": 2},
+        {"prompt": "import", "max_new_tokens": 8, "n": 2},
+        {"prompt": "x", "max_new_tokens": 8},
+    ]
+    try:
+        jobs, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    assert all(o[0] == "done" for o in out)
+    assert jobs[2].started >= jobs[1].started  # first come, first served
+
+
+def test_a_job_larger_than_the_row_budget_runs_alone(bd3):
+    engine = Engine(bd3.model, bd3.tokenizer, bd3.config, max_batch_rows=2)
+    try:
+        _, out = _run(
+            engine, [{"prompt": "x", "max_new_tokens": 8, "n": 3}, {"prompt": "y", "max_new_tokens": 8}]
+        )
+    finally:
+        engine.shutdown()
+    assert [o[0] for o in out] == ["done", "done"] and len(out[0][1]["choices"]) == 3
+
+
+def test_a_cancelled_running_job_frees_its_rows_at_the_next_round(bd3):
+    engine = Engine(bd3.model, bd3.tokenizer, bd3.config, max_batch_rows=4)
+    specs = [
+        {"prompt": "def a(", "max_new_tokens": 2048, "steps": 2048, "ban_stop": True, "n": 3},
+        {"prompt": "import", "max_new_tokens": 64, "ban_stop": True},
+    ]
+    try:
+        t = time.perf_counter()
+        _, out = _run(engine, specs, cancel=0)
+        assert out[1][0] == "done" and out[1][2] - t < 30  # not after 2048 tokens of the other
+        deadline = time.perf_counter() + 5
+        while engine.lanes and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert engine.running_rows == 0 and not engine.lanes
+    finally:
+        engine.shutdown()
+
+
+class Poisoned(Transformer):
+    """Raises on any call whose tokens hold POISON (a request the model cannot serve)."""
+
+    poison = -1
+
+    def forward(self, tokens=None, **kw):
+        if tokens is not None and (tokens == self.poison).any():
+            raise RuntimeError("poisoned row")
+        return super().forward(tokens, **kw)
+
+
+def test_a_call_that_fails_in_a_shared_forward_fails_only_its_own_lane(bd3, checkpoints, caplog):
+    model = bd3.model
+    model.__class__ = Poisoned  # the same weights, one prompt it cannot take
+    Poisoned.poison = bd3.tokenizer.encode("@")[-1]
+    engine = Engine(model, bd3.tokenizer, bd3.config, max_batch_rows=8)
+    specs = [
+        {"prompt": p, "max_new_tokens": 16, "seed": i}
+        for i, p in enumerate(["def a(", "x @ y", "import os, sys"])
+    ]
+    try:
+        _, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+        model.__class__ = Transformer
+    assert [o[0] for o in out] == ["done", "failed", "done"]
+    assert "shared forward of" in caplog.text  # the poison was in a shared forward, rerun call by call
+    for spec, o in zip(specs, out, strict=True):
+        if o[0] == "done":
+            assert _texts(o) == alone(checkpoints["block_causal"], spec["prompt"], preset="bd3lm",
+                                      seed=spec["seed"], max_new_tokens=16)  # fmt: skip
