@@ -5,10 +5,8 @@ import asyncio
 import time
 
 import pytest
-import torch
 from test_server import alone
 
-from unmask.config import DecodeConfig
 from unmask.decoding.presets import preset_config
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.transformer import Transformer
