@@ -159,3 +159,39 @@ def test_a_call_that_fails_in_a_shared_forward_fails_only_its_own_lane(bd3, chec
         if o[0] == "done":
             assert _texts(o) == alone(checkpoints["block_causal"], spec["prompt"], preset="bd3lm",
                                       seed=spec["seed"], max_new_tokens=16)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind,settings",
+    [
+        # Fast-dLLM's prefix and dual caches, classifier-free guidance, a step budget below the length
+        ("bidirectional", [{"preset": "fast-dllm", "block_len": 8},
+                           {"preset": "fast-dllm", "cache": "dual", "block_len": 8},
+                           {"preset": "llada", "block_len": 8, "cfg_scale": 1.0},
+                           {"preset": "mdlm", "steps": 6}]),
+        ("block_causal", [{"preset": "conv"}, {"preset": "semi-ar", "block_len": 8}, {"preset": "bd3lm"},
+                          {"preset": "llada", "cache": "none"}]),
+        ("causal", [{"preset": "mdlm"}, {"preset": "mdlm", "cache": "none", "top_k": 5}]),
+    ],
+)  # fmt: skip
+def test_lanes_of_every_cache_and_decoder_share_forwards_and_equal_their_request_alone(
+    kind, settings, checkpoints
+):
+    loaded = load_checkpoint(checkpoints[kind])
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.config, max_batch_rows=16)
+    prompts = ["def a(", "import os, sys, json", "x", "class Thing(object):"]
+    specs = [
+        {"prompt": prompts[i % len(prompts)], "seed": i, "max_new_tokens": 12, **s}
+        for i, s in enumerate(settings * 2)
+    ]
+    try:
+        _, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    assert engine.stats["forward_calls"] > engine.stats["forwards"]  # forwards were shared
+    for spec, o in zip(specs, out, strict=True):
+        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
+        assert o[0] == "done", o
+        assert _texts(o) == alone(
+            checkpoints[kind], spec["prompt"], preset=spec["preset"], seed=spec["seed"], **fields
+        )
