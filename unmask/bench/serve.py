@@ -1,11 +1,14 @@
 """`unmask bench serve`: throughput and latency of `unmask serve` against the number of concurrent
 clients (loopback only, a bounded number of requests), and the gain of batching: the same request
-mix at the same concurrency against a server that decodes one request at a time, in the same run.
+mix at the same concurrency against a server with the static batching engine (`--batching static`:
+one batch of same-length, same-settings requests at a time) and one that decodes one request at a
+time (`--max-batch-rows 1`), in the same run.
 
 Each client sends its requests one after another; the request mix cycles through a list of prompts
 (`--mix same`: one token length; `lengths`: 5 to 150 tokens) with fixed settings, or (`mixed`)
-with each request's own preset and step budget. Server overhead is the share of a request's
-latency spent outside `generate()` at one client (the engine's decode time against the client-side latency).
+with each request's own preset and step budget. At one client: the server overhead (latency outside
+the lane's decode: HTTP, tokenization, queueing) and the engine's time outside forwards (the lane's
+own decoding policies, which `unmask sample` spends too, and the engine's scheduling).
 """
 
 from __future__ import annotations

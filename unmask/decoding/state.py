@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 import torch
@@ -29,7 +29,16 @@ class DecodeState:
     drafts: torch.Tensor | None = None
 
     def advance(self, **changes) -> DecodeState:
-        return replace(self, **changes)
+        """A new state with `changes` (what `dataclasses.replace` gives, without re-running the
+        generated `__init__`: the loop makes several states per step, in every lane of a server)."""
+        unknown = changes.keys() - _FIELDS
+        if unknown:
+            return replace(self, **changes)  # raises its TypeError naming the field
+        new = object.__new__(DecodeState)
+        values = {k: v for k, v in self.__dict__.items() if k in _FIELDS}  # not cached properties
+        values.update(changes)
+        new.__dict__.update(values)
+        return new
 
     @cached_property
     def masked(self) -> torch.Tensor:
@@ -37,3 +46,6 @@ class DecodeState:
         (computed once per state: a state is never changed, `advance` makes a new one)."""
         lo, hi = self.window
         return (self.tokens[:, lo:hi] == self.mask_id) & ~self.finished[:, None]
+
+
+_FIELDS = frozenset(f.name for f in fields(DecodeState))
