@@ -118,14 +118,13 @@ class RaggedCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, H, T, Dh] (T: the longest part) -> all rows' visible K/V [B, H, S, Dh]."""
-        keys, values, row = [], [], 0
+        B, H, _, Dh = k.shape
+        keys = k.new_zeros(B, H, self.length, Dh)  # zeros past a row's end: masked, and finite
+        values = v.new_zeros(B, H, self.length, Dh)
+        row = 0
         for b, (cache, n) in zip(self.rows, self.parts, strict=True):
             kk, vv = cache.write(layer, k[row : row + b, :, :n], v[row : row + b, :, :n])
-            pad = self.length - kk.shape[2]
-            if pad:
-                kk = torch.cat([kk, kk.new_zeros(kk.shape[:2] + (pad, kk.shape[3]))], dim=2)
-                vv = torch.cat([vv, vv.new_zeros(vv.shape[:2] + (pad, vv.shape[3]))], dim=2)
-            keys.append(kk)
-            values.append(vv)
+            keys[row : row + b, :, : kk.shape[2]] = kk
+            values[row : row + b, :, : vv.shape[2]] = vv
             row += b
-        return torch.cat(keys), torch.cat(values)
+        return keys, values
