@@ -234,15 +234,27 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
     if rest:
         raise SystemExit(f"error: unknown arguments for `unmask bench serve`: {' '.join(rest)}")
     loaded = load_checkpoint(ns.checkpoint)
+    if "pretrained" in loaded.state and not ns.prompts_file:
+        raise SystemExit("error: a pretrained directory has no held-out split; pass --prompts-file")
+    width = ns.prompt_tokens if ns.mix == "same" else 150
+    if ns.prompts_file:  # the file's prompts as one stream of ids, cut into rows of `width`
+        from unmask.cli.flags import read_prompts
+
+        texts = read_prompts(argparse.Namespace(prompt=None, prompts_file=ns.prompts_file))
+        pool = [t for text in texts for t in loaded.tokenizer.encode(text)]
+        if not pool:
+            raise SystemExit(f"error: --prompts-file {ns.prompts_file} holds no tokens")
+        pool = pool * -(-width * ns.num_prompts // len(pool))
+        ids = [[0] + pool[i * width : (i + 1) * width] for i in range(ns.num_prompts)]  # [0]: a BOS slot
+    else:
+        ids = [row.tolist() for row in heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts,
+                                                         width + 1)]  # fmt: skip
     if ns.mix == "same":
-        ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, ns.prompt_tokens)
-        prompts = [loaded.tokenizer.decode(row[1:].tolist()) for row in ids]
+        prompts = [loaded.tokenizer.decode(row[1:]) for row in ids]
     else:  # prompt lengths 5..150 tokens, spread evenly over the prompts
-        ids = heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts, 151)
         n = len(ids)
         prompts = [
-            loaded.tokenizer.decode(row[1 : 1 + 5 + (145 * i) // max(1, n - 1)].tolist())
-            for i, row in enumerate(ids)
+            loaded.tokenizer.decode(row[1 : 1 + 5 + (145 * i) // max(1, n - 1)]) for i, row in enumerate(ids)
         ]
     result = bench_serve(
         ns.checkpoint,
@@ -374,6 +386,8 @@ def add_bench_commands(sub) -> None:
         help="traffic: one prompt length; lengths 5-150 tokens; lengths and per-request presets / steps",
     )
     bv.add_argument("--prompt-tokens", type=int, default=16)
+    bv.add_argument("--prompts-file", help="prompts (one per line or JSONL) instead of held-out text "
+                    "(a pretrained directory has none): their tokens, cut to the mix's lengths")  # fmt: skip
     bv.add_argument("--out", help="folder for the JSON, markdown and plot")
     bv.set_defaults(func=cmd_bench_serve)
     bd = b.add_parser(
