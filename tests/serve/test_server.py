@@ -349,6 +349,13 @@ def test_bench_serve_mixes_prompt_lengths_and_settings(checkpoints, tmp_path, ca
     saved = json.loads((tmp_path / "serve_mixed.json").read_text())
     assert saved["mix"] == "mixed" and all(row["errors"] == 0 for row in saved["rows"])
     assert len({m["preset"] for m in MIXED_SETTINGS}) == 3 and "mix: mixed" in capsys.readouterr().out
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\n    return x\nimport os\n")
+    main(["bench", "serve", "--checkpoint", str(checkpoints["block_causal"]), "--mix", "lengths",
+          "--prompts-file", str(prompts), "--clients", "1", "--requests", "2", "--max-tokens", "4",
+          "--num-prompts", "2", "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "serve_lengths.json").read_text())
+    assert saved["prompts"] == 2 and all(row["errors"] == 0 for row in saved["rows"])
     with pytest.raises(ValueError, match="--mix 'odd'"):
         from unmask.bench.serve import bench_serve
 

@@ -11,7 +11,7 @@ from pretrained_layouts import write_family, write_gpt2_like_tokenizer
 
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.kv_cache import RaggedCache
-from unmask.serve.shared_forward import SPREAD, Call, buckets, run_shared, shareable
+from unmask.serve.shared_forward import Call, ForwardCost, buckets, run_shared, shareable
 
 
 def _tokens(g: torch.Generator, rows: int, width: int) -> torch.Tensor:
@@ -87,16 +87,23 @@ def test_a_ragged_cache_masks_every_key_a_row_would_not_see_alone():
     assert ragged.key_mask().sum(-1).tolist() == [12, 8, 8]
 
 
-def test_buckets_keep_widths_within_the_spread_and_the_token_budget():
+def test_calls_pad_into_a_wider_forward_while_padding_costs_less_than_a_forward():
     def call(width, rows=1, cached=False):
         return Call(torch.zeros(rows, width, dtype=torch.long), None, object() if cached else None, None)
 
-    wide, mid, narrow = call(100), call(60), call(100 // int(SPREAD) - 1)
+    cheap = ForwardCost()  # the fixed cost dominates (a small model on a CPU)
+    for positions in (10, 100, 1000, 10_000):
+        cheap.observe(positions, 1e-3 + 1e-8 * positions)
+    dear = ForwardCost()  # compute-bound: 1 ms per 100 positions
+    for positions in (10, 100, 1000, 10_000):
+        dear.observe(positions, 1e-4 + 1e-5 * positions)
+    assert cheap.fit == pytest.approx((1e-3, 1e-8)) and dear.fit == pytest.approx((1e-4, 1e-5))
+    wide, mid, narrow = call(100), call(95), call(10)
     cached = [call(4, 2, True), call(4, 1, True)]
-    out = buckets([narrow, cached[0], wide, mid, cached[1]], max_tokens=10_000)
-    assert out == [[wide, mid], [narrow], cached]  # uncached by width; cached apart
-    out = buckets([wide, mid], max_tokens=150)  # two rows of 100 padded positions exceed 150
-    assert out == [[wide], [mid]]
+    calls = [narrow, cached[0], wide, mid, cached[1]]
+    assert buckets(calls, 10_000, cheap) == [[wide, mid, narrow], cached]  # uncached by width; cached apart
+    assert buckets(calls, 10_000, dear) == [[wide, mid], [narrow], cached]  # 90 padded positions: 0.9 ms
+    assert buckets([wide, mid], 150, cheap) == [[wide], [mid]]  # two rows of 100 positions exceed 150
 
 
 def test_only_calls_the_construction_covers_are_shared(tmp_path):

@@ -17,10 +17,11 @@ Scheduling: first come first served. The oldest waiting job is admitted when its
 `max_batch_rows` beside the running lanes (with every same-settings job waiting behind it that fits:
 they share the lane, as in `unmask sample --batch-size`); no later job overtakes it, so none
 starves. A round's calls are split into forwards of at most `max_batch_tokens` padded positions
-(and of widths within a factor of `shared_forward.SPREAD`). `batching="static"` is the engine
-before continuous batching, kept for comparison (`unmask bench serve`): one lane at a time, of
-same-prompt-length, same-settings jobs. A job of `n` samples is `n` rows with sample indices
-0..n-1: the rows `unmask sample --num-samples n --seed S` decodes.
+(a narrower call pads into a wider forward while its padding costs less than a forward of its own,
+by a cost model fitted to the engine's own forwards: `shared_forward.ForwardCost`).
+`batching="static"` is the engine before continuous batching, kept for comparison (`unmask
+bench serve`): one lane at a time, of same-prompt-length, same-settings jobs. A job of `n` samples
+is `n` rows with sample indices 0..n-1: the rows `unmask sample --num-samples n --seed S` decodes.
 
 Each job receives events on its own asyncio queue: `delta` (newly committed text of a row: for
 block-causal models the finished blocks, for canvas decoding the left-to-right prefix that no later
@@ -50,7 +51,7 @@ from unmask.decoding.plan import DecodePlan, plan_decode
 from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
 from unmask.serve.scoring import generated_logprobs
-from unmask.serve.shared_forward import Call, LaneModel, buckets, run_shared
+from unmask.serve.shared_forward import Call, ForwardCost, LaneModel, buckets, run_shared
 
 BATCHING = ("continuous", "static")
 
@@ -156,6 +157,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.waiting: collections.deque[Job] = collections.deque()
         self.lanes: list[Lane] = []
+        self.cost = ForwardCost()  # fitted to the forwards below: how freely calls pad
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0,
                       "forwards": 0, "forward_rows": 0, "forward_calls": 0, "forward_seconds": 0.0,
                       "round_seconds": 0.0}  # fmt: skip
@@ -285,7 +287,7 @@ class Engine:
             else:
                 lane.call = call
         waiting = {id(lane.call): lane for lane in self.lanes if lane.call is not None}
-        for bucket in buckets([lane.call for lane in waiting.values()], self.max_batch_tokens):
+        for bucket in buckets([lane.call for lane in waiting.values()], self.max_batch_tokens, self.cost):
             self._forward(bucket, [waiting[id(c)] for c in bucket])
         self.stats["round_seconds"] += time.perf_counter() - t0
 
@@ -309,6 +311,7 @@ class Engine:
             lane.reply = out
         seconds = time.perf_counter() - t0
         rows = sum(c.rows for c in calls)
+        self.cost.observe(rows * max(c.width for c in calls), seconds)
         self.stats["forwards"] += 1
         self.stats["forward_rows"] += rows
         self.stats["forward_calls"] += len(calls)

@@ -37,7 +37,38 @@ from unmask.models.denoiser import Denoiser, DenoiserOutput
 from unmask.models.kv_cache import KVCache, RaggedCache
 from unmask.models.transformer import Transformer
 
-SPREAD = 2.0  # calls share a padded forward when the longest is at most this many times the shortest
+
+class ForwardCost:
+    """What a forward costs on this machine, fitted to the engine's own forwards: `seconds = fixed
+    + per_position * positions` (least squares over the recent forwards, exponentially weighted).
+    It decides whether a call pads into a wider forward or runs in a forward of its own: padding
+    wastes `per_position` per padded position, a forward of its own costs `fixed` (a small model on
+    a CPU is dominated by the fixed cost and pads freely; a compute-bound one pads little)."""
+
+    DECAY = 0.98
+
+    def __init__(self, fixed: float = 1e-3, per_position: float = 1e-6):
+        self.prior = (fixed, per_position)
+        self.n = self.x = self.y = self.xx = self.xy = 0.0
+
+    def observe(self, positions: int, seconds: float) -> None:
+        d = self.DECAY
+        self.n, self.x, self.y = d * self.n + 1, d * self.x + positions, d * self.y + seconds
+        self.xx, self.xy = d * self.xx + positions * positions, d * self.xy + positions * seconds
+
+    @property
+    def fit(self) -> tuple[float, float]:
+        """(fixed, per_position) seconds, both >= 0; the prior until the forwards vary in size."""
+        var = self.n * self.xx - self.x * self.x
+        if self.n < 2.5 or var <= 1e-9 * max(1.0, self.n * self.xx):
+            return self.prior
+        slope = max(0.0, (self.n * self.xy - self.x * self.y) / var)
+        return max(0.0, (self.y - slope * self.x) / self.n), slope
+
+    def pads(self, padded: int) -> bool:
+        """Whether `padded` wasted positions cost less than a forward of their own."""
+        fixed, per_position = self.fit
+        return per_position * padded <= fixed
 
 
 @dataclass(eq=False)
@@ -100,10 +131,12 @@ class LaneModel:
         return greenlet.getcurrent().parent.switch(call)
 
 
-def buckets(calls: list[Call], max_tokens: int) -> list[list[Call]]:
+def buckets(calls: list[Call], max_tokens: int, cost: ForwardCost | None = None) -> list[list[Call]]:
     """The calls of one round grouped into forwards: cached and uncached calls apart; within each,
-    widest first, a call joins the open forward while the forward's width is at most SPREAD times
-    its own and the padded positions stay within `max_tokens` (a call wider than that runs alone)."""
+    widest first, a call joins the open forward while the positions its padding wastes cost less
+    than a forward of its own (`cost`) and the padded positions stay within `max_tokens` (a call
+    wider than that runs alone)."""
+    cost = cost or ForwardCost()
     out = []
     for cached in (False, True):
         group = sorted((c for c in calls if (c.cache is not None) == cached), key=lambda c: -c.width)
@@ -112,7 +145,7 @@ def buckets(calls: list[Call], max_tokens: int) -> list[list[Call]]:
             if current:
                 width = current[0].width
                 rows = sum(c.rows for c in current) + call.rows
-                if width <= SPREAD * call.width and rows * width <= max_tokens:
+                if cost.pads(call.rows * (width - call.width)) and rows * width <= max_tokens:
                     current.append(call)
                     continue
                 out.append(current)
