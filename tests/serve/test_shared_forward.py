@@ -104,6 +104,8 @@ def test_calls_pad_into_a_wider_forward_while_padding_costs_less_than_a_forward(
     assert buckets(calls, 10_000, cheap) == [[wide, mid, narrow], cached]  # uncached by width; cached apart
     assert buckets(calls, 10_000, dear) == [[wide, mid], [narrow], cached]  # 90 padded positions: 0.9 ms
     assert buckets([wide, mid], 150, cheap) == [[wide], [mid]]  # two rows of 100 positions exceed 150
+    prefill, steps = call(100, 1, True), [call(4, 8, True), call(3, 2, True)]
+    assert buckets([steps[0], prefill, steps[1]], 10_000, cheap) == [[prefill], steps]  # cached: by width
 
 
 def test_only_calls_the_construction_covers_are_shared(tmp_path):

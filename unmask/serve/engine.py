@@ -17,8 +17,9 @@ Scheduling: first come first served. The oldest waiting job is admitted when its
 `max_batch_rows` beside the running lanes (with every same-settings job waiting behind it that fits:
 they share the lane, as in `unmask sample --batch-size`); no later job overtakes it, so none
 starves. A round's calls are split into forwards of at most `max_batch_tokens` padded positions
-(a narrower call pads into a wider forward while its padding costs less than a forward of its own,
-by a cost model fitted to the engine's own forwards: `shared_forward.ForwardCost`).
+(a narrower canvas pads into a wider forward while its padding costs less than a forward of its
+own, by a cost model fitted to the engine's own forwards, `shared_forward.ForwardCost`; cached calls
+pad within a factor `shared_forward.SPREAD` of their width).
 `batching="static"` is the engine before continuous batching, kept for comparison (`unmask
 bench serve`): one lane at a time, of same-prompt-length, same-settings jobs. A job of `n` samples
 is `n` rows with sample indices 0..n-1: the rows `unmask sample --num-samples n --seed S` decodes.
@@ -311,7 +312,8 @@ class Engine:
             lane.reply = out
         seconds = time.perf_counter() - t0
         rows = sum(c.rows for c in calls)
-        self.cost.observe(rows * max(c.width for c in calls), seconds)
+        if calls[0].cache is None:  # cached forwards cost by their keys: they pad by width alone
+            self.cost.observe(rows * max(c.width for c in calls), seconds)
         self.stats["forwards"] += 1
         self.stats["forward_rows"] += rows
         self.stats["forward_calls"] += len(calls)

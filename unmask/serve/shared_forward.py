@@ -37,9 +37,11 @@ from unmask.models.denoiser import Denoiser, DenoiserOutput
 from unmask.models.kv_cache import KVCache, RaggedCache
 from unmask.models.transformer import Transformer
 
+SPREAD = 2.0  # cached calls share a padded forward when the widest is at most this many times as wide
+
 
 class ForwardCost:
-    """What a forward costs on this machine, fitted to the engine's own forwards: `seconds = fixed
+    """What an uncached forward costs on this machine, fitted to the engine's own: `seconds = fixed
     + per_position * positions` (least squares over the recent forwards, exponentially weighted).
     It decides whether a call pads into a wider forward or runs in a forward of its own: padding
     wastes `per_position` per padded position, a forward of its own costs `fixed` (a small model on
@@ -133,9 +135,11 @@ class LaneModel:
 
 def buckets(calls: list[Call], max_tokens: int, cost: ForwardCost | None = None) -> list[list[Call]]:
     """The calls of one round grouped into forwards: cached and uncached calls apart; within each,
-    widest first, a call joins the open forward while the positions its padding wastes cost less
-    than a forward of its own (`cost`) and the padded positions stay within `max_tokens` (a call
-    wider than that runs alone)."""
+    widest first, a call joins the open forward while the padded positions stay within `max_tokens`
+    (a call wider than that runs alone) and its padding is worth it: uncached (canvases), while the
+    positions it wastes cost less than a forward of its own (`cost`, fitted to uncached forwards);
+    cached, while the forward is at most SPREAD times its width (a cached forward's cost is mostly its
+    keys, not its width: block steps share a width, a prompt's prefill does not pad them)."""
     cost = cost or ForwardCost()
     out = []
     for cached in (False, True):
@@ -145,7 +149,10 @@ def buckets(calls: list[Call], max_tokens: int, cost: ForwardCost | None = None)
             if current:
                 width = current[0].width
                 rows = sum(c.rows for c in current) + call.rows
-                if cost.pads(call.rows * (width - call.width)) and rows * width <= max_tokens:
+                worth = (
+                    width <= SPREAD * call.width if cached else cost.pads(call.rows * (width - call.width))
+                )
+                if worth and rows * width <= max_tokens:
                     current.append(call)
                     continue
                 out.append(current)
