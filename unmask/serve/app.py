@@ -43,8 +43,9 @@ from unmask.serve.api import (
     stops,
     usage,
 )
-from unmask.serve.engine import Engine, Job, QueueFull
+from unmask.serve.engine import Engine, QueueFull
 from unmask.serve.guard import Edges
+from unmask.serve.jobs import Job
 from unmask.serve.metrics import Metrics
 from unmask.serve.scoring import scored_answer, tokenizer_info
 from unmask.serve.streaming import sse

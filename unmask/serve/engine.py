@@ -35,23 +35,22 @@ error; a failing lane fails its own jobs (each retried alone first), never anoth
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import greenlet
 import torch
 
-from unmask.decoding.batches import Record, Request, cut_at_stop, decode_batch
+from unmask.decoding.batches import Record, decode_batch
 from unmask.decoding.plan import DecodePlan, plan_decode
 from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
-from unmask.serve.scoring import generated_logprobs
+from unmask.serve.jobs import Job
 from unmask.serve.shared_forward import Call, ForwardCost, LaneModel, buckets, run_shared
 
 BATCHING = ("continuous", "static")
@@ -65,48 +64,6 @@ class QueueFull(Exception):
 
 class _Abandoned(Exception):
     """Every job of the running batch was cancelled (timed out, client gone): stop decoding it."""
-
-
-@dataclass(eq=False)
-class Job:
-    prompt_ids: list[int]  # a prompt, or with `template` a canvas with [MASK]s (fill-in-the-middle)
-    plan: DecodePlan
-    seed: int
-    n: int
-    loop: asyncio.AbstractEventLoop
-    stream: bool = False
-    canvas: bool = False
-    stop: tuple[str, ...] = ()
-    template: bool = False
-    stream_usage: bool = False  # stream_options.include_usage
-    logprobs: int | None = None  # each generated token's log-probability when committed, and the top k
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None  # when its lane began decoding
-    sent: list[str] = field(default_factory=list)  # per row: the text already streamed
-    delivered: bool = False  # its `done` (or `failed`) was emitted
-
-    def __post_init__(self) -> None:
-        self.sent = [""] * self.n
-
-    @property
-    def cfg(self):
-        return self.plan.cfg
-
-    def requests(self) -> list[Request]:
-        """The job's rows: sample indices 0..n-1 of its seed (as `unmask sample --num-samples n`)."""
-        return [
-            Request(self.prompt_ids, self.plan, self.seed, i, self.template, self.stop, tag=(self, i))
-            for i in range(self.n)
-        ]
-
-    @property
-    def key(self) -> tuple:
-        return (len(self.prompt_ids), self.template, self.plan)
-
-    def emit(self, kind: str, payload: Any) -> None:  # called from the worker thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
 @dataclass(eq=False)
@@ -372,7 +329,7 @@ class Engine:
                 if job.template or job.cancelled.is_set() or None not in records[id(job)]:
                     continue  # fill-in-the-middle answers arrive whole
                 if job.stream or job.canvas:
-                    self._step_events(job, state, starts[j], P, job.sent)
+                    job.step_events(state, starts[j], P, self.tok, self.model.mask_id)
 
         wanted = [j.logprobs for j in batch if j.logprobs is not None]
         for record in decode_batch(
@@ -385,7 +342,7 @@ class Engine:
             records[id(job)][i] = record
             nfe = max(nfe, record.nfe)
             if None not in records[id(job)]:  # its rows stopped: it leaves before the batch ends
-                tokens += self._deliver(job, records[id(job)], P)
+                tokens += job.deliver(records[id(job)], P, self.tok)
         seconds = time.perf_counter() - t0
         self.stats["batches"] += 1
         self.stats["rows"] += rows
@@ -394,62 +351,3 @@ class Engine:
         self.stats["decode_seconds"] += seconds
         if self.on_batch is not None:
             self.on_batch(tokens, nfe, seconds, rows)
-
-    def _deliver(self, job: Job, records: list[Record], P: int) -> int:
-        """The job's final texts (its rows are finished); returns the tokens they hold."""
-        job.delivered = True
-        if not job.cancelled.is_set():
-            choices = [
-                {
-                    "text": r.fills[0] if job.template else r.text,
-                    "tokens": len(r.token_ids),
-                    "finish_reason": r.finish_reason,
-                    "logprobs": None
-                    if job.logprobs is None
-                    else generated_logprobs(self.tok, r.token_ids, r.logprobs, job.logprobs),
-                }
-                for r in records
-            ]
-            job.emit(
-                "done",
-                {
-                    "choices": choices,
-                    "nfe": max(r.nfe for r in records),
-                    "decode_seconds": max(r.seconds for r in records),
-                    "batch_rows": records[0].batch_rows,
-                    "prompt_tokens": P,
-                },
-            )
-        return sum(len(r.token_ids) for r in records)
-
-    def _step_events(self, job: Job, state, row: int, P: int, sent: list[str]) -> None:
-        mask = self.model.mask_id
-        stops = set(job.plan.stop_ids)
-        hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
-        for i in range(job.n):
-            ids = state.tokens[
-                row + i, P : P + job.cfg.max_new_tokens
-            ].tolist()  # the last block may overshoot
-            final = mask not in ids
-            committed = ids[: ids.index(mask)] if not final else ids
-            cut = next((k for k, t in enumerate(committed) if t in stops), None)
-            if cut is not None:
-                committed = committed[:cut]
-            text, stopped = cut_at_stop(self.tok.decode(committed), job.stop)
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                continue
-            ready = text if stopped else text[: max(len(sent[i]), len(text) - hold)]
-            if job.stream and len(ready) > len(sent[i]) and ready.startswith(sent[i]):
-                job.emit("delta", (i, ready[len(sent[i]) :]))
-                sent[i] = ready
-        if job.canvas:
-            ids = state.tokens[row, P : P + job.cfg.max_new_tokens].tolist()
-            job.emit(
-                "canvas",
-                {
-                    "step": state.step,
-                    "block": state.block,
-                    "nfe": state.nfe,
-                    "pieces": [None if t == mask else self.tok.decode([t]) for t in ids],
-                },
-            )

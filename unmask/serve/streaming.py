@@ -16,7 +16,7 @@ from unmask.serve.api import APIError, usage
 
 if TYPE_CHECKING:
     from unmask.serve.app import Service
-    from unmask.serve.engine import Job
+    from unmask.serve.jobs import Job
 
 
 class ClosingStreamingResponse(StreamingResponse):
