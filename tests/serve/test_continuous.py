@@ -195,3 +195,34 @@ def test_lanes_of_every_cache_and_decoder_share_forwards_and_equal_their_request
         assert _texts(o) == alone(
             checkpoints[kind], spec["prompt"], preset=spec["preset"], seed=spec["seed"], **fields
         )
+
+
+def test_lanes_of_a_shifted_family_keep_their_own_carried_outputs(tmp_path):
+    """Dream predicts position s from the output at s - 1, which the adapter carries between calls
+    on a cache: lanes whose calls interleave on the one model (two with prefix caches, one without)
+    each get their own, and each equals its request decoded alone."""
+    from pretrained_layouts import write_family, write_gpt2_like_tokenizer
+
+    from unmask.decoding.sample import sample
+
+    write_family("dream", tmp_path / "dream")
+    write_gpt2_like_tokenizer(tmp_path / "tok")
+    loaded = load_checkpoint(tmp_path / "dream", tokenizer=tmp_path / "tok", dtype="fp32")
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.config, max_batch_rows=8)
+    base = {"max_new_tokens": 8, "block_len": 4, "steps": 8}
+    specs = [
+        {"prompt": "def a(", "preset": "fast-dllm", **base},
+        {"prompt": "import os, sys", "preset": "fast-dllm", **base, "seed": 1},
+        {"prompt": "x = 1", "preset": "dream", **base, "seed": 2},
+    ]
+    try:
+        _, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    assert engine.stats["forwards"] > 2 * engine.stats["batches"]  # rounds: the lanes took turns
+    for spec, o in zip(specs, out, strict=True):
+        assert o[0] == "done", o
+        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
+        cfg = preset_config(spec["preset"], **fields)
+        want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
+        assert _texts(o) == [r["text"] for r in want]

@@ -18,11 +18,12 @@ runs as one forward (`run_shared`):
 
 So a row's output in a shared forward equals its output alone, bit for bit, wherever the models'
 inference ops are batch-invariant (`models/invariant`: CPU inference); the engine's exactness tests
-check it on every model kind. Calls that cannot share a forward run inside their lane, alone:
+check it on every model kind. Calls that cannot share a forward run alone, each in its round:
 other keyword arguments (DiffusionGemma's decoder pass), the pretrained adapter with a cache (its
 transformers cache takes one position per call) or with a shifted block-causal family (its next-
 position logits are read off the last input position), and any call off the invariant path (CUDA,
-whose kernels are not covered by the construction).
+whose kernels are not covered by the construction). They still wait for their round, so every
+lane advances a step per round whatever its calls.
 """
 
 from __future__ import annotations
@@ -81,18 +82,20 @@ class Call:
     embeds: torch.Tensor | None  # [b, n, D]
     cache: KVCache | None
     key_mask: torch.Tensor | None  # [b, >= S]
+    own: dict | None = None  # a call no forward can share: these arguments, run alone in its round
 
     @property
     def rows(self) -> int:
-        return self.given.shape[0]
+        return self.given.shape[0] if self.given is not None else 0
 
     @property
     def width(self) -> int:
-        return self.given.shape[1]
+        return self.given.shape[1] if self.given is not None else 0
 
     @property
-    def given(self) -> torch.Tensor:
-        return self.tokens if self.tokens is not None else self.embeds
+    def given(self) -> torch.Tensor | None:
+        given = self.own if self.own is not None else {"tokens": self.tokens, "embeds": self.embeds}
+        return given.get("tokens") if given.get("tokens") is not None else given.get("embeds")
 
 
 def shareable(model: Denoiser, kwargs: dict) -> bool:
@@ -115,8 +118,10 @@ def shareable(model: Denoiser, kwargs: dict) -> bool:
 
 
 class LaneModel:
-    """The model as a lane sees it: shareable calls go to the engine (the lane's parent greenlet),
-    the rest run here; every other attribute is the model's own."""
+    """The model as a lane sees it: every call goes to the engine (the lane's parent greenlet), which
+    runs it in the round's shared forwards, or alone in its round when it cannot share one (so a lane
+    of such calls still takes turns with the others, step by step); every other attribute is the
+    model's own."""
 
     def __init__(self, model: Denoiser):
         self._model = model
@@ -127,9 +132,12 @@ class LaneModel:
     def __call__(self, tokens: torch.Tensor | None = None, **kwargs) -> DenoiserOutput:
         if tokens is not None:
             kwargs["tokens"] = tokens
-        if not shareable(self._model, kwargs):
-            return self._model(**kwargs)
-        call = Call(kwargs.get("tokens"), kwargs.get("embeds"), kwargs.get("cache"), kwargs.get("key_mask"))
+        if shareable(self._model, kwargs):
+            call = Call(
+                kwargs.get("tokens"), kwargs.get("embeds"), kwargs.get("cache"), kwargs.get("key_mask")
+            )
+        else:
+            call = Call(None, None, None, None, own=kwargs)
         return greenlet.getcurrent().parent.switch(call)
 
 
@@ -141,7 +149,8 @@ def buckets(calls: list[Call], max_tokens: int, cost: ForwardCost | None = None)
     cached, while the forward is at most SPREAD times its width (a cached forward's cost is mostly its
     keys, not its width: block steps share a width, a prompt's prefill does not pad them)."""
     cost = cost or ForwardCost()
-    out = []
+    out = [[c] for c in calls if c.own is not None]
+    calls = [c for c in calls if c.own is None]
     for cached in (False, True):
         group = sorted((c for c in calls if (c.cache is not None) == cached), key=lambda c: -c.width)
         current: list[Call] = []
@@ -166,6 +175,8 @@ def run_shared(model: Denoiser, calls: list[Call]) -> list[DenoiserOutput]:
     """One forward for `calls` (one bucket); each call's output, as it would be alone."""
     if len(calls) == 1:
         c = calls[0]
+        if c.own is not None:
+            return [model(**c.own)]
         return [model(tokens=c.tokens, embeds=c.embeds, cache=c.cache, key_mask=c.key_mask)]
     N = max(c.width for c in calls)
     mixed = any(c.embeds is not None for c in calls)

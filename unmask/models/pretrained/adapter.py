@@ -14,6 +14,8 @@ One place owns each family's conventions so decoders never see them:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -42,8 +44,14 @@ class HFDenoiser(nn.Module):
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.soft_mask = None
         self.subs = False  # their reference loops keep [MASK] in the softmax (CHECKPOINTS.md §10)
-        self._previous: tuple[KVCache | None, int, torch.Tensor] | None = None  # (cache, start, raw hidden)
-        self._carry: tuple[KVCache, int, torch.Tensor] | None = None  # (cache, position, hidden)
+        # per cache (decodes that take turns on the model each keep theirs): the last call's
+        # (start, raw hidden), and the carried (position, hidden) of a shifted family
+        self._previous: weakref.WeakKeyDictionary[KVCache, tuple[int, torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._carry: weakref.WeakKeyDictionary[KVCache, tuple[int, torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def predicate(self) -> masks.MaskPredicate:
@@ -132,22 +140,21 @@ class HFDenoiser(nn.Module):
 
     def _shift(self, raw: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         """raw [B, T, D] outputs at start..start+T-1 -> the outputs at start-1..start+T-2."""
-        self._previous, previous = (cache, start, raw), self._previous
+        previous = None
+        if cache is not None:
+            previous = self._previous.get(cache)
+            self._previous[cache] = (start, raw)
         if start == 0:
             return torch.cat([raw[:, :1], raw[:, :-1]], dim=1)  # position 0 is never predicted
-        carry = self._carry
-        if carry is None or carry[0] is not cache or carry[1] != start - 1:
-            if (
-                previous is None
-                or previous[0] is not cache
-                or not previous[1] <= start - 1 < previous[1] + previous[2].shape[1]
-            ):
+        carry = self._carry.get(cache)
+        if carry is None or carry[0] != start - 1:
+            if previous is None or not previous[0] <= start - 1 < previous[0] + previous[1].shape[1]:
                 raise ShiftError(
                     f"{self.family.name} predicts position {start} from the output at {start - 1}, "
                     "which no earlier call on this cache computed"
                 )
-            carry = self._carry = (cache, start - 1, previous[2][:, start - 1 - previous[1]])
-        return torch.cat([carry[2][:, None], raw[:, :-1]], dim=1)
+            carry = self._carry[cache] = (start - 1, previous[1][:, start - 1 - previous[0]])
+        return torch.cat([carry[1][:, None], raw[:, :-1]], dim=1)
 
     def forward_bd3_train(
         self, xt: torch.Tensor, x0: torch.Tensor, xt_embeds: torch.Tensor | None = None
