@@ -28,6 +28,26 @@ MIXED_SETTINGS = [  # `--mix mixed`: request i takes settings i mod 6 (presets x
 ]
 
 
+def mix_prompts(loaded, mix: str, n: int, same_tokens: int, texts: list[str] | None = None) -> list[str]:
+    """The mix's prompts: `same`, n prompts of `same_tokens` tokens; `lengths` / `mixed`, n prompts of
+    5 to 150 tokens spread evenly. Cut from held-out text, or with `texts` from their tokens as one
+    stream (a pretrained directory has no held-out split)."""
+    from unmask.data.prompts import heldout_prompts
+
+    width = same_tokens if mix == "same" else 150
+    if texts is not None:
+        pool = [t for text in texts for t in loaded.tokenizer.encode(text)]
+        if not pool:
+            raise ValueError("the prompts hold no tokens")
+        pool = pool * -(-width * n // len(pool))
+        ids = [[0] + pool[i * width : (i + 1) * width] for i in range(n)]  # [0]: a BOS slot, dropped
+    else:
+        ids = [row.tolist() for row in heldout_prompts(loaded.tokenizer, loaded.config.data, n, width + 1)]
+    if mix == "same":
+        return [loaded.tokenizer.decode(row[1:]) for row in ids]
+    return [loaded.tokenizer.decode(row[1 : 1 + 5 + (145 * i) // max(1, n - 1)]) for i, row in enumerate(ids)]
+
+
 def _load(
     url: str,
     model: str,

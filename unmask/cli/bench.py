@@ -227,8 +227,7 @@ def cmd_bench_lm_eval(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
-    from unmask.bench.serve import bench_serve, plot_serve, serve_table
-    from unmask.data.prompts import heldout_prompts
+    from unmask.bench.serve import bench_serve, mix_prompts, plot_serve, serve_table
     from unmask.models.checkpoint import load_checkpoint
 
     if rest:
@@ -236,26 +235,15 @@ def cmd_bench_serve(ns: argparse.Namespace, rest: list[str]) -> None:
     loaded = load_checkpoint(ns.checkpoint)
     if "pretrained" in loaded.state and not ns.prompts_file:
         raise SystemExit("error: a pretrained directory has no held-out split; pass --prompts-file")
-    width = ns.prompt_tokens if ns.mix == "same" else 150
-    if ns.prompts_file:  # the file's prompts as one stream of ids, cut into rows of `width`
+    texts = None
+    if ns.prompts_file:
         from unmask.cli.flags import read_prompts
 
         texts = read_prompts(argparse.Namespace(prompt=None, prompts_file=ns.prompts_file))
-        pool = [t for text in texts for t in loaded.tokenizer.encode(text)]
-        if not pool:
-            raise SystemExit(f"error: --prompts-file {ns.prompts_file} holds no tokens")
-        pool = pool * -(-width * ns.num_prompts // len(pool))
-        ids = [[0] + pool[i * width : (i + 1) * width] for i in range(ns.num_prompts)]  # [0]: a BOS slot
-    else:
-        ids = [row.tolist() for row in heldout_prompts(loaded.tokenizer, loaded.config.data, ns.num_prompts,
-                                                         width + 1)]  # fmt: skip
-    if ns.mix == "same":
-        prompts = [loaded.tokenizer.decode(row[1:]) for row in ids]
-    else:  # prompt lengths 5..150 tokens, spread evenly over the prompts
-        n = len(ids)
-        prompts = [
-            loaded.tokenizer.decode(row[1 : 1 + 5 + (145 * i) // max(1, n - 1)]) for i, row in enumerate(ids)
-        ]
+    try:
+        prompts = mix_prompts(loaded, ns.mix, ns.num_prompts, ns.prompt_tokens, texts)
+    except ValueError as e:
+        raise SystemExit(f"error: --prompts-file {ns.prompts_file}: {e}") from e
     result = bench_serve(
         ns.checkpoint,
         prompts,

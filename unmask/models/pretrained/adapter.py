@@ -123,7 +123,7 @@ class HFDenoiser(nn.Module):
         start = cache.write_start if cache is not None else 0
         T = h.shape[1]
         positions = torch.arange(start, start + T, device=h.device)
-        visible = max(start + T, cache.length) if cache is not None else T
+        visible = cache.visible(T) if cache is not None else T
         allowed = None
         if self.cfg.attention != "bidirectional":  # block-causal or causal: the mask says which keys
             allowed = masks.dense_mask(self.predicate, positions, torch.arange(visible, device=h.device))

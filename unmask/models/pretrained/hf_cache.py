@@ -33,7 +33,7 @@ class _Layer(CacheLayerMixin):
         return self.cache.write_start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return max(self.cache.write_start + query_length, self.cache.length), 0
+        return self.cache.visible(query_length), 0
 
     def get_max_length(self) -> int:
         return self.cache.max_len
