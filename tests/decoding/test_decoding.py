@@ -125,7 +125,7 @@ def test_global_normalization_preserves_the_unmask_mass_of_mdlm():
     sched = LogLinear()
     plain_A, stay = Ancestral(sched).weights(ctx(masked, step=1))
     norm_A, stay2 = Ancestral(sched, normalize=True).weights(ctx(masked, gate=gate, mass=mass, step=1))
-    assert stay == stay2
+    assert torch.equal(stay, stay2)  # [B, 1]: each row's stay-masked weight
     assert torch.allclose(norm_A.sum(-1), plain_A.sum(-1))  # sum_i A_i = #masked * (a_s - a_t)
     # With equal gates and masses the per-position unmask probability equals MDLM's exactly.
     flat_A, _ = Ancestral(sched, normalize=True).weights(

@@ -179,7 +179,8 @@ def test_lanes_of_every_cache_and_decoder_share_forwards_and_equal_their_request
 ):
     loaded = load_checkpoint(checkpoints[kind])
     engine = Engine(loaded.model, loaded.tokenizer, loaded.config, max_batch_rows=16)
-    prompts = ["def a(", "import os, sys, json", "x", "class Thing(object):"]
+    # five prompts: the two jobs of a setting differ in prompt length (else they share one lane)
+    prompts = ["def a(", "import os, sys, json", "x", "class Thing(object):", "print(42)"]
     specs = [
         {"prompt": prompts[i % len(prompts)], "seed": i, "max_new_tokens": 12, **s}
         for i, s in enumerate(settings * 2)
@@ -189,6 +190,8 @@ def test_lanes_of_every_cache_and_decoder_share_forwards_and_equal_their_request
     finally:
         engine.shutdown()
     assert engine.stats["forward_calls"] > engine.stats["forwards"]  # forwards were shared
+    if kind != "causal":  # and the steps' decisions (an AR step is one proposal, in its lane)
+        assert engine.stats["step_calls"] > engine.stats["steps"]
     for spec, o in zip(specs, out, strict=True):
         fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
         assert o[0] == "done", o

@@ -139,6 +139,7 @@ def bench_serve(
                 r["mode"] = mode
                 r["rows_per_forward"] = d["forward_rows"] / max(1, d["forwards"])
                 r["calls_per_forward"] = d["forward_calls"] / max(1, d["forwards"])
+                r["lanes_per_decision"] = d["step_calls"] / max(1, d["steps"])
                 if c == 1:  # one request at a time: everything outside decode is server overhead
                     r["overhead"] = 1 - d["decode_seconds"] / r["latency_sum_s"]
                     r["outside_forwards"] = 1 - d["forward_seconds"] / max(d["round_seconds"], 1e-9)
@@ -167,14 +168,15 @@ def serve_table(result: dict[str, Any]) -> str:
         f"mix: {result.get('mix', 'same')}",
         "",
         "| server | clients | requests | errors | requests/s | output tokens/s | p50 s | p99 s "
-        "| rows/forward | lanes/forward |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rows/forward | lanes/forward | lanes/decision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
             f"| {r['tokens_per_s']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} "
-            f"| {r.get('rows_per_forward', 0):.1f} | {r.get('calls_per_forward', 0):.1f} |"
+            f"| {r.get('rows_per_forward', 0):.1f} | {r.get('calls_per_forward', 0):.1f} "
+            f"| {r.get('lanes_per_decision', 0):.1f} |"
         )
     one = next((r for r in result["rows"] if "overhead" in r), None)
     lines += [

@@ -7,7 +7,8 @@ about blocks, caches or model kinds: that is `generate()`'s business.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from functools import cached_property
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -41,6 +42,27 @@ def leftmost_sub_block(masked: torch.Tensor, width: int) -> torch.Tensor:
     sub = torch.arange(masked.shape[-1], device=masked.device) // width  # [W] sub-block index
     first = torch.where(masked, sub, masked.shape[-1]).min(-1, keepdim=True).values  # [B, 1]
     return masked & (sub == first)
+
+
+class Window(NamedTuple):
+    """One step's input, row by row: the active window of R rows (one state's, or several lanes'
+    stacked, `Window.cat`), what the model said there, and each row's place in its block."""
+
+    tokens: torch.Tensor  # [R, W] the window's tokens now
+    masked: torch.Tensor  # [R, W] bool: eligible positions (masked, in an unfinished row)
+    gate: torch.Tensor  # [R, W] Conv gate (ones without Conv)
+    logits: torch.Tensor  # [R, W, V]
+    step: torch.Tensor  # [R] long: steps the row's block has taken
+    steps: torch.Tensor  # [R] long: the row's block budget
+    u_token: torch.Tensor  # [R, W] float64 uniforms of the proposals
+    u_select: torch.Tensor  # [R, W] float64 uniforms of the selector
+    mask_id: int
+
+    @classmethod
+    def cat(cls, windows: list[Window]) -> Window:
+        """Windows of equal width (and vocabulary), stacked along their rows."""
+        first = windows[0]
+        return cls(*(torch.cat([w[i] for w in windows]) for i in range(len(first) - 1)), first.mask_id)
 
 
 @dataclass(frozen=True)
@@ -81,42 +103,71 @@ class Decoder:
     def step(
         self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
     ) -> DecodeState:
-        """logits [B, W, V] for the window; u_* [B, W] float64 per-row uniforms.
+        """logits [B, W, V] for the window; u_* [B, W] float64 per-row uniforms -> the next state."""
+        return self.commit(state, self.decide(self.window(state, logits, u_token, u_select)), logits)
+
+    def window(
+        self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
+    ) -> Window:
+        """What a step decides from, row by row (the serving engine stacks several lanes' windows
+        and decides them in one `decide`)."""
+        lo, hi = state.window
+        tokens = state.tokens[:, lo:hi]  # [B, W]
+        gate = self.score.gate(state.tokens != state.mask_id)  # [B, T] or None
+        B, device = tokens.shape[0], tokens.device
+        return Window(
+            tokens=tokens,
+            masked=leftmost_sub_block(state.masked, self.sub_block),
+            gate=torch.ones(tokens.shape, device=device) if gate is None else gate[:, lo:hi],
+            logits=logits,
+            step=torch.full((B,), state.step, dtype=torch.long, device=device),
+            steps=torch.full((B,), state.steps, dtype=torch.long, device=device),
+            u_token=u_token,
+            u_select=u_select,
+            mask_id=state.mask_id,
+        )
+
+    def decide(self, w: Window) -> torch.Tensor:
+        """The window's tokens after the step [R, W]: the chosen positions' proposals, the rest as
+        they were. Each row's result depends on that row alone.
 
         Proposals are made lazily: first where the selector needs them (masked positions the Conv
         gate leaves open), then at chosen positions that have none yet. A selector that ignores
         proposals (ancestral, first-hitting) so proposes only at the positions it commits.
         """
-        lo, hi = state.window
-        window = state.tokens[:, lo:hi]  # [B, W]
-        masked = leftmost_sub_block(state.masked, self.sub_block)  # [B, W] eligible positions
-        gate = self.score.gate(state.tokens != state.mask_id)  # [B, T] or None
-        gate = torch.ones(window.shape, device=window.device) if gate is None else gate[:, lo:hi]
-        confidence = torch.full(window.shape, -torch.inf, dtype=torch.float64, device=window.device)
+        masked, gate, u_select = w.masked, w.gate, w.u_select
+        confidence = torch.full(w.tokens.shape, -torch.inf, dtype=torch.float64, device=w.tokens.device)
         kept_mass = torch.ones_like(confidence)
-        proposed = window.clone()  # [B, W] proposal per position (the current token elsewhere)
+        proposed = w.tokens.clone()  # [R, W] proposal per position (the current token elsewhere)
         scored = masked & (gate > 0) if self.select.needs_proposals else torch.zeros_like(masked)
         if scored.any():
-            excluded = self._excluded(state)
-            proposal = self._propose(logits, scored, u_token, excluded)
+            proposal = self._propose(w.logits, scored, w.u_token, self._excluded(w.mask_id))
             confidence[scored] = (self.score(self._unscored(proposal)) * gate[scored]).double()
             if self.score.random:  # LLaDA's random remasking
                 confidence[scored] = u_select[scored] * gate[scored].double()
             if self.deferred:  # e.g. EOS / end of turn: only where nothing else is left
-                late_ids = torch.isin(proposal.tokens, torch.tensor(self.deferred, device=window.device))
+                late_ids = torch.isin(proposal.tokens, torch.tensor(self.deferred, device=w.tokens.device))
                 confidence[scored] = confidence[scored].masked_fill(late_ids, -torch.inf)
             kept_mass[scored] = proposal.kept_mass
             proposed[scored] = proposal.tokens
-        chosen = self.select(
-            SelectContext(confidence, gate, kept_mass, masked, state.step, state.steps, u_select)
-        )
+        chosen = self.select(SelectContext(confidence, gate, kept_mass, masked, w.step, w.steps, u_select))
         late = chosen & ~scored
         if late.any():
-            excluded = self._excluded(state)
-            proposed[late] = self._propose(logits, late, u_token, excluded).tokens
+            proposed[late] = self._propose(w.logits, late, w.u_token, self._excluded(w.mask_id)).tokens
+        return torch.where(chosen, proposed, w.tokens)
+
+    def commit(self, state: DecodeState, window: torch.Tensor, logits: torch.Tensor) -> DecodeState:
+        """The state with the active window's tokens `window` [B, W], one step on."""
+        lo, hi = state.window
         tokens = state.tokens.clone()
-        tokens[:, lo:hi] = torch.where(chosen, proposed, window)
+        tokens[:, lo:hi] = window
         return state.advance(tokens=tokens, step=state.step + 1, prev_logits=logits)
+
+    @cached_property
+    def decision(self) -> tuple:
+        """What `decide` reads of this decoder: decoders with equal `decision`s decide stacked
+        windows together (the input policy and the sub-block width act before, in `window`)."""
+        return (self.propose, self.score, self.select, self.subs, self.deferred, self.unscored)
 
     @property
     def random(self) -> bool:
@@ -128,13 +179,13 @@ class Decoder:
             or not isinstance(self.inputs, BinaryInputs)
         )
 
-    def _excluded(self, state: DecodeState) -> int | None:
+    def _excluded(self, mask_id: int) -> int | None:
         """The token proposals never take: [MASK], except on models whose reference loops rank by
         the full softmax (LLaDA, Dream, SDAR: `subs = False`) with proposals that keep it there
         (greedy ones, and the families' own `Processed` draws); our own sampled proposals never
         draw [MASK], which would be no decision at all."""
         keeps = getattr(self.propose, "keeps_mask", isinstance(self.propose, Greedy))
-        return None if not self.subs and keeps else state.mask_id
+        return None if not self.subs and keeps else mask_id
 
     def _unscored(self, proposal: Proposal) -> Proposal:
         """The proposal scored on its distribution without the `unscored` ids (renormalised)."""

@@ -24,25 +24,37 @@ class SelectContext(NamedTuple):
     gate: torch.Tensor  # [B, W] Conv gate (ones without Conv)
     kept_mass: torch.Tensor  # [B, W] proposal's kept probability mass
     masked: torch.Tensor  # [B, W] bool, eligible positions
-    step: int  # k, steps already taken in this block
-    steps: int  # S, the block's budget
+    step: torch.Tensor | int  # k [B] long: steps its block has taken (an int: every row's)
+    steps: torch.Tensor | int  # S [B] long: its block's budget
     u: torch.Tensor  # [B, W] float64 uniforms (per-row streams)
 
 
-def step_count(masked: torch.Tensor, step: int, steps: int, counts: str = "remaining") -> torch.Tensor:
-    """[B] positions to commit at step k of S. `remaining`: ceil(R / (S - k)) of the R masks left;
-    `block`: the window's width W split evenly over the S steps, the remainder to the first steps
-    (SDAR's and LLaDA2's fixed schedule; `top_n` takes at most the masks left)."""
+def per_row(x: torch.Tensor | int, masked: torch.Tensor) -> torch.Tensor:
+    """A step counter as [B] long: a tensor as it is, an int for every row of `masked` [B, W]."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.full(masked.shape[:1], x, dtype=torch.long, device=masked.device)
+
+
+def step_count(
+    masked: torch.Tensor, step: torch.Tensor | int, steps: torch.Tensor | int, counts: str = "remaining"
+) -> torch.Tensor:
+    """[B] positions to commit at step k of S (per row). `remaining`: ceil(R / (S - k)) of the R
+    masks left; `block`: the window's width W split evenly over the S steps, the remainder to the
+    first steps (SDAR's and LLaDA2's fixed schedule; `top_n` takes at most the masks left)."""
+    step, steps = per_row(step, masked), per_row(steps, masked)
     if counts == "block":
         W = masked.shape[-1]
-        n = W // steps + (step < W % steps)
-        return torch.full(masked.shape[:1], n, dtype=torch.long, device=masked.device)
-    remaining = masked.sum(-1)
-    return torch.div(remaining + (steps - step) - 1, steps - step, rounding_mode="floor")
+        return torch.div(W, steps, rounding_mode="floor") + (step < W % steps).long()
+    left = steps - step
+    return torch.div(masked.sum(-1) + left - 1, left, rounding_mode="floor")
 
 
-def reverse_times(step: int, steps: int, eps: float = 0.0) -> tuple[float, float]:
-    """(t, s): consecutive points k, k + 1 of linspace(1, eps, S + 1)."""
+def reverse_times(step, steps, eps: float = 0.0):
+    """(t, s): consecutive points k, k + 1 of linspace(1, eps, S + 1) (floats, or float64 [B] for
+    [B] step counters: the same IEEE operations in the same order)."""
+    if isinstance(step, torch.Tensor):
+        step, steps = step.double(), steps.double()
     return 1 - (1 - eps) * step / steps, 1 - (1 - eps) * (step + 1) / steps
 
 
@@ -75,8 +87,8 @@ class Ancestral:
         """Unmask weight A_i [B, W] (0 off the masked set) and the stay-masked weight 1 - a_s.
         A position unmasks with prob A_i / (A_i + 1 - a_s), one categorical draw over
         {candidates, stay} as in the reference. Without gate/normalization A_i = a_s - a_t."""
-        t, s = (torch.tensor(x, dtype=torch.float64) for x in reverse_times(c.step, c.steps, self.eps))
-        a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        t, s = reverse_times(per_row(c.step, c.masked), per_row(c.steps, c.masked), self.eps)  # [B] float64
+        a_t, a_s = self.schedule.alpha(t)[:, None], self.schedule.alpha(s)[:, None]  # [B, 1]
         weight = c.gate.double()
         if self.normalize:
             weight = weight * c.kept_mass.double()
@@ -85,10 +97,12 @@ class Ancestral:
         return weight * (a_s - a_t) * c.masked, 1 - a_s
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
-        if c.step == c.steps - 1:  # s = 0: everything left is decoded
+        last = per_row(c.step, c.masked) == per_row(c.steps, c.masked) - 1  # [B] s = 0: all left decoded
+        if last.all():
             return c.masked
         unmask, stay = self.weights(c)
-        return (c.u < unmask / (unmask + stay)) & c.masked
+        drawn = (c.u < unmask / (unmask + stay)) & c.masked
+        return torch.where(last[:, None], c.masked, drawn)
 
 
 @dataclass(frozen=True)
@@ -177,11 +191,11 @@ class DreamSchedule:
 
     def __call__(self, c: SelectContext) -> torch.Tensor:
         remaining = c.masked.sum(-1)
-        if c.step >= c.steps - 1:
-            n = remaining
-        else:
-            t, s = reverse_times(c.step, c.steps, self.eps)
-            n = torch.floor(remaining * (1 - s / t)).long()
+        step, steps = per_row(c.step, c.masked), per_row(c.steps, c.masked)
+        t, s = reverse_times(step, steps, self.eps)  # [B] float64
+        # Dream's int(R * (1 - s / t)): the factor a Python float, so the product is float32
+        n = torch.floor(remaining * (1 - s / t).float()).long()
+        n = torch.where(step >= steps - 1, remaining, n)
         keys = c.confidence
         if self.alg_temp > 0:
             gumbel = -torch.log(-torch.log(c.u.clamp(1e-300, 1 - 1e-16)))

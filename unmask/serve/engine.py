@@ -6,12 +6,15 @@ Continuous batching. Each running job is a *lane*: the decode `unmask sample` ru
 (`serve/shared_forward`). The worker runs rounds: it resumes every lane until its next model call
 (or its end), then runs the round's calls as shared forwards (rows of every prompt length, block,
 canvas and decoder setting in one pass: right-padded with key masks, cached rows through a
-`RaggedCache` at their own positions) and hands each lane its output. Decoders, rounds,
-refreshers, caches and soft inputs stay the lane's own, as in `unmask sample`: only the forward is
-shared. A job joins at the next round (the next step, for every model kind) and leaves with its
-last state, its rows freed for the next job. Since the shared forward is batch-invariant (each
-row's output equals its output alone) and each row draws from its own random stream (seeded by
-its request's seed and sample index), every response is what the request gives alone.
+`RaggedCache` at their own positions) and hands each lane its output. A step's decision (propose ->
+score -> select on the active window) is shared too: lanes with the same decoding policies hand
+their windows to the engine, which decides them stacked in one call, whatever their positions and
+step counters (`serve/shared_steps`). Rounds, refreshers, caches, input policies and the loop
+itself stay the lane's own, as in `unmask sample`. A job joins at the next round (the next step,
+for every model kind) and leaves with its last state, its rows freed for the next job. Since the
+shared forward and the shared decision are batch-invariant (each row's output equals its output
+alone) and each row draws from its own random stream (seeded by its request's seed and sample
+index), every response is what the request gives alone.
 
 Scheduling: first come first served. The oldest waiting job is admitted when its rows fit under
 `max_batch_rows` beside the running lanes (with every same-settings job waiting behind it that fits:
@@ -36,6 +39,7 @@ error; a failing lane fails its own jobs (each retried alone first), never anoth
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -52,6 +56,7 @@ from unmask.models.transformer import autocast
 from unmask.schedules import build_schedule
 from unmask.serve.jobs import Job
 from unmask.serve.shared_forward import Call, ForwardCost, LaneModel, buckets, run_shared
+from unmask.serve.shared_steps import LaneDecoder, StepCall, run_steps, step_groups
 
 BATCHING = ("continuous", "static")
 
@@ -68,11 +73,12 @@ class _Abandoned(Exception):
 
 @dataclass(eq=False)
 class Lane:
-    """Running jobs that share their rows' decode (one `decode_batch`), suspended at a model call."""
+    """Running jobs that share their rows' decode (one `decode_batch`), suspended at a model call
+    or at a step's decision."""
 
     jobs: list[Job]
     run: greenlet.greenlet
-    call: Call | None = None  # the call it waits on
+    call: Call | StepCall | None = None  # the call it waits on
     reply: Any = None  # what it resumes with: the call's output, or an exception to raise there
 
     @property
@@ -118,7 +124,8 @@ class Engine:
         self.cost = ForwardCost()  # fitted to the forwards below: how freely calls pad
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "nfe": 0, "decode_seconds": 0.0,
                       "forwards": 0, "forward_rows": 0, "forward_calls": 0, "forward_seconds": 0.0,
-                      "round_seconds": 0.0}  # fmt: skip
+                      "round_seconds": 0.0, "steps": 0, "step_rows": 0, "step_calls": 0,
+                      "step_seconds": 0.0}  # fmt: skip
         self.on_batch = None  # callback(tokens, nfe, seconds, rows) when a lane ends, for metrics
         self.on_forward = None  # callback(rows, positions, seconds) after each shared forward
         self.on_queued = None  # callback(seconds a job waited before its lane started)
@@ -230,24 +237,58 @@ class Engine:
                     self._round()
 
     def _round(self) -> None:
-        """Every lane to its next model call (or its end), then the calls as shared forwards."""
+        """Every lane to its next model call (or its end), its steps' decisions shared on the way;
+        then the calls as shared forwards."""
         t0 = time.perf_counter()
-        for lane in list(self.lanes):
-            reply, lane.reply, lane.call = lane.reply, None, None
-            if not lane.run:  # not started
-                call = lane.run.switch()
-            elif isinstance(reply, BaseException):
-                call = lane.run.throw(reply)
-            else:
-                call = lane.run.switch(reply)
-            if lane.run.dead:
-                self.lanes.remove(lane)
-            else:
-                lane.call = call
-        waiting = {id(lane.call): lane for lane in self.lanes if lane.call is not None}
+        resume = list(self.lanes)
+        while resume:
+            for lane in resume:
+                self._resume(lane)
+            resume = [lane for lane in self.lanes if isinstance(lane.call, StepCall)]
+            by_call = {id(lane.call): lane for lane in resume}
+            for group in step_groups([lane.call for lane in resume]):
+                self._step(group, [by_call[id(c)] for c in group])
+        waiting = {id(lane.call): lane for lane in self.lanes if isinstance(lane.call, Call)}
         for bucket in buckets([lane.call for lane in waiting.values()], self.max_batch_tokens, self.cost):
             self._forward(bucket, [waiting[id(c)] for c in bucket])
         self.stats["round_seconds"] += time.perf_counter() - t0
+
+    def _resume(self, lane: Lane) -> None:
+        """Run `lane` with its reply until its next call; a lane that ends leaves."""
+        reply, lane.reply, lane.call = lane.reply, None, None
+        if not lane.run:  # not started
+            call = lane.run.switch()
+        elif isinstance(reply, BaseException):
+            call = lane.run.throw(reply)
+        else:
+            call = lane.run.switch(reply)
+        if lane.run.dead:
+            self.lanes.remove(lane)
+        else:
+            lane.call = call
+
+    def _step(self, calls: list[StepCall], lanes: list[Lane]) -> None:
+        """One shared decision for a group of steps (each alone again if it fails)."""
+        t0 = time.perf_counter()
+        try:
+            outs = run_steps(calls)
+        except Exception as e:
+            if len(calls) == 1:
+                lanes[0].reply = e
+                return
+            log.exception("a shared step of %d lanes failed; deciding each alone", len(calls))
+            outs = []
+            for call in calls:
+                try:
+                    outs.append(run_steps([call])[0])
+                except Exception as err:  # only this call's lane sees it
+                    outs.append(err)
+        for lane, out in zip(lanes, outs, strict=True):
+            lane.reply = out
+        self.stats["steps"] += 1
+        self.stats["step_rows"] += sum(c.rows for c in calls)
+        self.stats["step_calls"] += len(calls)
+        self.stats["step_seconds"] += time.perf_counter() - t0
 
     def _forward(self, calls: list[Call], lanes: list[Lane]) -> None:
         t0 = time.perf_counter()
@@ -332,9 +373,13 @@ class Engine:
                     job.step_events(state, starts[j], P, self.tok, self.model.mask_id)
 
         wanted = [j.logprobs for j in batch if j.logprobs is not None]
+        requests = [r for job in batch for r in job.requests()]
+        if self.batching == "continuous":  # its steps' decisions are shared with other lanes'
+            plan = dataclasses.replace(batch[0].plan, decoder=LaneDecoder(batch[0].plan.decoder))
+            requests = [dataclasses.replace(r, plan=plan) for r in requests]
         for record in decode_batch(
             LaneModel(self.model),
-            [r for job in batch for r in job.requests()],
+            requests,
             on_state=on_state,
             logprobs=max(wanted) if wanted else None,
         ):
