@@ -118,6 +118,20 @@ def test_conv_gate_is_zero_beyond_half_kernel_and_grows_from_both_sides():
         Conv(TokenProb(), 4)
 
 
+def test_conv_gate_of_a_window_equals_the_whole_canvas_gate_there():
+    """The decode step asks only for the active window's gate: the same numbers as the whole row's."""
+    g = torch.Generator().manual_seed(0)
+    for K in (1, 5, 33):
+        conv = Conv(TokenProb(), K)
+        for T in (1, 17, 80):
+            decoded = torch.rand(3, T, generator=g) < 0.3
+            decoded[2] = False  # no context: not gated
+            whole = conv.gate(decoded)
+            for lo in range(T):
+                for hi in range(lo + 1, T + 1, 7):
+                    assert torch.equal(conv.gate(decoded, (lo, hi)), whole[:, lo:hi])
+
+
 def test_global_normalization_preserves_the_unmask_mass_of_mdlm():
     masked = torch.rand(3, 32, generator=torch.Generator().manual_seed(1)) < 0.7
     gate = torch.rand(3, 32, generator=torch.Generator().manual_seed(2))

@@ -113,12 +113,12 @@ class Decoder:
         and decides them in one `decide`)."""
         lo, hi = state.window
         tokens = state.tokens[:, lo:hi]  # [B, W]
-        gate = self.score.gate(state.tokens != state.mask_id)  # [B, T] or None
+        gate = self.score.gate(state.tokens != state.mask_id, (lo, hi))  # [B, W] or None
         B, device = tokens.shape[0], tokens.device
         return Window(
             tokens=tokens,
             masked=leftmost_sub_block(state.masked, self.sub_block),
-            gate=torch.ones(tokens.shape, device=device) if gate is None else gate[:, lo:hi],
+            gate=torch.ones(tokens.shape, device=device) if gate is None else gate,
             logits=logits,
             step=torch.full((B,), state.step, dtype=torch.long, device=device),
             steps=torch.full((B,), state.steps, dtype=torch.long, device=device),

@@ -28,7 +28,7 @@ class TokenProb:
             return p.dist.probs.gather(-1, p.tokens[:, None]).squeeze(-1).double()
         return p.dist.prob_of(p.dist.logits.gather(-1, p.tokens[:, None]).squeeze(-1))
 
-    def gate(self, decoded: torch.Tensor) -> torch.Tensor | None:
+    def gate(self, decoded: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor | None:
         return None
 
 
@@ -80,11 +80,16 @@ class Conv:
     def __call__(self, p: Proposal) -> torch.Tensor:
         return self.inner(p)
 
-    def gate(self, decoded: torch.Tensor) -> torch.Tensor:
-        """decoded [B, T] bool -> s [B, T] = tanh(#decoded within the centred window). A row with
-        no decoded token at all (no context) is not gated."""
+    def gate(self, decoded: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """decoded [B, T] bool -> s [B, T] = tanh(#decoded within the centred window), or with
+        `window` (lo, hi) only its positions [B, hi - lo] (the counts read the K // 2 positions on
+        either side, so the same sums). A row with no decoded token at all (no context) is not
+        gated."""
+        T, r = decoded.shape[1], self.kernel // 2
+        lo, hi = window if window is not None else (0, T)
+        a, b = max(0, lo - r), min(T, hi + r)  # the positions the window's counts read
         ones = torch.ones(1, 1, self.kernel, dtype=torch.float32, device=decoded.device)
-        u = F.conv1d(decoded.float()[:, None], ones, padding=self.kernel // 2)[:, 0]  # [B, T]
+        u = F.conv1d(decoded[:, a:b].float()[:, None], ones, padding=r)[:, 0, lo - a : hi - a]  # [B, hi - lo]
         s = torch.tanh(u)
         return torch.where(decoded.any(-1, keepdim=True), s, torch.ones_like(s))
 

@@ -119,12 +119,15 @@ class RaggedCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, H, T, Dh] (T: the longest part) -> all rows' visible K/V [B, H, S, Dh]."""
         B, H, _, Dh = k.shape
-        keys = k.new_zeros(B, H, self.length, Dh)  # zeros past a row's end: masked, and finite
-        values = v.new_zeros(B, H, self.length, Dh)
+        keys = k.new_empty(B, H, self.length, Dh)
+        values = v.new_empty(B, H, self.length, Dh)
         row = 0
         for b, (cache, n) in zip(self.rows, self.parts, strict=True):
             kk, vv = cache.write(layer, k[row : row + b, :, :n], v[row : row + b, :, :n])
-            keys[row : row + b, :, : kk.shape[2]] = kk
-            values[row : row + b, :, : vv.shape[2]] = vv
+            S = kk.shape[2]
+            keys[row : row + b, :, :S] = kk
+            values[row : row + b, :, :S] = vv
+            keys[row : row + b, :, S:] = 0  # past a row's end: masked, and finite
+            values[row : row + b, :, S:] = 0
             row += b
         return keys, values

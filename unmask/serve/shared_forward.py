@@ -84,18 +84,10 @@ class Call:
     key_mask: torch.Tensor | None  # [b, >= S]
     own: dict | None = None  # a call no forward can share: these arguments, run alone in its round
 
-    @property
-    def rows(self) -> int:
-        return self.given.shape[0] if self.given is not None else 0
-
-    @property
-    def width(self) -> int:
-        return self.given.shape[1] if self.given is not None else 0
-
-    @property
-    def given(self) -> torch.Tensor | None:
+    def __post_init__(self) -> None:  # read many times while the round's calls are bucketed
         given = self.own if self.own is not None else {"tokens": self.tokens, "embeds": self.embeds}
-        return given.get("tokens") if given.get("tokens") is not None else given.get("embeds")
+        self.given = given.get("tokens") if given.get("tokens") is not None else given.get("embeds")
+        self.rows, self.width = self.given.shape[:2] if self.given is not None else (0, 0)
 
 
 def shareable(model: Denoiser, kwargs: dict) -> bool:
