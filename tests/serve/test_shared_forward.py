@@ -94,18 +94,27 @@ def test_calls_pad_into_a_wider_forward_while_padding_costs_less_than_a_forward(
     def call(width, rows=1, cached=False):
         return Call(torch.zeros(rows, width, dtype=torch.long), None, object() if cached else None, None)
 
+    shapes = [(1, 10), (4, 50), (16, 100), (2, 200), (8, 30)]  # (rows, width) of observed forwards
     cheap = ForwardCost()  # the fixed cost dominates (a small model on a CPU)
-    for positions in (10, 100, 1000, 10_000):
-        cheap.observe(positions, 1e-3 + 1e-8 * positions)
     dear = ForwardCost()  # compute-bound: 1 ms per 100 positions
-    for positions in (10, 100, 1000, 10_000):
-        dear.observe(positions, 1e-4 + 1e-5 * positions)
-    assert cheap.fit == pytest.approx((1e-3, 1e-8)) and dear.fit == pytest.approx((1e-4, 1e-5))
+    quadratic = ForwardCost()  # attention-bound: 1 ms per 10^4 query-key pairs
+    for rows, width in shapes:
+        cheap.observe(rows, width, 1e-3 + 1e-8 * rows * width)
+        dear.observe(rows, width, 1e-4 + 1e-5 * rows * width)
+        quadratic.observe(rows, width, 1e-4 + 1e-7 * rows * width * width)
+    assert cheap.fit == pytest.approx((1e-3, 1e-8, 0), abs=1e-12)
+    assert dear.fit == pytest.approx((1e-4, 1e-5, 0), abs=1e-12)
+    assert quadratic.fit == pytest.approx((1e-4, 0, 1e-7), abs=1e-12)
     wide, mid, narrow = call(100), call(95), call(10)
     cached = [call(4, 2, True), call(4, 1, True)]
     calls = [narrow, cached[0], wide, mid, cached[1]]
     assert buckets(calls, 10_000, cheap) == [[wide, mid, narrow], cached]  # uncached by width; cached apart
     assert buckets(calls, 10_000, dear) == [[wide, mid], [narrow], cached]  # 90 padded positions: 0.9 ms
+    # 10 -> 100 positions: 9900 more pairs (0.99 ms); 95 -> 100: 975 (0.1 ms, a forward's fixed cost)
+    assert buckets(calls, 10_000, quadratic) == [[wide, mid], [narrow], cached]
+    near = [call(100), call(97), call(60), call(58)]  # attention-bound: forwards of similar widths
+    assert buckets(near, 10_000, quadratic) == [near[:2], near[2:]]
+    assert buckets(near, 10_000, cheap) == [near]
     assert buckets([wide, mid], 150, cheap) == [[wide], [mid]]  # two rows of 100 positions exceed 150
     prefill, steps = call(100, 1, True), [call(4, 8, True), call(3, 2, True)]
     assert buckets([steps[0], prefill, steps[1]], 10_000, cheap) == [[prefill], steps]  # cached: by width

@@ -311,7 +311,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         rows = sum(c.rows for c in calls)
         if calls[0].cache is None and calls[0].own is None:  # the canvases' cost model (see `buckets`)
-            self.cost.observe(rows * max(c.width for c in calls), seconds)
+            self.cost.observe(rows, max(c.width for c in calls), seconds)
         self.stats["forwards"] += 1
         self.stats["forward_rows"] += rows
         self.stats["forward_calls"] += len(calls)

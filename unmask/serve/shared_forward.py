@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import greenlet
+import numpy as np
 import torch
 
 from unmask.models import invariant
@@ -42,36 +43,60 @@ SPREAD = 2.0  # cached calls share a padded forward when the widest is at most t
 
 
 class ForwardCost:
-    """What an uncached forward costs on this machine, fitted to the engine's own: `seconds = fixed
-    + per_position * positions` (least squares over the recent forwards, exponentially weighted).
-    It decides whether a call pads into a wider forward or runs in a forward of its own: padding
-    wastes `per_position` per padded position, a forward of its own costs `fixed` (a small model on
-    a CPU is dominated by the fixed cost and pads freely; a compute-bound one pads little)."""
+    """What an uncached forward of `rows` rows of `width` positions costs on this machine, fitted to the
+    engine's own: `seconds = fixed + per_position * rows * width + per_pair * rows * width^2` (the
+    GEMMs grow with the positions, a canvas's attention with its query-key pairs), by least squares
+    over the recent forwards (exponentially weighted; of the fits with and without each growth term,
+    the closest one whose coefficients are all >= 0). It decides whether a call pads into a wider
+    forward or runs in a forward of its own: padding a call of r rows from width w to W costs
+    `per_position * r (W - w) + per_pair * r (W^2 - w^2)`, a forward of its own costs `fixed` (a
+    small model on a CPU is dominated by the fixed cost and pads freely; a compute-bound one, or one
+    whose attention dominates, pads little)."""
 
     DECAY = 0.98
+    TERMS = ((0, 1, 2), (0, 1), (0, 2))  # fixed, per_position, per_pair: the full fit, and without one
 
-    def __init__(self, fixed: float = 1e-3, per_position: float = 1e-6):
-        self.prior = (fixed, per_position)
-        self.n = self.x = self.y = self.xx = self.xy = 0.0
+    def __init__(self, fixed: float = 1e-3, per_position: float = 1e-6, per_pair: float = 0.0):
+        self.prior = (fixed, per_position, per_pair)
+        self.xx = np.zeros((3, 3))  # weighted sums of x x^T, x = (1, rows * width, rows * width^2)
+        self.xy = np.zeros(3)
+        self.yy = self.n = 0.0
 
-    def observe(self, positions: int, seconds: float) -> None:
-        d = self.DECAY
-        self.n, self.x, self.y = d * self.n + 1, d * self.x + positions, d * self.y + seconds
-        self.xx, self.xy = d * self.xx + positions * positions, d * self.xy + positions * seconds
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        x = np.array([1.0, rows * width, rows * width * width])
+        self.xx = self.DECAY * self.xx + np.outer(x, x)
+        self.xy = self.DECAY * self.xy + x * seconds
+        self.yy = self.DECAY * self.yy + seconds * seconds
+        self.n = self.DECAY * self.n + 1
 
     @property
-    def fit(self) -> tuple[float, float]:
-        """(fixed, per_position) seconds, both >= 0; the prior until the forwards vary in size."""
-        var = self.n * self.xx - self.x * self.x
-        if self.n < 2.5 or var <= 1e-9 * max(1.0, self.n * self.xx):
+    def fit(self) -> tuple[float, float, float]:
+        """(fixed, per_position, per_pair) seconds, all >= 0; the prior until the forwards vary."""
+        if self.n < 2.5:
             return self.prior
-        slope = max(0.0, (self.n * self.xy - self.x * self.y) / var)
-        return max(0.0, (self.y - slope * self.x) / self.n), slope
+        scale = np.sqrt(np.diag(self.xx)).clip(1e-30)  # columns of comparable size
+        xx, xy = self.xx / np.outer(scale, scale), self.xy / scale
+        best, out = np.inf, None
+        for terms in self.TERMS:
+            t = list(terms)
+            sub = xx[np.ix_(t, t)]
+            if np.linalg.cond(sub) > 1e10:  # the forwards do not vary in these terms
+                continue
+            coef = np.linalg.solve(sub, xy[t])
+            residual = self.yy - 2 * coef @ xy[t] + coef @ sub @ coef  # weighted squared error
+            if (coef[1:] >= 0).all() and residual < best:
+                best, out = residual, np.zeros(3)
+                out[t] = coef / scale[t]
+        if out is None:
+            return self.prior
+        return float(max(0.0, out[0])), float(out[1]), float(out[2])
 
-    def pads(self, padded: int) -> bool:
-        """Whether `padded` wasted positions cost less than a forward of their own."""
-        fixed, per_position = self.fit
-        return per_position * padded <= fixed
+    def pads(self, rows: int, width: int, into: int) -> bool:
+        """Whether padding `rows` rows of `width` positions to `into` costs less than a forward of
+        their own."""
+        fixed, per_position, per_pair = self.fit
+        padded = per_position * rows * (into - width) + per_pair * rows * (into * into - width * width)
+        return padded <= fixed
 
 
 @dataclass(eq=False)
@@ -150,9 +175,7 @@ def buckets(calls: list[Call], max_tokens: int, cost: ForwardCost | None = None)
             if current:
                 width = current[0].width
                 rows = sum(c.rows for c in current) + call.rows
-                worth = (
-                    width <= SPREAD * call.width if cached else cost.pads(call.rows * (width - call.width))
-                )
+                worth = width <= SPREAD * call.width if cached else cost.pads(call.rows, call.width, width)
                 if worth and rows * width <= max_tokens:
                     current.append(call)
                     continue
