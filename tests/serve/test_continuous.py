@@ -7,6 +7,7 @@ import time
 import pytest
 from test_server import alone
 
+from unmask.decoding.decoder import Decoder
 from unmask.decoding.presets import preset_config
 from unmask.models.checkpoint import load_checkpoint
 from unmask.models.transformer import Transformer
@@ -155,6 +156,39 @@ def test_a_call_that_fails_in_a_shared_forward_fails_only_its_own_lane(bd3, chec
         model.__class__ = Transformer
     assert [o[0] for o in out] == ["done", "failed", "done"]
     assert "shared forward of" in caplog.text  # the poison was in a shared forward, rerun call by call
+    for spec, o in zip(specs, out, strict=True):
+        if o[0] == "done":
+            assert _texts(o) == alone(checkpoints["block_causal"], spec["prompt"], preset="bd3lm",
+                                      seed=spec["seed"], max_new_tokens=16)  # fmt: skip
+
+
+def test_a_step_that_fails_in_a_shared_decision_fails_only_its_own_lane(
+    bd3, checkpoints, caplog, monkeypatch
+):
+    """A decision that raises for one lane's window (its prompt's tail, in its first block's first
+    step) fails that lane's job; the lanes decided with it are decided again alone and finish."""
+    engine = Engine(bd3.model, bd3.tokenizer, bd3.config, max_batch_rows=8)
+    prompts = ["def a(", "y = x@", "import os"]
+    ids = [engine.plan(preset_config("bd3lm")).prompt_ids(p) for p in prompts]  # as the engine feeds them
+    poison, Lb = ids[1][-1], bd3.model.cfg.block_size
+    assert len(ids[1]) % Lb  # the poison sits in the first block, beside masks
+    assert all(len(i) >= Lb for i in ids)  # each lane prefills first, so their first steps meet
+    assert poison not in ids[0] + ids[2]
+    real = Decoder.decide
+
+    def decide(self, w):
+        if ((w.tokens == poison).any(-1) & (w.step == 0)).any():  # a fresh block holds no generated token
+            raise RuntimeError("poisoned window")
+        return real(self, w)
+
+    monkeypatch.setattr(Decoder, "decide", decide)
+    specs = [{"prompt": p, "max_new_tokens": 16, "seed": i} for i, p in enumerate(prompts)]
+    try:
+        _, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    assert [o[0] for o in out] == ["done", "failed", "done"]
+    assert "shared step of" in caplog.text  # the poison was decided with other lanes, then alone
     for spec, o in zip(specs, out, strict=True):
         if o[0] == "done":
             assert _texts(o) == alone(checkpoints["block_causal"], spec["prompt"], preset="bd3lm",
