@@ -268,46 +268,39 @@ class Engine:
             lane.call = call
 
     def _step(self, calls: list[StepCall], lanes: list[Lane]) -> None:
-        """One shared decision for a group of steps (each alone again if it fails)."""
+        """One shared decision for a group of steps."""
         t0 = time.perf_counter()
-        try:
-            outs = run_steps(calls)
-        except Exception as e:
-            if len(calls) == 1:
-                lanes[0].reply = e
-                return
-            log.exception("a shared step of %d lanes failed; deciding each alone", len(calls))
-            outs = []
-            for call in calls:
-                try:
-                    outs.append(run_steps([call])[0])
-                except Exception as err:  # only this call's lane sees it
-                    outs.append(err)
-        for lane, out in zip(lanes, outs, strict=True):
-            lane.reply = out
+        if not self._reply(run_steps, calls, lanes, "step"):
+            return
         self.stats["steps"] += 1
         self.stats["step_rows"] += sum(c.rows for c in calls)
         self.stats["step_calls"] += len(calls)
         self.stats["step_seconds"] += time.perf_counter() - t0
 
-    def _forward(self, calls: list[Call], lanes: list[Lane]) -> None:
-        t0 = time.perf_counter()
+    def _reply(self, run, calls: list, lanes: list[Lane], what: str) -> bool:
+        """Each lane's reply from `run(calls)` (one output per call); if that fails, from each call
+        run alone, so only a call that fails alone hands its lane the error. False: a lone call failed."""
         try:
-            outs = run_shared(self.model, calls)
+            outs = run(calls)
         except Exception as e:
             if len(calls) == 1:
                 lanes[0].reply = e
-                return
-            log.exception("a shared forward of %d calls failed; running each alone", len(calls))
+                return False
+            log.exception("a shared %s of %d calls failed; running each alone", what, len(calls))
             outs = []
             for call in calls:
                 try:
-                    outs.append(run_shared(self.model, [call]))
+                    outs.append(run([call])[0])
                 except Exception as err:  # only this call's lane sees it
                     outs.append(err)
-            outs = [o[0] if isinstance(o, list) else o for o in outs]
         for lane, out in zip(lanes, outs, strict=True):
             lane.reply = out
+        return True
+
+    def _forward(self, calls: list[Call], lanes: list[Lane]) -> None:
+        t0 = time.perf_counter()
+        if not self._reply(lambda calls: run_shared(self.model, calls), calls, lanes, "forward"):
+            return
         seconds = time.perf_counter() - t0
         rows = sum(c.rows for c in calls)
         if calls[0].cache is None and calls[0].own is None:  # the canvases' cost model (see `buckets`)
