@@ -263,3 +263,36 @@ def test_lanes_of_a_shifted_family_keep_their_own_carried_outputs(tmp_path):
         cfg = preset_config(spec["preset"], **fields)
         want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
         assert _texts(o) == [r["text"] for r in want]
+
+
+def test_lanes_of_a_decoder_with_its_own_step_decode_as_alone(tmp_path):
+    """DiffusionGemma's renoising decoder steps in its lane (no shared decision) beside lanes that
+    share theirs; each response equals its request decoded alone."""
+    from pretrained_layouts import write_family
+
+    from unmask.decoding.sample import sample
+
+    write_family("diffusion-gemma", tmp_path / "dg")
+    loaded = load_checkpoint(tmp_path / "dg", dtype="fp32")
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.config, max_batch_rows=8, precision="fp32")
+    specs = [
+        {"prompt": "w1 w2 w3", "preset": "diffusion-gemma", "max_new_tokens": 8, "block_steps": 4},
+        {"prompt": "w4 w5", "preset": "diffusion-gemma", "max_new_tokens": 8, "block_steps": 3, "seed": 1},
+        {
+            "prompt": "w6 w7 w8 w9",
+            "preset": "diffusion-gemma",
+            "max_new_tokens": 8,
+            "block_steps": 4,
+            "seed": 2,
+        },
+    ]
+    try:
+        _, out = _run(engine, specs)
+    finally:
+        engine.shutdown()
+    for spec, o in zip(specs, out, strict=True):
+        assert o[0] == "done", o
+        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
+        cfg = preset_config(spec["preset"], **fields)
+        want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
+        assert _texts(o) == [r["text"] for r in want]

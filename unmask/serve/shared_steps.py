@@ -56,12 +56,12 @@ class LaneDecoder:
     def __getattr__(self, name: str):
         return getattr(self._decoder, name)
 
-    def step(
-        self, state: DecodeState, logits: torch.Tensor, u_token: torch.Tensor, u_select: torch.Tensor
-    ) -> DecodeState:
-        if type(self._decoder) is not Decoder:  # a decoder with a step of its own
-            return self._decoder.step(state, logits, u_token, u_select)
-        window = self._decoder.window(state, logits, u_token, u_select)
+    def step(self, state: DecodeState, logits: torch.Tensor, *draws) -> DecodeState:
+        """`draws`: what the decoder's `draws` gave (uniforms [B, W] x 2; generators for decoders
+        with a step of their own)."""
+        if type(self._decoder) is not Decoder:  # e.g. the uniform-noise RenoisingDecoder
+            return self._decoder.step(state, logits, *draws)
+        window = self._decoder.window(state, logits, *draws)
         tokens = greenlet.getcurrent().parent.switch(StepCall(self._decoder, window))  # [B, W]
         return self._decoder.commit(state, tokens, logits)
 
