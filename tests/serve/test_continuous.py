@@ -59,6 +59,18 @@ def _texts(event) -> list[str]:
     return [c["text"] for c in event[1]["choices"]]
 
 
+def _each_as_alone(loaded, specs: list[dict], out) -> None:
+    """Every job finished with the texts `sample` gives its request alone (a pretrained layout)."""
+    from unmask.decoding.sample import sample
+
+    for spec, o in zip(specs, out, strict=True):
+        assert o[0] == "done", o
+        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
+        cfg = preset_config(spec["preset"], **fields)
+        want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
+        assert _texts(o) == [r["text"] for r in want]
+
+
 def test_a_short_job_leaves_at_once_and_a_waiting_job_takes_its_row(bd3, checkpoints):
     """Two rows: a long and a short job run; the third waits, starts when the short one leaves
     (while the long one still runs) and finishes first; each text is the request decoded alone."""
@@ -240,8 +252,6 @@ def test_lanes_of_a_shifted_family_keep_their_own_carried_outputs(tmp_path):
     each get their own, and each equals its request decoded alone."""
     from pretrained_layouts import write_family, write_gpt2_like_tokenizer
 
-    from unmask.decoding.sample import sample
-
     write_family("dream", tmp_path / "dream")
     write_gpt2_like_tokenizer(tmp_path / "tok")
     loaded = load_checkpoint(tmp_path / "dream", tokenizer=tmp_path / "tok", dtype="fp32")
@@ -257,20 +267,13 @@ def test_lanes_of_a_shifted_family_keep_their_own_carried_outputs(tmp_path):
     finally:
         engine.shutdown()
     assert engine.stats["forwards"] > 2 * engine.stats["batches"]  # rounds: the lanes took turns
-    for spec, o in zip(specs, out, strict=True):
-        assert o[0] == "done", o
-        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
-        cfg = preset_config(spec["preset"], **fields)
-        want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
-        assert _texts(o) == [r["text"] for r in want]
+    _each_as_alone(loaded, specs, out)
 
 
 def test_lanes_of_a_decoder_with_its_own_step_decode_as_alone(tmp_path):
-    """DiffusionGemma's renoising decoder steps in its lane (no shared decision) beside lanes that
-    share theirs; each response equals its request decoded alone."""
+    """DiffusionGemma's renoising decoder steps in its own lane (no shared decision; its model calls
+    run alone in their rounds); each response equals its request decoded alone."""
     from pretrained_layouts import write_family
-
-    from unmask.decoding.sample import sample
 
     write_family("diffusion-gemma", tmp_path / "dg")
     loaded = load_checkpoint(tmp_path / "dg", dtype="fp32")
@@ -290,9 +293,4 @@ def test_lanes_of_a_decoder_with_its_own_step_decode_as_alone(tmp_path):
         _, out = _run(engine, specs)
     finally:
         engine.shutdown()
-    for spec, o in zip(specs, out, strict=True):
-        assert o[0] == "done", o
-        fields = {k: v for k, v in spec.items() if k not in ("prompt", "seed", "preset")}
-        cfg = preset_config(spec["preset"], **fields)
-        want = sample(loaded.model, loaded.tokenizer, [spec["prompt"]], cfg, None, seed=spec.get("seed", 0))
-        assert _texts(o) == [r["text"] for r in want]
+    _each_as_alone(loaded, specs, out)
