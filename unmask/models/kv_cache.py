@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from unmask.models.invariant import KEY_CHUNK
+
 
 class KVCache:
     """Per-layer K/V buffers `[B, H, max_len, Dh]`; `length` positions are committed."""
@@ -37,6 +39,14 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.cursor: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     @property
     def write_start(self) -> int:
@@ -89,14 +99,15 @@ class RaggedCache:
     `parts` pairs each cache with the number of real positions its rows have in the call (the call
     is right-padded to its longest part). A write stores each part's real positions in its own
     cache at its own `write_start` and returns the visible K/V of all rows, each part's right-padded
-    with zeros to the longest: a row's keys keep their absolute positions (so the invariant
-    attention sums them in the same chunks as alone) and `key_mask()` hides the rest.
+    with zeros to the longest (rounded up to whole key chunks of the invariant attention): a row's
+    keys keep their absolute positions (so the attention sums them in the same chunks as alone) and
+    `key_mask()` hides the rest.
     """
 
     def __init__(self, parts: list[tuple[KVCache, int]]):
         self.parts = parts
-        self.rows = [cache.k[0].shape[0] for cache, _ in parts]
-        device = parts[0][0].k[0].device
+        self.rows = [cache.rows for cache, _ in parts]
+        device = parts[0][0].device
         self.write_start = torch.cat(  # [B] each row's first position in the call
             [
                 torch.full((b,), c.write_start, device=device)
@@ -104,7 +115,8 @@ class RaggedCache:
             ]
         )
         self.ends = [cache.visible(n) for cache, n in parts]  # keys each part sees
-        self.length = max(self.ends)
+        # whole chunks of the invariant attention's keys: it then pads (copies) no K/V of its own
+        self.length = -(-max(self.ends) // KEY_CHUNK) * KEY_CHUNK
 
     def visible(self, n: int) -> int:
         return self.length
