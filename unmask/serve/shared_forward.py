@@ -61,6 +61,7 @@ class ForwardCost:
         self.xx = np.zeros((3, 3))  # weighted sums of x x^T, x = (1, rows * width, rows * width^2)
         self.xy = np.zeros(3)
         self.yy = self.n = 0.0
+        self._fit: tuple[float, float, float] | None = None  # solved once per observation
 
     def observe(self, rows: int, width: int, seconds: float) -> None:
         x = np.array([1.0, rows * width, rows * width * width])
@@ -68,10 +69,16 @@ class ForwardCost:
         self.xy = self.DECAY * self.xy + x * seconds
         self.yy = self.DECAY * self.yy + seconds * seconds
         self.n = self.DECAY * self.n + 1
+        self._fit = None
 
     @property
     def fit(self) -> tuple[float, float, float]:
         """(fixed, per_position, per_pair) seconds, all >= 0; the prior until the forwards vary."""
+        if self._fit is None:
+            self._fit = self._solve()
+        return self._fit
+
+    def _solve(self) -> tuple[float, float, float]:
         if self.n < 2.5:
             return self.prior
         scale = np.sqrt(np.diag(self.xx)).clip(1e-30)  # columns of comparable size
