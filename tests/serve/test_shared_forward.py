@@ -47,6 +47,36 @@ def test_uncached_calls_of_every_width_share_a_forward_exactly(kind):
         assert _same(s, a)
 
 
+def test_canvases_of_one_width_share_a_forward_without_a_key_mask():
+    """No call padded, none with a mask of its own: the forward takes the unmasked path (a key mask
+    costs every attention call passes over its scores), and each output is still the call alone."""
+
+    class Spy:
+        def __init__(self, model):
+            self.model, self.key_masks = model, []
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def __call__(self, **kwargs):
+            self.key_masks.append(kwargs.get("key_mask"))
+            return self.model(**kwargs)
+
+    model = tiny_model("bidirectional")
+    g = torch.Generator().manual_seed(3)
+    spy = Spy(model)
+    with torch.inference_mode():
+        same = [Call(_tokens(g, b, 24), None, None, None) for b in (1, 3, 2)]
+        shared = run_shared(spy, same)
+        assert spy.key_masks == [None]
+        for s, c in zip(shared, same, strict=True):
+            assert _same(s, _alone(model, c))
+        run_shared(
+            spy, [Call(_tokens(g, 1, 24), None, None, None), Call(_tokens(g, 1, 20), None, None, None)]
+        )
+        assert spy.key_masks[-1] is not None and not spy.key_masks[-1].all()  # padded: masked
+
+
 @pytest.mark.parametrize("kind", ["block_causal", "causal", "bidirectional"])
 def test_cached_calls_at_their_own_positions_share_a_forward_exactly(kind):
     """Rows of different prompts at different blocks: each cache at its own committed length, a

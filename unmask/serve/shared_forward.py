@@ -226,6 +226,8 @@ def run_shared(model: Denoiser, calls: list[Call]) -> list[DenoiserOutput]:
     key_mask = torch.cat(masks)  # [B, S]
     if cache is not None:
         key_mask &= cache.key_mask()  # each row's committed prefix and its own new positions
+    elif key_mask.all():  # canvases of one width, none padded: the unmasked path, as each alone
+        key_mask = None  # (a key mask costs every attention call a pass or three over its scores)
     given = torch.cat(parts)
     out = model(
         **({"embeds": given} if given.dim() == 3 else {"tokens": given}), cache=cache, key_mask=key_mask
